@@ -1,0 +1,121 @@
+"""Backend switch: Numba-compiled kernels when Numba is installed, their NumPy twins otherwise.
+
+Every hot loop in :mod:`npvae._kernels` is written once as a plain Python loop and paired with a
+vectorised NumPy twin that computes the same numbers. The active backend decides which runs:
+
+- ``"numba"``: the loop, compiled by ``numba.njit(cache=True)`` on its first call (never on import).
+- ``"numpy"``: the NumPy twin. No Numba needed.
+- ``"auto"`` (default): ``"numba"`` when Numba imports, else ``"numpy"``.
+
+Select it with :func:`set_backend`, the :func:`use_backend` context manager, or the environment
+variable ``NPVAE_BACKEND`` (read once, on import).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator
+
+_CHOICES = ("auto", "numba", "numpy")
+_numba_available: bool | None = None
+_active: str = "numpy"
+
+
+def numba_available() -> bool:
+    """True when ``import numba`` succeeds (checked once, lazily)."""
+    global _numba_available
+    if _numba_available is None:
+        try:
+            import numba  # noqa: F401
+        except ImportError:
+            _numba_available = False
+        else:
+            _numba_available = True
+    return _numba_available
+
+
+def set_backend(name: str) -> str:
+    """Select the kernel backend: ``"auto"``, ``"numba"`` or ``"numpy"``. Returns the active one.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name.
+    ImportError
+        For ``"numba"`` when Numba is not installed.
+    """
+    global _active
+    if name not in _CHOICES:
+        raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(_CHOICES)}")
+    if name == "numba" and not numba_available():
+        raise ImportError("backend 'numba' needs numba: pip install 'npvae[fast]'")
+    if name == "auto":
+        name = "numba" if numba_available() else "numpy"
+    _active = name
+    return _active
+
+
+def get_backend() -> str:
+    """The active backend, ``"numba"`` or ``"numpy"``."""
+    return _active
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Context manager that runs its block with backend ``name`` and restores the previous one."""
+    previous = _active
+    try:
+        yield set_backend(name)
+    finally:
+        set_backend(previous)
+
+
+class Kernel:
+    """A loop kernel and its NumPy twin; calling it runs whichever the active backend selects.
+
+    Parameters
+    ----------
+    loop : callable
+        Plain-Python loop over arrays, Numba-compilable (no globals, no Python objects).
+    twin : callable
+        Vectorised NumPy function with the same signature and the same results.
+    """
+
+    def __init__(self, loop: Callable, twin: Callable):
+        self.loop = loop
+        self.twin = twin
+        self.__name__ = loop.__name__
+        self.__doc__ = loop.__doc__
+        self._compiled: Callable | None = None
+
+    def compiled(self) -> Callable:
+        """The Numba-compiled loop (compiled lazily, cached on disk by Numba)."""
+        if self._compiled is None:
+            import numba
+
+            self._compiled = numba.njit(cache=True, nogil=True)(self.loop)
+        return self._compiled
+
+    def __call__(self, *args):
+        if _active == "numba":
+            return self.compiled()(*args)
+        return self.twin(*args)
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.__name__}, backend={_active!r})"
+
+
+def kernel(twin: Callable) -> Callable[[Callable], Kernel]:
+    """Decorator pairing a loop function with its NumPy ``twin`` as one :class:`Kernel`."""
+
+    def wrap(loop: Callable) -> Kernel:
+        return Kernel(loop, twin)
+
+    return wrap
+
+
+_env = os.environ.get("NPVAE_BACKEND", "auto").strip().lower() or "auto"
+if _env not in _CHOICES:
+    raise ValueError(f"NPVAE_BACKEND={_env!r} is not a backend: expected one of {', '.join(_CHOICES)}")
+set_backend("numpy" if _env == "numba" and not numba_available() else _env)
