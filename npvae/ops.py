@@ -670,3 +670,28 @@ def l2_norm_backward(dloss, cache, out=None):
     out = _buffer(out, z.shape, z.dtype, "out")
     K.l2_norm_backward(z, norms, scale, out)
     return out
+
+
+# ----------------------------------------------------------------------------- decoder means
+
+
+def continuous_bernoulli_mean(logits):
+    """Mean of the continuous Bernoulli with logits ``l`` (forward only; for pictures).
+
+    .. math:: \\mathbb{E}[x] = \\frac{\\sigma(l)}{\\tanh(l/2)} - \\frac{1}{l}, \\qquad \\mathbb{E}[x] \\to \\tfrac12 + \\tfrac{l}{12} \\text{ as } l \\to 0
+
+    Parameters
+    ----------
+    logits : (B, D) array
+
+    Returns
+    -------
+    mean : (B, D) array in [0, 1]
+    """
+    logits = _float_array(logits, "logits")
+    small = np.abs(logits) < 1e-2
+    safe = np.where(small, logits.dtype.type(1), logits)
+    sig = np.empty_like(logits)
+    K.bias_act_forward(safe, np.zeros(logits.shape[1], logits.dtype), K.ACTIVATION_CODES["sigmoid"], 0.0, sig)
+    mean = sig / np.tanh(0.5 * safe) - 1 / safe
+    return np.where(small, 0.5 + logits / 12, mean).astype(logits.dtype, copy=False)
