@@ -1,0 +1,1151 @@
+"""Every picture npvae draws, written straight to PNG files and safe on headless machines.
+
+Design:
+
+- Inputs are plain arrays, lists of dicts or callables; nothing here imports an npvae model.
+- Each ``plot_*`` function writes one file, creates its parent directories, and returns the path
+  written (a :class:`pathlib.Path`). The format follows the file suffix (``.png`` by default).
+- matplotlib is an optional extra (``pip install 'npvae[plot]'``). It is imported lazily inside the
+  functions that draw, and only its object-oriented API is used (``Figure`` + ``FigureCanvasAgg``):
+  no pyplot, no global figure registry, no backend switch, so nothing leaks between calls or threads
+  and no display is ever needed. The pure NumPy helpers (:func:`tile_images`, :func:`pca_2d`,
+  :func:`norm_ppf`, :func:`manifold_grid`, :func:`active_units`, :func:`active_units_cov`) work
+  without matplotlib.
+- Images are MNIST-like: ``(N, 784)`` or ``(N, 28, 28)`` (any square ``D = side * side`` works),
+  with values in ``value_range`` (``(0, 1)`` by default; ``(-1, 1)`` for tanh outputs). They are
+  drawn in a gray colormap, 1 = white, with no axis ticks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "FASHION_CLASSES",
+    "MNIST_CLASSES",
+    "active_units",
+    "active_units_cov",
+    "image_grid",
+    "manifold_grid",
+    "norm_ppf",
+    "pca_2d",
+    "plot_class_grid",
+    "plot_estimator_comparison",
+    "plot_grad_norms",
+    "plot_interpolation",
+    "plot_kl_per_dim",
+    "plot_latent_scatter",
+    "plot_manifold",
+    "plot_reconstructions",
+    "plot_samples",
+    "plot_training_curves",
+    "tile_images",
+]
+
+#: The 10 Fashion-MNIST classes, indexed by label.
+FASHION_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+#: The 10 MNIST classes (the digits as strings), indexed by label.
+MNIST_CLASSES = [str(d) for d in range(10)]
+
+_DPI = 150
+_CELL_INCHES = 0.45     # on-page size of one 28x28 image in a grid
+_GUTTER_FILL = 0.5      # mid-gray: visible between black MNIST backgrounds, distinct from strokes
+_EMPTY_FILL = 1.0       # white: unused trailing cells blend into the page
+_OUT_OF_RANGE_TOL = 0.01  # fraction of the value range an image may overshoot before we refuse it
+
+PathLike = str | os.PathLike
+
+
+# --------------------------------------------------------------------------------------------------
+# matplotlib plumbing
+# --------------------------------------------------------------------------------------------------
+
+def _new_figure(figsize: tuple[float, float], ncols: int = 1, **subplot_kw: Any):
+    """Create an Agg-backed figure (no pyplot) and its axes.
+
+    Returns
+    -------
+    fig : matplotlib.figure.Figure
+    axes : Axes, or a 1-D array of ``ncols`` Axes when ``ncols > 1``.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError("plotting needs matplotlib: pip install 'npvae[plot]'") from exc
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=True, **subplot_kw)
+    return fig, axes
+
+
+def _save(fig, path: PathLike) -> Path:
+    """Write ``fig`` to ``path`` (parents created) and release it. Returns the path as a Path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI, facecolor="white")
+    # Figures made without pyplot are not registered anywhere; clearing drops the artists now
+    # rather than whenever the garbage collector gets to them.
+    fig.clear()
+    return path
+
+
+def _check_title(title: Any) -> str | None:
+    if title is not None and not isinstance(title, str):
+        raise TypeError(f"title must be a string or None, got {type(title).__name__}")
+    return title
+
+
+# --------------------------------------------------------------------------------------------------
+# Images and mosaics (pure NumPy)
+# --------------------------------------------------------------------------------------------------
+
+def _as_images(images: Any, name: str = "images", value_range: tuple[float, float] = (0, 1),
+               lead_dims: int = 1) -> np.ndarray:
+    """Validate MNIST-like images and map them to [0, 1].
+
+    Parameters
+    ----------
+    images : array_like, shape ``(*lead, D)`` with ``D = side**2`` or ``(*lead, H, W)``
+        ``lead`` has ``lead_dims`` dimensions (e.g. ``(N,)`` or ``(P, K)``).
+    value_range : (lo, hi)
+        Values ``lo`` and ``hi`` become black and white. Overshoots of up to 1% of ``hi - lo``
+        (e.g. a Gaussian decoder mean of 1.004) are clipped; larger ones raise, because they
+        usually mean logits were passed instead of probabilities.
+
+    Returns
+    -------
+    out : ndarray, shape ``(*lead, H, W)``, float64 in [0, 1]
+    """
+    lo, hi = _check_value_range(value_range)
+    arr = np.asarray(images)
+    lead = "(N, " if lead_dims == 1 else "(" + ", ".join("PKC"[:lead_dims]) + ", "
+    expected = f"{lead}784) or {lead}28, 28) (any square D = side*side also works)"
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise TypeError(f"{name} must be a numeric array of shape {expected}, "
+                        f"got dtype {arr.dtype}")
+    if arr.ndim == lead_dims + 1:
+        d = arr.shape[-1]
+        side = math.isqrt(d)
+        if d == 0 or side * side != d:
+            raise ValueError(f"expected {name} of shape {expected}, got {arr.shape}: "
+                             f"{d} pixels is not a square image")
+        arr = arr.reshape(*arr.shape[:-1], side, side)
+    elif arr.ndim != lead_dims + 2:
+        hint = f"; for a single image pass {name}[None]" if arr.ndim == lead_dims else ""
+        raise ValueError(f"expected {name} of shape {expected}, got {arr.shape}{hint}")
+    if arr.size == 0 or 0 in arr.shape:
+        raise ValueError(f"{name} is empty (shape {arr.shape}); nothing to draw")
+    integer_pixels = arr.dtype.kind in "ui"
+    arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or inf (did training diverge?)")
+    span = hi - lo
+    amin, amax = float(arr.min()), float(arr.max())
+    if amin < lo - _OUT_OF_RANGE_TOL * span or amax > hi + _OUT_OF_RANGE_TOL * span:
+        raise ValueError(
+            f"{name} has values in [{amin:.4g}, {amax:.4g}], outside value_range=({lo:g}, {hi:g}). "
+            + ("Integer pixels: pass value_range=(0, 255) or divide by 255." if integer_pixels else
+               "Pass probabilities (apply a sigmoid to logits) or set value_range to match the data."))
+    return np.clip((arr - lo) / span, 0.0, 1.0)
+
+
+def _check_value_range(value_range: Any) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"value_range must be a pair (lo, hi), got {value_range!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise ValueError(f"value_range must be finite with lo < hi, got ({lo}, {hi})")
+    return lo, hi
+
+
+def _tile(grid: np.ndarray, gutter: int, fill: float, empty: float) -> np.ndarray:
+    """Tile a ``(R, C, h, w)`` grid of images into one ``(R*h + (R-1)*g, C*w + (C-1)*g)`` mosaic.
+
+    The ``g``-pixel gutters between cells take the value ``fill`` (no border around the outside);
+    all-NaN cells (padding) take ``empty``, and so do gutters between two empty cells.
+    """
+    r, c, h, w = grid.shape
+    out = np.full((r * h + (r - 1) * gutter, c * w + (c - 1) * gutter), fill, dtype=np.float64)
+    for i in range(r):
+        for j in range(c):
+            y, x = i * (h + gutter), j * (w + gutter)
+            out[y:y + h, x:x + w] = grid[i, j]
+            if np.isnan(grid[i, j]).all():  # blank the gutters right of and below an empty cell
+                out[y:y + h + gutter, max(x - gutter, 0):x + w + gutter] = empty
+                out[max(y - gutter, 0):y + h + gutter, x:x + w + gutter] = empty
+    out[np.isnan(out)] = empty
+    return out
+
+
+def _pad_to_grid(images: np.ndarray, ncols: int) -> np.ndarray:
+    """``(N, h, w)`` -> ``(ceil(N / ncols), ncols, h, w)``, trailing cells NaN."""
+    n, h, w = images.shape
+    nrows = -(-n // ncols)
+    padded = np.full((nrows * ncols, h, w), np.nan)
+    padded[:n] = images
+    return padded.reshape(nrows, ncols, h, w)
+
+
+def _check_ncols(ncols: Any, n: int) -> int:
+    if ncols is None:
+        return max(1, math.ceil(math.sqrt(n)))
+    if isinstance(ncols, bool) or not isinstance(ncols, (int, np.integer)) or ncols < 1:
+        raise ValueError(f"ncols must be a positive integer, got {ncols!r}")
+    return int(min(ncols, n))
+
+
+def tile_images(images: Any, ncols: int | None = None, gutter: int = 1,
+                fill: float = _GUTTER_FILL, empty: float | None = None) -> np.ndarray:
+    """Tile images row by row into one 2-D mosaic (pure NumPy).
+
+    Parameters
+    ----------
+    images : array_like, shape ``(N, D)`` with ``D = side**2``, or ``(N, H, W)``
+        Values are copied as they are (no rescaling).
+    ncols : int, optional
+        Images per row; default ``ceil(sqrt(N))``. The last row is padded with empty cells.
+    gutter : int
+        Width in pixels of the lines between cells (no outer border).
+    fill : float
+        Value of the gutters.
+    empty : float, optional
+        Value of the empty trailing cells (and of the gutters beside them); default ``fill``.
+
+    Returns
+    -------
+    mosaic : ndarray, shape ``(R*H + (R-1)*gutter, C*W + (C-1)*gutter)``
+        With ``C = ncols`` and ``R = ceil(N / C)``; image ``k`` has its top-left pixel at
+        ``((k // C) * (H + gutter), (k % C) * (W + gutter))``.
+    """
+    arr = np.asarray(images, dtype=np.float64)
+    if arr.ndim == 2:
+        side = math.isqrt(arr.shape[1])
+        if side * side != arr.shape[1] or side == 0:
+            raise ValueError(f"expected images of shape (N, 784) or (N, 28, 28), got {arr.shape}: "
+                             f"{arr.shape[1]} pixels is not a square image")
+        arr = arr.reshape(-1, side, side)
+    elif arr.ndim != 3:
+        raise ValueError(f"expected images of shape (N, 784) or (N, 28, 28), got {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError("images is empty; nothing to tile")
+    if isinstance(gutter, bool) or not isinstance(gutter, (int, np.integer)) or gutter < 0:
+        raise ValueError(f"gutter must be a non-negative integer, got {gutter!r}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("images contains NaN or inf")
+    fill = float(fill)
+    empty = fill if empty is None else float(empty)
+    return _tile(_pad_to_grid(arr, _check_ncols(ncols, arr.shape[0])), int(gutter), fill, empty)
+
+
+def _draw_grid(grid: np.ndarray, title: Any, *, gutter: int = 1,
+               row_labels: Sequence[str] | None = None,
+               col_labels: Mapping[int, str] | None = None, xlabel: str | None = None,
+               ylabel: str | None = None, cell_inches: float = _CELL_INCHES):
+    """Tile a ``(R, C, h, w)`` grid of [0, 1] images (NaN cells empty) and show it in gray,
+    nearest-neighbour, without tick marks; label rows and columns at the cell centres."""
+    title = _check_title(title)
+    h, w = grid.shape[2:]
+    mosaic = _tile(grid, gutter, _GUTTER_FILL, _EMPTY_FILL)
+    height_px, width_px = mosaic.shape
+    scale = cell_inches / w  # inches per image pixel
+    width_in = min(max(width_px * scale, 1.5), 14.0)
+    scale = width_in / width_px
+    height_in = min(height_px * scale, 18.0)
+    # Room for what sits beside the image, so the fixed-aspect image fills the figure.
+    extra_w = 1.2 if row_labels else (0.75 if ylabel else 0.0)
+    extra_h = (0.45 if title else 0.0) + (0.35 if (col_labels or xlabel) else 0.0)
+    fig, ax = _new_figure((width_in + extra_w, height_in + extra_h))
+    ax.imshow(mosaic, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
+    if row_labels:
+        ax.set_yticks([i * (h + gutter) + (h - 1) / 2 for i in range(len(row_labels))],
+                      list(row_labels))
+    if col_labels:
+        ax.set_xticks([j * (w + gutter) + (w - 1) / 2 for j in col_labels],
+                      list(col_labels.values()))
+    ax.tick_params(length=0, labelsize=9)
+    if xlabel:
+        ax.set_xlabel(xlabel, fontsize=9)
+    if ylabel:
+        ax.set_ylabel(ylabel, fontsize=9)
+    if title:
+        # Long titles on narrow grids wrap rather than getting clipped.
+        ax.set_title(title, fontsize=11, wrap=True)
+    return fig, ax
+
+
+def _check_labels_list(labels: Any, n: int, name: str, what: str) -> list[str] | None:
+    if labels is None:
+        return None
+    if isinstance(labels, str):
+        raise TypeError(f"{name} must be a sequence of strings, not one string")
+    labels = [str(s) for s in labels]
+    if len(labels) != n:
+        raise ValueError(f"{name} has {len(labels)} entries but there are {n} {what}")
+    return labels
+
+
+def image_grid(images: Any, path: PathLike, ncols: int | None = None, title: str | None = None,
+               value_range: tuple[float, float] = (0, 1),
+               row_labels: Sequence[str] | None = None) -> Path:
+    """Tile images into one grid picture (1-px gray gutters) and save it.
+
+    Parameters
+    ----------
+    images : array_like, shape ``(N, 784)`` or ``(N, 28, 28)``
+        Values in ``value_range``; ``lo`` is drawn black and ``hi`` white.
+    path : str or PathLike
+        Output file (PNG unless the suffix says otherwise); parent directories are created.
+    ncols : int, optional
+        Images per row; default ``ceil(sqrt(N))``.
+    title : str, optional
+    value_range : (lo, hi)
+        ``(0, 1)`` for probabilities, ``(-1, 1)`` for tanh outputs.
+    row_labels : sequence of str, optional
+        One label per row, drawn to the left of the row.
+
+    Returns
+    -------
+    path : Path
+    """
+    imgs = _as_images(images, "images", value_range)
+    ncols = _check_ncols(ncols, imgs.shape[0])
+    grid = _pad_to_grid(imgs, ncols)
+    row_labels = _check_labels_list(row_labels, grid.shape[0], "row_labels", "rows")
+    fig, _ = _draw_grid(grid, title, row_labels=row_labels)
+    return _save(fig, path)
+
+
+def plot_samples(images: Any, path: PathLike, title: str = "Samples from the prior",
+                 ncols: int | None = None, value_range: tuple[float, float] = (0, 1)) -> Path:
+    """Save a grid of generated images, e.g. ``decode(z)`` with ``z ~ N(0, I)``.
+
+    Parameters
+    ----------
+    images : array_like, shape ``(N, 784)`` or ``(N, 28, 28)``
+    path : str or PathLike
+    title : str
+    ncols : int, optional
+        Default ``ceil(sqrt(N))``.
+    value_range : (lo, hi)
+
+    Returns
+    -------
+    path : Path
+    """
+    return image_grid(images, path, ncols=ncols, title=title, value_range=value_range)
+
+
+def plot_reconstructions(originals: Any, reconstructions: Any, path: PathLike,
+                         title: str = "Inputs and their reconstructions",
+                         ncols: int | None = None,
+                         value_range: tuple[float, float] = (0, 1)) -> Path:
+    """Save inputs with each reconstruction directly below its input.
+
+    Rows alternate "input" / "reconstruction"; with more than ``ncols`` images the pair of rows
+    repeats.
+
+    Parameters
+    ----------
+    originals : array_like, shape ``(N, 784)`` or ``(N, 28, 28)``
+    reconstructions : array_like, same shape as ``originals``
+        E.g. the decoder's Bernoulli means ``sigmoid(logits)`` for the encoded inputs.
+    path : str or PathLike
+    title : str
+    ncols : int, optional
+        Pairs per row; default ``min(N, 10)``.
+    value_range : (lo, hi)
+
+    Returns
+    -------
+    path : Path
+    """
+    x = _as_images(originals, "originals", value_range)
+    r = _as_images(reconstructions, "reconstructions", value_range)
+    if x.shape != r.shape:
+        raise ValueError(f"originals and reconstructions must have the same shape, got "
+                         f"{np.shape(originals)} and {np.shape(reconstructions)}")
+    ncols = _check_ncols(10 if ncols is None else ncols, x.shape[0])
+    gx, gr = _pad_to_grid(x, ncols), _pad_to_grid(r, ncols)
+    grid = np.stack([gx, gr], axis=1).reshape(-1, *gx.shape[1:])  # (2R, C, h, w), interleaved
+    labels = ["input", "reconstruction"] * gx.shape[0]
+    fig, _ = _draw_grid(grid, title, row_labels=labels)
+    return _save(fig, path)
+
+
+def plot_interpolation(paths: Any, path: PathLike,
+                       title: str = "Walking through latent space from A to B",
+                       value_range: tuple[float, float] = (0, 1)) -> Path:
+    """Save decoded latent interpolations, one path per row.
+
+    Parameters
+    ----------
+    paths : array_like, shape ``(P, K, 784)`` or ``(P, K, 28, 28)``
+        Row ``p`` holds the ``K`` decoded points on a path from digit A to digit B, endpoints
+        included (``K >= 2``).
+    path : str or PathLike
+    title : str
+    value_range : (lo, hi)
+
+    Returns
+    -------
+    path : Path
+    """
+    imgs = _as_images(paths, "paths", value_range, lead_dims=2)  # (P, K, h, w)
+    k = imgs.shape[1]
+    if k < 2:
+        raise ValueError(f"each interpolation path needs K >= 2 steps (both endpoints), got K={k}")
+    fig, _ = _draw_grid(imgs, title, col_labels={0: "A", k - 1: "B"},
+                        xlabel=f"{k} evenly spaced steps, endpoints included")
+    return _save(fig, path)
+
+
+def plot_class_grid(images_per_class: Any, path: PathLike,
+                    class_names: Sequence[str] | None = None,
+                    title: str = "Generating the class you ask for (one row per class)",
+                    value_range: tuple[float, float] = (0, 1)) -> Path:
+    """Save class-conditional samples (e.g. from a CVAE), one labelled row per class.
+
+    Parameters
+    ----------
+    images_per_class : array_like, shape ``(C, n, 784)`` or ``(C, n, 28, 28)``
+        Row ``c`` holds ``n`` images generated for class ``c``.
+    path : str or PathLike
+    class_names : sequence of str, optional
+        ``C`` names; default the class indices ``"0"``, ``"1"``, ...
+    title : str
+    value_range : (lo, hi)
+
+    Returns
+    -------
+    path : Path
+    """
+    imgs = _as_images(images_per_class, "images_per_class", value_range, lead_dims=2)
+    c = imgs.shape[0]
+    names = (_check_labels_list(class_names, c, "class_names", "classes")
+             or [str(i) for i in range(c)])
+    fig, _ = _draw_grid(imgs, title, row_labels=names)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gaussian quantiles and the 2-D manifold
+# --------------------------------------------------------------------------------------------------
+
+# Acklam's rational approximation to the standard-normal quantile (relative error < 1.15e-9).
+_A = (-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02,
+      1.383577518672690e+02, -3.066479806614716e+01, 2.506628277459239e+00)
+_B = (-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02,
+      6.680131188771972e+01, -1.328068155288572e+01)
+_C = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00,
+      -2.549732539343734e+00, 4.374664141464968e+00, 2.938163982698783e+00)
+_D = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00,
+      3.754408661907416e+00)
+_P_LOW = 0.02425
+_SQRT2 = math.sqrt(2.0)
+_SQRT2PI = math.sqrt(2.0 * math.pi)
+
+
+def _tail(q: float) -> float:
+    """Acklam's tail formula for ``q = sqrt(-2 log p)``: the lower-tail quantile of ``p``."""
+    c, d = _C, _D
+    return ((((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5])
+            / ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1.0))
+
+
+def _ppf_scalar(p: float) -> float:
+    if p < _P_LOW:
+        x = _tail(math.sqrt(-2.0 * math.log(p)))
+    elif p <= 1.0 - _P_LOW:
+        q = p - 0.5
+        r = q * q
+        a, b = _A, _B
+        x = ((((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q
+             / (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1.0))
+    else:
+        x = -_tail(math.sqrt(-2.0 * math.log1p(-p)))
+    # One Halley step on f(x) = Phi(x) - p. In the upper half 1 - p is exact (Sterbenz), so
+    # writing the residual as (1 - p) - Q(x) keeps full relative precision in the upper tail.
+    if p > 0.5:
+        e = (1.0 - p) - 0.5 * math.erfc(x / _SQRT2)
+    else:
+        e = 0.5 * math.erfc(-x / _SQRT2) - p
+    pdf = math.exp(-0.5 * x * x) / _SQRT2PI
+    if pdf > 0.0:  # pdf underflows only for p below ~1e-300, where Acklam alone is already best
+        u = e / pdf
+        x -= u / (1.0 + 0.5 * x * u)
+    return x
+
+
+_ppf_vec = np.vectorize(_ppf_scalar, otypes=[np.float64])
+
+
+def norm_ppf(p: Any) -> float | np.ndarray:
+    """Inverse of the standard-normal CDF, in pure NumPy/``math``.
+
+    Acklam's rational approximation followed by one Halley step
+    :math:`x \\leftarrow x - u / (1 + x u / 2)`, :math:`u = (\\Phi(x) - p) / \\varphi(x)`,
+    with :math:`\\Phi` from ``math.erfc``. Accurate to about 1e-14 relative in ``Phi(x)`` for
+    ``p`` in ``(1e-10, 1 - 1e-10)`` (tested: ``|Phi(norm_ppf(p)) - p| <= 1e-12``).
+
+    Parameters
+    ----------
+    p : float or array_like, any shape
+        Probabilities strictly inside ``(0, 1)``.
+
+    Returns
+    -------
+    x : float, or ndarray of ``p``'s shape (float64)
+
+    Raises
+    ------
+    ValueError
+        If any ``p`` is outside ``(0, 1)`` or NaN (the quantile of 0 or 1 is infinite).
+    """
+    arr = np.asarray(p, dtype=np.float64)
+    if arr.size and not np.all((arr > 0.0) & (arr < 1.0)):
+        bad = arr[~((arr > 0.0) & (arr < 1.0))].ravel()[0]
+        raise ValueError(f"norm_ppf needs probabilities strictly inside (0, 1), got {bad!r} "
+                         "(the quantile of 0 or 1 is infinite)")
+    out = _ppf_vec(arr)
+    return float(out) if out.ndim == 0 else out
+
+
+def manifold_grid(n: int, quantile_range: tuple[float, float] = (0.05, 0.95)) -> np.ndarray:
+    """Latent points on an ``n x n`` grid of standard-normal quantiles (Kingma & Welling, Fig. 4).
+
+    Equally spaced probabilities ``q = linspace(lo, hi, n)`` are mapped through
+    :func:`norm_ppf`, so the grid covers the prior evenly in probability mass.
+
+    Parameters
+    ----------
+    n : int
+        Points per side, ``n >= 2``.
+    quantile_range : (lo, hi)
+        Probabilities of the outermost points, ``0 < lo < hi < 1``.
+
+    Returns
+    -------
+    z : ndarray, shape ``(n * n, 2)``
+        Row-major in picture order: point ``i * n + j`` belongs in row ``i`` (top to bottom) and
+        column ``j`` (left to right), with ``z[:, 0] = v[j]`` increasing to the right and
+        ``z[:, 1] = v[n - 1 - i]`` increasing upwards, where ``v = norm_ppf(q)``.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
+        raise ValueError(f"n must be an integer >= 2, got {n!r}")
+    try:
+        lo, hi = (float(v) for v in quantile_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"quantile_range must be a pair (lo, hi), "
+                         f"got {quantile_range!r}") from None
+    if not (0.0 < lo < hi < 1.0):
+        raise ValueError(f"quantile_range must satisfy 0 < lo < hi < 1, got ({lo}, {hi})")
+    v = norm_ppf(np.linspace(lo, hi, int(n)))
+    zx, zy = np.meshgrid(v, v[::-1])  # (n, n) each; row 0 is the top row
+    return np.stack([zx.ravel(), zy.ravel()], axis=1)
+
+
+def _fmt_code(v: float) -> str:
+    """A latent coordinate for a tick label; values that round to zero print as "0.00"."""
+    return f"{v:.2f}" if abs(v) >= 0.005 else "0.00"
+
+
+def plot_manifold(decode: Callable[[np.ndarray], Any], path: PathLike, n: int = 20,
+                  latent_dim: int = 2, quantile_range: tuple[float, float] = (0.05, 0.95),
+                  title: str = "The learned manifold: decoding a grid over the 2-D latent space",
+                  value_range: tuple[float, float] = (0, 1)) -> Path:
+    """Decode an ``n x n`` grid of Gaussian quantiles and save the images in place.
+
+    Parameters
+    ----------
+    decode : callable, ``(M, 2) -> (M, 784)``
+        Maps latent codes to images (e.g. Bernoulli means); called once with ``M = n * n``
+        float64 codes from :func:`manifold_grid`.
+    path : str or PathLike
+    n : int
+        Images per side.
+    latent_dim : int
+        The model's latent size ``Z``; must be 2 (checked here so a wrong model fails clearly
+        instead of inside ``decode``).
+    quantile_range : (lo, hi)
+    title : str
+    value_range : (lo, hi)
+
+    Returns
+    -------
+    path : Path
+    """
+    if latent_dim != 2:
+        raise ValueError(f"the manifold plot needs a 2-D latent space, but "
+                         f"latent_dim={latent_dim}; train a model with latent_dim=2, "
+                         "or use plot_latent_scatter instead")
+    if not callable(decode):
+        raise TypeError(f"decode must be a callable (M, 2) -> (M, 784), "
+                        f"got {type(decode).__name__}")
+    z = manifold_grid(n, quantile_range)
+    out = np.asarray(decode(z))
+    if out.ndim < 1 or out.shape[0] != z.shape[0]:
+        raise ValueError(f"decode returned shape {out.shape} for {z.shape[0]} codes; "
+                         f"expected ({z.shape[0]}, 784)")
+    imgs = _as_images(out, "decode(z)", value_range)
+    v = z[:n, 0]  # column values, left to right
+    mid = (n - 1) // 2
+    cols = {j: _fmt_code(v[j]) for j in sorted({0, mid, n - 1})}
+    grid = imgs.reshape(n, n, *imgs.shape[1:])
+    # No gutters: neighbouring cells are neighbouring codes, and the picture reads as one surface.
+    fig, ax = _draw_grid(grid, title, gutter=0, col_labels=cols, xlabel="z[0]  (left to right)",
+                         ylabel="z[1]  (bottom to top)")
+    h = imgs.shape[1]
+    rows = sorted({0, mid, n - 1})
+    ax.set_yticks([i * h + (h - 1) / 2 for i in rows], [_fmt_code(z[i * n, 1]) for i in rows])
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Latent space
+# --------------------------------------------------------------------------------------------------
+
+def pca_2d(z: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Project codes onto their first two principal components (SVD of the centred data).
+
+    Sign convention (deterministic): each component's largest-magnitude loading is positive
+    (the first such loading on ties).
+
+    Parameters
+    ----------
+    z : array_like, shape ``(N, Z)``
+        ``N >= 2``, ``Z >= 2``.
+
+    Returns
+    -------
+    proj : ndarray, shape ``(N, 2)``, float64
+        ``(z - mean(z)) @ V[:, :2]``.
+    explained_ratio : ndarray, shape ``(2,)``
+        Fraction of the total variance along each component (``s_k**2 / sum(s**2)``); sums to at
+        most 1. Zeros if the codes do not vary at all.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2 or z.shape[0] < 2 or z.shape[1] < 2:
+        raise ValueError(f"pca_2d expects z of shape (N, Z) with N >= 2 and Z >= 2, got {z.shape}")
+    if not np.all(np.isfinite(z)):
+        raise ValueError("z contains NaN or inf")
+    zc = z - z.mean(axis=0)
+    _, s, vt = np.linalg.svd(zc, full_matrices=False)  # vt: (min(N, Z), Z)
+    comps = vt[:2]
+    idx = np.argmax(np.abs(comps), axis=1)
+    comps = comps * np.sign(comps[np.arange(2), idx])[:, None]
+    var = s ** 2
+    total = var.sum()
+    ratio = var[:2] / total if total > 0 else np.zeros(2)
+    return zc @ comps.T, ratio
+
+
+def _check_class_labels(labels: Any, n: int) -> np.ndarray:
+    lab = np.asarray(labels)
+    if lab.shape != (n,):
+        raise ValueError(f"expected labels of shape ({n},) to match z, got {lab.shape}")
+    if lab.dtype.kind not in "iub":
+        if lab.dtype.kind != "f" or not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
+            raise ValueError(f"labels must be integer class indices, got dtype {lab.dtype}")
+    lab = lab.astype(np.int64)
+    if lab.size and lab.min() < 0:
+        raise ValueError(f"labels must be non-negative class indices, got {lab.min()}")
+    return lab
+
+
+def _class_colors(n_classes: int):
+    """Qualitative colours: tab10 up to 10 classes, tab20 up to 20."""
+    from matplotlib import colormaps  # matplotlib is present: a figure already exists
+
+    if n_classes > 20:
+        raise ValueError(f"cannot colour {n_classes} classes distinctly (at most 20)")
+    cmap = colormaps["tab10" if n_classes <= 10 else "tab20"]
+    return [cmap(i) for i in range(n_classes)]
+
+
+def plot_latent_scatter(z: Any, labels: Any, path: PathLike,
+                        title: str = "Latent codes of the test set, coloured by class",
+                        class_names: Sequence[str] | None = None) -> Path:
+    """Scatter the codes (e.g. encoder means) coloured by class.
+
+    ``Z == 2`` is drawn as is, ``Z > 2`` projected by :func:`pca_2d` (axes say how much variance
+    each component keeps), ``Z == 1`` as one jittered strip per class.
+
+    Parameters
+    ----------
+    z : array_like, shape ``(N, Z)``
+    labels : array_like of int, shape ``(N,)``, or None
+        Class of each code, ``0 <= label < C``; None draws every point in one colour.
+    path : str or PathLike
+    title : str
+    class_names : sequence of str, optional
+        Names indexed by label (e.g. :data:`FASHION_CLASSES`); default the label itself.
+
+    Returns
+    -------
+    path : Path
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2 or z.shape[0] < 1 or z.shape[1] < 1:
+        raise ValueError(f"expected z of shape (N, Z), got {z.shape}")
+    if not np.all(np.isfinite(z)):
+        raise ValueError("z contains NaN or inf (did training diverge?)")
+    n, zdim = z.shape
+    lab = None if labels is None else _check_class_labels(labels, n)
+    n_classes = 1 if lab is None else int(lab.max()) + 1
+    if class_names is not None:
+        if isinstance(class_names, str):
+            raise TypeError("class_names must be a sequence of strings, not one string")
+        class_names = [str(s) for s in class_names]
+        if len(class_names) < n_classes:
+            raise ValueError(f"class_names has {len(class_names)} entries but labels go up to "
+                             f"{n_classes - 1}")
+        n_classes = len(class_names)
+    names = class_names or [str(i) for i in range(n_classes)]
+    title = _check_title(title)
+
+    size = float(np.clip(3000.0 / n, 3.0, 30.0))  # marker area: smaller as points get denser
+    fig, ax = _new_figure((7.0, 5.5))
+    colors = _class_colors(n_classes) if lab is not None else None
+    present = np.unique(lab) if lab is not None else [None]
+    if zdim == 1:
+        rng = np.random.default_rng(0)  # fixed jitter: the same data gives the same picture
+        rows = np.zeros(n) if lab is None else lab.astype(np.float64)
+        y = rows + rng.uniform(-0.3, 0.3, size=n)
+        for c in present:
+            m = slice(None) if c is None else lab == c
+            ax.scatter(z[m, 0], y[m], s=size, alpha=0.6, linewidths=0,
+                       color=None if c is None else colors[c])
+        if lab is not None:
+            ax.set_yticks(list(present), [names[c] for c in present])
+            ax.set_ylabel("class")
+        else:
+            ax.set_yticks([])
+        ax.set_xlabel("z (1-D latent)")
+        ax.invert_yaxis()  # class 0 on top, like a table
+    else:
+        if zdim == 2:
+            xy = z
+            ax.set_xlabel("z[0]")
+            ax.set_ylabel("z[1]")
+        else:
+            xy, ratio = pca_2d(z)
+            ax.set_xlabel(f"PC1 ({100 * ratio[0]:.1f}% var)")
+            ax.set_ylabel(f"PC2 ({100 * ratio[1]:.1f}% var)")
+            title = f"{title}\n(PCA projection of the {zdim}-D latent)" if title else title
+        # Shuffle the drawing order so no class systematically hides under another.
+        order = np.random.default_rng(0).permutation(n)
+        if lab is None:
+            ax.scatter(xy[order, 0], xy[order, 1], s=size, alpha=0.6, linewidths=0)
+        else:
+            point_colors = np.array(colors)[lab[order]]
+            ax.scatter(xy[order, 0], xy[order, 1], s=size, alpha=0.6, linewidths=0,
+                       c=point_colors)
+            for c in present:  # legend proxies, one per class present
+                ax.scatter([], [], s=30, color=colors[c], label=names[c])
+            ax.legend(title="class", loc="center left", bbox_to_anchor=(1.01, 0.5),
+                      frameon=False, fontsize=9, title_fontsize=9)
+        if zdim == 2:
+            ax.set_aspect("equal", adjustable="datalim")
+    ax.grid(alpha=0.25, linewidth=0.5)
+    if title:
+        ax.set_title(title, fontsize=11)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training diagnostics
+# --------------------------------------------------------------------------------------------------
+
+def _read_records(records: Any, event: str) -> list[dict]:
+    """A list of dicts, or a JSON-lines file, filtered to lines whose ``event`` (if any) matches."""
+    if isinstance(records, (str, os.PathLike)):
+        path = Path(records)
+        if not path.is_file():
+            raise FileNotFoundError(f"no log file at {path}")
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}, line {lineno}: expected a JSON object, "
+                                     f"got {type(row).__name__}")
+                rows.append(row)
+    else:
+        if isinstance(records, Mapping):
+            raise TypeError("records must be a list of dicts (one per entry) or a JSONL path, "
+                            "not a single dict")
+        rows = list(records)
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise TypeError(f"records[{i}] must be a dict, got {type(row).__name__}")
+    return [r for r in rows if r.get("event", event) == event]
+
+
+def _number(v: Any) -> float | None:
+    """``v`` as a finite float, or None for missing/non-numeric/non-finite values."""
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _series(rows: list[dict], key: str, xkey: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for i, row in enumerate(rows):
+        y = _number(row.get(key))
+        if y is None:
+            continue
+        x = _number(row.get(xkey))
+        xs.append(i + 1 if x is None else x)
+        ys.append(y)
+    return xs, ys
+
+
+_CURVE_PANELS = (
+    ("Total loss (negative ELBO)", "loss"),
+    ("Reconstruction term", "recon"),
+    ("KL term", "kl"),
+)
+
+
+def plot_training_curves(records: Any, path: PathLike, title: str | None = "Training curves",
+                         logy: bool = False, ylabel: str = "nats per example") -> Path:
+    """Save loss curves per epoch: total, reconstruction and KL panels.
+
+    Parameters
+    ----------
+    records : list of dict, or str / PathLike of a JSON-lines log
+        One dict per epoch with any of ``epoch``, ``train_loss``, ``train_recon``, ``train_kl``,
+        ``val_loss``, ``val_recon``, ``val_kl``; missing, None or non-finite values are skipped
+        (``epoch`` defaults to the 1-based position). Entries with an ``event`` key are used
+        only when ``event == "epoch"``, so a log that mixes step, config and epoch lines works.
+    path : str or PathLike
+    title : str, optional
+    logy : bool
+        Log-scale the y axes (useful when the first epochs dwarf the rest).
+    ylabel : str
+        Units of the logged values, shown on the first panel.
+
+    Returns
+    -------
+    path : Path
+
+    Raises
+    ------
+    ValueError
+        If no record holds any of the six curves.
+    """
+    rows = _read_records(records, "epoch")
+    fig, axes = _new_figure((12.0, 3.8), ncols=3)
+    drew = False
+    for ax, (panel_title, suffix) in zip(axes, _CURVE_PANELS):
+        for split, style in (("train", "-"), ("val", "--")):
+            xs, ys = _series(rows, f"{split}_{suffix}", "epoch")
+            if xs:
+                drew = True
+                ax.plot(xs, ys, style, color="C0" if split == "train" else "C1",
+                        marker="o" if len(xs) <= 30 else None, markersize=3,
+                        label="train" if split == "train" else "validation")
+        ax.set_title(panel_title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3, linewidth=0.5)
+        if ax.lines:
+            if logy:
+                ax.set_yscale("log")
+            ax.legend(fontsize=8, frameon=False)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes,
+                    color="0.5")
+    if not drew:
+        keys = ", ".join(f"{s}_{k}" for s in ("train", "val") for _, k in _CURVE_PANELS)
+        raise ValueError(f"no epoch record holds any of {keys} ({len(rows)} epoch records read)")
+    axes[0].set_ylabel(ylabel)
+    if _check_title(title):
+        fig.suptitle(title, fontsize=12)
+    return _save(fig, path)
+
+
+def active_units(kl_per_dim: Any, threshold: float = 0.01) -> int:
+    """Count latent units whose mean KL exceeds ``threshold`` nats.
+
+    Parameters
+    ----------
+    kl_per_dim : array_like, shape ``(Z,)``
+        Mean over the data of ``KL(q(z_j | x) || N(0, 1))`` per unit, in nats.
+    threshold : float
+
+    Returns
+    -------
+    count : int
+        ``sum(kl_per_dim > threshold)``.
+    """
+    return int(np.sum(_check_kl(kl_per_dim) > threshold))
+
+
+def active_units_cov(mu: Any, threshold: float = 0.01) -> tuple[int, np.ndarray]:
+    """Active units in the sense of Burda et al. (2016): ``Cov_x(E_q[z_j | x]) > threshold``.
+
+    A unit is active when its posterior mean moves with the input; a collapsed unit's mean stays
+    at the same value (usually 0) for every ``x``.
+
+    Parameters
+    ----------
+    mu : array_like, shape ``(N, Z)``
+        Encoder means ``E_q[z | x]`` for ``N >= 2`` inputs.
+    threshold : float
+
+    Returns
+    -------
+    count : int
+        Number of units with variance above ``threshold``.
+    variances : ndarray, shape ``(Z,)``
+        ``var(mu[:, j])`` over the ``N`` inputs (population variance, ``ddof=0``).
+    """
+    mu = np.asarray(mu, dtype=np.float64)
+    if mu.ndim != 2 or mu.shape[0] < 2 or mu.shape[1] < 1:
+        raise ValueError(f"expected mu of shape (N, Z) with N >= 2, got {mu.shape}")
+    if not np.all(np.isfinite(mu)):
+        raise ValueError("mu contains NaN or inf")
+    variances = mu.var(axis=0)
+    return int(np.sum(variances > threshold)), variances
+
+
+def _check_kl(kl_per_dim: Any) -> np.ndarray:
+    kl = np.asarray(kl_per_dim, dtype=np.float64)
+    if kl.ndim != 1 or kl.size == 0:
+        raise ValueError(f"expected kl_per_dim of shape (Z,), got {kl.shape}; average the per-"
+                         "example KL over the batch first (e.g. kl.mean(axis=0))")
+    if not np.all(np.isfinite(kl)):
+        raise ValueError("kl_per_dim contains NaN or inf")
+    if kl.min() < -1e-6:
+        raise ValueError(f"kl_per_dim must be non-negative (a KL divergence), "
+                         f"got min {kl.min():.3g}")
+    return kl
+
+
+def plot_kl_per_dim(kl_per_dim: Any, path: PathLike, threshold: float = 0.01,
+                    title: str | None = None) -> Path:
+    """Bar chart of mean KL per latent unit, sorted descending, with the activity threshold.
+
+    The y axis is logarithmic so collapsed units (KL ~ 1e-4) stay visible next to active ones
+    (KL ~ 1); values below ``threshold / 1000`` (including exact zeros) are drawn at that floor.
+
+    Parameters
+    ----------
+    kl_per_dim : array_like, shape ``(Z,)``
+        Mean KL per unit in nats (see :func:`active_units`).
+    path : str or PathLike
+    threshold : float
+        Units above it count as active (nats); drawn as a dashed line.
+    title : str, optional
+        Default ``"KL per latent unit: k of Z units active"``; a given title gets that count
+        appended on a second line.
+
+    Returns
+    -------
+    path : Path
+    """
+    kl = np.clip(_check_kl(kl_per_dim), 0.0, None)
+    if not (threshold > 0 and math.isfinite(threshold)):
+        raise ValueError(f"threshold must be a positive number of nats, got {threshold!r}")
+    zdim = kl.size
+    k = active_units(kl, threshold)
+    order = np.argsort(-kl, kind="stable")
+    floor = threshold / 1000.0
+    heights = np.maximum(kl[order], floor)
+    active = kl[order] > threshold
+
+    fig, ax = _new_figure((min(max(4.5, 0.28 * zdim + 2.0), 14.0), 4.0))
+    x = np.arange(zdim)
+    ax.bar(x, heights - floor, bottom=floor, width=0.8,
+           color=np.where(active, "C0", "0.65").tolist())
+    ax.axhline(threshold, color="C3", linestyle="--", linewidth=1.2,
+               label=f"threshold {threshold:g} nats")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=floor, top=max(heights.max(), threshold) * 2.0)
+    labelsize = 8 if zdim <= 32 else 6
+    if zdim <= 64:
+        ax.set_xticks(x, [str(i) for i in order], fontsize=labelsize,
+                      rotation=0 if zdim <= 20 else 90)
+    ax.set_xlim(-0.6, zdim - 0.4)
+    ax.set_xlabel("latent unit (sorted by KL)")
+    ax.set_ylabel("mean KL (nats, log scale)")
+    ax.grid(axis="y", alpha=0.3, linewidth=0.5)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="C0", label="active"), Patch(color="0.65", label="inactive"),
+                       ax.lines[0]], fontsize=8, frameon=False, loc="upper right")
+    summary = f"{k} of {zdim} units active"
+    title = _check_title(title)
+    ax.set_title(f"{title}\n{summary}" if title else f"KL per latent unit: {summary}",
+                 fontsize=11)
+    return _save(fig, path)
+
+
+_STEP_KEYS = frozenset({"step", "epoch", "event", "iteration", "time"})
+
+
+def plot_grad_norms(records: Any, path: PathLike,
+                    title: str = "Gradient norm per layer during training") -> Path:
+    """Save one line per layer of gradient norm against step, on a log y axis.
+
+    Parameters
+    ----------
+    records : list of dict, or str / PathLike of a JSON-lines log
+        ``{"step": int, "<layer name>": norm, ...}``. Every numeric key other than
+        ``step``/``epoch``/``iteration``/``time`` is a layer; layers may come and go between
+        records. Non-positive norms cannot sit on a log axis and are skipped. Entries with an
+        ``event`` key are used only when ``event == "grad_norm"``.
+    path : str or PathLike
+    title : str
+
+    Returns
+    -------
+    path : Path
+    """
+    rows = _read_records(records, "grad_norm")
+    layers: dict[str, None] = {}  # insertion-ordered set: layers in order of first appearance
+    for row in rows:
+        for key, v in row.items():
+            if key not in _STEP_KEYS and _number(v) is not None:
+                layers.setdefault(str(key))
+    if not layers:
+        raise ValueError(f"no layer norms found in {len(rows)} records; expected dicts like "
+                         '{"step": 10, "enc.fc1.W": 0.3, ...}')
+    fig, ax = _new_figure((8.5, 4.5))
+    many = len(layers) > 10
+    for i, name in enumerate(layers):
+        xs, ys = _series(rows, name, "step")
+        keep = [j for j, y in enumerate(ys) if y > 0]
+        ax.plot([xs[j] for j in keep], [ys[j] for j in keep], linewidth=1.2,
+                color=f"C{i % 10}", linestyle="-" if not many or i < 10 else "--", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("gradient norm (log scale)")
+    ax.grid(alpha=0.3, linewidth=0.5, which="both")
+    ax.legend(title="layer", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
+              fontsize=8, title_fontsize=9)
+    if _check_title(title):
+        ax.set_title(title, fontsize=11)
+    return _save(fig, path)
+
+
+_ESTIMATOR_KEYS = ("reparam_mean", "reparam_var", "score_mean", "score_var")
+
+
+def plot_estimator_comparison(table: Mapping[str, Any], path: PathLike,
+                              n_draws: int | None = None,
+                              title: str = "Gradient estimators: reparameterisation vs "
+                                           "score function (REINFORCE)") -> Path:
+    """Compare two gradient estimators: their means (left) and per-draw variances (right).
+
+    Parameters
+    ----------
+    table : mapping
+        ``reparam_mean``, ``reparam_var``, ``score_mean``, ``score_var``: sequences of length P
+        (one per parameter), the mean and variance over draws of the single-draw estimate.
+        Optional: ``param`` (P names, default ``theta[i]``), ``exact`` (P true gradients, drawn
+        as black crosses) and ``n_draws``.
+    path : str or PathLike
+    n_draws : int, optional
+        Draws behind each mean; when known (here or in ``table``), the means get error bars of
+        +- 2 standard errors, ``2 * sqrt(var / n_draws)``.
+    title : str
+
+    Returns
+    -------
+    path : Path
+    """
+    if not isinstance(table, Mapping):
+        raise TypeError(f"table must be a dict of columns, got {type(table).__name__}")
+    missing = [k for k in _ESTIMATOR_KEYS if k not in table]
+    if missing:
+        raise ValueError(f"table is missing {missing}; it needs {list(_ESTIMATOR_KEYS)}")
+    cols = {}
+    for k in (*_ESTIMATOR_KEYS, "exact"):
+        if k not in table:
+            continue
+        col = np.asarray(table[k], dtype=np.float64).reshape(-1)
+        if not np.all(np.isfinite(col)):
+            raise ValueError(f"table[{k!r}] contains NaN or inf")
+        cols[k] = col
+    p = cols["reparam_mean"].size
+    bad = {k: v.size for k, v in cols.items() if v.size != p}
+    if p == 0 or bad:
+        raise ValueError(f"all columns need the same non-zero length; reparam_mean has {p}, "
+                         f"but {bad}")
+    for k in ("reparam_var", "score_var"):
+        if cols[k].min() < 0:
+            raise ValueError(f"table[{k!r}] has a negative variance ({cols[k].min():.3g})")
+    names = _check_labels_list(table.get("param"), p, "table['param']", "parameters") \
+        or [f"theta[{i}]" for i in range(p)]
+    if n_draws is None:
+        n_draws = table.get("n_draws")
+    if n_draws is not None and (isinstance(n_draws, bool) or int(n_draws) != n_draws
+                                or n_draws < 1):
+        raise ValueError(f"n_draws must be a positive integer, got {n_draws!r}")
+
+    fig, (ax_m, ax_v) = _new_figure((max(9.0, 1.1 * p + 5.0), 4.3), ncols=2)
+    x = np.arange(p)
+    ests = (("reparam", "reparameterisation", "C0", -0.15), ("score", "score function", "C3", 0.15))
+    for key, label, color, dx in ests:
+        mean, var = cols[f"{key}_mean"], cols[f"{key}_var"]
+        err = None if n_draws is None else 2.0 * np.sqrt(var / n_draws)
+        ax_m.errorbar(x + dx, mean, yerr=err, fmt="o", color=color, capsize=3, markersize=5,
+                      label=label)
+    if "exact" in cols:
+        ax_m.scatter(x, cols["exact"], marker="x", color="k", s=40, zorder=3, label="exact")
+    ax_m.axhline(0.0, color="0.6", linewidth=0.6)
+    ax_m.set_title("Mean gradient estimate" + ("" if n_draws is None else
+                                               f" (± 2 s.e., {int(n_draws)} draws)"), fontsize=10)
+    ax_m.set_ylabel("d objective / d parameter")
+    ax_m.legend(fontsize=8, frameon=False)
+
+    rv, sv = cols["reparam_var"], cols["score_var"]
+    floor = max(min(v for v in np.concatenate([rv, sv]) if v > 0) / 10, 1e-300) \
+        if np.any(np.concatenate([rv, sv]) > 0) else 1e-12
+    w = 0.38
+    for key, label, color, dx in ests:
+        v = np.maximum(cols[f"{key}_var"], floor)
+        ax_v.bar(x + (dx / 0.15) * w / 2, v - floor, bottom=floor, width=w, color=color,
+                 label=label)
+    ax_v.set_yscale("log")
+    ax_v.set_ylim(bottom=floor)
+    pos = (rv > 0) & (sv > 0)
+    ratio = (f"\nscore / reparam: median ratio {np.median(sv[pos] / rv[pos]):.3g}x"
+             if pos.any() else "")
+    ax_v.set_title(f"Per-draw variance (log scale){ratio}", fontsize=10)
+    ax_v.set_ylabel("variance of one-draw estimate")
+    ax_v.legend(fontsize=8, frameon=False)
+    rotation = 0 if p <= 6 else 45
+    for ax in (ax_m, ax_v):
+        ax.set_xticks(x, names, rotation=rotation, ha="center" if rotation == 0 else "right",
+                      fontsize=9)
+        ax.set_xlabel("parameter")
+        ax.grid(axis="y", alpha=0.3, linewidth=0.5)
+    if _check_title(title):
+        fig.suptitle(title, fontsize=12)
+    return _save(fig, path)

@@ -1,0 +1,453 @@
+"""Tests for npvae.plots: every picture is a real, non-blank PNG; the NumPy helpers are exact."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from npvae import plots
+
+pytest.importorskip("matplotlib")
+import matplotlib.image as mpimg  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def assert_real_png(path: Path) -> np.ndarray:
+    """The file is a PNG, decodes to a non-empty image, and is not a single flat colour."""
+    path = Path(path)
+    assert path.is_file() and path.stat().st_size > 0
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 0 and img.shape[1] > 0
+    rgb = np.round(img[..., :3] * 255).astype(np.uint32).reshape(-1, 3)
+    packed = (rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]  # one int per colour: fast unique
+    assert np.unique(packed).size > 10, "image is (nearly) one flat colour"
+    return img
+
+
+def digits(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 784) digit-like images in [0, 1]: bright strokes on a black background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:28, :28]
+    out = np.zeros((n, 28, 28))
+    for i in range(n):
+        cy, cx, r = rng.uniform(10, 18), rng.uniform(10, 18), rng.uniform(4, 8)
+        ring = np.exp(-((np.hypot(yy - cy, xx - cx) - r) ** 2) / 2.0)
+        out[i] = np.clip(ring + 0.05 * rng.random((28, 28)), 0, 1)
+    return out.reshape(n, 784)
+
+
+def phi(x: float) -> float:
+    return 0.5 * math.erfc(-x / math.sqrt(2.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Every plot writes a real PNG
+# --------------------------------------------------------------------------------------------------
+
+def _epoch_records(n=6):
+    return [{"epoch": e, "train_loss": 200 / e + 100, "train_recon": 180 / e + 80,
+             "train_kl": 20 - 5 / e, "val_loss": 210 / e + 102, "val_recon": 190 / e + 82,
+             "val_kl": 20 - 5 / e} for e in range(1, n + 1)]
+
+
+PLOTS = {
+    "image_grid": lambda p: plots.image_grid(digits(10), p, ncols=4, title="grid",
+                                             row_labels=["a", "b", "c"]),
+    "samples": lambda p: plots.plot_samples(digits(16).reshape(16, 28, 28), p),
+    "reconstructions": lambda p: plots.plot_reconstructions(digits(12), digits(12, 1), p, ncols=5),
+    "interpolation": lambda p: plots.plot_interpolation(digits(3 * 7).reshape(3, 7, 784), p),
+    "class_grid": lambda p: plots.plot_class_grid(digits(40).reshape(10, 4, 784), p,
+                                                  class_names=plots.FASHION_CLASSES),
+    "manifold": lambda p: plots.plot_manifold(
+        lambda z: digits(len(z)) * (0.5 + 0.5 * np.tanh(z[:, :1]) ** 2), p, n=6),
+    "scatter_1d": lambda p: plots.plot_latent_scatter(
+        np.random.default_rng(0).normal(size=(200, 1)), np.arange(200) % 10, p),
+    "scatter_2d": lambda p: plots.plot_latent_scatter(
+        np.random.default_rng(0).normal(size=(200, 2)), np.arange(200) % 10, p,
+        class_names=plots.MNIST_CLASSES),
+    "scatter_pca": lambda p: plots.plot_latent_scatter(
+        np.random.default_rng(0).normal(size=(200, 8)), np.arange(200) % 10, p),
+    "scatter_unlabelled": lambda p: plots.plot_latent_scatter(
+        np.random.default_rng(0).normal(size=(50, 3)), None, p),
+    "training_curves": lambda p: plots.plot_training_curves(_epoch_records(), p),
+    "kl_per_dim": lambda p: plots.plot_kl_per_dim([2.0, 0.0, 1e-4, 0.5, 0.02], p),
+    "grad_norms": lambda p: plots.plot_grad_norms(
+        [{"step": s, "enc.W": 1.0 / (s + 1), "dec.W": 0.5 + 0.0 * s} for s in range(20)], p),
+    "estimators": lambda p: plots.plot_estimator_comparison(
+        {"param": ["mu[0]", "logvar[0]"], "reparam_mean": [0.5, 0.1],
+         "reparam_var": [0.01, 0.02], "score_mean": [0.4, 0.3], "score_var": [2.0, 5.0],
+         "exact": [0.5, 0.1]}, p, n_draws=100),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLOTS))
+def test_each_plot_writes_a_real_png(tmp_path, name):
+    target = tmp_path / "nested" / "dirs" / f"{name}.png"
+    written = PLOTS[name](str(target))
+    assert isinstance(written, Path) and written == target
+    assert_real_png(written)
+
+
+def test_importing_plots_does_not_import_matplotlib():
+    code = "import sys, npvae.plots; assert 'matplotlib' not in sys.modules, 'eager import'"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO_ROOT)
+
+
+def test_missing_matplotlib_gives_install_hint(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
+    with pytest.raises(ImportError, match=r"pip install 'npvae\[plot\]'"):
+        plots.plot_samples(digits(4), tmp_path / "x.png")
+
+
+def test_value_range_minus_one_to_one(tmp_path):
+    imgs = digits(9) * 2 - 1
+    assert_real_png(plots.image_grid(imgs, tmp_path / "tanh.png", value_range=(-1, 1)))
+    with pytest.raises(ValueError, match="outside value_range"):
+        plots.image_grid(imgs, tmp_path / "bad.png")  # [-1, 1] data, default (0, 1) range
+
+
+def test_uint8_pixels_need_their_value_range(tmp_path):
+    imgs = (digits(4) * 255).astype(np.uint8)
+    with pytest.raises(ValueError, match=r"value_range=\(0, 255\)"):
+        plots.plot_samples(imgs, tmp_path / "bad.png")
+    assert_real_png(plots.plot_samples(imgs, tmp_path / "ok.png", value_range=(0, 255)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Clear errors on bad inputs
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape, match", [
+    ((5, 783), r"\(5, 783\).*not a square"),
+    ((784,), r"images\[None\]"),
+    ((2, 3, 28, 28), r"expected images of shape"),
+    ((0, 784), r"empty"),
+])
+def test_image_grid_rejects_bad_shapes(tmp_path, shape, match):
+    with pytest.raises(ValueError, match=match):
+        plots.image_grid(np.zeros(shape), tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_other_image_errors(tmp_path):
+    out = tmp_path / "x.png"
+    bad = digits(4)
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        plots.plot_samples(bad, out)
+    with pytest.raises(ValueError, match="sigmoid"):
+        plots.plot_samples(digits(4) * 10 - 5, out)  # logits, not probabilities
+    with pytest.raises(ValueError, match="same shape"):
+        plots.plot_reconstructions(digits(4), digits(5), out)
+    with pytest.raises(ValueError, match=r"\(P, K, 784\)"):
+        plots.plot_interpolation(digits(4), out)
+    with pytest.raises(ValueError, match="K >= 2"):
+        plots.plot_interpolation(digits(3).reshape(3, 1, 784), out)
+    with pytest.raises(ValueError, match="row_labels has 1 entries but there are 2 rows"):
+        plots.image_grid(digits(4), out, ncols=2, row_labels=["only one"])
+    with pytest.raises(ValueError, match="class_names has 2 entries but there are 3 classes"):
+        plots.plot_class_grid(digits(6).reshape(3, 2, 784), out, class_names=["a", "b"])
+    with pytest.raises(ValueError, match="ncols"):
+        plots.image_grid(digits(4), out, ncols=0)
+    with pytest.raises(ValueError, match="value_range"):
+        plots.image_grid(digits(4), out, value_range=(1, 0))
+    assert not out.exists()
+
+
+def test_small_overshoot_is_clipped_not_refused(tmp_path):
+    imgs = digits(4) * 1.005  # e.g. a Gaussian decoder mean slightly above 1
+    assert_real_png(plots.plot_samples(imgs, tmp_path / "ok.png"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Mosaic layout
+# --------------------------------------------------------------------------------------------------
+
+def test_tile_images_exact_layout():
+    # three 2x3 images, each a distinct constant, on a 2x2 grid: the fourth cell is empty
+    imgs = np.stack([np.full((2, 3), v) for v in (10.0, 20.0, 30.0)])
+    m = plots.tile_images(imgs, ncols=2, gutter=1, fill=-1.0, empty=-2.0)
+    expected = np.array([
+        [10, 10, 10, -1, 20, 20, 20],
+        [10, 10, 10, -1, 20, 20, 20],
+        [-1, -1, -1, -1, -2, -2, -2],
+        [30, 30, 30, -2, -2, -2, -2],
+        [30, 30, 30, -2, -2, -2, -2],
+    ], dtype=float)
+    np.testing.assert_array_equal(m, expected)
+
+
+def test_tile_images_pixel_placement_and_flat_input():
+    rng = np.random.default_rng(0)
+    imgs = rng.random((7, 4, 4))
+    m = plots.tile_images(imgs.reshape(7, 16), ncols=3, gutter=2, fill=0.5)
+    assert m.shape == (3 * 4 + 2 * 2, 3 * 4 + 2 * 2)
+    for k in range(7):
+        y, x = (k // 3) * (4 + 2), (k % 3) * (4 + 2)
+        np.testing.assert_array_equal(m[y:y + 4, x:x + 4], imgs[k])
+    np.testing.assert_array_equal(m[4:6, :], 0.5)  # horizontal gutter below the first row
+    np.testing.assert_array_equal(m[:4, 4:6], 0.5)  # vertical gutter right of image 0
+    np.testing.assert_array_equal(m[12:, 4:], 0.5)  # empty cells default to fill
+
+
+def test_tile_images_defaults_and_errors():
+    m = plots.tile_images(np.zeros((10, 28, 28)))  # ncols = ceil(sqrt(10)) = 4, 3 rows
+    assert m.shape == (3 * 28 + 2, 4 * 28 + 3)
+    assert plots.tile_images(np.ones((3, 2, 2)), gutter=0).shape == (4, 4)
+    with pytest.raises(ValueError, match="not a square"):
+        plots.tile_images(np.zeros((2, 783)))
+    with pytest.raises(ValueError, match="gutter"):
+        plots.tile_images(np.zeros((2, 4, 4)), gutter=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# PCA
+# --------------------------------------------------------------------------------------------------
+
+def _reference_pca(z):
+    zc = z - z.mean(axis=0)
+    evals, evecs = np.linalg.eigh(np.cov(zc, rowvar=False))
+    order = np.argsort(evals)[::-1]
+    evals, evecs = evals[order], evecs[:, order[:2]].T  # (2, Z)
+    idx = np.argmax(np.abs(evecs), axis=1)
+    evecs *= np.sign(evecs[np.arange(2), idx])[:, None]
+    return zc @ evecs.T, evals[:2] / evals.sum()
+
+
+@pytest.mark.parametrize("n, zdim", [(200, 5), (50, 2), (30, 16), (3, 10)])
+def test_pca_2d_matches_eigh_of_covariance(n, zdim):
+    rng = np.random.default_rng(n + zdim)
+    z = rng.normal(size=(n, zdim)) @ rng.normal(size=(zdim, zdim)) + rng.normal(size=zdim)
+    proj, ratio = plots.pca_2d(z)
+    ref_proj, ref_ratio = _reference_pca(z)
+    assert proj.shape == (n, 2) and ratio.shape == (2,)
+    np.testing.assert_allclose(proj, ref_proj, atol=1e-9)
+    np.testing.assert_allclose(ratio, ref_ratio, atol=1e-12)
+    assert ratio.sum() <= 1 + 1e-12 and ratio[0] >= ratio[1] >= 0
+
+
+def test_pca_2d_sign_convention_is_deterministic():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(100, 4)) * [3.0, 2.0, 1.0, 0.5]
+    proj, _ = plots.pca_2d(z)
+    proj_neg, _ = plots.pca_2d(-z)  # same components, same signs: the projection flips
+    np.testing.assert_allclose(proj_neg, -proj, atol=1e-10)
+    # the largest-magnitude loading of each component is positive: here axes 0 and 1
+    assert proj[np.argmax(z[:, 0]), 0] > 0 and proj[np.argmax(z[:, 1]), 1] > 0
+
+
+def test_pca_2d_constant_codes_and_errors():
+    proj, ratio = plots.pca_2d(np.ones((5, 3)))
+    np.testing.assert_array_equal(ratio, 0.0)
+    np.testing.assert_allclose(proj, 0.0)
+    for shape in [(1, 3), (5, 1), (5,)]:
+        with pytest.raises(ValueError, match="pca_2d expects z of shape"):
+            plots.pca_2d(np.zeros(shape))
+
+
+def test_latent_scatter_errors(tmp_path):
+    out = tmp_path / "x.png"
+    with pytest.raises(ValueError, match=r"labels of shape \(10,\)"):
+        plots.plot_latent_scatter(np.zeros((10, 2)), np.zeros(9, dtype=int), out)
+    with pytest.raises(ValueError, match="integer class indices"):
+        plots.plot_latent_scatter(np.zeros((3, 2)), [0.5, 1.0, 2.0], out)
+    with pytest.raises(ValueError, match="class_names has 2 entries"):
+        plots.plot_latent_scatter(np.zeros((3, 2)), [0, 1, 2], out, class_names=["a", "b"])
+    with pytest.raises(ValueError, match="at most 20"):
+        plots.plot_latent_scatter(np.zeros((25, 2)), np.arange(25), out)
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Normal quantiles and the manifold grid
+# --------------------------------------------------------------------------------------------------
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.floats(1e-10, 1 - 1e-10),
+                 st.floats(-10, math.log10(0.5)).map(lambda e: 10.0 ** e),
+                 st.floats(-10, math.log10(0.5)).map(lambda e: 1.0 - 10.0 ** e)))
+def test_norm_ppf_round_trip(p):
+    x = plots.norm_ppf(p)
+    assert isinstance(x, float)
+    assert abs(phi(x) - p) <= 1e-12
+    # and relatively, in whichever tail p lies
+    if p <= 0.5:
+        assert abs(phi(x) - p) <= 1e-13 * p
+    else:
+        assert abs(0.5 * math.erfc(x / math.sqrt(2.0)) - (1.0 - p)) <= 1e-13 * (1.0 - p)
+
+
+def test_norm_ppf_known_values_symmetry_and_shape():
+    assert plots.norm_ppf(0.5) == 0.0
+    assert plots.norm_ppf(0.975) == pytest.approx(1.959963984540054, abs=1e-14)
+    assert plots.norm_ppf(0.05) == pytest.approx(-1.6448536269514722, abs=1e-14)
+    assert plots.norm_ppf(1e-10) == pytest.approx(-6.361340902404056, abs=1e-12)
+    p = np.linspace(0.01, 0.5, 50)
+    np.testing.assert_allclose(plots.norm_ppf(p), -plots.norm_ppf(1 - p), atol=1e-14)
+    out = plots.norm_ppf(np.full((2, 3), 0.3))
+    assert isinstance(out, np.ndarray) and out.shape == (2, 3)
+    assert np.all(np.diff(plots.norm_ppf(np.linspace(1e-6, 1 - 1e-6, 1001))) > 0)
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5, float("nan"), [0.2, 1.0]])
+def test_norm_ppf_rejects_outside_open_unit_interval(bad):
+    with pytest.raises(ValueError, match=r"strictly inside \(0, 1\)"):
+        plots.norm_ppf(bad)
+
+
+def test_manifold_grid_symmetric_and_on_quantiles():
+    n = 7
+    z = plots.manifold_grid(n, (0.05, 0.95))
+    assert z.shape == (n * n, 2)
+    grid = z.reshape(n, n, 2)
+    v = grid[0, :, 0]  # z[0] along the top row, left to right
+    np.testing.assert_allclose([phi(x) for x in v], np.linspace(0.05, 0.95, n), atol=1e-14)
+    np.testing.assert_allclose(v, -v[::-1], atol=1e-12)  # symmetric about 0
+    assert v[n // 2] == pytest.approx(0.0, abs=1e-12)
+    # picture order: z[0] constant down columns, z[1] decreasing down rows (up is positive)
+    np.testing.assert_array_equal(grid[:, :, 0], np.broadcast_to(v, (n, n)))
+    np.testing.assert_array_equal(grid[:, :, 1], np.broadcast_to(v[::-1, None], (n, n)))
+    assert grid[0, 0, 1] > 0 > grid[-1, 0, 1]
+
+
+def test_manifold_grid_errors():
+    with pytest.raises(ValueError, match="n must be an integer >= 2"):
+        plots.manifold_grid(1)
+    with pytest.raises(ValueError, match="0 < lo < hi < 1"):
+        plots.manifold_grid(5, (0.0, 0.95))
+
+
+def test_plot_manifold_checks_latent_dim_and_decoder(tmp_path):
+    calls = []
+
+    def decode(z):
+        calls.append(z.shape)
+        return np.full((len(z), 784), 0.5)
+
+    with pytest.raises(ValueError, match="2-D latent space.*latent_dim=16"):
+        plots.plot_manifold(decode, tmp_path / "m.png", latent_dim=16)
+    assert calls == []  # refused before decoding anything
+    with pytest.raises(ValueError, match=r"decode returned shape \(3, 784\) for 16 codes"):
+        plots.plot_manifold(lambda z: np.zeros((3, 784)), tmp_path / "m.png", n=4)
+    plots.plot_manifold(lambda z: digits(len(z)), tmp_path / "ok.png", n=4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training logs
+# --------------------------------------------------------------------------------------------------
+
+def test_training_curves_from_jsonl_with_mixed_events(tmp_path):
+    log = tmp_path / "run" / "log.jsonl"
+    log.parent.mkdir()
+    lines = [{"event": "config", "lr": 1e-3, "train_loss": 1e9}]
+    for rec in _epoch_records(5):
+        lines += [{"event": "step", "step": s, "train_loss": 1e9} for s in range(3)]
+        lines.append({"event": "epoch", **rec})
+    log.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    assert_real_png(plots.plot_training_curves(log, tmp_path / "curves.png"))
+    # only non-epoch lines: nothing to plot, and the error says so
+    log.write_text("\n".join(json.dumps(x) for x in lines if x["event"] != "epoch"))
+    with pytest.raises(ValueError, match="0 epoch records"):
+        plots.plot_training_curves(str(log), tmp_path / "none.png")
+
+
+def test_training_curves_skip_missing_and_null_values(tmp_path):
+    records = [{"epoch": 1, "train_loss": 150.0, "val_loss": None},
+               {"epoch": 2, "train_loss": 120.0, "train_kl": 10.0},
+               {"train_loss": 110.0, "train_kl": 11.0, "val_loss": float("nan")}]
+    assert_real_png(plots.plot_training_curves(records, tmp_path / "c.png", logy=True))
+
+
+def test_training_curves_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"epoch": 1, "train_loss": 3}\n{not json\n')
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        plots.plot_training_curves(bad, tmp_path / "x.png")
+    with pytest.raises(FileNotFoundError):
+        plots.plot_training_curves(tmp_path / "missing.jsonl", tmp_path / "x.png")
+    with pytest.raises(TypeError, match="list of dicts"):
+        plots.plot_training_curves({"epoch": 1, "train_loss": 2.0}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="no epoch record holds any of"):
+        plots.plot_training_curves([{"epoch": 1, "lr": 0.1}], tmp_path / "x.png")
+
+
+def test_grad_norms_errors_and_event_filter(tmp_path):
+    with pytest.raises(ValueError, match="no layer norms"):
+        plots.plot_grad_norms([{"step": 1}, {"step": 2, "note": "x"}], tmp_path / "g.png")
+    recs = [{"event": "epoch", "epoch": 1, "train_loss": 5.0}] + [
+        {"event": "grad_norm", "step": s, "fc.W": 2.0 ** -s, "fc.b": 0.0} for s in range(10)]
+    assert_real_png(plots.plot_grad_norms(recs, tmp_path / "g.png"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Active units and KL per dimension
+# --------------------------------------------------------------------------------------------------
+
+def test_active_units_counts_strictly_above_threshold():
+    kl = [2.0, 0.5, 0.011, 0.01, 0.009, 0.0, 1e-5]
+    assert plots.active_units(kl) == 3
+    assert plots.active_units(kl, threshold=0.001) == 5
+    assert plots.active_units(kl, threshold=10.0) == 0
+    assert plots.active_units(np.zeros(8)) == 0
+
+
+def test_active_units_cov_matches_variance_of_means():
+    rng = np.random.default_rng(0)
+    scales = np.array([1.0, 0.5, 0.2, 0.05, 0.0])  # variances 1, .25, .04, .0025, 0
+    mu = rng.standard_normal((20000, 5)) * scales + 3.0
+    count, variances = plots.active_units_cov(mu)
+    assert count == 3
+    np.testing.assert_allclose(variances, mu.var(axis=0))
+    np.testing.assert_allclose(variances, scales ** 2, rtol=0.05, atol=1e-12)
+    assert plots.active_units_cov(mu, threshold=0.001)[0] == 4
+    with pytest.raises(ValueError, match=r"mu of shape \(N, Z\)"):
+        plots.active_units_cov(np.zeros((1, 4)))
+
+
+def test_kl_per_dim_errors_and_title(tmp_path):
+    with pytest.raises(ValueError, match=r"kl_per_dim of shape \(Z,\)"):
+        plots.active_units(np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="non-negative"):
+        plots.plot_kl_per_dim([1.0, -0.5], tmp_path / "k.png")
+    with pytest.raises(ValueError, match="threshold"):
+        plots.plot_kl_per_dim([1.0, 0.5], tmp_path / "k.png", threshold=0.0)
+    many = np.r_[np.linspace(0.5, 3, 9), np.full(55, 1e-4)]  # Z = 64: rotated, thinned labels
+    assert_real_png(plots.plot_kl_per_dim(many, tmp_path / "k.png", title="beta = 4"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Estimator comparison and constants
+# --------------------------------------------------------------------------------------------------
+
+def test_estimator_comparison_errors_and_table_n_draws(tmp_path):
+    base = {"reparam_mean": [0.1, 0.2], "reparam_var": [0.0, 0.01],  # exact-zero variance is fine
+            "score_mean": [0.1, 0.3], "score_var": [1.0, 2.0], "n_draws": 50}
+    assert_real_png(plots.plot_estimator_comparison(base, tmp_path / "e.png"))
+    with pytest.raises(ValueError, match="missing.*score_var"):
+        plots.plot_estimator_comparison({k: v for k, v in base.items() if k != "score_var"},
+                                        tmp_path / "x.png")
+    with pytest.raises(ValueError, match="same non-zero length"):
+        plots.plot_estimator_comparison({**base, "score_mean": [1.0]}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="negative variance"):
+        plots.plot_estimator_comparison({**base, "score_var": [1.0, -1.0]}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="n_draws"):
+        plots.plot_estimator_comparison(base, tmp_path / "x.png", n_draws=0)
+
+
+def test_class_name_constants():
+    assert plots.MNIST_CLASSES == [str(d) for d in range(10)]
+    assert len(plots.FASHION_CLASSES) == 10 and len(set(plots.FASHION_CLASSES)) == 10
+    assert plots.FASHION_CLASSES[0] == "T-shirt/top" and plots.FASHION_CLASSES[9] == "Ankle boot"
