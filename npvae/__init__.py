@@ -1,0 +1,28 @@
+"""npvae: variational autoencoders from scratch in NumPy.
+
+Every backward pass is derived by hand (:mod:`npvae.ops`), hot loops run as Numba kernels when
+Numba is installed (:mod:`npvae.backend`), and every gradient is tested against PyTorch autograd
+and finite differences. The core imports NumPy only.
+
+>>> import numpy as np, npvae
+>>> model = npvae.VAE(input_dim=784, hidden=(400,), latent_dim=20)
+>>> x = np.random.default_rng(0).random((8, 784), dtype=np.float32)
+>>> terms, grads = model.loss_and_grads(x, rng=np.random.default_rng(1))
+>>> sorted(grads)[:2]
+['decoder.0.bias', 'decoder.0.weight']
+"""
+
+from . import ops
+from .backend import get_backend, numba_available, set_backend, use_backend
+from .gradcheck import GradCheckReport, check_gradients, check_model, check_op
+from .models import MODELS, Autoencoder, DenoisingAutoencoder, LossTerms, PoorMansVAE, VAE, build_model
+from .optim import SGD, Adam, AdamW, RMSprop, clip_grad_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODELS", "VAE", "Autoencoder", "DenoisingAutoencoder", "PoorMansVAE", "LossTerms", "build_model",
+    "SGD", "RMSprop", "Adam", "AdamW", "clip_grad_norm",
+    "check_gradients", "check_model", "check_op", "GradCheckReport",
+    "get_backend", "set_backend", "use_backend", "numba_available", "ops",
+]
