@@ -670,7 +670,7 @@ class Dataset:
                 f"test={self.test_x.shape}, is_demo={self.is_demo})")
 
 
-DEMO_SIZE, DEMO_PER_CLASS = 5000, 500
+DEMO_SIZE = 5000  # digits in mnist_demo.npz, 500 per class
 
 
 def _read_demo() -> tuple[np.ndarray, np.ndarray]:
