@@ -1,4 +1,4 @@
-"""The model family: autoencoder, denoising autoencoder, poor man's VAE and Gaussian VAE.
+"""The model family: autoencoder, denoising autoencoder, poor man's VAE, Gaussian VAE and conditional VAE.
 
 Each model is a thin shell over :mod:`npvae.ops` and :mod:`npvae.layers`: it wires layers together
 and calls the ops' forward and backward functions in order; no math is re-derived here.
@@ -80,6 +80,7 @@ class Model:
 
     kind = "model"
     value_range = (0.0, 1.0)
+    conditional = False  # True for models of p(x | y): the training loop then passes labels y
 
     # -- construction
 
@@ -627,7 +628,382 @@ class PoorMansVAE(Autoencoder):
         self.encoder.backward(ops.add_noise_backward(dz, self._noise_cache), need_dx=False)
 
 
-MODELS = {"vae": VAE, "ae": Autoencoder, "dae": DenoisingAutoencoder, "poor": PoorMansVAE}
+# ----------------------------------------------------------------------------- conditional VAE
+
+
+def _fill_conditioned(buf: np.ndarray, k: int, head, y: np.ndarray) -> np.ndarray:
+    """Write the concatenation ``[head, onehot(y)]`` into ``buf`` (B, K + C) and return it.
+
+    ``head`` (B, K) may be None when ``buf[:, :K]`` is filled elsewhere (the sampler writes z there).
+    The one-hot block is a constant: its gradient is never needed, so the concatenation's backward
+    is a slice of the input gradient.
+    """
+    if head is not None:
+        buf[:, :k] = head
+    onehot = buf[:, k:]  # (B, C)
+    onehot[...] = 0
+    np.put_along_axis(onehot, y[:, None], 1, axis=1)
+    return buf
+
+
+@dataclass
+class CVAEConfig:
+    input_dim: int = 784  # D, pixels per image
+    num_classes: int = 10  # C, labels are integers in [0, C)
+    hidden: tuple[int, ...] = (400,)  # encoder widths over [x, onehot(y)]; the decoder mirrors them
+    latent_dim: int = 20  # Z
+    activation: str = "relu"  # hidden-layer activation, in all three networks
+    likelihood: str = "bernoulli"  # p(x|z,y): bernoulli (BCE on logits), gaussian (unit variance), continuous_bernoulli
+    beta: float = 1.0  # KL weight; beta = 1 gives the conditional ELBO
+    alpha: float = 0.01  # LeakyReLU slope, when activation = leaky_relu
+    learned_prior: bool = True  # p(z|y) = N(mu_p(y), diag exp(logvar_p(y))) from a prior network; False: N(0, I)
+    prior_hidden: tuple[int, ...] = (64,)  # prior-network widths over onehot(y); unused without a learned prior
+
+
+class CVAE(VAE):
+    """Conditional VAE (Sohn et al., 2015) with a learned class-conditional prior.
+
+    - encoder q(z | x, y) = N(mu, diag exp(logvar)), an MLP over ``[x, onehot(y)]``:
+      ``D + C -> hidden -> (mu, logvar)``;
+    - prior p(z | y) = N(mu_p, diag exp(logvar_p)), an MLP over ``onehot(y)``:
+      ``C -> prior_hidden -> (mu_p, logvar_p)``; with ``learned_prior=False`` the fixed N(0, I);
+    - decoder p(x | z, y), an MLP over ``[z, onehot(y)]``: ``Z + C -> reversed(hidden) -> D``,
+      with the VAE's likelihoods.
+
+    Loss per example (negative conditional ELBO, nats): ``recon + beta * KL(q(z|x,y) || p(z|y))``,
+    one reparameterized sample ``z = mu + exp(logvar / 2) * eps``, analytic KL between the two
+    diagonal Gaussians (:func:`npvae.ops.kl_gaussians_forward`); batch mean.
+
+    Every method that takes images also takes their labels ``y``: an integer array (B,) with values
+    in [0, C) (see :meth:`check_labels`). ``conditional = True`` tells the training loop to pass them.
+    The class reuses the VAE's config checks, encoder wiring and buffers, but its methods take
+    labels, so it is not a drop-in VAE: code that handles both checks ``model.conditional``.
+
+    Parameters
+    ----------
+    input_dim, num_classes, hidden, latent_dim, activation, likelihood, beta, alpha, learned_prior, prior_hidden
+        See :class:`CVAEConfig`.
+    dtype : float32 (training) or float64 (gradient checks)
+    seed : int
+        Seed of the parameter initialisation (PyTorch's ``nn.Linear`` default init).
+
+    State-dict keys, in forward order: ``encoder.{i}``, ``mu``, ``logvar``, ``prior.{i}``,
+    ``prior_mu``, ``prior_logvar`` (the last three only with a learned prior), ``decoder.{i}``,
+    ``output`` (each ``.weight``/``.bias``). As in the VAE, each pair of heads is one (2Z, H) layer
+    whose halves are exported as the two heads.
+    """
+
+    kind = "cvae"
+    conditional = True
+    # internal (2Z, H) layers and the names their (mu, logvar) halves are exported under
+    _SPLIT_HEADS = {"heads": ("mu", "logvar"), "prior_heads": ("prior_mu", "prior_logvar")}
+
+    def __init__(
+        self,
+        input_dim: int = 784,
+        num_classes: int = 10,
+        hidden=(400,),
+        latent_dim: int = 20,
+        activation: str = "relu",
+        likelihood: str = "bernoulli",
+        beta: float = 1.0,
+        alpha: float = 0.01,
+        learned_prior: bool = True,
+        prior_hidden=(64,),
+        dtype=np.float32,
+        seed: int = 0,
+    ):
+        self.config = CVAEConfig(
+            int(input_dim), int(num_classes), tuple(int(h) for h in hidden), int(latent_dim), activation, likelihood,
+            float(beta), float(alpha), bool(learned_prior), tuple(int(h) for h in prior_hidden),
+        )
+        self._validate_config()
+        self.kl_weight = self.config.beta  # the trainer anneals this during KL warm-up
+        self._build_layers()
+        self._allocate(dtype, seed)
+        self._dheads: dict[int, np.ndarray] = {}
+        self._work: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def _validate_config(self) -> None:
+        super()._validate_config()
+        c = self.config
+        if c.num_classes < 1 or any(h < 1 for h in c.prior_hidden):
+            raise ValueError(f"expected positive sizes, got num_classes={c.num_classes}, prior_hidden={c.prior_hidden}")
+
+    def _encoder_sizes(self):
+        return [self.config.input_dim + self.config.num_classes, *self.config.hidden]
+
+    def _decoder_sizes(self):
+        c = self.config
+        return [c.latent_dim + c.num_classes, *reversed(c.hidden), c.input_dim]
+
+    def _build_layers(self) -> None:
+        super()._build_layers()
+        c = self.config
+        self.prior_net = self.prior_heads = None
+        if not c.learned_prior:
+            return
+        sizes = [c.num_classes, *c.prior_hidden]
+        self.prior_net = MLP(sizes, c.activation, c.activation, c.alpha) if len(sizes) > 1 else None
+        self.prior_heads = Dense(sizes[-1], 2 * c.latent_dim)
+        prior = [(f"prior.{i}", layer) for i, layer in enumerate(self.prior_net.layers if self.prior_net else [])]
+        prior.append(("prior_heads", self.prior_heads))
+        # forward order: encoder, heads, prior network, prior heads, decoder
+        order = list(self.layers.items())
+        split = [name for name, _ in order].index("heads") + 1
+        self.layers = dict(order[:split] + prior + order[split:])
+
+    def _exported(self):
+        z = self.config.latent_dim
+        for name, layer in self.layers.items():
+            heads = self._SPLIT_HEADS.get(name)
+            if heads is None:
+                yield f"{name}.weight", layer.weight, layer.dweight
+                yield f"{name}.bias", layer.bias, layer.dbias
+                continue
+            for head, part in zip(heads, (slice(None, z), slice(z, None))):
+                yield f"{head}.weight", layer.weight[part], layer.dweight[part]
+                yield f"{head}.bias", layer.bias[part], layer.dbias[part]
+
+    # -- checks
+
+    def check_labels(self, y, batch: int | None = None, name: str = "y") -> np.ndarray:
+        """``y`` as an integer array (B,) of class labels in [0, C), with B = ``batch`` when given.
+
+        Raises
+        ------
+        ValueError
+            For any other shape, a non-integer dtype (integral floats included: cast them with
+            ``y.astype(int)``) or a label out of range.
+        """
+        y = np.asarray(y)
+        c = self.config.num_classes
+        expected = f"expected {name} of shape ({'B' if batch is None else batch},) with integer class labels in [0, {c})"
+        if y.ndim != 1 or y.shape[0] < 1 or (batch is not None and y.shape[0] != batch):
+            raise ValueError(f"{expected}, got shape {y.shape}")
+        if not np.issubdtype(y.dtype, np.integer):
+            hint = f" (cast integral floats with {name}.astype(int))" if np.issubdtype(y.dtype, np.floating) else ""
+            raise ValueError(f"{expected}, got dtype {y.dtype}{hint}")
+        bad = np.flatnonzero((y < 0) | (y >= c))
+        if bad.size:
+            raise ValueError(f"{expected}, got {y[bad[0]]} at index {bad[0]}")
+        return y
+
+    # -- the pieces
+
+    def _workspace(self, batch: int):
+        """Per-batch-size buffers: [x, onehot(y)] (B, D + C), [z, onehot(y)] (B, Z + C) and
+        d[mu_p, logvar_p] (B, 2Z), so a training step allocates no concatenations."""
+        work = self._work.get(batch)
+        if work is None:
+            c = self.config
+            work = self._work[batch] = (
+                np.empty((batch, c.input_dim + c.num_classes), self.dtype),
+                np.empty((batch, c.latent_dim + c.num_classes), self.dtype),
+                np.empty((batch, 2 * c.latent_dim), self.dtype),
+            )
+        return work
+
+    def _prior(self, onehot: np.ndarray):
+        """onehot(y) (B, C) -> views mu_p (B, Z), logvar_p (B, Z) of the prior heads' buffer."""
+        h = self.prior_net.forward(onehot) if self.prior_net else onehot
+        heads = self.prior_heads.forward(h)
+        z = self.config.latent_dim
+        return heads[:, :z], heads[:, z:]
+
+    def _prior_backward(self, dprior: np.ndarray) -> None:
+        dh = self.prior_heads.backward(dprior, need_dx=self.prior_net is not None)
+        if self.prior_net:
+            self.prior_net.backward(dh, need_dx=False)
+
+    def forward(self, x: np.ndarray, y: np.ndarray, eps: np.ndarray):
+        """One-sample negative conditional ELBO terms per example, caching what :meth:`backward` needs.
+
+        Parameters
+        ----------
+        x : (B, D) array, checked
+        y : (B,) integer array, checked
+        eps : (B, Z) array
+
+        Returns
+        -------
+        recon : (B,) array, -log p(x | z, y) per example
+        kl : (B,) array, KL(q(z|x,y) || p(z|y)) per example
+        """
+        c = self.config
+        xy, zy, _ = self._workspace(x.shape[0])
+        _fill_conditioned(xy, c.input_dim, x, y)  # (B, D + C)
+        _fill_conditioned(zy, c.latent_dim, None, y)  # (B, Z + C), z written below
+        mu, logvar = self._encode(xy)
+        _, self._sampler_cache = ops.reparameterize_forward(mu, logvar, eps, out=zy[:, : c.latent_dim])
+        out = self.decoder.forward(zy)
+        recon, self._nll_cache = self._nll_forward(out, x, "none")
+        if c.learned_prior:
+            mu_p, logvar_p = self._prior(xy[:, c.input_dim :])
+            kl, self._kl_cache = ops.kl_gaussians_forward(mu, logvar, mu_p, logvar_p, "none")
+        else:
+            kl, self._kl_cache = ops.kl_normal_forward(mu, logvar, "none")
+        return recon, kl
+
+    def backward(self, drecon: np.ndarray, dkl: np.ndarray) -> None:
+        """Fill ``params.grad`` with d/dtheta of sum_i drecon[i] recon_i + dkl[i] kl_i.
+
+        Either part may be zero, which splits a gradient exactly into its reconstruction and KL
+        parts. The KL's gradient reaches both the encoder heads (added to the sampler's) and the
+        prior network.
+
+        Parameters
+        ----------
+        drecon, dkl : (B,) arrays
+        """
+        batch = len(drecon)
+        z = self.config.latent_dim
+        dout = self._nll_backward(drecon, self._nll_cache, out=self.decoder.output_grad_buffer(batch))
+        dzy = self.decoder.backward(dout)  # (B, Z + C); the one-hot columns' gradient is dropped
+        dheads = self._dheads_buffer(batch)
+        dmu, dlogvar = dheads[:, :z], dheads[:, z:]
+        ops.reparameterize_backward(dzy[:, :z], self._sampler_cache, dmu, dlogvar)
+        if self.config.learned_prior:
+            dprior = self._workspace(batch)[2]  # (B, 2Z)
+            ops.kl_gaussians_backward(dkl, self._kl_cache, dmu, dlogvar, dprior[:, :z], dprior[:, z:], accumulate=True)
+            self._prior_backward(dprior)
+        else:
+            ops.kl_normal_backward(dkl, self._kl_cache, dmu, dlogvar, accumulate=True)
+        self._encoder_backward(dheads)
+
+    def _loss_and_backward(self, x: np.ndarray, y: np.ndarray, eps=None, rng=None) -> LossTerms:
+        """The training step's core, inputs unchecked: forward, backward into ``params.grad``, batch means."""
+        if eps is None:
+            if rng is None:
+                raise ValueError("pass eps (B, Z) or rng (an np.random.Generator) to draw it")
+            eps = rng.standard_normal((x.shape[0], self.config.latent_dim), dtype=self.dtype)
+        recon, kl = self.forward(x, y, eps)
+        batch = x.shape[0]
+        self.backward(self._row_scale(batch, 1.0), self._row_scale(batch, self.kl_weight))
+        r, k = float(recon.mean(dtype=np.float64)), float(kl.mean(dtype=np.float64))
+        return LossTerms(r + self.kl_weight * k, r, k)
+
+    def loss_and_grads(self, x, y, eps=None, rng=None):
+        """Batch-mean negative conditional ELBO and its gradients.
+
+        Parameters
+        ----------
+        x : (B, D) array in the model's value range
+        y : (B,) integer array of class labels in [0, C)
+        eps : (B, Z) array, optional
+            The reparameterization noise; drawn from ``rng`` when not given.
+        rng : np.random.Generator, optional
+
+        Returns
+        -------
+        terms : LossTerms
+            ``total = recon + beta * kl``, nats per example.
+        grads : dict of name -> array
+            Gradients of ``terms.total``, keyed like :meth:`state_dict` (views; overwritten by the next call).
+        """
+        x = self.check_input(x)
+        y = self.check_labels(y, len(x))
+        if eps is not None:
+            eps = ops._like(x, eps, "eps", (len(x), self.config.latent_dim))  # x's dtype, shape (B, Z)
+        return self._loss_and_backward(x, y, eps, rng), self.gradients()
+
+    # -- inference
+
+    def _labelled_batches(self, fn, a: np.ndarray, y: np.ndarray, batch_size: int):
+        """Apply ``fn(a_batch, y_batch)`` over batches and stack the (copied) results."""
+        return self._batched(lambda rows: fn(a[rows], y[rows]), np.arange(len(a)), batch_size)
+
+    def encode(self, x, y, batch_size: int = 1000):
+        """Posterior parameters of q(z | x, y): mu (N, Z) and logvar (N, Z) (copies)."""
+        x = self.check_input(x)
+        y = self.check_labels(y, len(x))
+
+        def heads(xb, yb):
+            xy = _fill_conditioned(self._workspace(len(xb))[0], self.config.input_dim, xb, yb)  # (b, D + C)
+            return np.concatenate(self._encode(xy), axis=1)
+
+        both = self._labelled_batches(heads, x, y, batch_size)
+        z = self.config.latent_dim
+        return both[:, :z], both[:, z:]
+
+    def decode(self, z, y, batch_size: int = 1000) -> np.ndarray:
+        """Mean of p(x | z, y) for codes z (N, Z) and labels y (N,) -> (N, D)."""
+        z = np.asarray(z, dtype=self.dtype)
+        if z.ndim != 2 or z.shape[1] != self.config.latent_dim:
+            raise ValueError(f"expected z of shape (N, {self.config.latent_dim}), got {z.shape}")
+        y = self.check_labels(y, len(z))
+
+        def mean(zb, yb):
+            zy = _fill_conditioned(self._workspace(len(zb))[1], self.config.latent_dim, zb, yb)  # (b, Z + C)
+            return _decoder_mean(self.config.likelihood, self.decoder.forward(zy))
+
+        return self._labelled_batches(mean, z, y, batch_size)
+
+    def reconstruct(self, x, y, batch_size: int = 1000) -> np.ndarray:
+        """Decode the posterior mean: (N, D) and labels (N,) -> (N, D)."""
+        mu, _ = self.encode(x, y, batch_size)
+        return self.decode(mu, y, batch_size)
+
+    def prior(self, y, batch_size: int = 1000):
+        """Parameters of p(z | y): mu_p (N, Z) and logvar_p (N, Z) (copies; zeros for the fixed prior)."""
+        y = self.check_labels(y)
+        z = self.config.latent_dim
+        if not self.config.learned_prior:
+            return np.zeros((len(y), z), self.dtype), np.zeros((len(y), z), self.dtype)
+
+        def heads(yb):
+            onehot = _fill_conditioned(np.empty((len(yb), self.config.num_classes), self.dtype), 0, None, yb)
+            return np.concatenate(self._prior(onehot), axis=1)
+
+        both = self._batched(heads, y, batch_size)
+        return both[:, :z], both[:, z:]
+
+    def _sample_labelled(self, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Decode one draw of z ~ p(z | y) per label: y (N,) -> (N, D) means of p(x | z, y)."""
+        mu_p, logvar_p = self.prior(y)
+        z, _ = ops.reparameterize_forward(mu_p, logvar_p, rng=rng)
+        return self.decode(z, y)
+
+    def sample(self, n: int, rng: np.random.Generator, label=None) -> np.ndarray:
+        """Decode n draws from the prior p(z | y): (n, D) means of p(x | z, y).
+
+        ``label`` (an int in [0, C)) conditions every draw on that class; None cycles the labels
+        0, 1, ..., C - 1, 0, 1, ... (sample i has label ``i % C``).
+        """
+        n, c = int(n), self.config.num_classes
+        if n < 1:
+            raise ValueError(f"expected n >= 1 samples, got {n}")
+        if label is None:
+            y = np.arange(n) % c
+        elif isinstance(label, (int, np.integer)) and not isinstance(label, bool) and 0 <= label < c:
+            y = np.full(n, label)
+        else:
+            raise ValueError(f"expected label an integer class in [0, {c}) or None, got {label!r}")
+        return self._sample_labelled(y, rng)
+
+    def class_grid(self, n_per_class: int, rng: np.random.Generator) -> np.ndarray:
+        """``n_per_class`` samples of every class, (C, n, D): row c holds draws conditioned on y = c
+        (for :func:`npvae.plots.plot_class_grid`)."""
+        n, c = int(n_per_class), self.config.num_classes
+        if n < 1:
+            raise ValueError(f"expected n_per_class >= 1, got {n}")
+        return self._sample_labelled(np.repeat(np.arange(c), n), rng).reshape(c, n, self.config.input_dim)
+
+    def evaluate(self, x, y, rng: np.random.Generator, batch_size: int = 1000) -> LossTerms:
+        """Mean negative conditional ELBO (one sample per image), reconstruction and KL over a whole set."""
+        x = self.check_input(x)
+        y = self.check_labels(y, len(x))
+        recon = kl = 0.0
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+            r, k = self.forward(xb, yb, rng.standard_normal((len(xb), self.config.latent_dim), dtype=self.dtype))
+            recon += float(r.sum(dtype=np.float64))
+            kl += float(k.sum(dtype=np.float64))
+        recon, kl = recon / len(x), kl / len(x)
+        return LossTerms(recon + self.config.beta * kl, recon, kl)
+
+
+MODELS = {"vae": VAE, "ae": Autoencoder, "dae": DenoisingAutoencoder, "poor": PoorMansVAE, "cvae": CVAE}
 
 
 def build_model(kind: str, config: dict, dtype=np.float32, seed: int = 0) -> Model:
