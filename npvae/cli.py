@@ -65,6 +65,8 @@ def cmd_train(args) -> int:
         backend.set_backend(args.backend)
     dataset = data.load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
     print(f"data: {dataset.description}")
+    if args.epochs is None:  # the demo set is 13x smaller than MNIST: more passes for the same steps
+        args.epochs = 50 if dataset.is_demo else 10
     out = Path(args.out or f"runs/{args.model}-{dataset.name}")
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
@@ -178,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=MODEL_CHOICES, default="vae")
     _add_data_args(p)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=None, help="default: 10, or 50 on the demo digits")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", choices=("sgd", "rmsprop", "adam", "adamw"), default="adam")

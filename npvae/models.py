@@ -169,6 +169,23 @@ class Model:
             )
         return x
 
+    def _check_noise(self, x: np.ndarray, eps, rng):
+        """``eps`` as a (B, Z) array of the model's dtype (or None); without eps, rng must be a Generator."""
+        if eps is not None:
+            shape = (x.shape[0], self.config.latent_dim)
+            eps = np.asarray(eps)
+            if eps.shape != shape:
+                raise ValueError(f"expected eps of shape {shape}, got {eps.shape}")
+            eps = eps.astype(self.dtype, copy=False)
+            if not np.isfinite(eps).all():
+                raise ValueError("eps contains NaN or Inf")
+            return eps
+        if rng is None:
+            raise ValueError("pass eps (B, Z), the standard-normal noise, or rng (an np.random.Generator) to draw it")
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"expected rng to be an np.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
+        return None
+
     def _row_scale(self, batch: int, weight: float) -> np.ndarray:
         """The constant (B,) vector weight / B, cached per (batch, weight): the batch mean's gradient."""
         key = (batch, float(weight))
@@ -377,8 +394,7 @@ class VAE(Model):
             Gradients of ``terms.total``, keyed like :meth:`state_dict` (views; overwritten by the next call).
         """
         x = self.check_input(x)
-        if eps is not None:
-            eps = ops._like(x[:, : self.config.latent_dim], eps, "eps")
+        eps = self._check_noise(x, eps, rng)
         return self._loss_and_backward(x, eps, rng), self.gradients()
 
     # -- inference
@@ -562,8 +578,9 @@ class DenoisingAutoencoder(Autoencoder):
 
     def corrupt(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """A corrupted copy of x (B, D), clipped to the value range."""
-        if rng is None:
-            raise ValueError("a denoising autoencoder needs rng (an np.random.Generator) to corrupt its input")
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError("a denoising autoencoder needs rng, an np.random.Generator, to corrupt its input; "
+                            f"got {type(rng).__name__}")
         lo, hi = self.config.value_range
         if self.config.noise == "gaussian":
             noisy = x + rng.standard_normal(x.shape, dtype=x.dtype) * x.dtype.type(self.config.noise_level)
@@ -606,11 +623,10 @@ class PoorMansVAE(Autoencoder):
         return PoorMansVAEConfig(**dataclasses.asdict(base), noise_std=self._noise_std)
 
     def _draw_eps(self, x, eps, rng):
-        if eps is not None:
-            return ops._like(x[:, : self.config.latent_dim], eps, "eps")
-        if rng is None:
-            raise ValueError("pass eps (B, Z) or rng (an np.random.Generator) to draw it")
-        return rng.standard_normal((x.shape[0], self.config.latent_dim), dtype=self.dtype)
+        eps = self._check_noise(x, eps, rng)
+        if eps is None:
+            eps = rng.standard_normal((x.shape[0], self.config.latent_dim), dtype=self.dtype)
+        return eps
 
     def _code(self, x, eps):
         h = self.encoder.forward(x)

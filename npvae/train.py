@@ -94,9 +94,12 @@ def prepare_split(images: np.ndarray, model: Model, binarize: str, seed: int) ->
     Validation and test sets are binarized statically (one fixed draw) for both 'static' and
     'dynamic' training, the usual protocol for dynamically binarized MNIST.
     """
-    x = datasets.to_float(images, value_range=model.value_range, dtype=model.dtype)
+    x = datasets.to_float(images, value_range=(0, 1), dtype=model.dtype)
     if binarize != "none":
         x = datasets.binarize_static(x, np.random.default_rng([seed, 7]))
+    lo, hi = model.value_range
+    if (lo, hi) != (0, 1):
+        x = x * model.dtype.type(hi - lo) + model.dtype.type(lo)
     return x
 
 
@@ -172,6 +175,9 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.progress, self.echo = progress, echo
         self.conditional = getattr(model, "conditional", False)
+        if config.binarize != "none" and tuple(model.value_range) != (0.0, 1.0):
+            raise ValueError(f"binarize={config.binarize!r} needs a model of data in [0, 1]; "
+                             f"{model.kind} models data in {list(model.value_range)}")
         kwargs = {"weight_decay": config.weight_decay}
         if config.optimizer in ("sgd", "rmsprop"):
             kwargs["momentum"] = config.momentum
@@ -180,7 +186,8 @@ class Trainer:
         self.val_x = prepare_split(dataset.val_x, model, config.binarize, config.seed + 1)
         self.train_y, self.val_y = dataset.train_y, dataset.val_y
         if self.conditional:
-            model.check_labels(self.train_y[:1])
+            model.check_labels(self.train_y)
+            model.check_labels(self.val_y)
         self.n = len(self.train_x)
         self.steps_per_epoch = math.ceil(self.n / config.batch_size)
         # Position and state, all saved in checkpoints.
