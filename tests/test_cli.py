@@ -1,0 +1,130 @@
+"""The ``npvae`` command line end to end, on the demo digits (small models, one or two epochs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from npvae.checkpoint import load_checkpoint
+from npvae.cli import main
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+SMALL = ["--dataset", "demo", "--hidden", "64", "--latent-dim", "4", "--no-progress"]
+
+
+def is_png(path) -> bool:
+    return Path(path).read_bytes()[:8] == PNG
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    assert main(["train", *SMALL, "--epochs", "2", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def cvae_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cvae")
+    assert main(["train", "--model", "cvae", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_checkpoints_log_and_pictures(vae_run, capsys):
+    for name in ("checkpoint.npz", "best.npz", "log.jsonl", "reconstructions.png", "samples.png",
+                 "pictures/samples_e002.png", "pictures/reconstructions_e001.png"):
+        assert (vae_run / name).exists(), name
+    assert is_png(vae_run / "samples.png")
+    records = [json.loads(line) for line in (vae_run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2]
+
+
+def test_evaluate_prints_the_elbo_and_its_parts(vae_run, capsys):
+    assert main(["evaluate", str(vae_run / "checkpoint.npz"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["dataset"] == "demo" and result["examples"] == 500
+    assert result["negative_elbo"] == pytest.approx(result["recon"] + result["kl"])
+    assert 50 < result["negative_elbo"] < 400
+
+
+def test_sample_and_reconstruct_write_pngs(vae_run, tmp_path):
+    assert main(["sample", str(vae_run / "best.npz"), "--n", "16", "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["reconstruct", str(vae_run / "best.npz"), "--out", str(tmp_path / "r.png")]) == 0
+    assert is_png(tmp_path / "s.png") and is_png(tmp_path / "r.png")
+
+
+def test_cvae_samples_the_label_asked_for(cvae_run, tmp_path, capsys):
+    assert (cvae_run / "classes.png").exists()
+    assert main(["sample", str(cvae_run / "checkpoint.npz"), "--label", "7", "--out", str(tmp_path / "7.png")]) == 0
+    assert is_png(tmp_path / "7.png")
+    assert main(["sample", str(cvae_run / "checkpoint.npz"), "--label", "10", "--out", str(tmp_path / "x.png")]) == 2
+    assert "[0, 10)" in capsys.readouterr().err
+    assert main(["evaluate", str(cvae_run / "checkpoint.npz")]) == 0
+    assert "negative conditional ELBO" in capsys.readouterr().out
+
+
+def test_label_on_an_unconditional_model_is_a_clear_error(vae_run, tmp_path, capsys):
+    assert main(["sample", str(vae_run / "checkpoint.npz"), "--label", "3", "--out", str(tmp_path / "x.png")]) == 2
+    assert "conditional model" in capsys.readouterr().err
+
+
+def test_each_model_kind_trains_from_the_cli(tmp_path):
+    for kind in ("ae", "dae", "poor"):
+        assert main(["train", "--model", kind, *SMALL, "--epochs", "1", "--no-pictures", "--out", str(tmp_path / kind)]) == 0
+        _, meta = load_checkpoint(tmp_path / kind / "checkpoint.npz")
+        assert meta["model"] == kind
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, capsys):
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip file at all")
+    assert main(["evaluate", str(garbage)]) == 2
+    assert "garbage.npz" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing.npz")]) == 2
+    assert main(["train", *SMALL, "--epochs", "1", "--batch-size", "0", "--out", str(tmp_path / "b")]) == 2
+    assert "batch_size" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_uninterrupted_result(tmp_path):
+    """A real SIGINT to a real training process, then --resume, against a straight run."""
+    args = ["train", *SMALL, "--epochs", "3", "--batch-size", "32", "--no-pictures", "--seed", "3"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    straight = tmp_path / "straight"
+    subprocess.run([sys.executable, "-m", "npvae.cli", *args, "--out", str(straight)], check=True, env=env,
+                   capture_output=True, timeout=300)
+
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen([sys.executable, "-m", "npvae.cli", *args, "--out", str(resumed)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:  # interrupt during epoch 2, after epoch 1's checkpoint exists
+        deadline = time.monotonic() + 240
+        while not (resumed / "log.jsonl").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "training ended before it could be interrupted"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in out and "--resume" in out
+    _, meta = load_checkpoint(resumed / "checkpoint.npz")
+    assert meta["epoch"] >= 1
+
+    subprocess.run([sys.executable, "-m", "npvae.cli", *args, "--out", str(resumed), "--resume"], check=True,
+                   env=env, capture_output=True, timeout=300)
+    a, _ = load_checkpoint(straight / "checkpoint.npz")
+    b, _ = load_checkpoint(resumed / "checkpoint.npz")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
