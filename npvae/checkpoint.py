@@ -1,0 +1,323 @@
+"""Checkpoints as plain ``.npz`` files: named arrays plus JSON metadata, never pickle, written atomically.
+
+The file is an ordinary NumPy ``.npz`` (a zip of ``.npy`` members, stored uncompressed). The metadata
+(step, epoch, config, RNG state, ...) is JSON, UTF-8 encoded in a uint8 array under ``"__meta__"``,
+so ``np.load(path, allow_pickle=False)`` opens the whole file. Keys may contain ``/`` and ``.``
+(``"model/encoder.0.weight"``, ``"optim/exp_avg"``).
+
+Saving is atomic: the file is written to a temporary file in the target's directory, flushed and
+fsynced, then renamed over the target with :func:`os.replace`, and the directory is fsynced. A
+crash or an exception at any moment leaves either the previous checkpoint or the new one at the
+path, never a partial file; a process killed mid-save can leave a stray ``.<name>.<random>.tmp``
+beside it, which nothing reads and the next save ignores.
+
+Loading raises :class:`CheckpointError` for anything a damaged file can get wrong. Every member is
+read to its end, so its zip CRC-32 is verified before it is parsed, and each ``.npy`` header must
+account for exactly the bytes its member holds. (``np.load`` stops at the end of the array data, so
+it can return a damaged header's smaller array without the CRC ever being checked.)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import secrets
+import struct
+import tokenize
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+FORMAT_VERSION = 1
+META_KEY = "__meta__"
+
+# What zipfile and NumPy's .npy header parser raise on damaged input. Random damage to a member
+# stops at its CRC-32 (BadZipFile); the rest covers zip structures and crafted headers.
+_DAMAGE = (
+    zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, TypeError, KeyError,
+    NotImplementedError, RuntimeError, OverflowError, struct.error, zlib.error, tokenize.TokenError,
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read, or does not match what it should hold."""
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):  # a NumPy scalar, e.g. a float32 loss
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        raise TypeError(f"a {obj.dtype} array of shape {obj.shape} belongs in `arrays`, not in `meta`")
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+
+def _meta_bytes(meta: Mapping[str, Any]) -> np.ndarray:
+    if not isinstance(meta, Mapping):
+        raise CheckpointError(f"expected meta to be a dict, got {type(meta).__name__}")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"meta['format_version'] is set by save_checkpoint (it writes {FORMAT_VERSION}), got {version!r}"
+        )
+    try:
+        text = json.dumps({**meta, "format_version": FORMAT_VERSION}, default=_json_default)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"meta is not JSON-serialisable: {e}") from None
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+
+def _checked_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if not isinstance(arrays, Mapping):
+        raise CheckpointError(f"expected arrays to be a dict of name -> array, got {type(arrays).__name__}")
+    out = {}
+    for name, value in arrays.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"array names must be non-empty strings, got {name!r}")
+        if name == META_KEY:
+            raise CheckpointError(f"the array name {META_KEY!r} is reserved for the metadata")
+        try:
+            a = np.asarray(value)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"array {name!r} cannot be made an array: {e}") from None
+        if a.dtype.hasobject:
+            raise CheckpointError(
+                f"array {name!r} has dtype {a.dtype}: object arrays would need pickle; store numbers, or put "
+                "small structured values in `meta`"
+            )
+        out[name] = a
+    return out
+
+
+def _write_npz(f, arrays: Mapping[str, np.ndarray]) -> None:
+    # What np.savez does, minus its keyword arguments: np.savez(f, **arrays) breaks on an array named
+    # "file" or "allow_pickle".
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, a in arrays.items():
+            with zf.open(name + ".npy", mode="w", force_zip64=True) as member:
+                np.lib.format.write_array(member, a, allow_pickle=False)
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new file beside ``path``, created exclusively; mode 0o666 lets the umask decide permissions."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable. Skipped where directories cannot be opened or fsynced (Windows, some filesystems)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
+    """Write ``arrays`` and ``meta`` to ``path`` as one ``.npz``, atomically.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Target file, written as given (no suffix is added). Its directory must exist.
+    arrays : dict of str -> ndarray
+        Any shapes and non-object dtypes. Names may contain ``/`` and ``.``; ``"__meta__"`` is reserved.
+    meta : dict
+        JSON-serialisable metadata (NumPy scalars are converted; tuples come back as lists).
+        ``"format_version"`` is added.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    CheckpointError
+        For an object array, a reserved or non-string name, or metadata JSON cannot hold; raised
+        before anything is written.
+    FileNotFoundError
+        When the directory does not exist.
+    """
+    path = Path(path)
+    payload = _checked_arrays(arrays)
+    payload[META_KEY] = _meta_bytes(meta)
+    directory = path.parent
+    if not directory.is_dir():
+        raise FileNotFoundError(f"cannot save {path}: directory {directory} does not exist")
+    fd, tmp = _create_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_npz(f, payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(directory)
+    return path
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _read_member(member, name: str) -> np.ndarray:
+    data = member.read()  # to the end, so zipfile checks the CRC-32 before a byte is interpreted
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise CheckpointError(f"array {name!r}: unsupported .npy format version {version}")
+    if dtype.hasobject:
+        raise CheckpointError(f"array {name!r} has dtype {dtype}: object arrays are refused (they need pickle)")
+    count = math.prod(shape)
+    offset = stream.tell()
+    nbytes = count * dtype.itemsize
+    if offset + nbytes != len(data):
+        raise CheckpointError(
+            f"array {name!r}: header says shape {shape} of {dtype} ({nbytes} bytes), the file holds "
+            f"{len(data) - offset} bytes"
+        )
+    a = np.frombuffer(data, dtype=dtype, count=count, offset=offset) if nbytes else np.empty(count, dtype=dtype)
+    return a.reshape(shape, order="F" if fortran_order else "C").copy(order="K")  # writeable, owns its data
+
+
+def _read_npz(f) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(f) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                raise CheckpointError(f"unexpected member {info.filename!r}: not an .npz of arrays")
+            name = info.filename[: -len(".npy")]
+            if name in arrays:
+                raise CheckpointError(f"array {name!r} appears twice")
+            with zf.open(info) as member:
+                arrays[name] = _read_member(member, name)
+    return arrays
+
+
+def _parse_meta(raw: np.ndarray) -> dict:
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise CheckpointError(f"{META_KEY} must be a 1-D uint8 array of JSON, got {raw.dtype} {raw.shape}")
+    try:
+        meta = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{META_KEY} is not valid UTF-8 JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{META_KEY} must hold a JSON object, got {type(meta).__name__}")
+    version = meta.get("format_version")
+    if type(version) is not int:
+        raise CheckpointError(f"{META_KEY} has no integer format_version (got {version!r})")
+    if version != FORMAT_VERSION:
+        newer = " (written by a newer npvae?)" if version > FORMAT_VERSION else ""
+        raise CheckpointError(f"format_version {version}{newer}: this npvae reads version {FORMAT_VERSION}")
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The ``.npz`` file.
+
+    Returns
+    -------
+    arrays : dict of str -> ndarray
+        Every array, writeable, with its saved shape and dtype.
+    meta : dict
+        The metadata, including ``"format_version"``.
+
+    Raises
+    ------
+    CheckpointError
+        When the file is missing or unreadable, not a zip/npz, truncated or corrupt (CRC or header
+        mismatch), lacks ``"__meta__"``, holds bad JSON, an unknown ``format_version``, or an
+        object (pickled) array.
+    """
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    with f:
+        try:
+            arrays = _read_npz(f)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        except _DAMAGE as e:
+            raise CheckpointError(f"{path} is not a readable .npz checkpoint (truncated or corrupt?): "
+                                  f"{type(e).__name__}: {e}") from e
+    raw = arrays.pop(META_KEY, None)
+    if raw is None:
+        raise CheckpointError(f"{path} has no {META_KEY!r} entry: not an npvae checkpoint")
+    try:
+        meta = _parse_meta(raw)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return arrays, meta
+
+
+def check_arrays(
+    arrays: Mapping[str, np.ndarray],
+    expected: Mapping[str, tuple[tuple[int, ...], Any]],
+    what: str = "checkpoint",
+) -> None:
+    """Check that ``arrays`` holds exactly the ``expected`` names, shapes and (where given) dtypes.
+
+    Parameters
+    ----------
+    arrays : dict of str -> ndarray
+        What was loaded.
+    expected : dict of str -> (shape, dtype or None)
+        What the model or optimizer needs; dtype ``None`` accepts any.
+    what : str
+        Names the source in the message (``"checkpoint"``, ``"optimizer state"``).
+
+    Raises
+    ------
+    CheckpointError
+        Naming every missing key, every unexpected key and every mismatch, one per line, e.g.
+        ``encoder.0.weight: expected (400, 784), got (256, 784)``.
+    """
+    problems = []
+    missing = [name for name in expected if name not in arrays]
+    unexpected = [name for name in arrays if name not in expected]
+    if missing:
+        problems.append("missing: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected: " + ", ".join(unexpected))
+    for name, (shape, dtype) in expected.items():
+        if name not in arrays:
+            continue
+        a = arrays[name]
+        if tuple(a.shape) != tuple(shape):
+            problems.append(f"{name}: expected {tuple(shape)}, got {tuple(a.shape)}")
+        if dtype is not None and a.dtype != np.dtype(dtype):
+            problems.append(f"{name}: expected dtype {np.dtype(dtype)}, got {a.dtype}")
+    if problems:
+        raise CheckpointError(f"{what} does not match:\n  " + "\n  ".join(problems))
