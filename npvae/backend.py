@@ -94,7 +94,9 @@ class Kernel:
         if self._compiled is None:
             import numba
 
-            self._compiled = numba.njit(cache=True, nogil=True)(self.loop)
+            # error_model="numpy": division by zero gives inf/nan as in the NumPy twin (no Python
+            # ZeroDivisionError check per division, which also keeps LLVM free to vectorise the loop).
+            self._compiled = numba.njit(cache=True, nogil=True, error_model="numpy")(self.loop)
         return self._compiled
 
     def __call__(self, *args):
