@@ -88,6 +88,8 @@ def _row_scale(dloss, reduction: str, batch: int, per_row: int, dtype) -> np.nda
         if scale.shape != (batch,):
             raise ValueError(f"expected dloss of shape ({batch},) for reduction 'none', got {scale.shape}")
         return scale
+    if np.ndim(dloss) != 0:
+        raise ValueError(f"expected a scalar dloss for reduction {reduction!r}, got shape {np.shape(dloss)}")
     dloss = float(dloss)
     if reduction == "batchmean":
         dloss /= batch
@@ -154,7 +156,10 @@ def affine_backward(dout, cache, dx=None, dw=None, db=None):
     return dx, dw, db
 
 
-def _activation_code(name: str) -> int:
+def _activation_code(name: str, alpha: float) -> int:
+    # the derivative is read off the output (y > 0), which needs a negative slope >= 0
+    if alpha < 0:
+        raise ValueError(f"expected alpha >= 0 for leaky_relu, got {alpha}")
     try:
         return K.ACTIVATION_CODES[name]
     except KeyError:
@@ -192,9 +197,7 @@ def activation_forward(a, name="relu", alpha=0.01, out=None):
     cache : tuple ``(y, code, alpha)``
     """
     a = _float_array(a, "a")
-    if alpha < 0:
-        raise ValueError(f"expected alpha >= 0 for leaky_relu, got {alpha}")
-    code = _activation_code(name)
+    code = _activation_code(name, alpha)
     out = _buffer(out, a.shape, a.dtype, "out")
     K.bias_act_forward(a, np.zeros(a.shape[1], dtype=a.dtype), code, float(alpha), out)
     return out, (out, code, float(alpha))
@@ -240,7 +243,7 @@ def dense_forward(x, w, b, activation="identity", alpha=0.01, out=None):
         raise ValueError(f"expected x of shape (B, {w.shape[1]}) for w of shape {w.shape}, got {x.shape}")
     w = _like(x, w, "w", w.shape)
     b = _like(x, b, "b", (w.shape[0],))
-    code = _activation_code(activation)
+    code = _activation_code(activation, alpha)
     out = _buffer(out, (x.shape[0], w.shape[0]), x.dtype, "out")
     np.matmul(x, w.T, out=out)
     K.bias_act_forward(out, b, code, float(alpha), out)
@@ -506,7 +509,8 @@ def kl_normal_forward(mu, logvar, reduction="batchmean"):
 
     .. math:: \\mathrm{KL} = \\tfrac12 \\textstyle\\sum_j \\mu_j^2 + (e^{\\log\\sigma_j^2} - 1) - \\log\\sigma_j^2
 
-    with ``e^v - 1`` computed as ``expm1(v)``, so KL is accurate (and >= 0) near the prior.
+    with ``e^v - 1 - v`` computed as ``expm1(v) - v``, and from its series below abs(v) < 0.01, where
+    that difference cancels; so KL is accurate to rounding (and >= 0) near the prior too.
 
     Parameters
     ----------
@@ -678,7 +682,10 @@ def l2_norm_backward(dloss, cache, out=None):
 def continuous_bernoulli_mean(logits):
     """Mean of the continuous Bernoulli with logits ``l`` (forward only; for pictures).
 
-    .. math:: \\mathbb{E}[x] = \\frac{\\sigma(l)}{\\tanh(l/2)} - \\frac{1}{l}, \\qquad \\mathbb{E}[x] \\to \\tfrac12 + \\tfrac{l}{12} \\text{ as } l \\to 0
+    .. math:: \\mathbb{E}[x] = \\frac{\\sigma(l)}{\\tanh(l/2)} - \\frac{1}{l}
+              = \\tfrac12 + \\tfrac{l}{12} - \\tfrac{l^3}{720} + \\tfrac{l^5}{30240} - \\tfrac{l^7}{1209600} + O(l^9)
+
+    The closed form cancels near 0 (20x at abs(l) = 0.1), so the series is used below 0.1.
 
     Parameters
     ----------
@@ -689,9 +696,195 @@ def continuous_bernoulli_mean(logits):
     mean : (B, D) array in [0, 1]
     """
     logits = _float_array(logits, "logits")
-    small = np.abs(logits) < 1e-2
+    small = np.abs(logits) < 0.1
     safe = np.where(small, logits.dtype.type(1), logits)
     sig = np.empty_like(logits)
     K.bias_act_forward(safe, np.zeros(logits.shape[1], logits.dtype), K.ACTIVATION_CODES["sigmoid"], 0.0, sig)
     mean = sig / np.tanh(0.5 * safe) - 1 / safe
-    return np.where(small, 0.5 + logits / 12, mean).astype(logits.dtype, copy=False)
+    l2 = logits * logits
+    series = 0.5 + logits * (1 / 12 + l2 * (-1 / 720 + l2 * (1 / 30240 - l2 / 1209600)))
+    return np.where(small, series, mean).astype(logits.dtype, copy=False)
+
+
+# ----------------------------------------------------------------------------- log densities and log-sum-exp
+#
+# The pieces of importance-weighted bounds (npvae.likelihood): log q(z|x), log p(z) and a stable
+# log-sum-exp over the samples. They are a few elementwise NumPy expressions over (B, Z) arrays,
+# small next to the decoder's matmuls, so they have no kernels of their own.
+
+
+def _rows_float64_sum(values: np.ndarray, dtype) -> np.ndarray:
+    """Row sums (B,) accumulated in float64 and stored in ``dtype`` (as the kernels do)."""
+    return values.sum(axis=1, dtype=np.float64).astype(dtype, copy=False)
+
+
+def gaussian_log_prob_forward(z, mu, logvar, reduction="none"):
+    """Log density of z under the diagonal Gaussian N(mu, exp(logvar)), summed over dimensions.
+
+    .. math:: \\log q(z) = -\\tfrac12 \\textstyle\\sum_j \\log 2\\pi + \\log\\sigma_j^2
+              + (z_j - \\mu_j)^2 e^{-\\log\\sigma_j^2}
+
+    Parameters
+    ----------
+    z, mu, logvar : (B, Z) arrays
+    reduction : {"none", "sum", "batchmean", "mean"}
+
+    Returns
+    -------
+    log_prob : scalar or (B,) array
+    cache : tuple ``(u, inv_std, reduction)``: ``u = (z - mu) e^{-logvar / 2}`` (B, Z), the
+        standardised code, and ``inv_std = e^{-logvar / 2}`` (B, Z)
+    """
+    z = _float_array(z, "z")
+    mu = _like(z, mu, "mu")
+    logvar = _like(z, logvar, "logvar")
+    _check_reduction(reduction)
+    u = (z - mu) * np.exp(-0.5 * logvar)  # (B, Z)
+    rows = _rows_float64_sum(u * u + logvar, z.dtype)
+    rows *= -0.5
+    rows -= 0.5 * z.shape[1] * LOG_2PI
+    return _reduce(rows, reduction, z.shape[1]), (u, np.exp(-0.5 * logvar), reduction)
+
+
+def gaussian_log_prob_backward(dlogp, cache):
+    """Backward of :func:`gaussian_log_prob_forward`, with ``u = (z - mu) / sigma``.
+
+    .. math:: dz = -dlogp_i\\, u / \\sigma, \\quad d\\mu = -dz, \\quad
+              d\\log\\sigma^2 = \\tfrac12\\, dlogp_i\\, (u^2 - 1)
+
+    Returns
+    -------
+    dz, dmu, dlogvar : (B, Z) arrays
+    """
+    u, inv_std, reduction = cache
+    scale = _row_scale(dlogp, reduction, u.shape[0], u.shape[1], u.dtype)[:, None]  # (B, 1)
+    dz = -scale * u * inv_std
+    dlogvar = 0.5 * scale * (u * u - 1)
+    return dz, -dz, dlogvar
+
+
+def standard_normal_log_prob_forward(z, reduction="none"):
+    """Log density of z under the prior N(0, I), summed over dimensions.
+
+    .. math:: \\log p(z) = -\\tfrac12 \\textstyle\\sum_j z_j^2 + \\log 2\\pi
+
+    Parameters
+    ----------
+    z : (B, Z) array
+    reduction : {"none", "sum", "batchmean", "mean"}
+
+    Returns
+    -------
+    log_prob : scalar or (B,) array
+    cache : tuple ``(z, reduction)``
+    """
+    z = _float_array(z, "z")
+    _check_reduction(reduction)
+    rows = _rows_float64_sum(z * z, z.dtype)
+    rows *= -0.5
+    rows -= 0.5 * z.shape[1] * LOG_2PI
+    return _reduce(rows, reduction, z.shape[1]), (z, reduction)
+
+
+def standard_normal_log_prob_backward(dlogp, cache):
+    """Backward of :func:`standard_normal_log_prob_forward`: ``dz = -dlogp_i z``.
+
+    Returns
+    -------
+    dz : (B, Z) array
+    """
+    z, reduction = cache
+    scale = _row_scale(dlogp, reduction, z.shape[0], z.shape[1], z.dtype)[:, None]
+    return -scale * z
+
+
+def logsumexp_forward(a):
+    """Log-sum-exp of each row, shifted by the row maximum so nothing overflows.
+
+    .. math:: s_i = m_i + \\log \\textstyle\\sum_j e^{a_{ij} - m_i}, \\quad m_i = \\max_j a_{ij}
+
+    A row of all ``-inf`` gives ``-inf`` (an empty sum) and zero weights, so a sample of zero
+    likelihood contributes nothing; a ``+inf`` entry gives ``+inf`` and NaN weights.
+
+    Parameters
+    ----------
+    a : (B, K) array
+
+    Returns
+    -------
+    s : (B,) array
+    cache : tuple ``(w,)`` with ``w = softmax(a)`` (B, K), the normalised weights
+    """
+    a = _float_array(a, "a")
+    if a.shape[1] < 1:
+        raise ValueError(f"expected a of shape (B, K) with K >= 1, got {a.shape}")
+    m = a.max(axis=1)  # (B,)
+    shift = np.where(np.isfinite(m), m, 0).astype(a.dtype)[:, None]  # all -inf rows: shift by 0
+    e = np.exp(a - shift)
+    total = e.sum(axis=1, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        s = (np.log(total) + shift[:, 0]).astype(a.dtype)
+        w = np.divide(e, total[:, None], out=np.zeros_like(e), where=total[:, None] > 0)
+    return s, (w.astype(a.dtype, copy=False),)
+
+
+def logsumexp_backward(ds, cache):
+    """Backward of :func:`logsumexp_forward`: the softmax weights times the upstream gradient.
+
+    .. math:: da_{ij} = ds_i\\, \\frac{e^{a_{ij}}}{\\sum_k e^{a_{ik}}}
+
+    Parameters
+    ----------
+    ds : (B,) array
+
+    Returns
+    -------
+    da : (B, K) array
+    """
+    (w,) = cache
+    ds = _like(w[:, 0], ds, "ds")
+    return w * ds[:, None]
+
+
+def reparameterized_log_prob_forward(eps, logvar, reduction="none"):
+    """Log density of the reparameterized sample ``z = mu + std * eps`` under its own q = N(mu, exp(logvar)).
+
+    The same number as ``gaussian_log_prob_forward(z, mu, logvar)``, written through eps so it stays
+    exact when ``std`` is below the resolution of ``mu`` (where ``(z - mu) / std`` would be rounding
+    noise); and as a function of (mu, logvar) at fixed eps it is the total derivative through z too.
+
+    .. math:: \\log q(\\mu + \\sigma\\epsilon) = -\\tfrac12 \\textstyle\\sum_j \\log 2\\pi + \\log\\sigma_j^2 + \\epsilon_j^2
+
+    Parameters
+    ----------
+    eps, logvar : (B, Z) arrays
+    reduction : {"none", "sum", "batchmean", "mean"}
+
+    Returns
+    -------
+    log_prob : scalar or (B,) array
+    cache : tuple ``(shape, dtype, reduction)``
+    """
+    eps = _float_array(eps, "eps")
+    logvar = _like(eps, logvar, "logvar")
+    _check_reduction(reduction)
+    rows = _rows_float64_sum(eps * eps + logvar, eps.dtype)
+    rows *= -0.5
+    rows -= 0.5 * eps.shape[1] * LOG_2PI
+    return _reduce(rows, reduction, eps.shape[1]), (eps.shape, eps.dtype, reduction)
+
+
+def reparameterized_log_prob_backward(dlogp, cache):
+    """Backward of :func:`reparameterized_log_prob_forward` to (mu, logvar) at fixed eps.
+
+    .. math:: d\\mu = 0, \\quad d\\log\\sigma^2 = -\\tfrac12\\, dlogp_i
+
+    (mu appears only through z - mu = std * eps, which eps fixes.)
+
+    Returns
+    -------
+    dlogvar : (B, Z) array
+    """
+    shape, dtype, reduction = cache
+    scale = _row_scale(dlogp, reduction, shape[0], shape[1], dtype)[:, None]
+    return np.broadcast_to(-0.5 * scale, shape).copy()

@@ -1,0 +1,193 @@
+"""Honest likelihoods: importance-weighted estimates of log p(x), and the IWAE training objective.
+
+The ELBO is a lower bound on log p(x); how loose it is depends on the encoder. Importance sampling
+with the encoder as proposal (Burda, Grosse & Salakhutdinov, 2016) tightens it:
+
+.. math:: \\mathcal{L}_k(x) = \\mathbb{E}_{z_{1..k} \\sim q(z|x)}
+          \\log \\frac1k \\sum_{j=1}^{k} w_j, \\qquad
+          w_j = \\frac{p(x \\mid z_j)\\, p(z_j)}{q(z_j \\mid x)}
+
+:math:`\\mathcal{L}_1` is the ELBO (with a Monte-Carlo KL), :math:`\\mathcal{L}_k \\le \\mathcal{L}_{k+1}`
+on average, and :math:`\\mathcal{L}_k \\to \\log p(x)` as k grows, so a large-k estimate is the
+number papers report as "negative log-likelihood" (in nats per image, here too).
+
+Both functions work on :class:`npvae.models.VAE` through its internals (encoder, decoder and
+likelihood ops) and are pure NumPy, so they run under either kernel backend. Conditional models
+(CVAE) are refused: their bound needs the learned prior p(z | y).
+
+Samples are laid out example-major: row ``i * k + j`` of a tiled batch holds example i, sample j.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import ops
+
+DEFAULT_ROWS = 8192  # (example, sample) rows per decoder pass in evaluation
+
+
+def _check_vae(model, what: str) -> None:
+    if getattr(model, "conditional", False):
+        raise ValueError(f"{what} is for unconditional VAEs; {type(model).__name__} models p(x | y) "
+                         "and would need its learned prior p(z | y)")
+    if getattr(model, "kind", None) != "vae":
+        raise ValueError(f"{what} needs a VAE (an encoder q(z|x) and a decoder p(x|z)), got a "
+                         f"{getattr(model, 'kind', type(model).__name__)} model")
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"expected k >= 1 importance samples (an integer), got {k!r}")
+    return int(k)
+
+
+def _log_weights(model, x_rows, mu_rows, logvar_rows, eps_rows):
+    """log w = log p(x|z) + log p(z) - log q(z|x) for each row of a tiled batch.
+
+    Parameters
+    ----------
+    x_rows : (R, D) array; mu_rows, logvar_rows, eps_rows : (R, Z) arrays
+
+    Returns
+    -------
+    log_w : (R,) array
+    caches : tuple of the op caches, for :func:`_log_weights_backward`
+    """
+    z, z_cache = ops.reparameterize_forward(mu_rows, logvar_rows, eps_rows)  # (R, Z)
+    out = model.decoder.forward(z)  # (R, D), the decoder's buffer
+    nll, nll_cache = model._nll_forward(out, x_rows, "none")  # (R,) = -log p(x|z)
+    log_pz, pz_cache = ops.standard_normal_log_prob_forward(z, "none")
+    log_qz, qz_cache = ops.reparameterized_log_prob_forward(eps_rows, logvar_rows, "none")  # exact for tiny std
+    return log_pz - nll - log_qz, (z_cache, nll_cache, pz_cache, qz_cache)
+
+
+def _log_weights_backward(model, dlog_w, caches):
+    """Backward of :func:`_log_weights`: decoder gradients into ``params.grad``, and
+    d/dmu_rows, d/dlogvar_rows (R, Z), through z and through log q's direct dependence on logvar."""
+    z_cache, nll_cache, pz_cache, qz_cache = caches
+    rows = len(dlog_w)
+    dout = model._nll_backward(-dlog_w, nll_cache, out=model.decoder.output_grad_buffer(rows))
+    dz = model.decoder.backward(dout).copy()  # (R, Z)
+    dz += ops.standard_normal_log_prob_backward(dlog_w, pz_cache)
+    dmu, dlogvar = ops.reparameterize_backward(dz, z_cache)
+    dlogvar += ops.reparameterized_log_prob_backward(-dlog_w, qz_cache)
+    return dmu, dlogvar
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def iwae_log_likelihood(model, x, k: int, rng: np.random.Generator, batch_size: int | None = None) -> np.ndarray:
+    """Importance-weighted estimate of log p(x) per example, with k samples from q(z|x).
+
+    .. math:: \\log \\hat p(x) = \\log \\frac1k \\textstyle\\sum_{j=1}^k
+              \\exp(\\log p(x|z_j) + \\log p(z_j) - \\log q(z_j|x)), \\quad z_j \\sim q(z|x)
+
+    A stochastic lower bound on log p(x) in expectation (Jensen), tighter as k grows; k = 1 is a
+    one-sample ELBO with a Monte-Carlo KL. The samples are processed in chunks with a running
+    log-sum-exp, so memory does not grow with k (k = 5000 is fine).
+
+    Parameters
+    ----------
+    model : npvae.models.VAE
+    x : (N, D) array in the model's value range
+    k : int
+        Importance samples per example.
+    rng : np.random.Generator
+        Source of the noise, drawn chunk by chunk (so the draws, not the expectation, depend on
+        ``batch_size``).
+    batch_size : int, optional
+        (example, sample) rows per decoder pass, default 8192; memory is about
+        ``batch_size * (hidden + 3 D)`` floats.
+
+    Returns
+    -------
+    log_px : (N,) float64 array
+        Nats per example; ``-log_px.mean()`` is the negative log-likelihood papers report.
+    """
+    _check_vae(model, "IWAE evaluation")
+    k = _check_k(k)
+    x = model.check_input(x)
+    rows = DEFAULT_ROWS if batch_size is None else int(batch_size)
+    if rows < 1:
+        raise ValueError(f"expected batch_size >= 1, got {batch_size}")
+    per_chunk = max(1, rows // k)  # examples per chunk
+    samples = min(k, max(1, rows // per_chunk))  # samples per pass
+    zdim = model.config.latent_dim
+    log_px = np.empty(len(x), dtype=np.float64)
+    for start in range(0, len(x), per_chunk):
+        xb = x[start : start + per_chunk]
+        b = len(xb)
+        mu, logvar = (np.array(a) for a in model._encode(xb))  # (b, Z) copies of the heads' buffer
+        acc = np.full(b, -np.inf)  # running log sum_j w_j, float64
+        for done in range(0, k, samples):
+            s = min(samples, k - done)
+            eps = rng.standard_normal((b * s, zdim), dtype=model.dtype)
+            log_w, _ = _log_weights(model, np.repeat(xb, s, axis=0), np.repeat(mu, s, axis=0),
+                                    np.repeat(logvar, s, axis=0), eps)
+            chunk, _ = ops.logsumexp_forward(log_w.astype(np.float64).reshape(b, s))
+            acc = np.logaddexp(acc, chunk)
+        log_px[start : start + b] = acc - math.log(k)
+    return log_px
+
+
+# ----------------------------------------------------------------------------- training objective
+
+
+def iwae_loss_and_grads(model, x, k: int, eps=None, rng=None):
+    """The IWAE objective (negative k-sample bound, batch mean) and its gradients.
+
+    .. math:: L = -\\frac1B \\textstyle\\sum_i \\log \\frac1k \\sum_j w_{ij}, \\qquad
+              \\nabla L = -\\frac1B \\sum_{i,j} \\tilde w_{ij} \\nabla \\log w_{ij},
+              \\quad \\tilde w_{i\\cdot} = \\operatorname{softmax}_j \\log w_{i\\cdot}
+
+    The encoder runs once per example; its mu and logvar are tiled k times, and their gradients
+    are summed over the k copies before the heads' backward. With k = 1 this is the ELBO with a
+    Monte-Carlo KL (log q(z|x) - log p(z) at the sampled z): its reconstruction part and its
+    gradient equal :meth:`VAE.loss_and_grads`'s for the same eps; its KL part agrees in expectation.
+
+    Parameters
+    ----------
+    model : npvae.models.VAE with beta = 1 (the bound has no beta-weighted form)
+    x : (B, D) array in the model's value range
+    k : int
+        Importance samples per example.
+    eps : (B, k, Z) array, optional
+        The noise; drawn from ``rng`` when not given.
+    rng : np.random.Generator, optional
+
+    Returns
+    -------
+    loss : float
+        Nats per example, ``>= -log p(x)`` on average.
+    grads : dict of name -> array
+        Gradients of ``loss``, keyed like :meth:`VAE.state_dict` (views of ``model.params.grad``;
+        overwritten by the next call).
+    """
+    _check_vae(model, "the IWAE objective")
+    if model.config.beta != 1:
+        raise ValueError(f"the IWAE objective weights log p(z) and log q(z|x) equally; this model has "
+                         f"beta = {model.config.beta}, which has no IWAE counterpart (use beta = 1)")
+    k = _check_k(k)
+    x = model.check_input(x)
+    batch, zdim = x.shape[0], model.config.latent_dim
+    if eps is None:
+        if rng is None:
+            raise ValueError(f"pass eps ({batch}, {k}, {zdim}) or rng (an np.random.Generator) to draw it")
+        eps = rng.standard_normal((batch, k, zdim), dtype=model.dtype)
+    eps = ops._like(x, eps, "eps", (batch, k, zdim))
+    mu, logvar = model._encode(x)  # (B, Z) views; the encoder's cache stays valid for backward
+    log_w, caches = _log_weights(model, np.repeat(x, k, axis=0), np.repeat(mu, k, axis=0),
+                                 np.repeat(logvar, k, axis=0), eps.reshape(batch * k, zdim))
+    bound, lse_cache = ops.logsumexp_forward(log_w.reshape(batch, k))  # (B,) log sum_j w_ij
+    loss = -(float(bound.mean(dtype=np.float64)) - math.log(k))
+    dlog_w = ops.logsumexp_backward(np.full(batch, -1.0 / batch, model.dtype), lse_cache)  # (B, k)
+    dmu, dlogvar = _log_weights_backward(model, dlog_w.reshape(batch * k), caches)
+    dheads = model._dheads_buffer(batch)
+    dheads[:, :zdim] = dmu.reshape(batch, k, zdim).sum(axis=1)
+    dheads[:, zdim:] = dlogvar.reshape(batch, k, zdim).sum(axis=1)
+    model._encoder_backward(dheads)
+    return loss, model.gradients()
