@@ -273,19 +273,33 @@ def reparameterize_backward(dz, eps, std, dmu, dlogvar):
             dlogvar[i, j] = 0.5 * g * eps[i, j] * std[i, j]
 
 
+def _exp_excess(v):
+    """e^v - 1 - v. expm1(v) - v cancels to a relative error ~2 eps / abs(v) near 0, so below
+    abs(v) < 0.01 it is the series v^2/2 + v^3/6 + ... + v^7/5040 (truncation ~1e-17 relative)."""
+    series = v * v * (0.5 + v * (1 / 6 + v * (1 / 24 + v * (1 / 120 + v * (1 / 720 + v / 5040)))))
+    return np.where(np.abs(v) < 0.01, series, np.expm1(v) - v)
+
+
 def _kl_normal_rows_np(mu, logvar, rows):
-    _rowsum(0.5 * (mu * mu + np.expm1(logvar) - logvar), rows)
+    _rowsum(0.5 * (mu * mu + _exp_excess(logvar)), rows)
 
 
 @kernel(_kl_normal_rows_np)
 def kl_normal_rows(mu, logvar, rows):
-    """rows[i] = 1/2 sum_j (mu^2 + expm1(logvar) - logvar) = KL(N(mu, e^logvar) || N(0, 1))."""
+    """rows[i] = 1/2 sum_j (mu^2 + e^logvar - 1 - logvar) = KL(N(mu, e^logvar) || N(0, 1)).
+
+    e^v - 1 - v as in :func:`_exp_excess`: its series below abs(v) < 0.01, else expm1(v) - v.
+    """
     n, m = mu.shape
     for i in range(n):
         acc = 0.0
         for j in range(m):
             v = logvar[i, j]
-            acc += mu[i, j] * mu[i, j] + math.expm1(v) - v
+            if abs(v) < 0.01:
+                excess = v * v * (0.5 + v * (1 / 6 + v * (1 / 24 + v * (1 / 120 + v * (1 / 720 + v / 5040)))))
+            else:
+                excess = math.expm1(v) - v
+            acc += mu[i, j] * mu[i, j] + excess
         rows[i] = 0.5 * acc
 
 
@@ -319,19 +333,23 @@ def kl_normal_backward(mu, logvar, scale, accumulate, dmu, dlogvar):
 def _kl_gaussians_rows_np(mu, logvar, mu_p, logvar_p, rows):
     d = logvar - logvar_p
     diff = mu - mu_p
-    _rowsum(0.5 * (np.expm1(d) - d + diff * diff * np.exp(-logvar_p)), rows)
+    _rowsum(0.5 * (_exp_excess(d) + diff * diff * np.exp(-logvar_p)), rows)
 
 
 @kernel(_kl_gaussians_rows_np)
 def kl_gaussians_rows(mu, logvar, mu_p, logvar_p, rows):
-    """rows[i] = KL(N(mu, e^logvar) || N(mu_p, e^logvar_p)), summed over j."""
+    """rows[i] = KL(N(mu, e^logvar) || N(mu_p, e^logvar_p)), summed over j (e^d - 1 - d as in kl_normal_rows)."""
     n, m = mu.shape
     for i in range(n):
         acc = 0.0
         for j in range(m):
-            d = logvar[i, j] - logvar_p[i, j]
+            v = logvar[i, j] - logvar_p[i, j]
+            if abs(v) < 0.01:
+                excess = v * v * (0.5 + v * (1 / 6 + v * (1 / 24 + v * (1 / 120 + v * (1 / 720 + v / 5040)))))
+            else:
+                excess = math.expm1(v) - v
             diff = mu[i, j] - mu_p[i, j]
-            acc += math.expm1(d) - d + diff * diff * math.exp(-logvar_p[i, j])
+            acc += excess + diff * diff * math.exp(-logvar_p[i, j])
         rows[i] = 0.5 * acc
 
 
@@ -376,17 +394,19 @@ def kl_gaussians_backward(mu, logvar, mu_p, logvar_p, scale, accumulate, dmu, dl
 
 
 def _l2_norm_rows_np(z, rows):
-    rows[...] = np.sqrt(np.sum(z * z, axis=1, dtype=np.float64))
+    rows[...] = np.sqrt(np.sum(np.square(z, dtype=np.float64), axis=1))
 
 
 @kernel(_l2_norm_rows_np)
 def l2_norm_rows(z, rows):
-    """rows[i] = sqrt(sum_j z[i, j]^2)."""
+    """rows[i] = sqrt(sum_j z[i, j]^2), squared in float64: a float32 square underflows below
+    abs(z) ~ 1e-19 (a zero norm, so a zero gradient) and overflows above ~1e19."""
     n, m = z.shape
     for i in range(n):
         acc = 0.0
         for j in range(m):
-            acc += z[i, j] * z[i, j]
+            v = np.float64(z[i, j])
+            acc += v * v
         rows[i] = math.sqrt(acc)
 
 
