@@ -38,6 +38,7 @@ __all__ = [
     "plot_class_grid",
     "plot_estimator_comparison",
     "plot_grad_norms",
+    "plot_gradient_decomposition",
     "plot_interpolation",
     "plot_kl_per_dim",
     "plot_latent_scatter",
@@ -1018,7 +1019,8 @@ def plot_grad_norms(records: Any, path: PathLike,
         ``{"step": int, "<layer name>": norm, ...}``. Every numeric key other than
         ``step``/``epoch``/``iteration``/``time`` is a layer; layers may come and go between
         records. Non-positive norms cannot sit on a log axis and are skipped. Entries with an
-        ``event`` key are used only when ``event == "grad_norm"``.
+        ``event`` key are used only when ``event == "grad_norms"``, the trainer's records
+        (``npvae train --log-grad-norms``).
     path : str or PathLike
     title : str
 
@@ -1026,7 +1028,7 @@ def plot_grad_norms(records: Any, path: PathLike,
     -------
     path : Path
     """
-    rows = _read_records(records, "grad_norm")
+    rows = _read_records(records, "grad_norms")
     layers: dict[str, None] = {}  # insertion-ordered set: layers in order of first appearance
     for row in rows:
         for key, v in row.items():
@@ -1041,7 +1043,8 @@ def plot_grad_norms(records: Any, path: PathLike,
         xs, ys = _series(rows, name, "step")
         keep = [j for j, y in enumerate(ys) if y > 0]
         ax.plot([xs[j] for j in keep], [ys[j] for j in keep], linewidth=1.2,
-                color=f"C{i % 10}", linestyle="-" if not many or i < 10 else "--", label=name)
+                color=f"C{i % 10}", linestyle="-" if not many or i < 10 else "--", label=name,
+                marker="o" if len(keep) <= 30 else None, markersize=3)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("gradient norm (log scale)")
@@ -1148,4 +1151,79 @@ def plot_estimator_comparison(table: Mapping[str, Any], path: PathLike,
         ax.grid(axis="y", alpha=0.3, linewidth=0.5)
     if _check_title(title):
         fig.suptitle(title, fontsize=12)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradient flow (npvae.gradflow)
+# --------------------------------------------------------------------------------------------------
+
+def plot_gradient_decomposition(rows: Sequence[Mapping[str, Any]], path: PathLike,
+                                title: str = "Where each parameter's gradient comes from: "
+                                             "reconstruction vs KL") -> Path:
+    """Bar chart of the reconstruction and KL parts of each parameter's gradient, with their cosine.
+
+    Top: the norm of each part per parameter (log scale; a part that is exactly zero, like the KL
+    part of every decoder parameter, is marked "0" on the floor). Bottom: cos(recon part, KL part),
+    +1 when the two terms push the parameter the same way, -1 when they fight.
+
+    Parameters
+    ----------
+    rows : sequence of dicts
+        One per parameter, in forward order, with ``param``, ``recon_norm``, ``kl_norm`` and
+        optionally ``cosine`` (NaN or missing where undefined), as from
+        :func:`npvae.gradflow.decomposition_rows`.
+    path : str or PathLike
+    title : str
+
+    Returns
+    -------
+    path : Path
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("expected at least one row (one per parameter)")
+    for i, row in enumerate(rows):
+        missing = [k for k in ("param", "recon_norm", "kl_norm") if k not in row]
+        if missing:
+            raise ValueError(f"rows[{i}] is missing {missing}")
+    names = [str(r["param"]) for r in rows]
+    recon = np.array([float(r["recon_norm"]) for r in rows])
+    kl = np.array([float(r["kl_norm"]) for r in rows])
+    norms = np.concatenate([recon, kl])
+    if not np.all(np.isfinite(norms)) or norms.min() < 0:
+        raise ValueError("gradient norms must be finite and non-negative")
+    cos = np.array([np.nan if _number(r.get("cosine")) is None else float(r["cosine"]) for r in rows])
+    positive = norms[norms > 0]
+    floor = positive.min() / 10 if positive.size else 1e-12
+
+    p = len(rows)
+    fig = _new_figure((max(7.0, 0.75 * p + 2.5), 6.0))[0]
+    fig.clear()
+    ax, ax_cos = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.3])
+    x = np.arange(p)
+    w = 0.38
+    for values, dx, color, label in ((recon, -w / 2, "C0", "reconstruction part"),
+                                     (kl, w / 2, "C3", "KL part (beta-weighted)")):
+        shown = np.maximum(values, floor)
+        ax.bar(x + dx, shown - floor, bottom=floor, width=w, color=color, label=label)
+        for j in np.flatnonzero(values == 0):
+            ax.text(x[j] + dx, floor, "0", ha="center", va="bottom", fontsize=8, color=color)
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=floor)
+    ax.set_ylabel("gradient norm (log scale)")
+    ax.grid(axis="y", alpha=0.3, linewidth=0.5)
+    ax.legend(fontsize=8, frameon=False)
+    if _check_title(title):
+        ax.set_title(title, fontsize=11)
+    ax_cos.axhline(0.0, color="0.6", linewidth=0.6)
+    defined = np.isfinite(cos)
+    ax_cos.scatter(x[defined], cos[defined], color="k", s=18, zorder=3)
+    for j in np.flatnonzero(~defined):
+        ax_cos.text(x[j], 0.0, "n/a", ha="center", va="center", fontsize=7, color="0.5")
+    ax_cos.set_ylim(-1.1, 1.1)
+    ax_cos.set_ylabel("cos(recon, KL)")
+    ax_cos.grid(axis="y", alpha=0.3, linewidth=0.5)
+    ax_cos.set_xticks(x, names, rotation=30 if p > 4 else 0, ha="right" if p > 4 else "center", fontsize=8)
+    ax_cos.set_xlabel("parameter")
     return _save(fig, path)

@@ -149,33 +149,48 @@ _TORCH_ACT = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
               "leaky_relu": lambda a: torch.nn.functional.leaky_relu(a, 0.01)}
 
 
-def torch_iwae_loss(model: VAE, x: np.ndarray, eps: np.ndarray):
-    """The IWAE loss in torch, float64, from the math: returns (loss, {name: parameter tensor})."""
-    c = model.config
-    p = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in model.state_dict().items()}
-    act = _TORCH_ACT[c.activation]
-    lin = lambda h, name: h @ p[f"{name}.weight"].T + p[f"{name}.bias"]  # noqa: E731
+class TorchVAE:
+    """A VAE in torch, float64, written from the math with ``model``'s weights (leaf tensors in ``params``)."""
+
+    def __init__(self, model: VAE):
+        self.config = c = model.config
+        self.params = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in model.state_dict().items()}
+        self.act = _TORCH_ACT[c.activation]
+
+    def _linear(self, h, name):
+        return h @ self.params[f"{name}.weight"].T + self.params[f"{name}.bias"]
+
+    def encode(self, x):
+        """x (B, D) -> mu, logvar (B, Z)."""
+        h = x
+        for i in range(len(self.config.hidden)):
+            h = self.act(self._linear(h, f"encoder.{i}"))
+        return self._linear(h, "mu"), self._linear(h, "logvar")
+
+    def log_px(self, z, x):
+        """log p(x | z) per row (B,)."""
+        h = z
+        for i in range(len(self.config.hidden)):
+            h = self.act(self._linear(h, f"decoder.{i}"))
+        out = self._linear(h, "output")
+        if self.config.likelihood == "bernoulli":
+            return -torch.nn.functional.binary_cross_entropy_with_logits(out, x, reduction="none").sum(1)
+        return torch.distributions.Normal(torch.sigmoid(out), 1.0).log_prob(x).sum(1)
+
+    def grads(self) -> dict:
+        return {k: (v.grad.numpy().copy() if v.grad is not None else np.zeros(v.shape)) for k, v in self.params.items()}
+
+
+def torch_iwae_loss(ref: TorchVAE, x: np.ndarray, eps: np.ndarray):
+    """The IWAE loss (scalar tensor) from the math, eps (B, k, Z)."""
     b, k, _ = eps.shape
     xt = torch.tensor(x)
-    h = xt
-    for i in range(len(c.hidden)):
-        h = act(lin(h, f"encoder.{i}"))
-    mu, logvar = lin(h, "mu").repeat_interleave(k, 0), lin(h, "logvar").repeat_interleave(k, 0)  # (B k, Z)
+    mu, logvar = (a.repeat_interleave(k, 0) for a in ref.encode(xt))  # (B k, Z)
     std = torch.exp(0.5 * logvar)
     z = mu + std * torch.tensor(eps.reshape(b * k, -1))
-    h = z
-    for i in range(len(c.hidden)):
-        h = act(lin(h, f"decoder.{i}"))
-    out = lin(h, "output")
-    xk = xt.repeat_interleave(k, 0)
-    if c.likelihood == "bernoulli":
-        log_px = -torch.nn.functional.binary_cross_entropy_with_logits(out, xk, reduction="none").sum(1)
-    else:
-        log_px = torch.distributions.Normal(torch.sigmoid(out), 1.0).log_prob(xk).sum(1)
     normal = torch.distributions.Normal
-    log_w = log_px + normal(0.0, 1.0).log_prob(z).sum(1) - normal(mu, std).log_prob(z).sum(1)
-    loss = -(torch.logsumexp(log_w.reshape(b, k), 1) - math.log(k)).mean()
-    return loss, p
+    log_w = ref.log_px(z, xt.repeat_interleave(k, 0)) + normal(0.0, 1.0).log_prob(z).sum(1) - normal(mu, std).log_prob(z).sum(1)
+    return -(torch.logsumexp(log_w.reshape(b, k), 1) - math.log(k)).mean()
 
 
 @st.composite
@@ -198,11 +213,13 @@ def test_iwae_loss_and_gradients_match_torch(be, case):
     model, x, eps = case
     with use_backend(be):
         loss, grads = iwae_loss_and_grads(model, x, eps.shape[1], eps=eps)
-    ref, params = torch_iwae_loss(model, x, eps)
-    ref.backward()
-    assert loss == pytest.approx(ref.item(), rel=1e-12, abs=1e-12)
+    ref = TorchVAE(model)
+    ref_loss = torch_iwae_loss(ref, x, eps)
+    ref_loss.backward()
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-12, abs=1e-12)
+    ref_grads = ref.grads()
     for name, g in grads.items():
-        assert relative_error(g, params[name].grad.numpy()) < 1e-9, name
+        assert relative_error(g, ref_grads[name]) < 1e-9, name
 
 
 def test_iwae_gradients_match_finite_differences():
