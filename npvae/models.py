@@ -136,11 +136,14 @@ class Model:
                 parts.append("unexpected keys " + ", ".join(unexpected))
             parts.extend(wrong)
             raise ValueError(f"state dict does not fit {self!r}: " + "; ".join(parts))
-        for key, value, _ in self._exported():
-            array = np.asarray(state[key])
+        arrays = {key: np.asarray(state[key]) for key in expected}
+        for key, array in arrays.items():  # check everything before changing anything
             if not np.issubdtype(array.dtype, np.floating):
                 raise TypeError(f"{key}: expected a float array, got dtype {array.dtype}")
-            value[...] = array
+            if not np.isfinite(array).all():
+                raise ValueError(f"{key}: contains NaN or Inf")
+        for key, value, _ in self._exported():
+            value[...] = arrays[key]
 
     @property
     def num_parameters(self) -> int:
@@ -181,7 +184,7 @@ class Model:
                 raise ValueError("eps contains NaN or Inf")
             return eps
         if rng is None:
-            raise ValueError("pass eps (B, Z), the standard-normal noise, or rng (an np.random.Generator) to draw it")
+            raise ValueError("pass eps (B, Z) or rng (an np.random.Generator) to draw it")
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"expected rng to be an np.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
         return None
@@ -261,6 +264,7 @@ class VAE(Model):
         self._build_layers()
         self._allocate(dtype, seed)
         self._dheads: dict[int, np.ndarray] = {}
+        self._bufs: dict[int, dict[str, np.ndarray]] = {}
 
     def _validate_config(self) -> None:
         c = self.config
@@ -326,6 +330,32 @@ class VAE(Model):
             buf = self._dheads[batch] = np.empty((batch, 2 * self.config.latent_dim), self.dtype)
         return buf
 
+    def _step_buffers(self, batch: int) -> dict[str, np.ndarray]:
+        """Per-batch-size buffers of one step: eps, std, z (B, Z), probs (B, D), recon and kl rows (B,)."""
+        bufs = self._bufs.get(batch)
+        if bufs is None:
+            if len(self._bufs) >= 8:
+                self._bufs.clear()
+            z, d, t = self.config.latent_dim, self.config.input_dim, self.dtype
+            bufs = self._bufs[batch] = {
+                "eps": np.empty((batch, z), t), "std": np.empty((batch, z), t), "z": np.empty((batch, z), t),
+                "probs": np.empty((batch, d), t), "recon": np.empty(batch, t), "kl": np.empty(batch, t),
+            }
+        return bufs
+
+    def _fresh_eps(self, batch: int, rng: np.random.Generator) -> np.ndarray:
+        """Standard-normal noise (B, Z), drawn into the step's buffer."""
+        return rng.standard_normal(out=self._step_buffers(batch)["eps"], dtype=self.dtype)
+
+    def _recon_forward(self, out: np.ndarray, x: np.ndarray, bufs: dict):
+        """The likelihood's forward with reduction "none", into the step's buffers where it takes them."""
+        likelihood = self.config.likelihood
+        if likelihood == "bernoulli":
+            return ops.bce_with_logits_forward(out, x, "none", probs=bufs["probs"], rows=bufs["recon"])
+        if likelihood == "gaussian":
+            return ops.gaussian_nll_forward(out, x, "none", rows=bufs["recon"])
+        return self._nll_forward(out, x, "none")
+
     def forward(self, x: np.ndarray, eps: np.ndarray):
         """One-sample negative ELBO terms per example, caching what :meth:`backward` needs.
 
@@ -339,11 +369,12 @@ class VAE(Model):
         recon : (B,) array, -log p(x | z) per example
         kl : (B,) array, KL(q(z|x) || p(z)) per example
         """
+        bufs = self._step_buffers(x.shape[0])
         mu, logvar = self._encode(x)
-        z, self._sampler_cache = ops.reparameterize_forward(mu, logvar, eps)
+        z, self._sampler_cache = ops.reparameterize_forward(mu, logvar, eps, out=bufs["z"], std=bufs["std"])
         out = self.decoder.forward(z)
-        recon, self._nll_cache = self._nll_forward(out, x, "none")
-        kl, self._kl_cache = ops.kl_normal_forward(mu, logvar, "none")
+        recon, self._nll_cache = self._recon_forward(out, x, bufs)
+        kl, self._kl_cache = ops.kl_normal_forward(mu, logvar, "none", rows=bufs["kl"])
         return recon, kl
 
     def backward(self, drecon: np.ndarray, dkl: np.ndarray) -> None:
@@ -369,7 +400,7 @@ class VAE(Model):
         if eps is None:
             if rng is None:
                 raise ValueError("pass eps (B, Z) or rng (an np.random.Generator) to draw it")
-            eps = rng.standard_normal((x.shape[0], self.config.latent_dim), dtype=self.dtype)
+            eps = self._fresh_eps(x.shape[0], rng)
         recon, kl = self.forward(x, eps)
         batch = x.shape[0]
         self.backward(self._row_scale(batch, 1.0), self._row_scale(batch, self.kl_weight))
@@ -578,9 +609,10 @@ class DenoisingAutoencoder(Autoencoder):
 
     def corrupt(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """A corrupted copy of x (B, D), clipped to the value range."""
+        if rng is None:
+            raise ValueError("a denoising autoencoder needs rng (an np.random.Generator) to corrupt its input")
         if not isinstance(rng, np.random.Generator):
-            raise TypeError("a denoising autoencoder needs rng, an np.random.Generator, to corrupt its input; "
-                            f"got {type(rng).__name__}")
+            raise TypeError(f"expected rng to be an np.random.Generator, got {type(rng).__name__}")
         lo, hi = self.config.value_range
         if self.config.noise == "gaussian":
             noisy = x + rng.standard_normal(x.shape, dtype=x.dtype) * x.dtype.type(self.config.noise_level)
@@ -738,6 +770,7 @@ class CVAE(VAE):
         self._build_layers()
         self._allocate(dtype, seed)
         self._dheads: dict[int, np.ndarray] = {}
+        self._bufs: dict[int, dict[str, np.ndarray]] = {}
         self._work: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def _validate_config(self) -> None:
@@ -851,14 +884,15 @@ class CVAE(VAE):
         _fill_conditioned(xy, c.input_dim, x, y)  # (B, D + C)
         _fill_conditioned(zy, c.latent_dim, None, y)  # (B, Z + C), z written below
         mu, logvar = self._encode(xy)
-        _, self._sampler_cache = ops.reparameterize_forward(mu, logvar, eps, out=zy[:, : c.latent_dim])
+        bufs = self._step_buffers(x.shape[0])
+        _, self._sampler_cache = ops.reparameterize_forward(mu, logvar, eps, out=zy[:, : c.latent_dim], std=bufs["std"])
         out = self.decoder.forward(zy)
-        recon, self._nll_cache = self._nll_forward(out, x, "none")
+        recon, self._nll_cache = self._recon_forward(out, x, bufs)
         if c.learned_prior:
             mu_p, logvar_p = self._prior(xy[:, c.input_dim :])
-            kl, self._kl_cache = ops.kl_gaussians_forward(mu, logvar, mu_p, logvar_p, "none")
+            kl, self._kl_cache = ops.kl_gaussians_forward(mu, logvar, mu_p, logvar_p, "none", rows=bufs["kl"])
         else:
-            kl, self._kl_cache = ops.kl_normal_forward(mu, logvar, "none")
+            kl, self._kl_cache = ops.kl_normal_forward(mu, logvar, "none", rows=bufs["kl"])
         return recon, kl
 
     def backward(self, drecon: np.ndarray, dkl: np.ndarray) -> None:
@@ -892,7 +926,7 @@ class CVAE(VAE):
         if eps is None:
             if rng is None:
                 raise ValueError("pass eps (B, Z) or rng (an np.random.Generator) to draw it")
-            eps = rng.standard_normal((x.shape[0], self.config.latent_dim), dtype=self.dtype)
+            eps = self._fresh_eps(x.shape[0], rng)
         recon, kl = self.forward(x, y, eps)
         batch = x.shape[0]
         self.backward(self._row_scale(batch, 1.0), self._row_scale(batch, self.kl_weight))

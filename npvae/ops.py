@@ -17,7 +17,9 @@ Conventions (CS231n style):
   ============== ==================================================== =================
 
   Note ``"none"`` sums over features (a log-likelihood of a vector), unlike torch's elementwise "none".
-- Backward passes accept buffers (``out=``, ``dx=`` ...) to write into, for allocation-free training.
+- Forward and backward passes accept buffers (``out=``, ``rows=``, ``probs=``, ``std=``, ``dx=`` ...)
+  to write into, for allocation-free training; with reduction ``"none"`` the returned per-example
+  losses are the ``rows`` buffer itself.
 
 The loops themselves live in :mod:`npvae._kernels` and run under the active backend
 (:func:`npvae.set_backend`).
@@ -278,7 +280,7 @@ def dense_backward(dy, cache, dx=None, dw=None, db=None, da=None):
 # ----------------------------------------------------------------------------- reconstruction losses
 
 
-def bce_with_logits_forward(logits, target, reduction="sum", probs=None):
+def bce_with_logits_forward(logits, target, reduction="sum", probs=None, rows=None):
     """Bernoulli negative log-likelihood from logits (binary cross-entropy), stable softplus form.
 
     .. math:: \\ell = \\textstyle\\sum_j \\operatorname{softplus}(l_j) - x_j l_j,
@@ -302,7 +304,7 @@ def bce_with_logits_forward(logits, target, reduction="sum", probs=None):
     logits = _float_array(logits, "logits")
     target = _like(logits, target, "target")
     _check_reduction(reduction)
-    rows = np.empty(logits.shape[0], dtype=logits.dtype)
+    rows = _buffer(rows, (logits.shape[0],), logits.dtype, "rows")
     probs = _buffer(probs, logits.shape, logits.dtype, "probs")
     K.bce_logits_forward(logits, target, rows, probs)
     return _reduce(rows, reduction, logits.shape[1]), (probs, target, reduction)
@@ -322,7 +324,7 @@ def bce_with_logits_backward(dloss, cache, out=None):
     return out
 
 
-def mse_forward(pred, target, reduction="sum"):
+def mse_forward(pred, target, reduction="sum", rows=None):
     """Squared error.
 
     .. math:: \\ell = \\textstyle\\sum_j (\\hat x_j - x_j)^2
@@ -340,7 +342,7 @@ def mse_forward(pred, target, reduction="sum"):
     pred = _float_array(pred, "pred")
     target = _like(pred, target, "target")
     _check_reduction(reduction)
-    rows = np.empty(pred.shape[0], dtype=pred.dtype)
+    rows = _buffer(rows, (pred.shape[0],), pred.dtype, "rows")
     K.squared_error_rows(pred, target, rows)
     return _reduce(rows, reduction, pred.shape[1]), (pred, target, reduction)
 
@@ -357,7 +359,7 @@ def mse_backward(dloss, cache, out=None):
 LOG_2PI = math.log(2 * math.pi)
 
 
-def gaussian_nll_forward(pred, target, reduction="sum"):
+def gaussian_nll_forward(pred, target, reduction="sum", rows=None):
     """Negative log-likelihood of ``target`` under N(pred, I): half the squared error plus a constant.
 
     .. math:: \\ell = \\tfrac12 \\textstyle\\sum_j (\\hat x_j - x_j)^2 + \\tfrac{D}{2} \\log 2\\pi
@@ -370,7 +372,7 @@ def gaussian_nll_forward(pred, target, reduction="sum"):
     pred = _float_array(pred, "pred")
     target = _like(pred, target, "target")
     _check_reduction(reduction)
-    rows = np.empty(pred.shape[0], dtype=pred.dtype)
+    rows = _buffer(rows, (pred.shape[0],), pred.dtype, "rows")
     K.squared_error_rows(pred, target, rows)
     rows *= 0.5
     rows += 0.5 * pred.shape[1] * LOG_2PI
@@ -459,7 +461,7 @@ def continuous_bernoulli_nll_backward(dloss, cache, out=None):
 # ----------------------------------------------------------------------------- sampling and KL
 
 
-def reparameterize_forward(mu, logvar, eps=None, rng=None, out=None):
+def reparameterize_forward(mu, logvar, eps=None, rng=None, out=None, std=None):
     """The reparameterization trick: a sample of N(mu, exp(logvar)) as a differentiable function.
 
     .. math:: z = \\mu + \\sigma \\odot \\epsilon, \\quad \\sigma = e^{\\frac12 \\log\\sigma^2},
@@ -481,7 +483,7 @@ def reparameterize_forward(mu, logvar, eps=None, rng=None, out=None):
     mu = _float_array(mu, "mu")
     logvar = _like(mu, logvar, "logvar")
     eps = _noise(mu, eps, rng)
-    std = np.empty_like(mu)
+    std = _buffer(std, mu.shape, mu.dtype, "std")
     out = _buffer(out, mu.shape, mu.dtype, "out")
     K.reparameterize(mu, logvar, eps, out, std)
     return out, (eps, std)
@@ -504,7 +506,7 @@ def reparameterize_backward(dz, cache, dmu=None, dlogvar=None):
     return dmu, dlogvar
 
 
-def kl_normal_forward(mu, logvar, reduction="batchmean"):
+def kl_normal_forward(mu, logvar, reduction="batchmean", rows=None):
     """Analytic KL(N(mu, exp(logvar)) || N(0, I)), summed over latent dimensions.
 
     .. math:: \\mathrm{KL} = \\tfrac12 \\textstyle\\sum_j \\mu_j^2 + (e^{\\log\\sigma_j^2} - 1) - \\log\\sigma_j^2
@@ -525,7 +527,7 @@ def kl_normal_forward(mu, logvar, reduction="batchmean"):
     mu = _float_array(mu, "mu")
     logvar = _like(mu, logvar, "logvar")
     _check_reduction(reduction)
-    rows = np.empty(mu.shape[0], dtype=mu.dtype)
+    rows = _buffer(rows, (mu.shape[0],), mu.dtype, "rows")
     K.kl_normal_rows(mu, logvar, rows)
     return _reduce(rows, reduction, mu.shape[1]), (mu, logvar, reduction)
 
@@ -552,7 +554,7 @@ def kl_normal_backward(dkl, cache, dmu=None, dlogvar=None, accumulate=False):
     return dmu, dlogvar
 
 
-def kl_gaussians_forward(mu, logvar, mu_p, logvar_p, reduction="batchmean"):
+def kl_gaussians_forward(mu, logvar, mu_p, logvar_p, reduction="batchmean", rows=None):
     """Analytic KL(q || p) between diagonal Gaussians q = N(mu, e^logvar), p = N(mu_p, e^logvar_p).
 
     .. math:: \\mathrm{KL} = \\tfrac12 \\textstyle\\sum_j (e^{\\delta_j} - 1) - \\delta_j
@@ -575,7 +577,7 @@ def kl_gaussians_forward(mu, logvar, mu_p, logvar_p, reduction="batchmean"):
     mu_p = _like(mu, mu_p, "mu_p")
     logvar_p = _like(mu, logvar_p, "logvar_p")
     _check_reduction(reduction)
-    rows = np.empty(mu.shape[0], dtype=mu.dtype)
+    rows = _buffer(rows, (mu.shape[0],), mu.dtype, "rows")
     K.kl_gaussians_rows(mu, logvar, mu_p, logvar_p, rows)
     return _reduce(rows, reduction, mu.shape[1]), (mu, logvar, mu_p, logvar_p, reduction)
 
