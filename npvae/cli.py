@@ -1,4 +1,4 @@
-"""The ``npvae`` command line: train, evaluate, sample and reconstruct.
+"""The ``npvae`` command line: train, evaluate, sample, reconstruct, plot and grads.
 
 Run ``npvae COMMAND --help`` for each command's options.
 """
@@ -36,6 +36,10 @@ def _model_kwargs(args) -> dict:
     if args.model in ("vae", "cvae"):
         kw["likelihood"] = args.likelihood
         kw["beta"] = args.beta
+    if args.logvar_bounds is not None:
+        if args.model != "vae":
+            raise CLIError("--logvar-bounds applies to --model vae")
+        kw["logvar_bounds"] = tuple(args.logvar_bounds)
     if args.model == "dae":
         kw["noise"] = args.noise
         kw["noise_level"] = args.noise_level
@@ -109,22 +113,69 @@ def _dataset_for(args, meta):
     return data.load_dataset(name, data_dir=args.data_dir, seed=meta.get("train_config", {}).get("seed", 0))
 
 
+def _split_data(args, model, meta, n: int | None = None, fresh_binarization: bool = False):
+    """The images of ``args.split`` (first ``n``), prepared as the run prepared its data.
+
+    Returns
+    -------
+    dataset, x (N, D) floats, y (N,) labels, note : str or None
+        ``note`` says how binary runs' images were binarized.
+    """
+    from . import data
+
+    dataset = _dataset_for(args, meta)
+    tc = meta.get("train_config", {})
+    images, labels = (dataset.test_x, dataset.test_y) if args.split == "test" else (dataset.val_x, dataset.val_y)
+    if n is not None:
+        if n < 1:
+            raise CLIError(f"--n must be at least 1, got {n}")
+        images, labels = images[:n], labels[:n]
+    binarize = tc.get("binarize", "none")
+    note = None
+    if binarize != "none" and fresh_binarization:
+        x = data.binarize_static(data.to_float(images, model.value_range, model.dtype), np.random.default_rng([args.seed, 17]))
+        note = (f"the run trained on binarized digits ({binarize}); these images are a fresh Bernoulli draw "
+                f"(pixel intensity = probability of 1) from --seed {args.seed}")
+    elif binarize != "none":
+        x = _prepare(images, model, binarize, tc.get("seed", 0))
+        note = (f"the run trained on binarized digits ({binarize}); these images are one Bernoulli draw "
+                "(pixel intensity = probability of 1) seeded by the run's seed, the draw its final test "
+                "report used (--fresh-binarization draws another)")
+    else:
+        x = _prepare(images, model, binarize, tc.get("seed", 0))
+    return dataset, x, labels, note
+
+
 def cmd_evaluate(args) -> int:
     from .train import load_model
 
     model, meta = load_model(args.checkpoint)
-    dataset = _dataset_for(args, meta)
-    tc = meta.get("train_config", {})
-    images, labels = (dataset.test_x, dataset.test_y) if args.split == "test" else (dataset.val_x, dataset.val_y)
-    x = _prepare(images, model, tc.get("binarize", "none"), tc.get("seed", 0))
-    rng = np.random.default_rng(args.seed)
     conditional = getattr(model, "conditional", False)
+    if args.iw_samples is not None:
+        if args.iw_samples < 1:
+            raise CLIError(f"--iw-samples must be at least 1, got {args.iw_samples}")
+        if model.kind != "vae":
+            raise CLIError(f"--iw-samples estimates log p(x) of an unconditional VAE; {args.checkpoint} holds a "
+                           f"{model.kind}" + (" (its bound would need the learned prior p(z|y))" if conditional else ""))
+    dataset, x, labels, note = _split_data(args, model, meta, args.n, args.fresh_binarization)
+    rng = np.random.default_rng(args.seed)
     terms = model.evaluate(x, labels, rng) if conditional else model.evaluate(x, rng)
     result = {"dataset": dataset.name, "split": args.split, "examples": len(x),
               "negative_elbo": terms.total, "recon": terms.recon, "kl": terms.kl}
     what = "negative conditional ELBO" if conditional else "negative ELBO" if model.kind == "vae" else "loss"
     print(f"{dataset.description}")
+    if note:
+        print(f"binarization: {note}")
+        result["binarization"] = note
     print(f"{args.split}: {what} {terms.total:.3f} (recon {terms.recon:.3f}, kl {terms.kl:.3f}) per image, {len(x)} images")
+    if args.iw_samples is not None:
+        from .likelihood import iwae_log_likelihood
+
+        log_px = iwae_log_likelihood(model, x, args.iw_samples, np.random.default_rng([args.seed, 1]))
+        nll, se = float(-log_px.mean()), float(log_px.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+        print(f"{args.split}: IWAE estimate of -log p(x), k = {args.iw_samples}: {nll:.3f} per image "
+              f"(standard error {se:.3f} over the images), {terms.total - nll:.3f} below the negative ELBO")
+        result.update({"iw_samples": args.iw_samples, "iwae_nll": nll, "iwae_nll_se": se})
     if args.json:
         print(json.dumps(result))
     return 0
@@ -161,6 +212,115 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
+PLOTS = ("reconstructions", "samples", "interpolation", "latent", "manifold", "curves", "kl", "grad-norms")
+PLOT_HELP = """what to draw:
+  reconstructions  test images above their reconstructions (--n pairs, default 10)
+  samples          decoded draws from the prior (--n, default 64; --label for a cvae)
+  interpolation    decoded straight lines between two test images' posterior means
+                   (--n rows, default 5; --steps per row, default 10)
+  latent           posterior means of the test images coloured by label (PCA when Z > 2)
+  manifold         a 2-D model's decoder over a grid of Gaussian quantiles (--n per side,
+                   default 20; --label for a cvae); an error for Z != 2
+  curves           loss curves from the run's log.jsonl beside the checkpoint
+  kl               mean KL per latent unit over the test images and the number of active units
+                   (KL > --threshold nats): the posterior-collapse diagnostic
+  grad-norms       per-layer gradient norms over training, from log.jsonl (train with --log-grad-norms)
+"""
+_PLOT_DEFAULT_N = {"reconstructions": 10, "samples": 64, "interpolation": 5, "manifold": 20}
+
+
+def _run_log(checkpoint) -> Path:
+    log = Path(checkpoint).parent / "log.jsonl"
+    if not log.is_file():
+        raise CLIError(f"no training log at {log}: curves and grad-norms read the log.jsonl that training "
+                       "writes beside its checkpoints")
+    return log
+
+
+def cmd_plot(args) -> int:
+    from . import figures
+    from .train import load_model
+
+    what = args.what
+    out = Path(args.out or f"{what}.png")
+    if what == "curves":
+        print(f"wrote {figures.training_curves(_run_log(args.checkpoint), out)}")
+        return 0
+    if what == "grad-norms":
+        print(f"wrote {figures.grad_norms(_run_log(args.checkpoint), out)}")
+        return 0
+    model, meta = load_model(args.checkpoint)
+    conditional = getattr(model, "conditional", False)
+    if args.label is not None and what not in ("samples", "manifold"):
+        raise CLIError(f"--label applies to samples and manifold, not {what}")
+    if args.label is not None and not conditional:
+        raise CLIError(f"--label needs a conditional model (cvae); {args.checkpoint} holds a {model.kind}")
+    n = args.n if args.n is not None else _PLOT_DEFAULT_N.get(what)
+    rng = np.random.default_rng(args.seed)
+    if what == "samples":
+        path = figures.samples(model, out, rng, n=n, label=args.label)
+    elif what == "manifold":
+        path = figures.manifold(model, out, n=n, label=args.label)
+    else:
+        dataset, x, y, _ = _split_data(args, model, meta)
+        names = figures.class_names(dataset.name, dataset.num_classes)
+        if what == "reconstructions":
+            path = figures.reconstructions(model, x, out, y, n=n)
+        elif what == "interpolation":
+            path = figures.interpolation(model, x, out, y, rows=n, steps=args.steps)
+        elif what == "latent":
+            path, explained = figures.latent_scatter(model, x, y, out, class_names=names)
+            if explained is not None:
+                print(f"PCA of the {model.config.latent_dim}-D codes: the two components keep "
+                      f"{100 * explained[0]:.1f}% and {100 * explained[1]:.1f}% of their variance")
+        else:  # kl
+            path, kl = figures.kl_per_dim(model, x, out, y, threshold=args.threshold)
+            active = int((kl > args.threshold).sum())
+            print(f"mean KL per latent unit over {len(x)} {args.split} images (nats): "
+                  + " ".join(f"{v:.3f}" for v in kl))
+            print(f"active units: {active} of {len(kl)} (mean KL > {args.threshold:g} nats); total KL {kl.sum():.3f}")
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_grads(args) -> int:
+    from . import figures, gradflow
+    from .train import load_model
+
+    model, meta = load_model(args.checkpoint)
+    if model.kind not in ("vae", "cvae"):
+        raise CLIError(f"grads studies a VAE's gradients; {args.checkpoint} holds a {model.kind}")
+    if args.draws < 2 or args.examples < 1:
+        raise CLIError(f"expected --draws >= 2 and --examples >= 1, got {args.draws} and {args.examples}")
+    dataset, x, y, _ = _split_data(args, model, meta, args.n)
+    conditional = getattr(model, "conditional", False)
+    labels = y.astype(np.int64) if conditional else None
+    rng = np.random.default_rng(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    eps = rng.standard_normal((len(x), model.config.latent_dim), dtype=model.dtype)
+    rows = gradflow.decomposition_rows(gradflow.decompose_gradients(model, x, eps, y=labels))
+    print(f"gradient of the negative ELBO (recon + beta KL, beta = {model.kl_weight:g}) on {len(x)} {args.split} "
+          "images, split exactly into its reconstruction and KL parts:")
+    print(gradflow.decomposition_text(rows))
+    print(f"wrote {figures.gradient_decomposition(rows, out / 'decomposition.png', n=len(x))}")
+
+    k = min(args.examples, len(x))
+    table = gradflow.compare_estimators(model, x[:k], args.draws, rng, y=None if labels is None else labels[:k])
+    kl = figures.posterior_kl_per_dim(model, x, labels)
+    dims = sorted(np.argsort(-kl, kind="stable")[: args.dims].tolist())
+    table = gradflow.select_dims(table, dims)
+    print()
+    print(f"latent dimensions shown: {dims} (the {len(dims)} with the largest mean KL on these images)")
+    print(gradflow.estimator_text(table))
+    ratio = np.divide(table["score_var"], table["reparam_var"])
+    print(f"score-function variance / reparameterization variance: median {np.median(ratio):.3g}, "
+          f"range {ratio.min():.3g} to {ratio.max():.3g}")
+    print(f"wrote {figures.estimator_comparison(table, out / 'estimators.png')}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -192,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", default=None, help="relu, leaky_relu, tanh, sigmoid, softplus")
     p.add_argument("--likelihood", choices=("bernoulli", "gaussian", "continuous_bernoulli"), default="bernoulli")
     p.add_argument("--beta", type=float, default=1.0, help="KL weight")
+    p.add_argument("--logvar-bounds", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="vae: clamp the encoder's logvar into [LO, HI] (its gradient is 0 outside)")
     p.add_argument("--kl-warmup", type=float, default=0.0, help="epochs over which the KL weight rises to beta")
     p.add_argument("--fixed-prior", action="store_true", help="cvae: use N(0, I) instead of the learned prior p(z|y)")
     p.add_argument("--noise", choices=("salt_pepper", "gaussian"), default="salt_pepper", help="dae corruption")
@@ -214,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
+    p.add_argument("--iw-samples", type=int, default=None, metavar="K",
+                   help="also estimate -log p(x) by importance weighting with K samples per image (the IWAE "
+                        "bound; papers use K = 5000): tighter than the ELBO, and the number papers report")
+    p.add_argument("--n", type=int, default=None, help="evaluate the first N images of the split (default: all)")
+    p.add_argument("--fresh-binarization", action="store_true",
+                   help="for runs trained on binarized digits: evaluate on a new Bernoulli draw of the images "
+                        "from --seed, instead of the run's own fixed draw")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sample", help="decode samples from the prior into a PNG grid")
@@ -230,6 +399,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=10)
     p.add_argument("--out", default="reconstructions.png")
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("plot", help="draw one picture of a trained model or its run as a PNG",
+                       description="Draw one picture of a trained model (or of its run's log) as a PNG.",
+                       epilog=PLOT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("what", choices=PLOTS, metavar="WHAT", help="one of: " + ", ".join(PLOTS) + " (see below)")
+    p.add_argument("--out", help="PNG to write (default: WHAT.png)")
+    _add_data_args(p)
+    p.add_argument("--split", choices=("test", "val"), default="test", help="images for the test-set pictures")
+    p.add_argument("--n", type=int, default=None, help="how many (see below)")
+    p.add_argument("--steps", type=int, default=10, help="interpolation: images per row, endpoints included")
+    p.add_argument("--label", type=int, default=None, help="cvae: the class for samples and manifold")
+    p.add_argument("--threshold", type=float, default=0.01, help="kl: nats above which a unit counts as active")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("grads", help="where the gradient comes from, and how noisy its estimators are",
+                       description="Split the negative ELBO's gradient on a batch of test images exactly into "
+                                   "its reconstruction and KL parts (printed per parameter, decomposition.png), "
+                                   "and compare the reparameterization and score-function (REINFORCE) "
+                                   "estimators of the gradient of E_q[log p(x|z)] w.r.t. q's mean and "
+                                   "log-variance (estimators.png).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint")
+    _add_data_args(p)
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--n", type=int, default=64, help="images in the batch for the decomposition")
+    p.add_argument("--draws", type=int, default=1000, help="draws of z per image for the estimators")
+    p.add_argument("--examples", type=int, default=2, help="images whose estimator gradients are compared")
+    p.add_argument("--dims", type=int, default=3, help="latent dimensions shown (those with the largest KL)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="grads", help="directory for decomposition.png and estimators.png")
+    p.set_defaults(func=cmd_grads)
     return parser
 
 

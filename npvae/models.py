@@ -220,6 +220,7 @@ class VAEConfig:
     likelihood: str = "bernoulli"  # p(x|z): bernoulli (BCE on logits), gaussian (unit variance), continuous_bernoulli
     beta: float = 1.0  # KL weight (beta-VAE); beta = 1 gives the ELBO
     alpha: float = 0.01  # LeakyReLU slope, when activation = leaky_relu
+    logvar_bounds: tuple[float, float] | None = None  # clamp logvar into [lo, hi] (gradient 0 outside)
 
 
 class VAE(Model):
@@ -255,10 +256,13 @@ class VAE(Model):
         likelihood: str = "bernoulli",
         beta: float = 1.0,
         alpha: float = 0.01,
+        logvar_bounds: tuple[float, float] | None = None,
         dtype=np.float32,
         seed: int = 0,
     ):
-        self.config = VAEConfig(int(input_dim), tuple(int(h) for h in hidden), int(latent_dim), activation, likelihood, float(beta), float(alpha))
+        bounds = None if logvar_bounds is None else (float(logvar_bounds[0]), float(logvar_bounds[1]))
+        self.config = VAEConfig(int(input_dim), tuple(int(h) for h in hidden), int(latent_dim), activation, likelihood,
+                                float(beta), float(alpha), bounds)
         self._validate_config()
         self.kl_weight = self.config.beta  # the trainer anneals this during KL warm-up
         self._build_layers()
@@ -276,6 +280,9 @@ class VAE(Model):
             raise ValueError(f"unknown likelihood {c.likelihood!r}: expected one of {', '.join(LIKELIHOODS)}")
         if not c.beta >= 0:
             raise ValueError(f"expected beta >= 0, got {c.beta}")
+        bounds = getattr(c, "logvar_bounds", None)
+        if bounds is not None and not (len(bounds) == 2 and bounds[0] < bounds[1]):
+            raise ValueError(f"expected logvar_bounds (lo, hi) with lo < hi, got {bounds}")
         self._nll_forward, self._nll_backward = _nll(c.likelihood)
 
     def _encoder_sizes(self):
@@ -317,9 +324,17 @@ class VAE(Model):
         h = self.encoder.forward(x) if self.encoder else x
         heads = self.heads.forward(h)
         z = self.config.latent_dim
-        return heads[:, :z], heads[:, z:]
+        mu, logvar = heads[:, :z], heads[:, z:]
+        bounds = getattr(self.config, "logvar_bounds", None)
+        if bounds is not None:
+            mask = self._step_buffers(x.shape[0]).setdefault("logvar_mask", np.empty(logvar.shape, bool))
+            logvar, self._clamp_cache = ops.clamp_forward(logvar, *bounds, out=logvar, mask=mask)
+        return mu, logvar
 
     def _encoder_backward(self, dmu_dlogvar: np.ndarray) -> None:
+        if getattr(self.config, "logvar_bounds", None) is not None:
+            dlogvar = dmu_dlogvar[:, self.config.latent_dim :]
+            ops.clamp_backward(dlogvar, self._clamp_cache, out=dlogvar)
         dh = self.heads.backward(dmu_dlogvar, need_dx=self.encoder is not None)
         if self.encoder:
             self.encoder.backward(dh, need_dx=False)

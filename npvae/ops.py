@@ -890,3 +890,53 @@ def reparameterized_log_prob_backward(dlogp, cache):
     shape, dtype, reduction = cache
     scale = _row_scale(dlogp, reduction, shape[0], shape[1], dtype)[:, None]
     return np.broadcast_to(-0.5 * scale, shape).copy()
+
+
+# ----------------------------------------------------------------------------- bounds
+
+
+def clamp_forward(x, lo, hi, out=None, mask=None):
+    """Clamp into [lo, hi] (e.g. bounds on logvar), keeping where the gradient passes.
+
+    .. math:: y = \\min(\\max(x, lo), hi)
+
+    Parameters
+    ----------
+    x : (B, H) array
+    lo, hi : float, lo < hi
+    out : (B, H) array, optional (may be ``x`` itself)
+    mask : (B, H) bool array, optional
+        Buffer for where ``lo <= x <= hi``.
+
+    Returns
+    -------
+    y : (B, H) array
+    cache : tuple ``(mask,)``
+    """
+    x = _float_array(x, "x")
+    if not lo < hi:
+        raise ValueError(f"expected lo < hi, got lo={lo}, hi={hi}")
+    mask = _buffer(mask, x.shape, np.dtype(bool), "mask")
+    np.greater_equal(x, lo, out=mask)
+    mask &= x <= hi
+    out = _buffer(out, x.shape, x.dtype, "out")
+    np.clip(x, lo, hi, out=out)
+    return out, (mask,)
+
+
+def clamp_backward(dy, cache, out=None):
+    """Backward of :func:`clamp_forward`: ``dx = dy`` where ``lo <= x <= hi``, else 0.
+
+    At the bounds themselves the gradient passes (PyTorch's ``clamp`` convention).
+
+    Returns
+    -------
+    dx : (B, H) array
+    """
+    (mask,) = cache
+    dy = _float_array(dy, "dy")
+    if dy.shape != mask.shape:
+        raise ValueError(f"expected dy of shape {mask.shape}, got {dy.shape}")
+    out = _buffer(out, dy.shape, dy.dtype, "out")
+    np.multiply(dy, mask, out=out)
+    return out

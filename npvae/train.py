@@ -359,7 +359,9 @@ class Trainer:
                     raise _StopRequested
                 idx = perm[self.batch * cfg.batch_size : (self.batch + 1) * cfg.batch_size]
                 terms = self._train_step(idx)
-                self.sums += len(idx) * np.array([terms.total, terms.recon, terms.kl])
+                self.sums[0] += len(idx) * terms.total
+                self.sums[1] += len(idx) * terms.recon
+                self.sums[2] += len(idx) * terms.kl
                 self.seen += len(idx)
                 if bar is not None:
                     bar.update(1)
@@ -421,6 +423,10 @@ class Trainer:
 
         if can_trap:
             signal.signal(signal.SIGINT, on_sigint)
+        # Overflow in the NumPy backend shows up as inf/nan, which _check_finite reports with the
+        # step and the tensor; NumPy's own RuntimeWarnings would only repeat it less helpfully.
+        errstate = np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore")
+        errstate.__enter__()
         try:
             while self.epoch < cfg.epochs:
                 if self.batch == 0:
@@ -455,6 +461,7 @@ class Trainer:
             self.echo(f"interrupted at epoch {self.epoch + 1}, batch {self.batch}: saved {ckpt}; "
                       f"continue with --resume")
         finally:
+            errstate.__exit__(None, None, None)
             if can_trap:
                 signal.signal(signal.SIGINT, previous)
         self._log({"event": "end", "stopped": stopped, "step": self.step, "epoch": self.epoch})
