@@ -1,0 +1,109 @@
+"""scripts/bench.py end to end on the demo digits: every field present and sane (no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("npvae_bench", REPO / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_bench()
+
+
+def test_matmul_flops_counts_eleven_products():
+    # 784-400-40 encoder, 20-400-784 decoder: 4 forward + 4 weight-gradient + 3 input-gradient products.
+    b = 128
+    fwd = 2 * b * (784 * 400 + 400 * 40 + 20 * 400 + 400 * 784)
+    dx = 2 * b * (400 * 40 + 20 * 400 + 400 * 784)
+    assert bench.matmul_flops(b) == 2 * fwd + dx
+    assert bench.epoch_flops(300, 128) == 2 * bench.matmul_flops(128) + bench.matmul_flops(44)
+
+
+def test_reference_estimator_matches_npvae():
+    import npvae
+
+    model = npvae.VAE(hidden=(16,), latent_dim=3, dtype=np.float64, seed=1)
+    rng = np.random.default_rng(0)
+    x = rng.random((7, 784))
+    eps = rng.standard_normal((7, 3))
+    recon, kl = model.forward(x, eps)
+    assert bench.neg_elbo_reference(model.state_dict(), x, eps, batch=3) == pytest.approx(float((recon + kl).mean()), rel=1e-12)
+
+
+def test_fused_heads_round_trip():
+    state = bench.initial_state(hidden=8, latent=3, seed=0)
+    back = bench.unfused(bench.fused(state), latent=3)
+    assert back.keys() == state.keys()
+    for key in state:
+        np.testing.assert_array_equal(back[key], state[key])
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_writes_every_field(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["--dataset", "demo", "--limit", "512", "--epochs", "2", "--peers", "npvae,torch",
+            "--no-numpy-backend", "--json", str(out)]
+    assert bench.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["mode"] == "benchmark"
+    assert "scripts/bench.py" in res["command"] and "--limit 512" in res["command"]
+    assert res["config"]["n_train"] == 512 and res["config"]["batch_size"] == 128
+    assert set(res["peers"]) == {"npvae", "torch", "matmul"}
+    for kind, row in res["peers"].items():
+        assert len(row["epoch_seconds"]) == row["epochs"] == 2
+        assert all(s > 0 for s in row["epoch_seconds"])
+        assert row["seconds_per_epoch"] == row["epoch_seconds"][1]
+        assert row["images_per_second"] == pytest.approx(512 / row["seconds_per_epoch"])
+        assert row["first_epoch_overhead_s"] == pytest.approx(row["epoch_seconds"][0] - row["epoch_seconds"][1])
+        assert 20 < row["peak_rss_mib"] < 4096 and row["rss_delta_mib"] >= 0
+        assert row["threads"]["blas"]["threads"] >= 1
+    for kind in ("npvae", "torch"):
+        row = res["peers"][kind]
+        # Two epochs on 512 digits from the same start and batches: a trained but rough model.
+        assert 100 < row["test_neg_elbo"] < 545
+        assert row["train_loss"][1] < row["train_loss"][0]
+    assert abs(res["peers"]["npvae"]["test_neg_elbo"] - res["peers"]["torch"]["test_neg_elbo"]) < 15
+    assert res["peers"]["npvae"]["threads"]["npvae_backend"] in ("numba", "numpy")
+    assert res["peers"]["torch"]["threads"]["torch"]["intra_op_threads"] >= 1
+    assert res["peers"]["matmul"]["gflops_per_second"] > 0
+    assert set(res["ratios"]) == {"npvae/torch", "npvae/matmul"}
+    assert [t["result"] for t in res["targets"]][2] in ("PASS", "FAIL")
+    by_name = {t["target"]: t for t in res["targets"]}
+    assert by_name["npvae <= 0.8 x JAX jit"]["result"] == "n/a"
+    assert by_name["NumPy backend <= 2 x Numba backend"]["result"] == "n/a"
+    for t in res["targets"]:
+        if t["ratio"] is not None:
+            assert math.isfinite(t["ratio"]) and t["result"] == ("PASS" if t["ratio"] <= t["threshold"] else "FAIL")
+
+
+@pytest.mark.slow
+def test_tiny_sweep(tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    argv = ["--sweep", "--dataset", "demo", "--limit", "256", "--sweep-batch", "64,128", "--sweep-hidden", "400",
+            "--sweep-latent", "20", "--sweep-sizes", "384,99999", "--json", str(out)]
+    assert bench.main(argv) == 0
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert [(r["varied"], r["value"]) for r in rows] == [
+        ("batch size", 64), ("batch size", 128), ("hidden width", 400), ("latent size", 20), ("training images", 384)]
+    for r in rows:
+        assert r["seconds_per_epoch"] > 0 and r["matmul_seconds_per_epoch"] > 0
+        assert r["rest_seconds_per_epoch"] == pytest.approx(r["seconds_per_epoch"] - r["matmul_seconds_per_epoch"])
+    assert rows[4]["n_train"] == 384 and rows[0]["n_train"] == 256
+    # The default configuration appears in three groups but is measured once.
+    assert rows[1]["epoch_seconds"] == rows[2]["epoch_seconds"] == rows[3]["epoch_seconds"]
+    table = capsys.readouterr().out
+    assert "| varied | value |" in table and "| training images | 384 |" in table
