@@ -276,7 +276,7 @@ class Trainer:
         buf = self._batch_buf.get(len(idx))
         if buf is None:
             buf = self._batch_buf[len(idx)] = np.empty((len(idx), self.train_x.shape[1]), self.train_x.dtype)
-        np.take(self.train_x, idx, axis=0, out=buf)
+        np.take(self.train_x, idx, axis=0, out=buf, mode="clip")  # "raise" would buffer a copy
         if self.config.binarize == "dynamic":
             datasets.binarize_dynamic(buf, self.rng, out=buf)
         return buf

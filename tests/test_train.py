@@ -176,3 +176,33 @@ def test_bad_config_is_named():
         TrainConfig(binarize="sometimes").validate()
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(lr=float("nan")).validate()
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_steady_state_training_step_allocates_no_arrays(tiny_dataset, tmp_path, backend):
+    """After warm-up, a whole step (batch gather, forward, backward, checks, Adam) allocates nothing
+    of array size: one (128, 784) float32 temporary alone would be 401,408 bytes. The small
+    allowance covers Python objects (views, tuples, LossTerms) that live for a step."""
+    import tracemalloc
+
+    from npvae.backend import use_backend
+
+    if backend == "numba":
+        pytest.importorskip("numba")
+    with use_backend(backend):
+        model = VAE(784, (400,), 20)
+        trainer = Trainer(model, tiny_dataset, config(batch_size=128), tmp_path, progress=False, echo=quiet)
+        idx = np.arange(128)
+        for _ in range(3):
+            trainer._train_step(idx)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(10):
+                trainer._train_step(idx)
+            current, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    limit = 16_384 if backend == "numba" else 8 * 128 * 784 * 4  # NumPy twins use temporaries by design
+    assert peak - before < limit, f"a step allocated {peak - before} bytes at its peak"
+    assert current - before < 4096, f"{current - before} bytes still held after 10 steps"
