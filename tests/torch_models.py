@@ -1,0 +1,271 @@
+"""PyTorch reference models for the whole-model tests, written directly from the math.
+
+Nothing here calls npvae's math: each reference re-states a model with ``F.linear``-style layers,
+torch activations and losses, and lets autograd differentiate it. The references are
+``nn.Module``s whose parameter names, order and shapes are exactly those of the matching npvae
+model's ``state_dict()``, so ``ref.load_state_dict(to_torch(model.state_dict()), strict=True)``
+needs no key mapping, and ``gradients(ref)`` is keyed like npvae's ``grads``.
+
+Each reference's ``forward`` mirrors the npvae model's ``forward`` signature and returns the same
+per-example terms ``(recon (B,), reg (B,))``; ``loss`` returns the batch-mean ``(total, recon, reg)``
+of ``loss_and_grads``. The functional pieces (activations, likelihoods, KL) are public so that
+references for other models (the conditional VAE) reuse them rather than re-derive them.
+
+Usage::
+
+    ref = reference_for(model)                       # float64, model's weights loaded strictly
+    total, recon, kl = ref.loss(x, eps)              # tensors
+    total.backward()
+    grads = gradients(ref)                           # {"encoder.0.weight": ndarray, ...}
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from npvae import models
+
+LOG_2PI = math.log(2 * math.pi)
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def torch_activation(name: str, alpha: float = 0.01) -> Callable[[Tensor], Tensor]:
+    """The torch function for an npvae activation name (``alpha``: LeakyReLU's slope)."""
+    functions = {
+        "identity": lambda a: a,
+        "relu": torch.relu,
+        "leaky_relu": lambda a: F.leaky_relu(a, alpha),
+        "sigmoid": torch.sigmoid,
+        "tanh": torch.tanh,
+        # Not F.softplus: its default threshold=20 returns a itself above 20, 2e-9 off the math.
+        "softplus": lambda a: torch.logaddexp(a, torch.zeros_like(a)),
+    }
+    try:
+        return functions[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}: expected one of {', '.join(functions)}") from None
+
+
+def linears(sizes) -> nn.ModuleList:
+    """``nn.Linear`` layers ``sizes[0] -> sizes[1] -> ...`` (empty for fewer than two sizes)."""
+    return nn.ModuleList(nn.Linear(i, o) for i, o in zip(sizes[:-1], sizes[1:]))
+
+
+def mlp(x: Tensor, layers: nn.ModuleList, act: Callable, out_act: Callable) -> Tensor:
+    """Apply ``layers``, ``act`` after each but the last, ``out_act`` after the last."""
+    for k, layer in enumerate(layers):
+        x = (out_act if k == len(layers) - 1 else act)(layer(x))
+    return x
+
+
+def bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
+    """-log Bernoulli(x | sigmoid(logits)) summed over features: (B, D) -> (B,)."""
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1)
+
+
+def gaussian_nll(mean: Tensor, x: Tensor) -> Tensor:
+    """-log N(x | mean, I) summed over features: (B, D) -> (B,)."""
+    return 0.5 * ((mean - x) ** 2).sum(1) + 0.5 * x.shape[1] * LOG_2PI
+
+
+def cb_log_norm(logits: Tensor) -> Tensor:
+    """Continuous-Bernoulli log-normaliser ``log C(l) = log(l / tanh(l/2))``, elementwise (B, D).
+
+    Below ``|l| < 1e-4`` it is ``log 2 + l^2 / 12`` (next term ~1e-19): autograd's derivative of the
+    closed form is a difference of two ~2/l terms there, and 0/0 at l = 0.
+    """
+    small = logits.abs() < 1e-4
+    safe = torch.where(small, torch.ones_like(logits), logits)
+    return torch.where(small, math.log(2) + logits**2 / 12, torch.log(safe / torch.tanh(safe / 2)))
+
+
+def continuous_bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
+    """-log CB(x | logits) = BCE - log C, summed over features: (B, D) -> (B,)."""
+    return bernoulli_nll(logits, x) - cb_log_norm(logits).sum(1)
+
+
+def kl_normal(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over latent dimensions: (B, Z) -> (B,)."""
+    return 0.5 * (mu**2 + torch.exp(logvar) - 1 - logvar).sum(1)
+
+
+# What the decoder's last layer emits (logits, or a sigmoid mean) and the NLL that reads it.
+DECODER_OUTPUT = {"bernoulli": "identity", "continuous_bernoulli": "identity", "gaussian": "sigmoid"}
+NLL = {"bernoulli": bernoulli_nll, "continuous_bernoulli": continuous_bernoulli_nll, "gaussian": gaussian_nll}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class TorchVAE(nn.Module):
+    """Gaussian VAE: encoder ``D -> hidden``, heads ``mu``/``logvar``, decoder ``Z -> reversed(hidden)``,
+    ``output`` layer to D; ``z = mu + exp(logvar / 2) * eps``; loss per example ``recon + beta * KL``.
+    With ``logvar_bounds = (lo, hi)`` the logvar head is clamped into [lo, hi].
+
+    Keys, in order: ``encoder.{i}``, ``mu``, ``logvar``, ``decoder.{i}``, ``output``.
+    """
+
+    def __init__(self, input_dim=784, hidden=(400,), latent_dim=20, activation="relu", likelihood="bernoulli",
+                 beta=1.0, alpha=0.01, logvar_bounds=None):
+        super().__init__()
+        hidden = tuple(hidden)
+        width = hidden[-1] if hidden else input_dim
+        self.encoder = linears([input_dim, *hidden])
+        self.mu = nn.Linear(width, latent_dim)
+        self.logvar = nn.Linear(width, latent_dim)
+        self.decoder = linears([latent_dim, *reversed(hidden)])
+        self.output = nn.Linear(hidden[0] if hidden else latent_dim, input_dim)
+        self.act = torch_activation(activation, alpha)
+        self.out_act = torch_activation(DECODER_OUTPUT[likelihood])
+        self.nll = NLL[likelihood]
+        self.reg_weight = float(beta)
+        self.logvar_bounds = logvar_bounds
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, D) -> mu (B, Z), logvar (B, Z)."""
+        h = mlp(x, self.encoder, self.act, self.act)
+        logvar = self.logvar(h)
+        if self.logvar_bounds is not None:
+            logvar = torch.clamp(logvar, *self.logvar_bounds)
+        return self.mu(h), logvar
+
+    def decode(self, z: Tensor) -> Tensor:
+        """z (B, Z) -> the decoder's output (B, D): logits, or the Gaussian's mean."""
+        return self.out_act(self.output(mlp(z, self.decoder, self.act, self.act)))
+
+    def forward(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-example ``-log p(x | z)`` (B,) and ``KL(q(z|x) || p(z))`` (B,)."""
+        mu, logvar = self.encode(x)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        return self.nll(self.decode(z), x), kl_normal(mu, logvar)
+
+    def loss(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Batch means ``(recon + beta * kl, recon, kl)``."""
+        recon, kl = self(x, eps)
+        return recon.mean() + self.reg_weight * kl.mean(), recon.mean(), kl.mean()
+
+
+class TorchAutoencoder(nn.Module):
+    """Deterministic autoencoder (and, fed a corrupted ``x_in``, the denoising one): encoder
+    ``D -> hidden -> Z`` (linear code), decoder ``Z -> reversed(hidden) -> D`` with ``output_activation``;
+    loss per example ``sum_j (x_hat_j - x_j)^2``.
+
+    Keys, in order: ``encoder.{i}``, ``decoder.{i}``.
+    """
+
+    def __init__(self, input_dim=784, hidden=(128, 64, 12), latent_dim=3, activation="relu", output_activation="tanh",
+                 alpha=0.01):
+        super().__init__()
+        hidden = tuple(hidden)
+        self.encoder = linears([input_dim, *hidden, latent_dim])
+        self.decoder = linears([latent_dim, *reversed(hidden), input_dim])
+        self.act = torch_activation(activation, alpha)
+        self.out_act = torch_activation(output_activation)
+        self.reg_weight = 1.0
+
+    def encode(self, x: Tensor) -> Tensor:
+        return mlp(x, self.encoder, self.act, lambda a: a)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return mlp(z, self.decoder, self.act, self.out_act)
+
+    def code(self, x: Tensor, eps: Tensor | None) -> Tensor:
+        return self.encode(x)
+
+    def regulariser(self, code: Tensor) -> Tensor:
+        return torch.zeros(code.shape[0], dtype=code.dtype)
+
+    def forward(self, x_in: Tensor, x_target: Tensor, eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per-example squared error of reconstructing ``x_target`` from ``x_in`` (B,), and the regulariser (B,)."""
+        code = self.code(x_in, eps)
+        return ((self.decode(code) - x_target) ** 2).sum(1), self.regulariser(code)
+
+    def loss(self, x_in: Tensor, x_target: Tensor, eps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Batch means ``(recon + reg, recon, reg)``."""
+        recon, reg = self(x_in, x_target, eps)
+        return recon.mean() + self.reg_weight * reg.mean(), recon.mean(), reg.mean()
+
+
+class TorchPoorMansVAE(TorchAutoencoder):
+    """Autoencoder with a noisy code ``z = h + noise_std * eps`` and the penalty ``||z||_2`` per example."""
+
+    def __init__(self, input_dim=784, hidden=(392,), latent_dim=20, activation="sigmoid", output_activation="sigmoid",
+                 alpha=0.01, noise_std=1.0):
+        super().__init__(input_dim, hidden, latent_dim, activation, output_activation, alpha)
+        self.noise_std = float(noise_std)
+
+    def code(self, x: Tensor, eps: Tensor) -> Tensor:
+        return self.encode(x) + self.noise_std * eps
+
+    def regulariser(self, z: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(z, dim=1)
+
+
+# ----------------------------------------------------------------------------- bridging to npvae
+
+
+def to_torch(state: dict, dtype=torch.float64) -> dict[str, Tensor]:
+    """An npvae state dict (NumPy arrays) as torch tensors of ``dtype`` (copies), same keys and order."""
+    return {key: torch.tensor(np.asarray(value), dtype=dtype) for key, value in state.items()}
+
+
+def reference_for(model: models.Model, dtype=torch.float64) -> nn.Module:
+    """The torch reference of an npvae model, same architecture, its weights loaded with ``strict=True``."""
+    c = model.config
+    if type(model) is models.VAE:  # subclasses (the CVAE) have their own architecture
+        ref = TorchVAE(c.input_dim, c.hidden, c.latent_dim, c.activation, c.likelihood, c.beta, c.alpha,
+                       c.logvar_bounds)
+    elif isinstance(model, models.PoorMansVAE):
+        ref = TorchPoorMansVAE(c.input_dim, c.hidden, c.latent_dim, c.activation, c.output_activation, c.alpha,
+                               c.noise_std)
+    elif isinstance(model, models.Autoencoder):
+        ref = TorchAutoencoder(c.input_dim, c.hidden, c.latent_dim, c.activation, c.output_activation, c.alpha)
+    else:
+        raise TypeError(f"no torch reference for {type(model).__name__}")
+    ref.to(dtype).load_state_dict(to_torch(model.state_dict(), dtype), strict=True)
+    return ref
+
+
+def gradients(module: nn.Module) -> dict[str, np.ndarray]:
+    """Each parameter's ``.grad`` as a NumPy array (zeros where autograd left None), in parameter order."""
+    return {
+        name: (torch.zeros_like(p) if p.grad is None else p.grad).detach().numpy().copy()
+        for name, p in module.named_parameters()
+    }
+
+
+def rel_error(ours, theirs, floor: float = 0.0) -> float:
+    """``max|a - b| / max(max|a|, max|b|, floor)``: the error relative to the array's scale.
+
+    Not elementwise: entries of a gradient that cancel to ~0 would make an elementwise ratio noise.
+    Two all-zero arrays have error 0.
+    """
+    a, b = np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    scale = max(np.abs(a).max(initial=0.0), np.abs(b).max(initial=0.0), floor)
+    return 0.0 if scale == 0 else float(np.abs(a - b).max() / scale)
+
+
+def gradient_errors(ours: dict, theirs: dict, rel_floor: float = 1e-5, abs_floor: float = 1e-4) -> dict[str, float]:
+    """:func:`rel_error` of each gradient, with its scale floored at ``max(rel_floor * G, abs_floor)``,
+    G the model's largest gradient entry.
+
+    The floors are for layers behind a saturated sigmoid or tanh. Both implementations take the
+    derivative through the output, ``1 - y^2`` or ``y (1 - y)``, which is ~1e-8 at |a| ~ 10 and has
+    an absolute error ~1e-16: the gradient shrinks while its absolute error does not, so it is only
+    accurate relative to the gradient it would have unsaturated. ``abs_floor`` covers a whole model
+    behind a saturated output (G itself tiny); both floors sit far below the gradients a bug changes.
+    """
+    if list(ours) != list(theirs):
+        raise ValueError(f"gradient keys differ: {list(ours)} vs {list(theirs)}")
+    largest = max((float(np.abs(np.asarray(g)).max(initial=0.0)) for g in theirs.values()), default=0.0)
+    floor = max(rel_floor * largest, abs_floor)
+    return {key: rel_error(ours[key], theirs[key], floor) for key in ours}
