@@ -104,6 +104,7 @@ def small_models(dtype=np.float64):
         "vae-gaussian": VAE(7, (6,), 3, "softplus", "gaussian", beta=2.0, dtype=dtype, seed=2),
         "vae-cb": VAE(7, (6,), 3, "sigmoid", "continuous_bernoulli", beta=0.5, dtype=dtype, seed=3),
         "vae-no-hidden": VAE(5, (), 2, "tanh", "bernoulli", dtype=dtype, seed=4),
+        "vae-logvar-bounds": VAE(7, (6,), 3, "tanh", "bernoulli", logvar_bounds=(-0.3, 0.2), dtype=dtype, seed=9),
         "ae": Autoencoder(7, (6, 5), 3, "tanh", "tanh", dtype=dtype, seed=5),
         "dae-salt-pepper": DenoisingAutoencoder(7, (6,), 3, "softplus", "sigmoid", (0.0, 1.0), noise="salt_pepper",
                                                 noise_level=0.3, dtype=dtype, seed=6),
@@ -192,6 +193,27 @@ def test_explicit_eps_equals_the_draw_from_rng(kind, d, z):
     assert given_eps == drawn
     for key, grad in grads.items():
         np.testing.assert_array_equal(grad, drawn_grads[key], err_msg=key)
+
+
+@pytest.mark.parametrize("name", MODEL_IDS)
+def test_results_do_not_depend_on_earlier_calls(name):
+    """Buffers are kept per batch size and reused: interleaved batch sizes and inference calls must
+    not leak into a later step, and inference must not touch the gradients."""
+    used = small_models()[name]
+    rng = np.random.default_rng(0)
+    batches = [data_batch(used, b, rng) for b in (5, 3, 5, 1, 3, 5)]
+    for i, x in enumerate(batches):
+        expected, expected_grads = small_models()[name].loss_and_grads(x, rng=np.random.default_rng(i))
+        terms, grads = used.loss_and_grads(x, rng=np.random.default_rng(i))
+        assert terms == expected
+        for key, grad in grads.items():
+            np.testing.assert_array_equal(grad, expected_grads[key], err_msg=key)
+        after_step = used.params.grad.copy()
+        used.encode(batches[(i + 1) % len(batches)])
+        used.reconstruct(batches[i - 1], batch_size=2)
+        used.sample(len(x), rng)
+        used.evaluate(x, np.random.default_rng(9), batch_size=2)
+        np.testing.assert_array_equal(used.params.grad, after_step)
 
 
 # ----------------------------------------------------------------------------- 2. finite differences
