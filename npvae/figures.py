@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import plots
+from . import ops, plots
 
 
 def _value_range(model) -> tuple[float, float]:
@@ -79,3 +79,197 @@ def _names(model) -> list[str]:
     if getattr(model, "conditional", False):
         names.append("classes")
     return names
+
+
+# ----------------------------------------------------------------------------- looking inside a trained model
+
+
+def _conditional(model) -> bool:
+    return getattr(model, "conditional", False)
+
+
+def _is_vae(model) -> bool:
+    """A model with a posterior q(z|x) and a prior (VAE, CVAE), not a deterministic code."""
+    return model.kind in ("vae", "cvae")
+
+
+def _posterior(model, x, y=None) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior parameters mu, logvar (N, Z) of q(z | x[, y])."""
+    if _conditional(model):
+        if y is None:
+            raise ValueError(f"{type(model).__name__} is conditional: its encoder needs the labels y")
+        return model.encode(x, y)
+    return model.encode(x)
+
+
+def _codes(model, x, y=None) -> np.ndarray:
+    """The code of each input (N, Z): the posterior mean for VAEs, the encoder's output for autoencoders."""
+    return _posterior(model, x, y)[0] if _is_vae(model) else model.encode(x)
+
+
+def _check_latent_model(model, what: str) -> None:
+    if not hasattr(model.config, "latent_dim"):
+        raise ValueError(f"the {what} picture needs a model with a latent code, got {model!r}")
+
+
+def interpolation_pairs(y, rows: int, conditional: bool) -> list[tuple[int, int]]:
+    """Indices (a, b) of the endpoints of each interpolation row.
+
+    With labels: the first examples of classes (0, 1), (2, 3), ... (cycling through the classes) for
+    unconditional models, and two examples of the same class for conditional ones (whose decoder
+    is told one class). Without labels: consecutive examples (0, 1), (2, 3), ...
+    """
+    if y is None:
+        return [(2 * r, 2 * r + 1) for r in range(rows)]
+    y = np.asarray(y)
+    classes = np.unique(y)
+    by_class = {c: np.flatnonzero(y == c) for c in classes}
+    pairs = []
+    for r in range(rows):
+        if conditional:
+            c = classes[r % len(classes)]
+            idx = by_class[c]
+            k = r // len(classes)
+            if len(idx) < 2 * k + 2:
+                raise ValueError(f"not enough examples of class {c} for {rows} interpolation rows")
+            pairs.append((int(idx[2 * k]), int(idx[2 * k + 1])))
+        else:
+            a, b = classes[(2 * r) % len(classes)], classes[(2 * r + 1) % len(classes)]
+            k = (2 * r) // len(classes)
+            pairs.append((int(by_class[a][k % len(by_class[a])]), int(by_class[b][k % len(by_class[b])])))
+    return pairs
+
+
+def interpolation(model, x, path, y=None, rows: int = 5, steps: int = 10, title: str | None = None) -> Path:
+    """Decoded straight-line paths between the codes (posterior means) of pairs of inputs, one per row.
+
+    .. math:: z_t = (1 - t)\\, \\mu(x_a) + t\\, \\mu(x_b), \\quad t = 0, \\tfrac{1}{K-1}, \\dots, 1
+
+    Endpoints are chosen by :func:`interpolation_pairs`; a conditional model decodes each row with
+    its endpoints' class.
+    """
+    _check_latent_model(model, "interpolation")
+    if rows < 1 or steps < 2:
+        raise ValueError(f"expected rows >= 1 and steps >= 2 (both endpoints), got rows={rows}, steps={steps}")
+    pairs = interpolation_pairs(y, rows, _conditional(model))
+    if max(max(p) for p in pairs) >= len(x):
+        raise ValueError(f"{rows} interpolation rows need {2 * rows} inputs, got {len(x)}")
+    ends = np.array([i for p in pairs for i in p])
+    codes = _codes(model, x[ends], None if y is None else np.asarray(y)[ends])
+    a, b = codes[0::2], codes[1::2]  # (rows, Z)
+    t = np.linspace(0.0, 1.0, steps)[None, :, None]
+    z = ((1 - t) * a[:, None] + t * b[:, None]).reshape(rows * steps, -1)  # (rows K, Z)
+    if _conditional(model):
+        images = model.decode(z, np.repeat(np.asarray(y)[ends[0::2]], steps))
+    else:
+        images = model.decode(z)
+    paths = _clip(images, model).reshape(rows, steps, -1)
+    return plots.plot_interpolation(paths, path, value_range=_value_range(model), **({"title": title} if title else {}))
+
+
+def latent_scatter(model, x, y, path, class_names=None, title: str | None = None) -> tuple[Path, np.ndarray | None]:
+    """Codes (posterior means) of ``x`` coloured by label; PCA to two dimensions when Z > 2.
+
+    Returns
+    -------
+    path : Path
+    explained : (2,) array or None
+        For Z > 2, the fraction of the means' variance each principal component keeps.
+    """
+    _check_latent_model(model, "latent")
+    codes = _codes(model, x, y)
+    explained = plots.pca_2d(codes)[1] if codes.shape[1] > 2 else None
+    if title is None:
+        title = "Posterior means of the test images, coloured by class" if _is_vae(model) else \
+            "Codes of the test images, coloured by class"
+    return plots.plot_latent_scatter(codes, y, path, title=title, class_names=class_names), explained
+
+
+def manifold(model, path, n: int = 20, label: int | None = None) -> Path:
+    """Decode an n x n grid over a 2-D latent space, on standard-normal quantiles (the prior's mass).
+
+    Conditional models decode the grid for one class, ``label``.
+    """
+    _check_latent_model(model, "manifold")
+    zdim = model.config.latent_dim
+    if zdim != 2:
+        raise ValueError(f"the manifold picture decodes a grid over a 2-D latent space, and this model has "
+                         f"Z = {zdim}: train one with --latent-dim 2, or look at the 'latent' picture (PCA of the codes)")
+    if _conditional(model):
+        if label is None:
+            raise ValueError(f"{type(model).__name__} is conditional: pass the class to decode the grid for (--label)")
+        model.check_labels(np.array([label]))
+
+        def decode(z):
+            return _clip(model.decode(z, np.full(len(z), label)), model)
+
+        title = f"The learned manifold of class {label}: decoding a grid over the 2-D latent space"
+    else:
+        if label is not None:
+            raise ValueError(f"a label needs a conditional model (cvae); this is a {model.kind}")
+
+        def decode(z):
+            return _clip(model.decode(z), model)
+
+        title = "The learned manifold: decoding a grid over the 2-D latent space"
+    return plots.plot_manifold(decode, path, n=n, latent_dim=zdim, title=title, value_range=_value_range(model))
+
+
+def posterior_kl_per_dim(model, x, y=None) -> np.ndarray:
+    """KL(q(z_j | x) || p(z_j)) per latent dimension j, averaged over the examples: (Z,) float64, nats.
+
+    The prior is N(0, 1), or for a conditional model its prior p(z | y). A dimension whose mean KL
+    is near zero carries no information about x: the posterior has collapsed onto the prior there.
+    """
+    if not _is_vae(model):
+        raise ValueError(f"KL per dimension needs a VAE (a posterior and a prior), got a {model.kind} model")
+    mu, logvar = _posterior(model, x, y)
+    prior = model.prior(y) if _conditional(model) else None
+    kl = np.empty(mu.shape[1])
+    for j in range(mu.shape[1]):
+        col = slice(j, j + 1)
+        if prior is None:
+            kl[j] = ops.kl_normal_forward(mu[:, col], logvar[:, col], "batchmean")[0]
+        else:
+            kl[j] = ops.kl_gaussians_forward(mu[:, col], logvar[:, col], prior[0][:, col], prior[1][:, col], "batchmean")[0]
+    return kl
+
+
+def kl_per_dim(model, x, path, y=None, threshold: float = 0.01) -> tuple[Path, np.ndarray]:
+    """Bar chart of :func:`posterior_kl_per_dim` with the count of active units (KL > threshold nats).
+
+    Returns
+    -------
+    path : Path
+    kl : (Z,) array, the values drawn
+    """
+    kl = posterior_kl_per_dim(model, x, y)
+    title = f"Mean KL per latent unit over {len(x):,} images (the posterior-collapse diagnostic)"
+    return plots.plot_kl_per_dim(kl, path, threshold=threshold, title=title), kl
+
+
+def training_curves(log_path, path) -> Path:
+    """Loss curves (total, reconstruction, KL; train and validation) from a run's ``log.jsonl``."""
+    return plots.plot_training_curves(log_path, path, title="Training curves (nats per image)")
+
+
+def grad_norms(log_path, path) -> Path:
+    """Per-layer gradient norms over training, from a run's ``log.jsonl`` (``--log-grad-norms``)."""
+    try:
+        return plots.plot_grad_norms(log_path, path, title="Gradient norm of each layer's weights during training")
+    except ValueError as exc:
+        raise ValueError(f"{log_path}: {exc}. Gradient norms are logged by `npvae train --log-grad-norms`") from None
+
+
+def gradient_decomposition(rows, path, n: int | None = None) -> Path:
+    """Bar chart of the reconstruction and KL parts of each parameter's gradient (npvae.gradflow)."""
+    where = f" ({n} images)" if n else ""
+    return plots.plot_gradient_decomposition(rows, path, title=f"Where each parameter's gradient comes from{where}: "
+                                                               "reconstruction vs KL")
+
+
+def estimator_comparison(table, path) -> Path:
+    """Means and variances of the reparameterization and score-function gradients (npvae.gradflow)."""
+    return plots.plot_estimator_comparison(
+        table, path, title=f"Gradient of {table['objective']} w.r.t. q's mean and log-variance: "
+                           "reparameterization vs score function")

@@ -214,6 +214,15 @@ def compare_estimators(model, x, n_draws: int, rng: np.random.Generator, y=None,
     return table
 
 
+def select_dims(table: dict, dims) -> dict:
+    """The rows of a :func:`compare_estimators` table whose latent dimension is in ``dims``."""
+    dims = {int(d) for d in dims}
+    keep = [r for r, d in enumerate(table["dim"]) if d in dims]
+    if not keep:
+        raise ValueError(f"no rows for latent dimensions {sorted(dims)}; the table has {sorted(set(table['dim']))}")
+    return {k: [v[r] for r in keep] if isinstance(v, list) else v for k, v in table.items()}
+
+
 def estimator_text(table: dict) -> str:
     """The table of :func:`compare_estimators` as aligned plain text, with variance ratios."""
     width = max(len("parameter"), *(len(p) for p in table["param"]))
