@@ -200,8 +200,20 @@ class Model:
         return scale
 
     def _batched(self, fn, x: np.ndarray, batch_size: int):
-        """Apply ``fn`` to slices of x and stack the (copied) results."""
-        return np.concatenate([np.array(fn(x[i : i + batch_size])) for i in range(0, len(x), batch_size)])
+        """Apply ``fn`` to slices of x and stack the (copied) results (an empty x gives an empty result)."""
+        starts = range(0, len(x), batch_size) if len(x) else [0]
+        return np.concatenate([np.array(fn(x[i : i + batch_size])) for i in starts])
+
+    @staticmethod
+    def _check_rng(rng) -> np.random.Generator:
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"expected rng to be an np.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
+        return rng
+
+    def _check_count(self, n) -> int:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"expected n, the number of samples, as an integer >= 0, got {n!r}")
+        return int(n)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))
@@ -466,11 +478,12 @@ class VAE(Model):
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """Decode n draws from the prior N(0, I): (n, D) means of p(x|z)."""
-        return self.decode(rng.standard_normal((int(n), self.config.latent_dim), dtype=self.dtype))
+        n, rng = self._check_count(n), self._check_rng(rng)
+        return self.decode(rng.standard_normal((n, self.config.latent_dim), dtype=self.dtype))
 
     def evaluate(self, x, rng: np.random.Generator, batch_size: int = 1000) -> LossTerms:
         """Mean negative ELBO (one sample per image), reconstruction and KL over a whole set."""
-        x = self.check_input(x)
+        x, rng = self.check_input(x), self._check_rng(rng)
         recon = kl = 0.0
         for i in range(0, len(x), batch_size):
             xb = x[i : i + batch_size]
@@ -585,10 +598,11 @@ class Autoencoder(Model):
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """Decode codes drawn from a Gaussian fitted to nothing: N(0, I). AEs have no prior, which
         is exactly why their samples look poor; provided for the side-by-side picture."""
-        return self.decode(rng.standard_normal((int(n), self.config.latent_dim), dtype=self.dtype))
+        n, rng = self._check_count(n), self._check_rng(rng)
+        return self.decode(rng.standard_normal((n, self.config.latent_dim), dtype=self.dtype))
 
     def evaluate(self, x, rng: np.random.Generator, batch_size: int = 1000) -> LossTerms:
-        x = self.check_input(x)
+        x, rng = self.check_input(x), self._check_rng(rng)
         recon = reg = 0.0
         for i in range(0, len(x), batch_size):
             xb = x[i : i + batch_size]
