@@ -140,6 +140,8 @@ def compare_estimators(model, x, n_draws: int, rng: np.random.Generator, y=None,
     :func:`npvae.ops.gaussian_log_prob_backward`; the reparameterization gradient is the model's
     own backward pass. The baseline is the leave-one-out mean of f over the other draws of the
     same example, which keeps the estimator unbiased. All three estimate the same gradient.
+    (For a VAE with ``logvar_bounds``, the reparameterization column is the gradient at the logvar
+    head's output, so it is zero for a unit whose logvar sits outside the bounds.)
 
     Parameters
     ----------
