@@ -443,6 +443,9 @@ def main(argv=None) -> int:
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # outside training (which saves and returns 130 itself)
+        print(f"npvae {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (CLIError, CheckpointError, DownloadError, IDXFormatError, TrainingDiverged, FileExistsError,
             FileNotFoundError, ValueError, TypeError, ImportError) as exc:
         print(f"npvae {args.command}: error: {exc}", file=sys.stderr)

@@ -447,8 +447,10 @@ class Trainer:
                 self.echo(_epoch_line(record, cfg.epochs))
                 self.save()
                 if improved:
-                    save_model(self.model, self.out_dir / BEST, {"epoch": self.epoch, "val_loss": record["val_loss"],
-                                                                  "dataset": self.dataset.name})
+                    save_model(self.model, self.out_dir / BEST, {
+                        "epoch": self.epoch, "val_loss": record["val_loss"], "dataset": self.dataset.name,
+                        "train_config": dataclasses.asdict(cfg),  # how to prepare data to evaluate it
+                    })
                 if cfg.pictures:
                     self._pictures(self.epoch)
                 if cfg.patience is not None and self.bad_epochs >= cfg.patience:

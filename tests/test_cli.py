@@ -98,7 +98,9 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_uninterrupted_result(tmp_path):
     """A real SIGINT to a real training process, then --resume, against a straight run."""
-    args = ["train", *SMALL, "--epochs", "3", "--batch-size", "32", "--no-pictures", "--seed", "3"]
+    # Enough epochs that the interrupt, sent once epoch 1 is logged, lands during training even
+    # on a loaded machine.
+    args = ["train", *SMALL, "--epochs", "8", "--batch-size", "32", "--no-pictures", "--seed", "3"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     straight = tmp_path / "straight"
     subprocess.run([sys.executable, "-m", "npvae.cli", *args, "--out", str(straight)], check=True, env=env,

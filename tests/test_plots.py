@@ -388,7 +388,7 @@ def test_grad_norms_errors_and_event_filter(tmp_path):
     with pytest.raises(ValueError, match="no layer norms"):
         plots.plot_grad_norms([{"step": 1}, {"step": 2, "note": "x"}], tmp_path / "g.png")
     recs = [{"event": "epoch", "epoch": 1, "train_loss": 5.0}] + [
-        {"event": "grad_norm", "step": s, "fc.W": 2.0 ** -s, "fc.b": 0.0} for s in range(10)]
+        {"event": "grad_norms", "step": s, "fc.W": 2.0 ** -s, "fc.b": 0.0} for s in range(10)]
     assert_real_png(plots.plot_grad_norms(recs, tmp_path / "g.png"))
 
 
