@@ -1,0 +1,215 @@
+"""Every loop kernel in :mod:`npvae._kernels`, compiled by Numba, against its NumPy twin.
+
+The kernels are found by scanning the module for :class:`~npvae.backend.Kernel` instances, so a new
+kernel is covered automatically and fails here until it has an input builder below. Each builder
+returns argument tuples (all the variants worth running: every activation code, accumulate on and
+off, aliased buffers, optimizer flags); every array argument is compared after the call (outputs
+and in-place state alike), except ``work``, the twins' scratch.
+
+Tolerance, relative to each array's scale (max|a| + |b|): float64 1e-12 (summation order is all that
+may differ); float32 2e-6 (~16 ulps: the loops may evaluate a float32 expression in float64 where
+a float64 literal promotes it, the twins stay in float32), except ``cb_log_norm_backward``:
+1/l - 1/sinh(l) cancels ~600x just above its series switch, so two correct float32 evaluations
+may differ by 2e-5 there.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import npvae._kernels as K
+from npvae.backend import Kernel, numba_available
+from tests.helpers import random_array, rel_error
+
+KERNELS = sorted(name for name, value in vars(K).items() if isinstance(value, Kernel))
+TOL = {np.float64: 1e-12, np.float32: 2e-6}
+F32_CANCELLING = {"cb_log_norm_backward": 5e-5}
+
+
+class Draw:
+    """Arrays for one example: (n, m) matrices, (m,) or (n,) vectors, (n * m,) flat buffers."""
+
+    def __init__(self, rng: np.random.Generator, dtype, n: int, m: int):
+        self.rng, self.dtype, self.n, self.m = rng, dtype, n, m
+
+    def __call__(self, lo, hi, shape=None):
+        return random_array(self.rng, (self.n, self.m) if shape is None else shape, lo, hi).astype(self.dtype)
+
+    def empty(self, shape=None):
+        return np.full((self.n, self.m) if shape is None else shape, np.nan, dtype=self.dtype)
+
+    def flat(self, lo, hi):
+        return self(lo, hi, (self.n * self.m,))
+
+    def work(self):
+        return np.full((2, self.n * self.m), np.nan, dtype=self.dtype)
+
+    def scalar(self, value):
+        return self.dtype(value)
+
+
+CODES = list(K.ACTIVATION_CODES.values())
+
+
+def _bias_act_forward(d):
+    cases = []
+    for code in CODES:
+        cases.append((d(-100, 100), d(-3, 3, (d.m,)), code, 0.1, d.empty()))
+        a = d(-100, 100)
+        cases.append((a, d(-3, 3, (d.m,)), code, 0.1, a))  # a aliases out, as dense_forward does
+    return cases
+
+
+def _act_backward(d):
+    cases = []
+    for code in CODES:
+        y = d.empty()
+        K.bias_act_forward.twin(d(-30, 30), np.zeros(d.m, d.dtype), code, 0.1, y)  # a valid output
+        cases.append((d(-2, 2), y, code, 0.1, d.empty()))
+        dy = d(-2, 2)
+        cases.append((dy, y.copy(), code, 0.1, dy))  # dy aliases out, as dense_backward allows
+    return cases
+
+
+def _kl_gaussians_backward(d):
+    return [
+        (d(-10, 10), d(-30, 30), d(-10, 10), d(-30, 30), d(-2, 2, (d.n,)), acc, d(-1, 1), d(-1, 1), d.empty(), d.empty())
+        for acc in (False, True)
+    ]
+
+
+def _sgd_step(d):
+    cases = []
+    for weight_decay in (0.0, 0.01):
+        for momentum, nesterov in ((0.0, False), (0.9, False), (0.9, True)):
+            for first in (True, False):
+                buf = d.flat(-1, 1) if momentum else d.empty((0,))
+                keep = 1.0 if nesterov else 0.8
+                s = d.scalar
+                cases.append(
+                    (d.flat(-3, 3), d.flat(-1, 1), buf, s(-0.1), s(weight_decay), s(momentum), s(keep), nesterov, first, d.work())
+                )
+    return cases
+
+
+def _rmsprop_step(d):
+    cases = []
+    s = d.scalar
+    for alpha in (0.99, 0.3):
+        for centered in (False, True):
+            for momentum, weight_decay in ((0.0, 0.0), (0.9, 0.01)):
+                grad_avg = d.flat(-1, 1) if centered else d.empty((0,))
+                square_avg = d.flat(0.5, 2) + (grad_avg * grad_avg if centered else 0)  # s - a^2 stays > 0
+                buf = d.flat(-1, 1) if momentum else d.empty((0,))
+                one_minus_alpha = s(1 - alpha)
+                cases.append(
+                    (d.flat(-3, 3), d.flat(-1, 1), square_avg.astype(d.dtype), grad_avg, buf, s(-0.01), s(alpha),
+                     one_minus_alpha, s(1) - one_minus_alpha, bool(abs(one_minus_alpha) < 0.5), s(1e-8),
+                     s(weight_decay), s(momentum), centered, d.work())
+                )
+    return cases
+
+
+def _adam_step(d):
+    cases = []
+    s = d.scalar
+    t, lr, beta2 = 3, 1e-3, 0.999
+    for beta1 in (0.9, 0.3):
+        for amsgrad in (False, True):
+            for decoupled in (False, True):
+                w1 = s(1 - beta1)
+                l2, decay = (s(0), s(1 - lr * 0.01)) if decoupled else (s(0.01), s(1))
+                cases.append(
+                    (d.flat(-3, 3), d.flat(-1, 1), d.flat(-1, 1), d.flat(0, 1), d.flat(0, 1) if amsgrad else d.empty((0,)),
+                     w1, s(1) - w1, bool(abs(w1) < 0.5), s(beta2), s(1 - beta2), s(-lr / (1 - beta1**t)),
+                     s(math.sqrt(1 - beta2**t)), s(1e-8), l2, decay, amsgrad, d.work())
+                )
+    return cases
+
+
+def _l2_norm_backward(d):
+    z = d(-10, 10)
+    z[0] = 0  # the zero row: a zero gradient in both
+    norms = d.empty((d.n,))
+    K.l2_norm_rows.twin(z, norms)
+    return [(z, norms, d(-2, 2, (d.n,)), d.empty())]
+
+
+def _l2_norm_rows(d):
+    z = d(-100, 100)
+    z[0] = 0
+    return [(z, d.empty((d.n,)))]
+
+
+def _reparameterize_backward(d):
+    return [(d(-2, 2), d(-5, 5), np.exp(0.5 * d(-30, 30)).astype(d.dtype), d.empty(), d.empty())]
+
+
+BUILDERS = {
+    "bias_act_forward": _bias_act_forward,
+    "act_backward": _act_backward,
+    "bias_grad": lambda d: [(d(-10, 10), d.empty((d.m,)))],
+    "bce_logits_forward": lambda d: [(d(-100, 100), d(0, 1), d.empty((d.n,)), d.empty())],
+    "scaled_difference": lambda d: [(d(0, 1), d(0, 1), d(-2, 2, (d.n,)), d.empty())],
+    "squared_error_rows": lambda d: [(d(-100, 100), d(-100, 100), d.empty((d.n,)))],
+    "cb_log_norm_rows": lambda d: [(d(-100, 100), d.empty((d.n,)))],
+    "cb_log_norm_backward": lambda d: [(d(-100, 100), d(-2, 2, (d.n,)), d.empty())],
+    "reparameterize": lambda d: [(d(-10, 10), d(-30, 30), d(-5, 5), d.empty(), d.empty())],
+    "reparameterize_backward": _reparameterize_backward,
+    "kl_normal_rows": lambda d: [(d(-10, 10), d(-30, 30), d.empty((d.n,)))],
+    "kl_normal_backward": lambda d: [
+        (d(-10, 10), d(-30, 30), d(-2, 2, (d.n,)), acc, d(-1, 1), d(-1, 1)) for acc in (False, True)
+    ],
+    "kl_gaussians_rows": lambda d: [(d(-10, 10), d(-30, 30), d(-10, 10), d(-30, 30), d.empty((d.n,)))],
+    "kl_gaussians_backward": _kl_gaussians_backward,
+    "l2_norm_rows": _l2_norm_rows,
+    "l2_norm_backward": _l2_norm_backward,
+    "sgd_step": _sgd_step,
+    "rmsprop_step": _rmsprop_step,
+    "adam_step": _adam_step,
+    "sum_squares": lambda d: [(d.flat(-100, 100), np.full(1, np.nan))],
+}
+
+
+def test_every_kernel_has_an_input_builder():
+    assert KERNELS, "no Kernel instances found in npvae._kernels"
+    missing = sorted(set(KERNELS) - set(BUILDERS))
+    assert not missing, f"add input builders in tests/test_kernels.py for: {', '.join(missing)}"
+    stale = sorted(set(BUILDERS) - set(KERNELS))
+    assert not stale, f"builders for kernels that no longer exist: {', '.join(stale)}"
+
+
+def _compared(kernel, args):
+    """(position, array) of every array argument except ``work``, the twins' scratch."""
+    names = list(inspect.signature(kernel.loop).parameters)
+    return [(i, a) for i, a in enumerate(args) if isinstance(a, np.ndarray) and names[i] != "work"]
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba not installed")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name", KERNELS)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 64), m=st.integers(1, 64))
+def test_compiled_loop_agrees_with_twin(name, dtype, seed, n, m):
+    if name not in BUILDERS:
+        pytest.fail(f"kernel {name} has no input builder in tests/test_kernels.py")
+    kernel = getattr(K, name)
+    tol = F32_CANCELLING.get(name, TOL[np.float32]) if dtype is np.float32 else TOL[np.float64]
+    for case, args in enumerate(BUILDERS[name](Draw(np.random.default_rng(seed), dtype, n, m))):
+        loop_args, twin_args = copy.deepcopy(args), copy.deepcopy(args)  # deepcopy keeps aliasing
+        kernel.compiled()(*loop_args)
+        kernel.twin(*twin_args)
+        for i, got in _compared(kernel, loop_args):
+            want = twin_args[i]
+            assert got.dtype == want.dtype == args[i].dtype, f"{name} case {case} argument {i}: dtype changed"
+            both_nan = np.isnan(got) & np.isnan(want)
+            assert np.array_equal(np.isnan(got), np.isnan(want)), f"{name} case {case} argument {i}: NaNs differ"
+            err = rel_error(np.where(both_nan, 0, got), np.where(both_nan, 0, want))
+            assert err <= tol, f"{name} case {case} argument {i}: relative error {err:.2e} > {tol:.0e}"
