@@ -430,16 +430,19 @@ def l2_norm_rows(z, rows):
 
 def _l2_norm_backward_np(z, norms, scale, out):
     positive = norms > 0
-    factor = np.where(positive, scale / np.where(positive, norms, 1.0), 0.0)
+    factor = np.where(positive, scale / np.where(positive, norms, 1.0).astype(np.float64), 0.0)
     np.multiply(z, factor[:, None], out=out)
 
 
 @kernel(_l2_norm_backward_np)
 def l2_norm_backward(z, norms, scale, out):
-    """out[i] = scale[i] * z[i] / ||z[i]||, and 0 where ||z[i]|| = 0 (the minimal-norm subgradient)."""
+    """out[i] = scale[i] * z[i] / ||z[i]||, and 0 where ||z[i]|| = 0 (the minimal-norm subgradient).
+
+    scale / ||z|| is formed in float64: for a float32 norm below ~3e-39 its reciprocal overflows.
+    """
     n, m = z.shape
     for i in range(n):
-        r = norms[i]
+        r = np.float64(norms[i])
         f = scale[i] / r if r > 0 else 0.0
         for j in range(m):
             out[i, j] = z[i, j] * f
