@@ -285,7 +285,7 @@ def test_float32_agrees_with_float64_and_stays_float32(name, backend, data):
 # ----------------------------------------------------------------------------- 5. stability
 
 DTYPES = [np.float32, np.float64]
-EXTREME_LOGITS = np.array([-1e4, -100.0, -30.0, -0.05, 0.0, 0.05, 30.0, 100.0, 1e4])
+EXTREME_LOGITS = np.array([-1e4, -100.0, -30.0, -0.05, -1e-40, 0.0, 5e-324, 0.05, 30.0, 100.0, 1e4])  # subnormals too
 
 
 def _all_finite(*arrays):
@@ -296,7 +296,7 @@ def _all_finite(*arrays):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_logit_losses_finite_at_extremes(reduction, dtype, backend):
-    logits = np.tile(EXTREME_LOGITS, (3, 1)).astype(dtype)  # (3, 9)
+    logits = np.tile(EXTREME_LOGITS, (3, 1)).astype(dtype)  # (3, 11)
     target = np.array([[0.0], [0.5], [1.0]], dtype=dtype) * np.ones_like(logits)
     dloss = np.ones(3, dtype) if reduction == "none" else 1.0
     with use_backend(backend):
@@ -330,8 +330,8 @@ def test_activations_finite_at_extremes(name, dtype, backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gaussian_ops_finite_at_extreme_logvar(reduction, dtype, backend):
-    grid = np.array([-30.0, -1e-7, 0.0, 1e-7, 30.0])
-    mu, logvar = (g.astype(dtype) for g in np.meshgrid([-10.0, 0.0, 10.0], grid))  # (5, 3)
+    grid = np.array([-30.0, -1e-7, -5e-324, 0.0, 1e-40, 1e-7, 30.0])
+    mu, logvar = (g.astype(dtype) for g in np.meshgrid([-10.0, 0.0, 1e-320, 10.0], grid))  # (7, 4)
     mu_p, logvar_p = mu[::-1].copy(), logvar[::-1].copy()  # logvar - logvar_p reaches +-60
     dkl = np.ones(mu.shape[0], dtype) if reduction == "none" else 1.0
     with use_backend(backend):
@@ -369,13 +369,16 @@ def test_kl_and_bce_are_nonnegative(dtype, backend, data):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_l2_norm_gradient_is_zero_at_the_origin(reduction, dtype, backend):
-    z = np.array([[0.0, 0.0, 0.0], [3.0, 0.0, -4.0], [0.0, -0.0, 0.0]], dtype=dtype)
-    dloss = np.array([2.0, 1.0, -1.0], dtype) if reduction == "none" else 1.0
+    tiny = np.finfo(dtype).smallest_subnormal
+    z = np.array([[0.0, 0.0, 0.0], [3.0, 0.0, -4.0], [0.0, -0.0, 0.0], [tiny, 0.0, -tiny]], dtype=dtype)
+    dloss = np.array([2.0, 1.0, -1.0, 1.0], dtype) if reduction == "none" else 1.0
     with use_backend(backend):
         norm, cache = ops.l2_norm_forward(z, reduction)
         dz = ops.l2_norm_backward(dloss, cache)
     assert np.all(dz[[0, 2]] == 0) and dz.dtype == dtype
     assert np.all(np.isfinite(dz)) and np.any(dz[1] != 0)
+    # a row of subnormals has a (tiny) norm in float32, whose reciprocal overflows float32
+    assert dtype is np.float64 or np.any(dz[3] != 0)
 
 
 # ----------------------------------------------------------------------------- buffers and flags
