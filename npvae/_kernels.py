@@ -40,7 +40,7 @@ def _bias_act_forward_np(a, b, code, alpha, out):
     if code == 1:
         np.maximum(out, 0, out=out)
     elif code == 2:
-        np.multiply(out, np.where(out > 0, 1.0, alpha).astype(out.dtype), out=out)
+        np.multiply(out, np.where(out < 0, alpha, 1.0).astype(out.dtype), out=out)
     elif code == 3:
         out[...] = _stable_sigmoid(out)
     elif code == 4:
@@ -56,10 +56,10 @@ def bias_act_forward(a, b, code, alpha, out):
     for i in range(n):
         for j in range(m):
             v = a[i, j] + b[j]
-            if code == 1:
-                v = v if v > 0 else 0.0
+            if code == 1:  # written so that NaN passes through, as in np.maximum
+                v = 0.0 if v < 0 else v
             elif code == 2:
-                v = v if v > 0 else alpha * v
+                v = alpha * v if v < 0 else v
             elif code == 3:
                 e = math.exp(-abs(v))
                 v = 1.0 / (1.0 + e) if v >= 0 else e / (1.0 + e)
