@@ -212,10 +212,11 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
-PLOTS = ("reconstructions", "samples", "interpolation", "latent", "manifold", "curves", "kl", "grad-norms")
+PLOTS = ("reconstructions", "samples", "classes", "interpolation", "latent", "manifold", "curves", "kl", "grad-norms")
 PLOT_HELP = """what to draw:
   reconstructions  test images above their reconstructions (--n pairs, default 10)
   samples          decoded draws from the prior (--n, default 64; --label for a cvae)
+  classes          cvae: one row of samples per class, drawn from each class's prior (--n per row, default 10)
   interpolation    decoded straight lines between two test images' posterior means
                    (--n rows, default 5; --steps per row, default 10)
   latent           posterior means of the test images coloured by label (PCA when Z > 2)
@@ -226,7 +227,7 @@ PLOT_HELP = """what to draw:
                    (KL > --threshold nats): the posterior-collapse diagnostic
   grad-norms       per-layer gradient norms over training, from log.jsonl (train with --log-grad-norms)
 """
-_PLOT_DEFAULT_N = {"reconstructions": 10, "samples": 64, "interpolation": 5, "manifold": 20}
+_PLOT_DEFAULT_N = {"reconstructions": 10, "samples": 64, "classes": 10, "interpolation": 5, "manifold": 20}
 
 
 def _run_log(checkpoint) -> Path:
@@ -259,6 +260,11 @@ def cmd_plot(args) -> int:
     rng = np.random.default_rng(args.seed)
     if what == "samples":
         path = figures.samples(model, out, rng, n=n, label=args.label)
+    elif what == "classes":
+        if not conditional:
+            raise CLIError(f"classes needs a conditional model (cvae); {args.checkpoint} holds a {model.kind}")
+        names = figures.class_names(meta.get("dataset"), model.config.num_classes)
+        path = figures.class_grid(model, out, rng, n_per_class=n, names=names)
     elif what == "manifold":
         path = figures.manifold(model, out, n=n, label=args.label)
     else:

@@ -74,6 +74,13 @@ def test_cvae_samples_the_label_asked_for(cvae_run, tmp_path, capsys):
     assert "negative conditional ELBO" in capsys.readouterr().out
 
 
+def test_plot_classes_draws_one_row_per_class(cvae_run, vae_run, tmp_path, capsys):
+    assert main(["plot", str(cvae_run / "best.npz"), "classes", "--n", "4", "--out", str(tmp_path / "c.png")]) == 0
+    assert is_png(tmp_path / "c.png")
+    assert main(["plot", str(vae_run / "best.npz"), "classes", "--out", str(tmp_path / "x.png")]) == 2
+    assert "conditional model" in capsys.readouterr().err
+
+
 def test_label_on_an_unconditional_model_is_a_clear_error(vae_run, tmp_path, capsys):
     assert main(["sample", str(vae_run / "checkpoint.npz"), "--label", "3", "--out", str(tmp_path / "x.png")]) == 2
     assert "conditional model" in capsys.readouterr().err
