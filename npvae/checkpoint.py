@@ -116,7 +116,7 @@ def _create_temp(path: Path) -> tuple[int, Path]:
             continue
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     """Make the rename durable. Skipped where directories cannot be opened or fsynced (Windows, some filesystems)."""
     try:
         fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -172,7 +172,7 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], m
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
     return path
 
 

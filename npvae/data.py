@@ -41,6 +41,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .checkpoint import fsync_directory
+
 __all__ = [
     "IDXFormatError", "DownloadError", "IDXFile", "DatasetSpec", "DATASETS", "Dataset",
     "read_idx", "cache_dir", "find_dataset_dir", "download", "load_mnist_like", "load_demo",
@@ -386,20 +388,6 @@ class _FetchFailed(Exception):
         self.reached = reached  # the server answered, so the machine is online
 
 
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename durable on POSIX; directories cannot be opened this way on Windows.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fetch(url: str, target: Path, md5: str, timeout: float, max_bytes: int) -> None:
     """Stream ``url`` to a temporary file beside ``target``; move it into place only if complete
     and its md5 matches. Nothing is left behind on failure."""
@@ -444,7 +432,7 @@ def _fetch(url: str, target: Path, md5: str, timeout: float, max_bytes: int) -> 
                 os.fsync(out.fileno())
         os.replace(tmp, target)
         tmp = None
-        _fsync_dir(target.parent)
+        fsync_directory(target.parent)
     except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, IncompleteRead, disk errors
         raise _FetchFailed(f"{type(exc).__name__}: {exc}", retry=True, reached=answered) from exc
     finally:

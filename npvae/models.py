@@ -982,8 +982,7 @@ class CVAE(VAE):
         """
         x = self.check_input(x)
         y = self.check_labels(y, len(x))
-        if eps is not None:
-            eps = ops._like(x, eps, "eps", (len(x), self.config.latent_dim))  # x's dtype, shape (B, Z)
+        eps = self._check_noise(x, eps, rng)
         return self._loss_and_backward(x, y, eps, rng), self.gradients()
 
     # -- inference
