@@ -114,8 +114,11 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_uninterrupted_result(tmp_
                    capture_output=True, timeout=300)
 
     resumed = tmp_path / "resumed"
+    # A shell without job control starts background jobs with SIGINT ignored, and children inherit
+    # that; give the trainer the default disposition a terminal user has.
     proc = subprocess.Popen([sys.executable, "-m", "npvae.cli", *args, "--out", str(resumed)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:  # interrupt during epoch 2, after epoch 1's checkpoint exists
         deadline = time.monotonic() + 240
         while not (resumed / "log.jsonl").exists():
