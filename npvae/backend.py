@@ -23,15 +23,12 @@ _active: str = "numpy"
 
 
 def numba_available() -> bool:
-    """True when ``import numba`` succeeds (checked once, lazily)."""
+    """True when Numba is installed (found without importing it: importing waits for a first kernel)."""
     global _numba_available
     if _numba_available is None:
-        try:
-            import numba  # noqa: F401
-        except ImportError:
-            _numba_available = False
-        else:
-            _numba_available = True
+        import importlib.util
+
+        _numba_available = importlib.util.find_spec("numba") is not None
     return _numba_available
 
 
