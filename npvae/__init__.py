@@ -15,13 +15,13 @@ and finite differences. The core imports NumPy only.
 from . import ops
 from .backend import get_backend, numba_available, set_backend, use_backend
 from .gradcheck import GradCheckReport, check_gradients, check_model, check_op
-from .models import MODELS, Autoencoder, DenoisingAutoencoder, LossTerms, PoorMansVAE, VAE, build_model
+from .models import CVAE, MODELS, Autoencoder, DenoisingAutoencoder, LossTerms, PoorMansVAE, VAE, build_model
 from .optim import SGD, Adam, AdamW, RMSprop, clip_grad_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MODELS", "VAE", "Autoencoder", "DenoisingAutoencoder", "PoorMansVAE", "LossTerms", "build_model",
+    "MODELS", "VAE", "CVAE", "Autoencoder", "DenoisingAutoencoder", "PoorMansVAE", "LossTerms", "build_model",
     "SGD", "RMSprop", "Adam", "AdamW", "clip_grad_norm",
     "check_gradients", "check_model", "check_op", "GradCheckReport",
     "get_backend", "set_backend", "use_backend", "numba_available", "ops",
