@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -454,6 +455,8 @@ def main(argv=None) -> int:
         return 130
     except (CLIError, CheckpointError, DownloadError, IDXFormatError, TrainingDiverged, FileExistsError,
             FileNotFoundError, ValueError, TypeError, ImportError) as exc:
+        if os.environ.get("NPVAE_DEBUG"):  # the full traceback, for bug reports
+            raise
         print(f"npvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
