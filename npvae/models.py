@@ -366,7 +366,8 @@ class VAE(Model):
             z, d, t = self.config.latent_dim, self.config.input_dim, self.dtype
             bufs = self._bufs[batch] = {
                 "eps": np.empty((batch, z), t), "std": np.empty((batch, z), t), "z": np.empty((batch, z), t),
-                "probs": np.empty((batch, d), t), "recon": np.empty(batch, t), "kl": np.empty(batch, t),
+                "probs": np.empty((batch, d), t), "work": np.empty((batch, d), t),
+                "recon": np.empty(batch, t), "kl": np.empty(batch, t),
             }
         return bufs
 
@@ -378,7 +379,7 @@ class VAE(Model):
         """The likelihood's forward with reduction "none", into the step's buffers where it takes them."""
         likelihood = self.config.likelihood
         if likelihood == "bernoulli":
-            return ops.bce_with_logits_forward(out, x, "none", probs=bufs["probs"], rows=bufs["recon"])
+            return ops.bce_with_logits_forward(out, x, "none", probs=bufs["probs"], rows=bufs["recon"], work=bufs["work"])
         if likelihood == "gaussian":
             return ops.gaussian_nll_forward(out, x, "none", rows=bufs["recon"])
         return self._nll_forward(out, x, "none")

@@ -142,6 +142,12 @@ def _l2_norm_backward(d):
     return [(z, norms, d(-2, 2, (d.n,)), d.empty())]
 
 
+def _bce_logits_forward(d):
+    logits = d(-100, 100)
+    e = np.exp(-np.abs(logits))  # what ops.bce_with_logits_forward hands the kernel
+    return [(logits, d(0, 1), np.log(1 + e), d.empty((d.n,)), e)]
+
+
 def _l2_norm_rows(d):
     z = d(-100, 100)
     z[0] = 0
@@ -156,7 +162,7 @@ BUILDERS = {
     "bias_act_forward": _bias_act_forward,
     "act_backward": _act_backward,
     "bias_grad": lambda d: [(d(-10, 10), d.empty((d.m,)))],
-    "bce_logits_forward": lambda d: [(d(-100, 100), d(0, 1), d.empty((d.n,)), d.empty())],
+    "bce_logits_forward": _bce_logits_forward,
     "scaled_difference": lambda d: [(d(0, 1), d(0, 1), d(-2, 2, (d.n,)), d.empty())],
     "squared_error_rows": lambda d: [(d(-100, 100), d(-100, 100), d.empty((d.n,)))],
     "cb_log_norm_rows": lambda d: [(d(-100, 100), d.empty((d.n,)))],
