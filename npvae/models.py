@@ -19,7 +19,7 @@ All parameters live in one flat buffer ``model.params.data`` and their gradients
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
