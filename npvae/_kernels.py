@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .backend import kernel
+from .backend import before_first_compile, kernel
 
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "softplus": 5}
 
@@ -30,6 +30,124 @@ def _softplus(v):
 
 def _rowsum(values, rows):
     rows[...] = np.sum(values, axis=1, dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------- float32 exp and log1p
+# libm's expf and log1pf are calls LLVM cannot vectorise (PyPI's llvmlite has no SVML), so a loop
+# calling them runs one element at a time. These are the classic Cephes approximations written as
+# plain float32 arithmetic, which LLVM turns into 8-wide AVX2 code. Loops call exp_nonpositive and
+# log1p_unit; numba_extensions() routes float32 arguments to these and float64 to libm.
+
+
+def _float32_from_bits(bits):
+    """The float32 whose IEEE 754 bit pattern is the integer ``bits`` (an LLVM bitcast in Numba)."""
+    return np.asarray(bits, np.int32).view(np.float32)[()]
+
+
+def _exp_nonpositive_f32(x):
+    """exp(x) for float32 x <= 0, within 1 ulp of the exact value (Cephes expf).
+
+    x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two parts so n ln2 is exact), exp(r) by a
+    degree-6 polynomial, times 2^n built from its bits in two halves so a subnormal result still
+    comes out right. Below -103.97 exp(x) rounds to 0 in float32; x is clamped there.
+    """
+    x = max(x, np.float32(-103.972))
+    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375)
+    r = r - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * (r * r) + r + np.float32(1.0)
+    k = np.int32(n)
+    k1 = k >> np.int32(1)
+    k2 = k - k1
+    bias, shift = np.int32(127), np.int32(23)
+    return p * _float32_from_bits((k1 + bias) << shift) * _float32_from_bits((k2 + bias) << shift)
+
+
+def _log1p_unit_f32(e):
+    """log1p(e) for float32 e in [0, 1], within 2 ulp: 2 atanh(s) with s = e / (2 + e) <= 1/3,
+    the series 2 s (1 + s^2/3 + ... + s^14/15) (the next term is below 2^-26 relative)."""
+    s = e / (np.float32(2.0) + e)
+    w = s * s
+    p = np.float32(1 / 15)
+    p = p * w + np.float32(1 / 13)
+    p = p * w + np.float32(1 / 11)
+    p = p * w + np.float32(1 / 9)
+    p = p * w + np.float32(1 / 7)
+    p = p * w + np.float32(1 / 5)
+    p = p * w + np.float32(1 / 3)
+    return np.float32(2.0) * s + np.float32(2.0) * s * (w * p)
+
+
+def exp_nonpositive(x):
+    """exp(x) for x <= 0: :func:`_exp_nonpositive_f32` for float32 in compiled loops, else libm."""
+    return math.exp(x)
+
+
+def log1p_unit(x):
+    """log1p(x) for x in [0, 1]: :func:`_log1p_unit_f32` for float32 in compiled loops, else libm."""
+    return math.log1p(x)
+
+
+def _row_sum(a, i):
+    """sum_j a[i, j] in float64, four running sums so the adds overlap instead of queueing."""
+    m = a.shape[1]
+    s0 = s1 = s2 = s3 = 0.0
+    j = 0
+    while j + 4 <= m:
+        s0 += a[i, j]
+        s1 += a[i, j + 1]
+        s2 += a[i, j + 2]
+        s3 += a[i, j + 3]
+        j += 4
+    while j < m:
+        s0 += a[i, j]
+        j += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+@before_first_compile
+def numba_extensions() -> None:
+    """Teach Numba the helpers above: the bitcast, and float32 / float64 versions of exp and log1p."""
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic, overload, register_jitable
+
+    @intrinsic
+    def bitcast_int32_to_float32(typingctx, bits):
+        if not isinstance(bits, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            as_int32 = context.cast(builder, args[0], signature.args[0], types.int32)
+            return builder.bitcast(as_int32, ir.FloatType())
+
+        return types.float32(bits), codegen
+
+    @overload(_float32_from_bits)
+    def _float32_from_bits_impl(bits):
+        return lambda bits: bitcast_int32_to_float32(bits)
+
+    for helper in (_exp_nonpositive_f32, _log1p_unit_f32, _row_sum):
+        register_jitable(helper)
+
+    def by_dtype(fast, exact):
+        def choose(x):
+            if x == types.float32:
+                return fast
+            if isinstance(x, types.Float):
+                return exact
+            return None
+
+        return choose
+
+    overload(exp_nonpositive)(by_dtype(lambda x: _exp_nonpositive_f32(x), lambda x: math.exp(x)))
+    overload(log1p_unit)(by_dtype(lambda x: _log1p_unit_f32(x), lambda x: math.log1p(x)))
 
 
 # ----------------------------------------------------------------------------- activations
@@ -125,9 +243,12 @@ def bias_grad(d, out):
 # ----------------------------------------------------------------------------- reconstruction losses
 
 
-def _bce_logits_forward_np(logits, target, log_u, rows, probs):
-    e = probs
-    u = 1 + e
+def _bce_logits_forward_np(logits, target, rows, probs, work):
+    e = np.abs(logits, out=probs)  # the transcendentals through NumPy's vectorised exp and log
+    np.negative(e, out=e)
+    np.exp(e, out=e)  # e = exp(-|l|) <= 1: never overflows
+    u = np.add(e, 1, out=work)
+    log_u = np.log(u)
     r = 1 / u
     log1p_e = log_u - ((u - 1) - e) * r  # log1p(e) from log(1 + e), its rounding corrected
     _rowsum(np.maximum(logits, 0) + log1p_e - target * logits, rows)
@@ -135,28 +256,25 @@ def _bce_logits_forward_np(logits, target, log_u, rows, probs):
 
 
 @kernel(_bce_logits_forward_np)
-def bce_logits_forward(logits, target, log_u, rows, probs):
-    """rows[i] = sum_j softplus(l) - x l and probs = sigmoid(l), given e = exp(-|l|) in ``probs``
-    and log_u = log(1 + e) (both computed beforehand by NumPy's vectorised exp and log, which are
-    several times faster than scalar calls in a loop).
+def bce_logits_forward(logits, target, rows, probs, work):
+    """rows[i] = sum_j softplus(l) - x l and probs = sigmoid(l), both from one e = exp(-|l|).
 
-    softplus(l) = max(l, 0) + log1p(e) and sigmoid(l) = 1/(1+e) (l >= 0) or e/(1+e). log1p(e) is
-    log(u) - ((u - 1) - e)/u with u = 1 + e: exact to rounding like log1p. Constants are float32 so
-    float32 data stays float32 (and float64 data promotes them).
+    softplus(l) = max(l, 0) + log1p(e); sigmoid(l) = 1/(1+e) (l >= 0) or e/(1+e). The element
+    losses go to ``work`` and each row is then summed in float64. In float32, exp and log1p are
+    :func:`exp_nonpositive` and :func:`log1p_unit`: plain arithmetic that LLVM vectorises, where
+    libm calls would run one element at a time.
     """
     n, m = logits.shape
-    one = np.float32(1.0)
-    zero = np.float32(0.0)
+    one = logits.dtype.type(1.0)
+    zero = logits.dtype.type(0.0)
     for i in range(n):
-        acc = 0.0
         for j in range(m):
             v = logits[i, j]
-            e = probs[i, j]
-            u = one + e
-            r = one / u
-            acc += max(v, zero) + (log_u[i, j] - ((u - one) - e) * r) - target[i, j] * v
+            e = exp_nonpositive(-abs(v))
+            r = one / (one + e)
+            work[i, j] = max(v, zero) + log1p_unit(e) - target[i, j] * v
             probs[i, j] = r if v >= zero else e * r
-        rows[i] = acc
+        rows[i] = _row_sum(work, i)
 
 
 def _scaled_difference_np(a, b, scale, out):

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 _CHOICES = ("auto", "numba", "numpy")
 _numba_available: bool | None = None
 _active: str = "numpy"
+_setup_hooks: list[Callable[[], None]] = []  # run once, before the first kernel compiles
 
 
 def numba_available() -> bool:
@@ -91,6 +92,9 @@ class Kernel:
         if self._compiled is None:
             import numba
 
+            while _setup_hooks:
+                _setup_hooks[0]()
+                _setup_hooks.pop(0)
             # error_model="numpy": division by zero gives inf/nan as in the NumPy twin (no Python
             # ZeroDivisionError check per division, which also keeps LLVM free to vectorise the loop).
             self._compiled = numba.njit(cache=True, nogil=True, error_model="numpy")(self.loop)
@@ -103,6 +107,16 @@ class Kernel:
 
     def __repr__(self) -> str:
         return f"Kernel({self.__name__}, backend={_active!r})"
+
+
+def before_first_compile(hook: Callable[[], None]) -> Callable[[], None]:
+    """Decorator: run ``hook`` once, just before the first kernel compiles (with Numba imported).
+
+    The place to register with Numba what the loops call besides Numba's own functions
+    (overloads, intrinsics), without importing Numba when npvae is imported.
+    """
+    _setup_hooks.append(hook)
+    return hook
 
 
 def kernel(twin: Callable) -> Callable[[Callable], Kernel]:

@@ -296,7 +296,7 @@ def bce_with_logits_forward(logits, target, reduction="sum", probs=None, rows=No
     probs : (B, D) array, optional
         Buffer for sigmoid(logits), computed from the same exp(-|l|) and kept for backward.
     rows, work : (B,) and (B, D) arrays, optional
-        Buffers for the per-example losses and for log(1 + exp(-|l|)).
+        Buffers for the per-example losses and for the per-element ones.
 
     Returns
     -------
@@ -308,13 +308,8 @@ def bce_with_logits_forward(logits, target, reduction="sum", probs=None, rows=No
     _check_reduction(reduction)
     rows = _buffer(rows, (logits.shape[0],), logits.dtype, "rows")
     probs = _buffer(probs, logits.shape, logits.dtype, "probs")
-    log_u = _buffer(work, logits.shape, logits.dtype, "work")
-    np.abs(logits, out=probs)  # the transcendentals as NumPy's vectorised exp and log
-    np.negative(probs, out=probs)
-    np.exp(probs, out=probs)  # e = exp(-|l|) <= 1: never overflows
-    np.add(probs, 1, out=log_u)
-    np.log(log_u, out=log_u)  # log(1 + e)
-    K.bce_logits_forward(logits, target, log_u, rows, probs)
+    work = _buffer(work, logits.shape, logits.dtype, "work")
+    K.bce_logits_forward(logits, target, rows, probs, work)
     return _reduce(rows, reduction, logits.shape[1]), (probs, target, reduction)
 
 
