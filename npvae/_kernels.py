@@ -11,6 +11,7 @@ Activation codes (``code`` arguments): see :data:`ACTIVATION_CODES`.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -116,6 +117,7 @@ def numba_extensions() -> None:
     """Teach Numba the helpers above: the bitcast, and float32 / float64 versions of exp and log1p."""
     from llvmlite import ir
     from numba import types
+    from numba.core.errors import NumbaIRAssumptionWarning
     from numba.extending import intrinsic, overload, register_jitable
 
     @intrinsic
@@ -135,6 +137,12 @@ def numba_extensions() -> None:
 
     for helper in (_exp_nonpositive_f32, _log1p_unit_f32, _row_sum):
         register_jitable(helper)
+    # Inlined by Numba itself (LLVM leaves loops this size as calls), so that an array passed twice
+    # is one array in the kernel. Numba's pedantic SSA check then warns about its own renamed
+    # variables, harmlessly; that one warning, from that one module, is silenced.
+    overload(_bias_act_loops, inline="always")(lambda src, b, code, alpha, out: _bias_act_loops)
+    overload(_act_backward_loops, inline="always")(lambda dy, y, code, alpha, out: _act_backward_loops)
+    warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning, module=r"numba\.core\.ssa")
 
     def by_dtype(fast, exact):
         def choose(x):
@@ -167,25 +175,51 @@ def _bias_act_forward_np(a, b, code, alpha, out):
         out[...] = _softplus(out)
 
 
+def _bias_act_loops(src, b, code, alpha, out):
+    """out = act(src + b), one loop per activation so each is a tight loop LLVM vectorises."""
+    n, m = out.shape
+    if code == 0:
+        for i in range(n):
+            for j in range(m):
+                out[i, j] = src[i, j] + b[j]
+    elif code == 1:
+        for i in range(n):
+            for j in range(m):
+                v = src[i, j] + b[j]
+                out[i, j] = 0.0 if v < 0 else v  # written so that NaN passes through, as in np.maximum
+    elif code == 2:
+        for i in range(n):
+            for j in range(m):
+                v = src[i, j] + b[j]
+                out[i, j] = alpha * v if v < 0 else v
+    elif code == 3:
+        for i in range(n):
+            for j in range(m):
+                v = src[i, j] + b[j]
+                e = math.exp(-abs(v))
+                out[i, j] = 1.0 / (1.0 + e) if v >= 0 else e / (1.0 + e)
+    elif code == 4:
+        for i in range(n):
+            for j in range(m):
+                out[i, j] = math.tanh(src[i, j] + b[j])
+    elif code == 5:
+        for i in range(n):
+            for j in range(m):
+                v = src[i, j] + b[j]
+                out[i, j] = max(v, 0.0) + math.log1p(math.exp(-abs(v)))
+
+
 @kernel(_bias_act_forward_np)
 def bias_act_forward(a, b, code, alpha, out):
-    """out[i, j] = act(a[i, j] + b[j]); ``a`` may alias ``out``."""
-    n, m = a.shape
-    for i in range(n):
-        for j in range(m):
-            v = a[i, j] + b[j]
-            if code == 1:  # written so that NaN passes through, as in np.maximum
-                v = 0.0 if v < 0 else v
-            elif code == 2:
-                v = alpha * v if v < 0 else v
-            elif code == 3:
-                e = math.exp(-abs(v))
-                v = 1.0 / (1.0 + e) if v >= 0 else e / (1.0 + e)
-            elif code == 4:
-                v = math.tanh(v)
-            elif code == 5:
-                v = max(v, 0.0) + math.log1p(math.exp(-abs(v)))
-            out[i, j] = v
+    """out[i, j] = act(a[i, j] + b[j]); ``a`` may alias ``out``.
+
+    In place, the loops are handed ``out`` twice: LLVM then sees one array and vectorises, where
+    two arrays that overlap would send it to its scalar fallback.
+    """
+    if a.ctypes.data == out.ctypes.data:
+        _bias_act_loops(out, b, code, alpha, out)
+    else:
+        _bias_act_loops(a, b, code, alpha, out)
 
 
 def _act_backward_np(dy, y, code, alpha, out):
@@ -203,25 +237,45 @@ def _act_backward_np(dy, y, code, alpha, out):
         np.multiply(dy, -np.expm1(-y), out=out)
 
 
+def _act_backward_loops(dy, y, code, alpha, out):
+    """out = dy * act'(a) through y = act(a), one loop per activation (see :func:`_bias_act_loops`)."""
+    n, m = out.shape
+    if code == 0:
+        for i in range(n):
+            for j in range(m):
+                out[i, j] = dy[i, j]
+    elif code == 1:
+        for i in range(n):
+            for j in range(m):
+                out[i, j] = dy[i, j] if y[i, j] > 0 else 0.0
+    elif code == 2:
+        for i in range(n):
+            for j in range(m):
+                out[i, j] = dy[i, j] if y[i, j] > 0 else alpha * dy[i, j]
+    elif code == 3:
+        for i in range(n):
+            for j in range(m):
+                v = y[i, j]
+                out[i, j] = dy[i, j] * v * (1.0 - v)
+    elif code == 4:
+        for i in range(n):
+            for j in range(m):
+                v = y[i, j]
+                out[i, j] = dy[i, j] * (1.0 - v * v)
+    elif code == 5:
+        for i in range(n):
+            for j in range(m):
+                out[i, j] = dy[i, j] * -math.expm1(-y[i, j])
+
+
 @kernel(_act_backward_np)
 def act_backward(dy, y, code, alpha, out):
-    """out = dy * act'(a), with act' written through the output y = act(a); ``dy`` may alias ``out``."""
-    n, m = dy.shape
-    for i in range(n):
-        for j in range(m):
-            g = dy[i, j]
-            v = y[i, j]
-            if code == 1:
-                g = g if v > 0 else 0.0
-            elif code == 2:
-                g = g if v > 0 else alpha * g
-            elif code == 3:
-                g = g * v * (1.0 - v)
-            elif code == 4:
-                g = g * (1.0 - v * v)
-            elif code == 5:
-                g = g * -math.expm1(-v)
-            out[i, j] = g
+    """out = dy * act'(a), with act' written through the output y = act(a); ``dy`` may alias ``out``
+    (handed over as ``out`` twice then, as in :func:`bias_act_forward`)."""
+    if dy.ctypes.data == out.ctypes.data:
+        _act_backward_loops(out, y, code, alpha, out)
+    else:
+        _act_backward_loops(dy, y, code, alpha, out)
 
 
 def _bias_grad_np(d, out):
