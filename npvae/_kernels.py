@@ -278,15 +278,16 @@ def act_backward(dy, y, code, alpha, out):
         _act_backward_loops(dy, y, code, alpha, out)
 
 
-def _bias_grad_np(d, out):
+def _bias_grad_np(d, out, work):
     out[...] = np.sum(d, axis=0, dtype=np.float64)
 
 
 @kernel(_bias_grad_np)
-def bias_grad(d, out):
-    """out[j] = sum_i d[i, j]."""
+def bias_grad(d, out, work):
+    """out[j] = sum_i d[i, j], summed in ``work``, a float64 (m,) scratch (no allocation per call)."""
     n, m = d.shape
-    acc = np.zeros(m, dtype=np.float64)
+    acc = work
+    acc[:] = 0.0
     for i in range(n):
         for j in range(m):
             acc[j] += d[i, j]

@@ -97,6 +97,7 @@ class Dense:
     def bind(self, weight, bias, dweight, dbias) -> None:
         """Attach parameter and gradient views (from :class:`Parameters`)."""
         self.weight, self.bias, self.dweight, self.dbias = weight, bias, dweight, dbias
+        self._bias_sums = np.empty(self.out_dim, np.float64)  # scratch of dbias's float64 sums
         self._buffers.clear()
 
     def init(self, rng: np.random.Generator) -> None:
@@ -124,7 +125,7 @@ class Dense:
         """dy (B, O) -> dx (B, I); writes (not adds) dweight and dbias."""
         _, da, dx = self._workspace(dy.shape[0])
         dx, _, _ = ops.dense_backward(
-            dy, self._cache, dx=dx if need_dx else False, dw=self.dweight, db=self.dbias, da=da
+            dy, self._cache, dx=dx if need_dx else False, dw=self.dweight, db=self.dbias, da=da, work=self._bias_sums
         )
         return dx
 

@@ -133,7 +133,12 @@ def affine_forward(x, w, b, out=None):
     return out, (x, w)
 
 
-def affine_backward(dout, cache, dx=None, dw=None, db=None):
+def _bias_sums(work, n: int) -> np.ndarray:
+    """The float64 (n,) scratch in which bias gradients are summed (allocated when not given)."""
+    return _buffer(work, (n,), np.dtype(np.float64), "work")
+
+
+def affine_backward(dout, cache, dx=None, dw=None, db=None, work=None):
     """Backward of :func:`affine_forward`.
 
     .. math:: dx = dout\\, W, \\quad dW = dout^T x, \\quad db = \\textstyle\\sum_i dout_i
@@ -144,6 +149,8 @@ def affine_backward(dout, cache, dx=None, dw=None, db=None):
     cache : from :func:`affine_forward`
     dx, dw, db : arrays of shape (B, I), (O, I), (O,), optional
         Buffers for the results.
+    work : (O,) float64 array, optional
+        Scratch for db's float64 sums.
 
     Returns
     -------
@@ -154,7 +161,7 @@ def affine_backward(dout, cache, dx=None, dw=None, db=None):
     dx = np.matmul(dout, w, out=_buffer(dx, x.shape, x.dtype, "dx"))
     dw = np.matmul(dout.T, x, out=_buffer(dw, w.shape, x.dtype, "dw"))
     db = _buffer(db, (w.shape[0],), x.dtype, "db")
-    K.bias_grad(dout, db)
+    K.bias_grad(dout, db, _bias_sums(work, w.shape[0]))
     return dx, dw, db
 
 
@@ -252,13 +259,14 @@ def dense_forward(x, w, b, activation="identity", alpha=0.01, out=None):
     return out, (x, w, out, code, float(alpha))
 
 
-def dense_backward(dy, cache, dx=None, dw=None, db=None, da=None):
+def dense_backward(dy, cache, dx=None, dw=None, db=None, da=None, work=None):
     """Backward of :func:`dense_forward`.
 
     .. math:: da = dy \\odot f'(a), \\quad dx = da\\, W, \\quad dW = da^T x, \\quad db = \\textstyle\\sum_i da_i
 
-    ``da`` may be ``dy`` itself (the upstream buffer is then overwritten). Pass ``dx=False`` to
-    skip the input gradient (a first layer does not need it).
+    ``da`` may be ``dy`` itself (the upstream buffer is then overwritten); ``work`` is an (O,)
+    float64 scratch for db's sums. Pass ``dx=False`` to skip the input gradient (a first layer
+    does not need it).
 
     Returns
     -------
@@ -270,7 +278,7 @@ def dense_backward(dy, cache, dx=None, dw=None, db=None, da=None):
     K.act_backward(dy, y, code, alpha, da)
     dw = np.matmul(da.T, x, out=_buffer(dw, w.shape, x.dtype, "dw"))
     db = _buffer(db, (w.shape[0],), x.dtype, "db")
-    K.bias_grad(da, db)
+    K.bias_grad(da, db, _bias_sums(work, w.shape[0]))
     if dx is False:
         return None, dw, db
     dx = np.matmul(da, w, out=_buffer(dx, x.shape, x.dtype, "dx"))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import re
 
 import numpy as np
 import pytest
@@ -159,7 +160,7 @@ def _reparameterize_backward(d):
 BUILDERS = {
     "bias_act_forward": _bias_act_forward,
     "act_backward": _act_backward,
-    "bias_grad": lambda d: [(d(-10, 10), d.empty((d.m,)))],
+    "bias_grad": lambda d: [(d(-10, 10), d.empty((d.m,)), np.empty(d.m))],
     "bce_logits_forward": _bce_logits_forward,
     "scaled_difference": lambda d: [(d(0, 1), d(0, 1), d(-2, 2, (d.n,)), d.empty())],
     "squared_error_rows": lambda d: [(d(-100, 100), d(-100, 100), d.empty((d.n,)))],
@@ -296,3 +297,18 @@ def test_float32_helpers_compile_to_their_python_formulas(compiled_helpers, seed
     assert np.array_equal(compiled_helpers["exp"](x), [K._exp_nonpositive_f32(v) for v in x])
     u = rng.uniform(0, 1, 200).astype(np.float32)
     assert np.array_equal(compiled_helpers["log1p"](u), [K._log1p_unit_f32(v) for v in u])
+
+
+# Array constructors: none may run inside a compiled loop, so a training step allocates nothing.
+# (tracemalloc, in tests/test_train.py, cannot see Numba's heap, and Numba's own allocation counter
+# also counts the wrappers it makes for every array argument, so this reads the source instead.)
+_ALLOCATING = re.compile(r"\bnp\.(zeros|empty|ones|full|array|arange|copy|concatenate|stack)(_like)?\(|\.copy\(")
+_LOOP_HELPERS = ("_bias_act_loops", "_act_backward_loops", "_row_sum", "_exp_nonpositive_f32", "_log1p_unit_f32")
+
+
+@pytest.mark.parametrize("name", KERNELS + list(_LOOP_HELPERS))
+def test_compiled_loops_make_no_arrays(name):
+    fn = getattr(K, name)
+    source = inspect.getsource(fn.loop if isinstance(fn, Kernel) else fn)
+    found = _ALLOCATING.search(source)
+    assert found is None, f"{name} makes an array in its loop ({found.group(0)}): take a buffer argument instead"
