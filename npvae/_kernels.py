@@ -33,11 +33,12 @@ def _rowsum(values, rows):
     rows[...] = np.sum(values, axis=1, dtype=np.float64)
 
 
-# ----------------------------------------------------------------------------- float32 exp and log1p
-# libm's expf and log1pf are calls LLVM cannot vectorise (PyPI's llvmlite has no SVML), so a loop
-# calling them runs one element at a time. These are the classic Cephes approximations written as
-# plain float32 arithmetic, which LLVM turns into 8-wide AVX2 code. Loops call exp_nonpositive and
-# log1p_unit; numba_extensions() routes float32 arguments to these and float64 to libm.
+# ----------------------------------------------------------------------------- float32 exp, expm1, log1p
+# libm's expf, expm1f and log1pf are calls LLVM cannot vectorise (PyPI's llvmlite has no SVML), so a
+# loop calling them runs one element at a time. These are the classic Cephes approximations written
+# as plain float32 arithmetic, which LLVM turns into 8-wide AVX2 code. Loops call fast_exp,
+# fast_expm1 and fast_log1p_unit; numba_extensions() routes float32 arguments to the *_f32
+# formulas and float64 ones to libm, so float64 results are libm's exactly.
 
 
 def _float32_from_bits(bits):
@@ -45,16 +46,17 @@ def _float32_from_bits(bits):
     return np.asarray(bits, np.int32).view(np.float32)[()]
 
 
-def _exp_nonpositive_f32(x):
-    """exp(x) for float32 x <= 0, within 1 ulp of the exact value (Cephes expf).
+def _exp_f32(x):
+    """exp(x) for float32 x, within 1 ulp of the exact value (Cephes expf).
 
     x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two parts so n ln2 is exact), exp(r) by a
-    degree-6 polynomial, times 2^n built from its bits in two halves so a subnormal result still
-    comes out right. Below -103.97 exp(x) rounds to 0 in float32; x is clamped there.
+    degree-6 polynomial, times 2^n built from its bits in two halves so that subnormal results and
+    overflow to inf come out right. x is first clamped to [-104, 100], beyond which float32 exp
+    is 0 or inf anyway; NaN stays NaN.
     """
-    x = max(x, np.float32(-103.972))
-    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
-    r = x - n * np.float32(0.693359375)
+    t = min(max(x, np.float32(-104.0)), np.float32(100.0))
+    n = np.floor(t * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = t - n * np.float32(0.693359375)
     r = r - n * np.float32(-2.12194440e-4)
     p = np.float32(1.9875691500e-4)
     p = p * r + np.float32(1.3981999507e-3)
@@ -67,12 +69,33 @@ def _exp_nonpositive_f32(x):
     k1 = k >> np.int32(1)
     k2 = k - k1
     bias, shift = np.int32(127), np.int32(23)
-    return p * _float32_from_bits((k1 + bias) << shift) * _float32_from_bits((k2 + bias) << shift)
+    y = p * _float32_from_bits((k1 + bias) << shift) * _float32_from_bits((k2 + bias) << shift)
+    return y if x == x else x
+
+
+def _expm1_f32(x):
+    """exp(x) - 1 for float32 x, within 2 ulp: the Taylor series to x^9/9! for |x| < 1/2 (the
+    first term left out is below 2^-27 of the sum), else exp(x) - 1, where at most one bit cancels."""
+    if abs(x) < np.float32(0.5):
+        p = np.float32(1 / 362880)
+        p = p * x + np.float32(1 / 40320)
+        p = p * x + np.float32(1 / 5040)
+        p = p * x + np.float32(1 / 720)
+        p = p * x + np.float32(1 / 120)
+        p = p * x + np.float32(1 / 24)
+        p = p * x + np.float32(1 / 6)
+        p = p * x + np.float32(0.5)
+        return x + x * x * p
+    return _exp_f32(x) - np.float32(1.0)
 
 
 def _log1p_unit_f32(e):
     """log1p(e) for float32 e in [0, 1], within 2 ulp: 2 atanh(s) with s = e / (2 + e) <= 1/3,
-    the series 2 s (1 + s^2/3 + ... + s^14/15) (the next term is below 2^-26 relative)."""
+    the series 2 s (1 + s^2/3 + ... + s^14/15) (the next term is below 2^-26 relative). Below
+    2^-24, log1p(e) rounds to e itself, which is returned exactly (e / 2 would lose a subnormal's
+    last bit)."""
+    if e < np.float32(5.9604645e-08):
+        return e
     s = e / (np.float32(2.0) + e)
     w = s * s
     p = np.float32(1 / 15)
@@ -85,12 +108,17 @@ def _log1p_unit_f32(e):
     return np.float32(2.0) * s + np.float32(2.0) * s * (w * p)
 
 
-def exp_nonpositive(x):
-    """exp(x) for x <= 0: :func:`_exp_nonpositive_f32` for float32 in compiled loops, else libm."""
+def fast_exp(x):
+    """exp(x): :func:`_exp_f32` for float32 in compiled loops, else libm."""
     return math.exp(x)
 
 
-def log1p_unit(x):
+def fast_expm1(x):
+    """exp(x) - 1: :func:`_expm1_f32` for float32 in compiled loops, else libm."""
+    return math.expm1(x)
+
+
+def fast_log1p_unit(x):
     """log1p(x) for x in [0, 1]: :func:`_log1p_unit_f32` for float32 in compiled loops, else libm."""
     return math.log1p(x)
 
@@ -135,7 +163,7 @@ def numba_extensions() -> None:
     def _float32_from_bits_impl(bits):
         return lambda bits: bitcast_int32_to_float32(bits)
 
-    for helper in (_exp_nonpositive_f32, _log1p_unit_f32, _row_sum):
+    for helper in (_exp_f32, _expm1_f32, _log1p_unit_f32, _row_sum):
         register_jitable(helper)
     # Inlined by Numba itself (LLVM leaves loops this size as calls), so that an array passed twice
     # is one array in the kernel. Numba's pedantic SSA check then warns about its own renamed
@@ -154,8 +182,9 @@ def numba_extensions() -> None:
 
         return choose
 
-    overload(exp_nonpositive)(by_dtype(lambda x: _exp_nonpositive_f32(x), lambda x: math.exp(x)))
-    overload(log1p_unit)(by_dtype(lambda x: _log1p_unit_f32(x), lambda x: math.log1p(x)))
+    overload(fast_exp)(by_dtype(lambda x: _exp_f32(x), lambda x: math.exp(x)))
+    overload(fast_expm1)(by_dtype(lambda x: _expm1_f32(x), lambda x: math.expm1(x)))
+    overload(fast_log1p_unit)(by_dtype(lambda x: _log1p_unit_f32(x), lambda x: math.log1p(x)))
 
 
 # ----------------------------------------------------------------------------- activations
@@ -196,7 +225,7 @@ def _bias_act_loops(src, b, code, alpha, out):
         for i in range(n):
             for j in range(m):
                 v = src[i, j] + b[j]
-                e = math.exp(-abs(v))
+                e = fast_exp(-abs(v))
                 out[i, j] = 1.0 / (1.0 + e) if v >= 0 else e / (1.0 + e)
     elif code == 4:
         for i in range(n):
@@ -206,7 +235,7 @@ def _bias_act_loops(src, b, code, alpha, out):
         for i in range(n):
             for j in range(m):
                 v = src[i, j] + b[j]
-                out[i, j] = max(v, 0.0) + math.log1p(math.exp(-abs(v)))
+                out[i, j] = max(v, 0.0) + fast_log1p_unit(fast_exp(-abs(v)))
 
 
 @kernel(_bias_act_forward_np)
@@ -265,7 +294,7 @@ def _act_backward_loops(dy, y, code, alpha, out):
     elif code == 5:
         for i in range(n):
             for j in range(m):
-                out[i, j] = dy[i, j] * -math.expm1(-y[i, j])
+                out[i, j] = dy[i, j] * -fast_expm1(-y[i, j])
 
 
 @kernel(_act_backward_np)
@@ -316,7 +345,7 @@ def bce_logits_forward(logits, target, rows, probs, work):
 
     softplus(l) = max(l, 0) + log1p(e); sigmoid(l) = 1/(1+e) (l >= 0) or e/(1+e). The element
     losses go to ``work`` and each row is then summed in float64. In float32, exp and log1p are
-    :func:`exp_nonpositive` and :func:`log1p_unit`: plain arithmetic that LLVM vectorises, where
+    :func:`fast_exp` and :func:`fast_log1p_unit`: plain arithmetic that LLVM vectorises, where
     libm calls would run one element at a time.
     """
     n, m = logits.shape
@@ -325,9 +354,9 @@ def bce_logits_forward(logits, target, rows, probs, work):
     for i in range(n):
         for j in range(m):
             v = logits[i, j]
-            e = exp_nonpositive(-abs(v))
+            e = fast_exp(-abs(v))
             r = one / (one + e)
-            work[i, j] = max(v, zero) + log1p_unit(e) - target[i, j] * v
+            work[i, j] = max(v, zero) + fast_log1p_unit(e) - target[i, j] * v
             probs[i, j] = r if v >= zero else e * r
         rows[i] = _row_sum(work, i)
 
@@ -438,9 +467,10 @@ def _reparameterize_np(mu, logvar, eps, z, std):
 def reparameterize(mu, logvar, eps, z, std):
     """std = exp(logvar / 2); z = mu + std * eps."""
     n, m = mu.shape
+    half = logvar.dtype.type(0.5)
     for i in range(n):
         for j in range(m):
-            s = math.exp(0.5 * logvar[i, j])
+            s = fast_exp(half * logvar[i, j])
             std[i, j] = s
             z[i, j] = mu[i, j] + s * eps[i, j]
 
@@ -486,7 +516,7 @@ def kl_normal_rows(mu, logvar, rows):
             if abs(v) < 0.01:
                 excess = v * v * (0.5 + v * (1 / 6 + v * (1 / 24 + v * (1 / 120 + v * (1 / 720 + v / 5040)))))
             else:
-                excess = math.expm1(v) - v
+                excess = fast_expm1(v) - v
             acc += mu[i, j] * mu[i, j] + excess
         rows[i] = 0.5 * acc
 
@@ -509,7 +539,7 @@ def kl_normal_backward(mu, logvar, scale, accumulate, dmu, dlogvar):
         s = scale[i]
         for j in range(m):
             gm = s * mu[i, j]
-            gl = s * 0.5 * math.expm1(logvar[i, j])
+            gl = s * 0.5 * fast_expm1(logvar[i, j])
             if accumulate:
                 dmu[i, j] += gm
                 dlogvar[i, j] += gl
@@ -535,9 +565,9 @@ def kl_gaussians_rows(mu, logvar, mu_p, logvar_p, rows):
             if abs(v) < 0.01:
                 excess = v * v * (0.5 + v * (1 / 6 + v * (1 / 24 + v * (1 / 120 + v * (1 / 720 + v / 5040)))))
             else:
-                excess = math.expm1(v) - v
+                excess = fast_expm1(v) - v
             diff = mu[i, j] - mu_p[i, j]
-            acc += excess + diff * diff * math.exp(-logvar_p[i, j])
+            acc += excess + diff * diff * fast_exp(-logvar_p[i, j])
         rows[i] = 0.5 * acc
 
 
@@ -564,10 +594,10 @@ def kl_gaussians_backward(mu, logvar, mu_p, logvar_p, scale, accumulate, dmu, dl
     for i in range(n):
         s = scale[i]
         for j in range(m):
-            inv_var_p = math.exp(-logvar_p[i, j])
+            inv_var_p = fast_exp(-logvar_p[i, j])
             diff = mu[i, j] - mu_p[i, j]
             gm = s * diff * inv_var_p
-            gl = s * 0.5 * math.expm1(logvar[i, j] - logvar_p[i, j])
+            gl = s * 0.5 * fast_expm1(logvar[i, j] - logvar_p[i, j])
             if accumulate:
                 dmu[i, j] += gm
                 dlogvar[i, j] += gl
