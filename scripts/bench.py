@@ -49,8 +49,10 @@ How it measures, and why:
 
 ``--sweep`` times npvae alone (Numba backend) while the batch size, hidden width, latent size and
 number of training images vary one at a time from the default (20,000 images, or ``--limit``), and
-splits each epoch into the bare matmul time of that configuration and the rest. With only a few
-epochs per configuration it reports the fastest timed epoch, since noise only ever adds time.
+splits each epoch into the bare matmul time of that configuration and the rest. It runs in rounds:
+each round sets every configuration up afresh and trains one epoch of it and one of its bare
+matmuls, so the machine's drift over minutes (~20% here) touches every row alike instead of
+whichever rows ran last; a row reports its fastest round, since noise only ever adds time.
 
 ``--json PATH`` writes every number (per-epoch times included) for CI or the README.
 """
@@ -801,42 +803,50 @@ def sweep_configs(args, n_available: int) -> list[tuple[str, int, dict]]:
 
 
 def run_sweep(args, echo) -> dict:
+    """Round-robin: each round sets up every configuration afresh and trains one epoch of npvae and one
+    of its bare matmuls, so the machine's drift over minutes touches every row alike."""
     base = {"dataset": args.dataset, "data_dir": args.data_dir, "seed": args.seed, "lr": args.lr, "backend": "auto"}
     first = {**base, "batch_size": 128, "hidden": 400, "latent": 20, "limit": None}
     workers, setups = start_workers({"npvae": {**first, "kind": "npvae"}, "matmul": {**first, "kind": "matmul"}})
     n_available = setups["matmul"]["n_train"]
-    measured: dict[tuple, dict] = {}
-    rows = []
+    plan = sweep_configs(args, n_available)
+    configs = {tuple(sorted(cfg.items())): cfg for _, _, cfg in plan}  # the default row is measured once
+    records = {key: {kind: [] for kind in workers} for key in configs}
     try:
-        for what, value, cfg in sweep_configs(args, n_available):
-            key = tuple(sorted(cfg.items()))
-            if key not in measured:
+        for round_ in range(args.epochs):
+            for key, cfg in configs.items():
                 for kind, worker in workers.items():
                     worker.call("setup", config={**base, **cfg, "kind": kind})
-                records = {"npvae": [], "matmul": []}
-                for _ in range(args.epochs):
-                    for kind, worker in workers.items():
-                        time.sleep(SETTLE_S)
-                        records[kind].append(worker.epoch())
-                n = cfg["limit"]
-                ours, limit = summarize(records["npvae"], n), summarize(records["matmul"], n)
-                # Fastest timed epoch: with so few, one disturbed epoch would move a median (noise only adds time).
-                t, m = ours["min_seconds"], limit["min_seconds"]
-                flops = epoch_flops(n, cfg["batch_size"], cfg["hidden"], cfg["latent"])
-                measured[key] = {"n_train": n, "seconds_per_epoch": t, "images_per_second": n / t,
-                                 "matmul_seconds_per_epoch": m, "matmul_share": m / t, "rest_seconds_per_epoch": t - m,
-                                 "matmul_gflops_per_second": flops / m / 1e9, "other_cores": ours.get("other_cores"),
-                                 "epoch_seconds": ours["epoch_seconds"], "matmul_epoch_seconds": limit["epoch_seconds"]}
-                echo(f"  {what:<16} {value:>6}: {t:6.2f} s/epoch ({n / t:,.0f} img/s), matmuls {m:.2f} s "
-                     f"({m / t:.0%})" + (f", others' load {ours['other_cores']:.1f} cores" if "other_cores" in ours else ""))
-            rows.append({"varied": what, "value": value, **cfg, **measured[key]})
+                for kind, worker in workers.items():
+                    time.sleep(SETTLE_S)
+                    records[key][kind].append(worker.epoch())
+            echo(f"  round {round_ + 1}/{args.epochs}: {len(configs)} configurations")
         threads = workers["npvae"].call("finish")["threads"]
     finally:
         close_all(workers)
+    measured = {}
+    for key, cfg in configs.items():
+        ours, limit = records[key]["npvae"], records[key]["matmul"]
+        # Fastest epoch: noise only ever adds time. Each is a fresh model's first epoch (Numba compiles
+        # or loads its kernels once per process, in round 1, which the minimum leaves out).
+        t, m = min(r["seconds"] for r in ours), min(r["seconds"] for r in limit)
+        n = cfg["limit"]
+        flops = epoch_flops(n, cfg["batch_size"], cfg["hidden"], cfg["latent"])
+        loads = [r["other_cores"] for r in ours if "other_cores" in r]
+        measured[key] = {"n_train": n, "seconds_per_epoch": t, "images_per_second": n / t,
+                         "matmul_seconds_per_epoch": m, "matmul_share": m / t, "rest_seconds_per_epoch": t - m,
+                         "matmul_gflops_per_second": flops / m / 1e9,
+                         "other_cores": statistics.mean(loads) if loads else None,
+                         "epoch_seconds": [r["seconds"] for r in ours], "matmul_epoch_seconds": [r["seconds"] for r in limit]}
+    rows = [{"varied": what, "value": value, **cfg, **measured[tuple(sorted(cfg.items()))]} for what, value, cfg in plan]
+    for r in rows:
+        echo(f"  {r['varied']:<16} {r['value']:>6}: {r['seconds_per_epoch']:6.2f} s/epoch ({r['images_per_second']:,.0f} img/s), "
+             f"matmuls {r['matmul_seconds_per_epoch']:.2f} s ({r['matmul_share']:.0%})")
     return {"mode": "sweep", "command": command_line(args.argv), "machine": machine_info(),
             "config": {**base, "epochs": args.epochs, "data": setups["matmul"]["description"]},
-            "method": "npvae (Numba backend) and the bare matmuls of the same configuration alternate epochs in two "
-                      "subprocesses; s/epoch is the fastest of epochs 2..E; rest = npvae - matmuls",
+            "method": "rounds: each sets up every configuration afresh and trains one epoch of npvae (Numba backend) "
+                      "and one of the same configuration's bare matmuls, in two subprocesses; s/epoch is the fastest "
+                      "of the rounds; rest = npvae - matmuls",
             "threads": threads, "rows": rows}
 
 
@@ -936,11 +946,10 @@ def sweep_markdown(res: dict) -> str:
         out.append(f"| {r['varied']} | {r['value']:,} | {r['n_train']:,} | {r['seconds_per_epoch']:.2f} | "
                    f"{r['images_per_second']:,.0f} | {r['matmul_seconds_per_epoch']:.2f} | {r['matmul_share']:.0%} | "
                    f"{r['rest_seconds_per_epoch']:.2f} | {_fmt(r['other_cores'], '.2f')} |")
-    out += ["", f"s/epoch: fastest of epochs 2..{res['config']['epochs']}, npvae and the bare matmuls of the same "
-            "configuration alternating; rest = s/epoch − bare matmuls (activations, loss, sampling, Adam, Python); "
-            "others' load: cores kept busy by other processes during npvae's timed epochs. Rows share one machine "
-            "state only roughly (its speed drifts by ~20% over minutes); the matmul share within a row is the "
-            "steadier figure."]
+    out += ["", f"s/epoch: fastest of {res['config']['epochs']} rounds, each of which trains every configuration "
+            "for one epoch from a fresh model, then its bare matmuls; rest = s/epoch − bare matmuls (activations, "
+            "loss, sampling, Adam, Python); others' load: cores kept busy by other processes during npvae's "
+            "epochs, averaged over the rounds."]
     return "\n".join(out)
 
 
@@ -971,7 +980,7 @@ def parse_args(argv):
     p.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "mnist", "demo"),
                    help="demo: npvae's shipped 5,000 MNIST digits, no files needed")
     p.add_argument("--data-dir", default=None, help="folder holding the dataset's IDX files")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per peer (default 5; 3 per configuration with --sweep)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per peer (default 5); with --sweep, rounds (default 3)")
     p.add_argument("--limit", type=int, default=None, help="train on the first N training images only")
     p.add_argument("--peers", type=peer_list, default=list(PEERS), help="comma-separated, default npvae,torch,jax")
     p.add_argument("--numpy-backend", action=argparse.BooleanOptionalAction, default=True,
