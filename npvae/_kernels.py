@@ -1,9 +1,12 @@
 """Hot loops, each written once as a Numba-compilable loop and paired with a NumPy twin.
 
-Every kernel writes into caller-provided arrays (the last arguments) and returns nothing, so a
-training step can run without allocating. Loops read no globals; row sums accumulate in float64
-and are stored in the output's dtype, so float32 stays float32. The math of each op is documented
-in :mod:`npvae.ops`, which is the public face of these kernels.
+Every kernel writes into caller-provided arrays (the last arguments, scratch included) and returns
+nothing, so a training step runs without allocating. Loops read no global data; the only globals
+they touch are the helper functions below (float32 exp / expm1 / log1p that LLVM can vectorise, a
+row sum, the per-activation loops), which :func:`numba_extensions` registers with Numba before the
+first compile. Row sums accumulate in float64 and are stored in the output's dtype, so float32
+stays float32. The math of each op is documented in :mod:`npvae.ops`, which is the public face of
+these kernels.
 
 Activation codes (``code`` arguments): see :data:`ACTIVATION_CODES`.
 """
@@ -142,7 +145,8 @@ def _row_sum(a, i):
 
 @before_first_compile
 def numba_extensions() -> None:
-    """Teach Numba the helpers above: the bitcast, and float32 / float64 versions of exp and log1p."""
+    """Teach Numba the helpers the loops call: the bitcast, exp / expm1 / log1p by dtype (the float32
+    formulas or libm), the row sum, and the per-activation loops (inlined)."""
     from llvmlite import ir
     from numba import types
     from numba.core.errors import NumbaIRAssumptionWarning

@@ -75,7 +75,8 @@ class Kernel:
     Parameters
     ----------
     loop : callable
-        Plain-Python loop over arrays, Numba-compilable (no globals, no Python objects).
+        Plain-Python loop over arrays, Numba-compilable (no global data, no Python objects; it may call
+        helpers registered by a :func:`before_first_compile` hook).
     twin : callable
         Vectorised NumPy function with the same signature and the same results.
     """
