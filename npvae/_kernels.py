@@ -126,7 +126,7 @@ def fast_log1p_unit(x):
     return math.log1p(x)
 
 
-def _row_sum(a, i):
+def _loop_row_sum(a, i):
     """sum_j a[i, j] in float64, four running sums so the adds overlap instead of queueing."""
     m = a.shape[1]
     s0 = s1 = s2 = s3 = 0.0
@@ -167,7 +167,7 @@ def numba_extensions() -> None:
     def _float32_from_bits_impl(bits):
         return lambda bits: bitcast_int32_to_float32(bits)
 
-    for helper in (_exp_f32, _expm1_f32, _log1p_unit_f32, _row_sum):
+    for helper in (_exp_f32, _expm1_f32, _log1p_unit_f32, _loop_row_sum):
         register_jitable(helper)
     # Inlined by Numba itself (LLVM leaves loops this size as calls), so that an array passed twice
     # is one array in the kernel. Numba's pedantic SSA check then warns about its own renamed
@@ -362,7 +362,7 @@ def bce_logits_forward(logits, target, rows, probs, work):
             r = one / (one + e)
             work[i, j] = max(v, zero) + fast_log1p_unit(e) - target[i, j] * v
             probs[i, j] = r if v >= zero else e * r
-        rows[i] = _row_sum(work, i)
+        rows[i] = _loop_row_sum(work, i)
 
 
 def _scaled_difference_np(a, b, scale, out):

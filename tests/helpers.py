@@ -58,6 +58,21 @@ def rel_error(a, b, floor: float = 0.0) -> float:
     return float(np.max(np.abs(a - b)) / max(1e-300, floor, float(np.max(np.abs(a) + np.abs(b)))))
 
 
+def parameter_differences(flat: np.ndarray, indices, loss: Callable[[], float], h: float = 1e-6) -> np.ndarray:
+    """Central differences ``(loss(p + h e_i) - loss(p - h e_i)) / 2h`` of a model's flat parameter
+    buffer ``flat`` at each index in ``indices``; every entry is restored afterwards."""
+    numeric = []
+    for i in indices:
+        old = flat[i]
+        flat[i] = old + h
+        up = loss()
+        flat[i] = old - h
+        down = loss()
+        flat[i] = old
+        numeric.append((up - down) / (2 * h))
+    return np.array(numeric)
+
+
 def numeric_gradient(f: Callable, inputs: dict, name: str, dout, h: float = 1e-6, truncation: bool = False):
     """Central differences of ``sum(dout * f(inputs))`` with respect to ``inputs[name]``, every coordinate.
 

@@ -316,7 +316,7 @@ def test_float32_helpers_compile_to_their_python_formulas(compiled_helpers, seed
 # (tracemalloc, in tests/test_train.py, cannot see Numba's heap, and Numba's own allocation counter
 # also counts the wrappers it makes for every array argument, so this reads the source instead.)
 _ALLOCATING = re.compile(r"\bnp\.(zeros|empty|ones|full|array|arange|copy|concatenate|stack)(_like)?\(|\.copy\(")
-_LOOP_HELPERS = ("_bias_act_loops", "_act_backward_loops", "_row_sum", "_exp_f32", "_expm1_f32", "_log1p_unit_f32")
+_LOOP_HELPERS = ("_bias_act_loops", "_act_backward_loops", "_loop_row_sum", "_exp_f32", "_expm1_f32", "_log1p_unit_f32")
 
 
 @pytest.mark.parametrize("name", KERNELS + list(_LOOP_HELPERS))

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from npvae import ops
 from npvae.backend import numba_available, use_backend
 from npvae.models import LIKELIHOODS, VAE, Autoencoder, DenoisingAutoencoder, PoorMansVAE
+from tests.helpers import parameter_differences
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -235,16 +236,7 @@ def test_finite_differences(name, backend):
         loss()
         analytic = model.params.grad.copy()
         idx = rng.choice(model.params.size, size=30, replace=False)
-        h = 1e-6
-        numeric = []
-        for i in idx:
-            old = model.params.data[i]
-            model.params.data[i] = old + h
-            up = loss()
-            model.params.data[i] = old - h
-            down = loss()
-            model.params.data[i] = old
-            numeric.append((up - down) / (2 * h))
+        numeric = parameter_differences(model.params.data, idx, loss)
     assert rel_error(analytic[idx], numeric) <= 1e-6
 
 
