@@ -170,7 +170,7 @@ def cmd_evaluate(args) -> int:
         result["binarization"] = note
     print(f"{args.split}: {what} {terms.total:.3f} (recon {terms.recon:.3f}, kl {terms.kl:.3f}) per image, {len(x)} images")
     if args.iw_samples is not None:
-        from .likelihood import iwae_log_likelihood
+        from .study.likelihood import iwae_log_likelihood
 
         log_px = iwae_log_likelihood(model, x, args.iw_samples, np.random.default_rng([args.seed, 1]))
         nll, se = float(-log_px.mean()), float(log_px.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
@@ -183,7 +183,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from . import figures
+    from .viz import figures
     from .train import load_model
 
     model, meta = load_model(args.checkpoint)
@@ -201,7 +201,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
-    from . import figures
+    from .viz import figures
     from .train import load_model
 
     model, meta = load_model(args.checkpoint)
@@ -240,7 +240,7 @@ def _run_log(checkpoint) -> Path:
 
 
 def cmd_plot(args) -> int:
-    from . import figures
+    from .viz import figures
     from .train import load_model
 
     what = args.what
@@ -291,7 +291,8 @@ def cmd_plot(args) -> int:
 
 
 def cmd_grads(args) -> int:
-    from . import figures, gradflow
+    from .study import gradflow
+    from .viz import figures
     from .train import load_model
 
     model, meta = load_model(args.checkpoint)

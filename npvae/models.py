@@ -1062,7 +1062,7 @@ class CVAE(VAE):
 
     def class_grid(self, n_per_class: int, rng: np.random.Generator) -> np.ndarray:
         """``n_per_class`` samples of every class, (C, n, D): row c holds draws conditioned on y = c
-        (for :func:`npvae.plots.plot_class_grid`)."""
+        (for :func:`npvae.viz.plots.plot_class_grid`)."""
         n, c = int(n_per_class), self.config.num_classes
         if n < 1:
             raise ValueError(f"expected n_per_class >= 1, got {n}")

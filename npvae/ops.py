@@ -721,7 +721,7 @@ def continuous_bernoulli_mean(logits):
 
 # ----------------------------------------------------------------------------- log densities and log-sum-exp
 #
-# The pieces of importance-weighted bounds (npvae.likelihood): log q(z|x), log p(z) and a stable
+# The pieces of importance-weighted bounds (npvae.study.likelihood): log q(z|x), log p(z) and a stable
 # log-sum-exp over the samples. They are a few elementwise NumPy expressions over (B, Z) arrays,
 # small next to the decoder's matmuls, so they have no kernels of their own.
 

@@ -389,7 +389,7 @@ class Trainer:
         return record
 
     def _pictures(self, epoch: int) -> None:
-        from . import figures
+        from .viz import figures
 
         try:
             figures.epoch_pictures(self.model, self.val_x, self.val_y, self.out_dir, epoch, seed=self.config.seed,

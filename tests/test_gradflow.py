@@ -1,4 +1,4 @@
-"""Tests of npvae.gradflow: the exact reconstruction/KL split, and the two gradient estimators."""
+"""Tests of npvae.study.gradflow: the exact reconstruction/KL split, and the two gradient estimators."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from npvae import gradflow, plots
+from npvae.study import gradflow
+from npvae.viz import plots
 from npvae.backend import use_backend
 from npvae.gradcheck import relative_error
 from npvae.models import CVAE, VAE

@@ -1,4 +1,4 @@
-"""Tests of npvae.likelihood and its ops (log densities, log-sum-exp).
+"""Tests of npvae.study.likelihood and its ops (log densities, log-sum-exp).
 
 Three tiers, as everywhere: the ops against finite differences and torch in float64; the IWAE
 objective's hand-derived gradient against autograd through a torch VAE written from the math with
@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 from npvae import ops
 from npvae.backend import numba_available, use_backend
 from npvae.gradcheck import check_op, relative_error
-from npvae.likelihood import iwae_log_likelihood, iwae_loss_and_grads
+from npvae.study.likelihood import iwae_log_likelihood, iwae_loss_and_grads
 from npvae.models import VAE
 from npvae.optim import make_optimizer
 

@@ -24,8 +24,8 @@ def run_python(code: str, **env) -> str:
 
 def test_importing_the_core_imports_numpy_only():
     heavy = run_python(
-        "import sys, npvae, npvae.train, npvae.cli, npvae.data, npvae.checkpoint, npvae.plots, npvae.gradflow, "
-        "npvae.likelihood; print(sorted(m for m in ('numba', 'matplotlib', 'torch', 'tqdm', 'scipy') if m in sys.modules))"
+        "import sys, npvae, npvae.train, npvae.cli, npvae.data, npvae.checkpoint, npvae.viz.plots, npvae.study.gradflow, "
+        "npvae.study.likelihood; print(sorted(m for m in ('numba', 'matplotlib', 'torch', 'tqdm', 'scipy') if m in sys.modules))"
     )
     assert heavy == "[]"
 

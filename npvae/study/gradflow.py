@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from . import ops
+from .. import ops
 
 OBJECTIVE = "E_q[log p(x|z)]"  # what compare_estimators differentiates (to be maximised)
 DEFAULT_ROWS = 8192  # draws per forward pass in compare_estimators
@@ -161,7 +161,7 @@ def compare_estimators(model, x, n_draws: int, rng: np.random.Generator, y=None,
         for each of ``reparam``, ``score`` and ``baseline``: ``_mean``, ``_var`` (variance of one
         draw's estimate, ddof 1) and ``_se`` (standard error of the mean, sqrt(var / n_draws));
         plus scalars ``n_draws`` and ``objective`` (:data:`OBJECTIVE`). The layout is what
-        :func:`npvae.plots.plot_estimator_comparison` reads. Overwrites ``model.params.grad``.
+        :func:`npvae.viz.plots.plot_estimator_comparison` reads. Overwrites ``model.params.grad``.
     """
     _check_vae_family(model, "the estimator comparison")
     if isinstance(n_draws, bool) or not isinstance(n_draws, (int, np.integer)) or n_draws < 2:

@@ -1,4 +1,4 @@
-"""Tests for npvae.plots: every picture is a real, non-blank PNG; the NumPy helpers are exact."""
+"""Tests for npvae.viz.plots: every picture is a real, non-blank PNG; the NumPy helpers are exact."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npvae import plots
+from npvae.viz import plots
 
 pytest.importorskip("matplotlib")
 import matplotlib.image as mpimg  # noqa: E402
@@ -101,7 +101,7 @@ def test_each_plot_writes_a_real_png(tmp_path, name):
 
 
 def test_importing_plots_does_not_import_matplotlib():
-    code = "import sys, npvae.plots; assert 'matplotlib' not in sys.modules, 'eager import'"
+    code = "import sys, npvae.viz.plots; assert 'matplotlib' not in sys.modules, 'eager import'"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO_ROOT)
 

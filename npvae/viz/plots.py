@@ -1155,7 +1155,7 @@ def plot_estimator_comparison(table: Mapping[str, Any], path: PathLike,
 
 
 # --------------------------------------------------------------------------------------------------
-# Gradient flow (npvae.gradflow)
+# Gradient flow (npvae.study.gradflow)
 # --------------------------------------------------------------------------------------------------
 
 def plot_gradient_decomposition(rows: Sequence[Mapping[str, Any]], path: PathLike,
@@ -1172,7 +1172,7 @@ def plot_gradient_decomposition(rows: Sequence[Mapping[str, Any]], path: PathLik
     rows : sequence of dicts
         One per parameter, in forward order, with ``param``, ``recon_norm``, ``kl_norm`` and
         optionally ``cosine`` (NaN or missing where undefined), as from
-        :func:`npvae.gradflow.decomposition_rows`.
+        :func:`npvae.study.gradflow.decomposition_rows`.
     path : str or PathLike
     title : str
 

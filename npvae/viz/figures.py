@@ -1,6 +1,6 @@
 """The pictures of a model: which arrays to compute from a model and which plot draws them.
 
-:mod:`npvae.plots` draws arrays and knows no models; this module runs a model to get those arrays.
+:mod:`npvae.viz.plots` draws arrays and knows no models; this module runs a model to get those arrays.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ops, plots
+from .. import ops
+from . import plots
 
 
 def _value_range(model) -> tuple[float, float]:
@@ -262,14 +263,14 @@ def grad_norms(log_path, path) -> Path:
 
 
 def gradient_decomposition(rows, path, n: int | None = None) -> Path:
-    """Bar chart of the reconstruction and KL parts of each parameter's gradient (npvae.gradflow)."""
+    """Bar chart of the reconstruction and KL parts of each parameter's gradient (npvae.study.gradflow)."""
     where = f" ({n} images)" if n else ""
     return plots.plot_gradient_decomposition(rows, path, title=f"Where each parameter's gradient comes from{where}: "
                                                                "reconstruction vs KL")
 
 
 def estimator_comparison(table, path) -> Path:
-    """Means and variances of the reparameterization and score-function gradients (npvae.gradflow)."""
+    """Means and variances of the reparameterization and score-function gradients (npvae.study.gradflow)."""
     return plots.plot_estimator_comparison(
         table, path, title=f"Gradient of {table['objective']} w.r.t. q's mean and log-variance: "
                            "reparameterization vs score function")

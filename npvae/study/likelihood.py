@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from . import ops
+from .. import ops
 
 DEFAULT_ROWS = 8192  # (example, sample) rows per decoder pass in evaluation
 
