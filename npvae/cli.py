@@ -49,26 +49,29 @@ def _model_kwargs(args) -> dict:
     return kw
 
 
-def build_model_from_args(args, input_dim: int, num_classes: int):
-    from .models import MODELS
+def build_model_from_args(args, input_shape: tuple[int, ...], num_classes: int):
+    from .models import MODELS, Conditional
 
     cls = MODELS[args.model]
     kw = _model_kwargs(args)
-    if args.model == "cvae":
+    if issubclass(cls, Conditional):
+        if num_classes < 1:
+            raise CLIError(f"--model {args.model} learns p(x | y) and needs class labels; this data has none "
+                           "(an .npz with an array 'y', or a built-in dataset)")
         kw["num_classes"] = num_classes
-    return cls(input_dim=input_dim, dtype=np.dtype(args.dtype), seed=args.seed, **kw)
+    return cls(input_shape=tuple(input_shape), dtype=np.dtype(args.dtype), seed=args.seed, **kw)
 
 
 # ----------------------------------------------------------------------------- commands
 
 
 def cmd_train(args) -> int:
-    from . import data
-    from .train import TrainConfig, Trainer, load_model
+    from .models import load_model
+    from .train import TrainConfig, Trainer
 
     if args.backend:
         backend.set_backend(args.backend)
-    dataset = data.load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
+    dataset = _load_data(args, seed=args.seed)
     print(f"data: {dataset.description}")
     if args.epochs is None:  # the demo set is 13x smaller than MNIST: more passes for the same steps
         args.epochs = 50 if dataset.is_demo else 10
@@ -86,16 +89,19 @@ def cmd_train(args) -> int:
             print("note: resuming with the saved run's seed and batch size", file=sys.stderr)
             config.seed, config.batch_size = saved.get("seed", config.seed), saved.get("batch_size", config.batch_size)
     else:
-        model = build_model_from_args(args, dataset.train_x.shape[1], dataset.num_classes)
+        model = build_model_from_args(args, dataset.train_x.shape[1:], dataset.num_classes)
     print(f"model: {model!r}")
     print(f"backend: {backend.get_backend()}; writing to {out}/")
     trainer = Trainer(model, dataset, config, out, progress=not args.no_progress)
     result = trainer.run(resume=args.resume)
     if result.stopped != "interrupted":
+        test_target = getattr(dataset, "test_target", None)
         test = trainer.evaluate(
-            _prepare(dataset.test_x, model, config.binarize, config.seed), dataset.test_y, np.random.default_rng([config.seed, 3])
+            _prepare(dataset.test_x, model, config.binarize, config.seed), model.check_labels(dataset.test_y, len(dataset.test_x)),
+            np.random.default_rng([config.seed, 3]),
+            None if test_target is None else _prepare(test_target, model, config.binarize, config.seed),
         )
-        split = "validation (demo data has no separate test split)" if dataset.is_demo else "test"
+        split = "validation (this data has no separate test split)" if dataset.is_demo or dataset.test_x is dataset.val_x else "test"
         print(f"{split}: negative ELBO {test['loss']:.2f} nats/image (recon {test['recon']:.2f}, kl {test['kl']:.2f})")
         print(f"wrote {out}/checkpoint.npz, best.npz, log.jsonl" + ("" if args.no_pictures else ", reconstructions.png, samples.png"))
     return 130 if result.stopped == "interrupted" else 0
@@ -107,11 +113,25 @@ def _prepare(images, model, binarize, seed):
     return prepare_split(images, model, binarize, seed + 2)
 
 
-def _dataset_for(args, meta):
+def _load_data(args, seed: int, source: dict | None = None):
+    """The dataset of ``--data`` (a user's file or folder, with ``--target``), else a built-in one; a run's
+    remembered ``source`` when neither is given."""
     from . import data
 
-    name = args.dataset or meta.get("dataset")
-    return data.load_dataset(name, data_dir=args.data_dir, seed=meta.get("train_config", {}).get("seed", 0))
+    path, target = getattr(args, "data", None), getattr(args, "target", None)
+    if path is None and not args.dataset and isinstance(source, dict) and source.get("kind") == "path":
+        path, target = source.get("path"), source.get("target")
+    if path is not None:
+        return data.load_path(path, target, seed=seed)
+    if target is not None:
+        raise CLIError("--target pairs a folder of targets with --data DIR; pass --data too")
+    name = args.dataset or (source or {}).get("name")
+    return data.load_dataset(name, data_dir=args.data_dir, seed=seed)
+
+
+def _dataset_for(args, meta):
+    source = meta.get("data_source") or {"kind": "builtin", "name": meta.get("dataset")}
+    return _load_data(args, meta.get("train_config", {}).get("seed", 0), source)
 
 
 def _split_data(args, model, meta, n: int | None = None, fresh_binarization: bool = False):
@@ -130,11 +150,11 @@ def _split_data(args, model, meta, n: int | None = None, fresh_binarization: boo
     if n is not None:
         if n < 1:
             raise CLIError(f"--n must be at least 1, got {n}")
-        images, labels = images[:n], labels[:n]
+        images, labels = images[:n], None if labels is None else labels[:n]
     binarize = tc.get("binarize", "none")
     note = None
     if binarize != "none" and fresh_binarization:
-        x = data.binarize_static(data.to_float(images, model.value_range, model.dtype), np.random.default_rng([args.seed, 17]))
+        x = data.binarize_static(data.to_model_range(images, (0.0, 1.0), model.dtype), np.random.default_rng([args.seed, 17]))
         note = (f"the run trained on binarized digits ({binarize}); these images are a fresh Bernoulli draw "
                 f"(pixel intensity = probability of 1) from --seed {args.seed}")
     elif binarize != "none":
@@ -148,22 +168,24 @@ def _split_data(args, model, meta, n: int | None = None, fresh_binarization: boo
 
 
 def cmd_evaluate(args) -> int:
-    from .train import load_model
+
+    from .models import Conditional, GaussianLatent, StandardNormalPrior, load_model
 
     model, meta = load_model(args.checkpoint)
-    conditional = getattr(model, "conditional", False)
     if args.iw_samples is not None:
         if args.iw_samples < 1:
             raise CLIError(f"--iw-samples must be at least 1, got {args.iw_samples}")
-        if model.kind != "vae":
+        if not (isinstance(model, GaussianLatent) and isinstance(model, StandardNormalPrior)):
             raise CLIError(f"--iw-samples estimates log p(x) of an unconditional VAE; {args.checkpoint} holds a "
-                           f"{model.kind}" + (" (its bound would need the learned prior p(z|y))" if conditional else ""))
+                           f"{model.kind}" + (" (its bound would need the learned prior p(z|y))"
+                                              if isinstance(model, Conditional) else ""))
     dataset, x, labels, note = _split_data(args, model, meta, args.n, args.fresh_binarization)
     rng = np.random.default_rng(args.seed)
-    terms = model.evaluate(x, labels, rng) if conditional else model.evaluate(x, rng)
+    terms = model.evaluate(x, model.check_labels(labels, len(x)), rng=rng)
     result = {"dataset": dataset.name, "split": args.split, "examples": len(x),
               "negative_elbo": terms.total, "recon": terms.recon, "kl": terms.kl}
-    what = "negative conditional ELBO" if conditional else "negative ELBO" if model.kind == "vae" else "loss"
+    what = ("negative conditional ELBO" if isinstance(model, Conditional) else
+            "negative ELBO" if isinstance(model, GaussianLatent) else "loss")
     print(f"{dataset.description}")
     if note:
         print(f"binarization: {note}")
@@ -183,13 +205,13 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    from .models import Conditional, load_model
     from .viz import figures
-    from .train import load_model
 
     model, meta = load_model(args.checkpoint)
     rng = np.random.default_rng(args.seed)
     if args.label is not None:
-        if not getattr(model, "conditional", False):
+        if not isinstance(model, Conditional):
             raise CLIError(f"--label needs a conditional model (cvae); {args.checkpoint} holds a {model.kind}")
         try:
             model.check_labels(np.array([args.label]))
@@ -201,14 +223,15 @@ def cmd_sample(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
+    from .models import load_model
     from .viz import figures
-    from .train import load_model
 
     model, meta = load_model(args.checkpoint)
     dataset = _dataset_for(args, meta)
     tc = meta.get("train_config", {})
     x = _prepare(dataset.test_x[: args.n], model, tc.get("binarize", "none"), tc.get("seed", 0))
-    path = figures.reconstructions(model, x, args.out, dataset.test_y[: args.n], n=args.n)
+    labels = None if dataset.test_y is None else dataset.test_y[: args.n]
+    path = figures.reconstructions(model, x, args.out, model.check_labels(labels, len(x)), n=args.n)
     print(f"wrote {path}")
     return 0
 
@@ -240,8 +263,8 @@ def _run_log(checkpoint) -> Path:
 
 
 def cmd_plot(args) -> int:
+    from .models import Conditional, load_model
     from .viz import figures
-    from .train import load_model
 
     what = args.what
     out = Path(args.out or f"{what}.png")
@@ -252,7 +275,7 @@ def cmd_plot(args) -> int:
         print(f"wrote {figures.grad_norms(_run_log(args.checkpoint), out)}")
         return 0
     model, meta = load_model(args.checkpoint)
-    conditional = getattr(model, "conditional", False)
+    conditional = isinstance(model, Conditional)
     if args.label is not None and what not in ("samples", "manifold"):
         raise CLIError(f"--label applies to samples and manifold, not {what}")
     if args.label is not None and not conditional:
@@ -264,7 +287,7 @@ def cmd_plot(args) -> int:
     elif what == "classes":
         if not conditional:
             raise CLIError(f"classes needs a conditional model (cvae); {args.checkpoint} holds a {model.kind}")
-        names = figures.class_names(meta.get("dataset"), model.config.num_classes)
+        names = figures.class_names(meta.get("dataset"), model.num_classes)
         path = figures.class_grid(model, out, rng, n_per_class=n, names=names)
     elif what == "manifold":
         path = figures.manifold(model, out, n=n, label=args.label)
@@ -291,18 +314,17 @@ def cmd_plot(args) -> int:
 
 
 def cmd_grads(args) -> int:
+    from .models import GaussianLatent, load_model
     from .study import gradflow
     from .viz import figures
-    from .train import load_model
 
     model, meta = load_model(args.checkpoint)
-    if model.kind not in ("vae", "cvae"):
+    if not isinstance(model, GaussianLatent):
         raise CLIError(f"grads studies a VAE's gradients; {args.checkpoint} holds a {model.kind}")
     if args.draws < 2 or args.examples < 1:
         raise CLIError(f"expected --draws >= 2 and --examples >= 1, got {args.draws} and {args.examples}")
     dataset, x, y, _ = _split_data(args, model, meta, args.n)
-    conditional = getattr(model, "conditional", False)
-    labels = y.astype(np.int64) if conditional else None
+    labels = model.check_labels(None if y is None else y.astype(np.int64), len(x))
     rng = np.random.default_rng(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -336,6 +358,13 @@ def _add_data_args(p, default_dataset=None):
     p.add_argument("--dataset", choices=DATASET_CHOICES, default=default_dataset,
                    help="mnist, fashion-mnist, or the 5,000 demo digits shipped with npvae "
                         "(default: full MNIST if on disk or downloadable, else the demo digits)")
+    p.add_argument("--data", metavar="PATH",
+                   help="your own data instead: a .npy (N, ...) array, an .npz with arrays x and optional y "
+                        "(labels) and target, or a folder of PNG/JPEG images of one size; uint8 pixels or "
+                        "floats in the model's range")
+    p.add_argument("--target", metavar="DIR",
+                   help="with --data DIR: a folder of target images matched by file name (input -> target "
+                        "training, e.g. noisy -> clean scans)")
     p.add_argument("--data-dir", help="directory holding the IDX files (else $NPVAE_DATA_DIR, the cache, "
                                       "/usr/share/datasets/fashion-mnist, then download)")
 

@@ -192,18 +192,14 @@ def check_model(model, x, y=None, eps=None, h: float = 1e-5, max_entries: int | 
     if model.dtype != np.float64:
         raise TypeError(f"gradient checks need a float64 model, got {model.dtype}: build it with dtype=np.float64")
     rng = np.random.default_rng(0) if rng is None else rng
-    conditional = getattr(model, "conditional", False)
-    if conditional and y is None:
-        raise ValueError(f"{type(model).__name__} is conditional: pass labels y")
+    y = model.check_labels(y, np.shape(x)[0])
     if eps is None and hasattr(model.config, "latent_dim"):
         eps = rng.standard_normal((np.shape(x)[0], model.config.latent_dim))
     noise_seed = int(rng.integers(2**31))
 
     def loss_and_grads():
         noise = np.random.default_rng(noise_seed)  # same corruption (denoising AE) on every call
-        if conditional:
-            return model.loss_and_grads(x, y, eps=eps, rng=noise)
-        return model.loss_and_grads(x, eps=eps, rng=noise)
+        return model.loss_and_grads(x, y, eps=eps, rng=noise)
 
     _, grads = loss_and_grads()
     grads = {k: g.copy() for k, g in grads.items()}

@@ -1,17 +1,36 @@
-"""Thin layer classes over :mod:`npvae.ops`: they hold parameter views and buffers, never math.
+"""Layers: thin objects over :mod:`npvae.ops` that hold parameter views, a cache and buffers, never math.
+
+The Layer protocol
+------------------
+A layer maps a batch ``x`` of shape ``(B, *in_shape)`` to ``y`` of shape ``(B, *out_shape)``:
+
+- ``param_shapes() -> {name: shape}``: its parameters (none for activations, Flatten, Reshape);
+- ``bind(params, grads, workspace, path)``: attach views into the model's flat parameter and gradient
+  buffers (:class:`Parameters`) and the model's :class:`Workspace`; ``path`` (``"encoder.0"``) names
+  the layer in state dicts and in the workspace;
+- ``init(rng)``: initialise its parameters in place;
+- ``output_shape(in_shape) -> out_shape``: per-example shapes, without B; raises ValueError naming
+  the layer when ``in_shape`` does not fit;
+- ``forward(x) -> y`` keeps what backward needs in ``self.cache``;
+- ``backward(dy, need_dx=True) -> dx``: writes (not adds) the parameter gradients and returns
+  dL/dx (None when ``need_dx`` is False and the layer can skip it);
+- ``output_grad_buffer(batch)``: a ``(B, *out_shape)`` array that ``backward`` reads in place, so a
+  loss can write dL/dy straight into it (saves a copy per step).
+
+:class:`Sequential` composes layers (as ``torch.nn.Sequential``), naming the i-th ``"{i}"``.
 
 Every model keeps all its parameters in one flat buffer and all gradients in a twin flat buffer
-(:class:`Parameters`); a layer's ``weight``/``bias`` and ``dweight``/``dbias`` are views into them,
-so an optimizer updates the whole model with one fused kernel and a checkpoint is one array.
-
-Layers keep their activations and gradient buffers per batch size, so a training step at a fixed
-batch size allocates nothing after the first. The arrays a layer returns are those buffers: they
-are overwritten by the next call with the same batch size (copy what you keep).
+(:class:`Parameters`), so an optimizer updates the whole model with one fused kernel and a
+checkpoint is one array. Layers take their activations and gradient buffers from the model's
+:class:`Workspace`, per batch size, so a training step at a fixed batch size allocates nothing after
+the first. The arrays a layer returns are those buffers: they are overwritten by the next call with
+the same batch size (copy what you keep).
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import numpy as np
 
@@ -25,6 +44,23 @@ def check_dtype(dtype) -> np.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"expected dtype float32 or float64, got {dtype}")
     return dtype
+
+
+def _positive_int(value, name: str) -> int:
+    """An integer >= 1; floats such as 1.7 are refused rather than truncated."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"expected {name} a positive integer, got {value!r}")
+    return int(value)
+
+
+def _shape(shape, name: str) -> tuple[int, ...]:
+    if isinstance(shape, (int, np.integer)):
+        shape = (shape,)
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise ValueError(f"expected {name} a tuple of positive integers, got {shape!r}") from None
+    return tuple(_positive_int(d, name) for d in dims)
 
 
 class Parameters:
@@ -69,9 +105,108 @@ class Parameters:
         return f"Parameters({len(self)} arrays, {self.size:,} scalars, {self.dtype})"
 
 
-class Dense:
-    """``y = f(x W^T + b)``, W of shape (O, I) as in PyTorch's ``nn.Linear``.
+class Workspace:
+    """Scratch arrays per batch size, shared by a model and its layers: the one place buffers live.
 
+    ``get(batch, key, shape)`` returns the same array for the same ``(batch, key)`` on every call,
+    so a training step at a fixed batch size allocates nothing after the first. Buffers of at most
+    ``max_batch_sizes`` batch sizes are kept; the least recently used size is dropped first (an
+    evaluation pass over a ragged last batch costs one more size, never a leak).
+
+    Parameters
+    ----------
+    dtype : float32 or float64
+        The default dtype of the buffers.
+    max_batch_sizes : int
+    """
+
+    def __init__(self, dtype, max_batch_sizes: int = 8):
+        self.dtype = check_dtype(dtype)
+        self.max_batch_sizes = int(max_batch_sizes)
+        self._sizes: OrderedDict[int, dict] = OrderedDict()
+        self._last_batch = None
+        self._last = None
+
+    def _for(self, batch: int) -> dict:
+        if batch == self._last_batch:
+            return self._last
+        bufs = self._sizes.get(batch)
+        if bufs is None:
+            while len(self._sizes) >= self.max_batch_sizes:
+                self._sizes.popitem(last=False)
+            bufs = self._sizes[batch] = {}
+        else:
+            self._sizes.move_to_end(batch)
+        self._last_batch, self._last = batch, bufs
+        return bufs
+
+    def get(self, batch: int, key: str, shape: tuple[int, ...], dtype=None) -> np.ndarray:
+        """The buffer ``key`` of batch size ``batch``: an uninitialised array of ``shape``."""
+        bufs = self._for(batch)
+        buf = bufs.get(key)
+        if buf is None or buf.shape != shape:
+            buf = bufs[key] = np.empty(shape, self.dtype if dtype is None else dtype)
+        return buf
+
+    def clear(self) -> None:
+        self._sizes.clear()
+        self._last_batch = self._last = None
+
+    def __len__(self) -> int:
+        """Batch sizes held."""
+        return len(self._sizes)
+
+    def __repr__(self) -> str:
+        return f"Workspace({len(self)} batch sizes of at most {self.max_batch_sizes}, {self.dtype})"
+
+
+class Layer:
+    """Base of every layer; see the module docstring for the protocol.
+
+    A parameter-free layer overrides ``output_shape``, ``forward`` and ``backward`` only.
+    """
+
+    path = "layer"
+    workspace: Workspace | None = None
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def bind(self, params: dict, grads: dict, workspace: Workspace, path: str) -> None:
+        """Attach parameter and gradient views (keyed like :meth:`param_shapes`) and the workspace."""
+        self.params, self.grads, self.workspace, self.path = params, grads, workspace, path
+
+    def init(self, rng: np.random.Generator) -> None:
+        pass
+
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(in_shape)
+
+    def buffer(self, batch: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The layer's buffer ``name`` for batch size ``batch`` (from the model's workspace)."""
+        if self.workspace is None:
+            return np.empty(shape, self.dtype if hasattr(self, "dtype") else np.float64)
+        return self.workspace.get(batch, f"{self.path}:{name}", shape)
+
+    def output_grad_buffer(self, batch: int) -> np.ndarray | None:
+        """Where ``backward`` can read dL/dy in place; None when the layer has no such buffer."""
+        return None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Dense(Layer):
+    """``y = f(x W^T + b)``, W of shape (O, I) as in PyTorch's ``nn.Linear``; x (B, I) -> y (B, O).
+
+    The activation is fused into the layer (one pass over y, as Keras' ``Dense(activation=...)``);
+    the same activations exist as layers of their own (:class:`Activation`).
     Default init is PyTorch's ``nn.Linear`` default: W and b ~ U(-1/sqrt(I), 1/sqrt(I)).
 
     Parameters
@@ -85,48 +220,47 @@ class Dense:
     def __init__(self, in_dim: int, out_dim: int, activation: str = "identity", alpha: float = 0.01):
         if activation not in ops.ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}: expected one of {', '.join(ops.ACTIVATIONS)}")
-        self.in_dim, self.out_dim = int(in_dim), int(out_dim)
+        self.in_dim, self.out_dim = _positive_int(in_dim, "in_dim"), _positive_int(out_dim, "out_dim")
         self.activation, self.alpha = activation, float(alpha)
         self.weight = self.bias = self.dweight = self.dbias = None
-        self._cache = None
-        self._buffers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.cache = None
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"weight": (self.out_dim, self.in_dim), "bias": (self.out_dim,)}
 
-    def bind(self, weight, bias, dweight, dbias) -> None:
-        """Attach parameter and gradient views (from :class:`Parameters`)."""
-        self.weight, self.bias, self.dweight, self.dbias = weight, bias, dweight, dbias
+    def bind(self, params, grads, workspace, path) -> None:
+        super().bind(params, grads, workspace, path)
+        self.weight, self.bias = params["weight"], params["bias"]
+        self.dweight, self.dbias = grads["weight"], grads["bias"]
         self._bias_sums = np.empty(self.out_dim, np.float64)  # scratch of dbias's float64 sums
-        self._buffers.clear()
 
     def init(self, rng: np.random.Generator) -> None:
         bound = 1.0 / math.sqrt(self.in_dim)
         self.weight[...] = rng.uniform(-bound, bound, self.weight.shape)
         self.bias[...] = rng.uniform(-bound, bound, self.bias.shape)
 
-    def _workspace(self, batch: int):
-        if batch not in self._buffers:
-            dtype = self.weight.dtype
-            self._buffers[batch] = (
-                np.empty((batch, self.out_dim), dtype),  # y
-                np.empty((batch, self.out_dim), dtype),  # da
-                np.empty((batch, self.in_dim), dtype),  # dx
-            )
-        return self._buffers[batch]
+    def output_shape(self, in_shape):
+        if tuple(in_shape) != (self.in_dim,):
+            raise ValueError(f"{self.path} {self!r} expects inputs of shape (B, {self.in_dim}), got (B, "
+                             f"{', '.join(map(str, in_shape))}){' (add a Flatten layer first)' if len(in_shape) > 1 else ''}")
+        return (self.out_dim,)
+
+    def output_grad_buffer(self, batch: int) -> np.ndarray:
+        return self.buffer(batch, "da", (batch, self.out_dim))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """x (B, I) -> y (B, O)."""
-        y, _, _ = self._workspace(x.shape[0])
-        y, self._cache = ops.dense_forward(x, self.weight, self.bias, self.activation, self.alpha, out=y)
+        batch = x.shape[0]
+        y = self.buffer(batch, "y", (batch, self.out_dim))
+        y, self.cache = ops.dense_forward(x, self.weight, self.bias, self.activation, self.alpha, out=y)
         return y
 
     def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
         """dy (B, O) -> dx (B, I); writes (not adds) dweight and dbias."""
-        _, da, dx = self._workspace(dy.shape[0])
-        dx, _, _ = ops.dense_backward(
-            dy, self._cache, dx=dx if need_dx else False, dw=self.dweight, db=self.dbias, da=da, work=self._bias_sums
-        )
+        batch = dy.shape[0]
+        da = self.buffer(batch, "da", (batch, self.out_dim))
+        dx = self.buffer(batch, "dx", (batch, self.in_dim)) if need_dx else False
+        dx, _, _ = ops.dense_backward(dy, self.cache, dx=dx, dw=self.dweight, db=self.dbias, da=da, work=self._bias_sums)
         return dx
 
     def __repr__(self) -> str:
@@ -134,32 +268,254 @@ class Dense:
         return f"Dense({self.in_dim} -> {self.out_dim}{act})"
 
 
-class MLP:
-    """A stack of :class:`Dense` layers: ``sizes[0] -> sizes[1] -> ... -> sizes[-1]``.
+class GaussianHeads(Dense):
+    """The two heads of a diagonal Gaussian, ``[mu, logvar] = x W^T + b``, as one (2Z, I) layer.
 
-    Hidden layers use ``activation``; the last layer uses ``out_activation``.
+    One product instead of two; the state dict exports the halves as two ``nn.Linear`` layers named
+    ``names`` (default ``mu`` and ``logvar``). ``forward`` returns the (B, 2Z) buffer; its halves are
+    ``mu = y[:, :Z]`` and ``logvar = y[:, Z:]``.
     """
 
-    def __init__(self, sizes, activation="relu", out_activation="identity", alpha=0.01):
-        sizes = [int(s) for s in sizes]
-        if len(sizes) < 2 or min(sizes) < 1:
-            raise ValueError(f"expected at least two positive layer sizes, got {sizes}")
-        acts = [activation] * (len(sizes) - 2) + [out_activation]
-        self.layers = [Dense(i, o, a, alpha) for i, o, a in zip(sizes[:-1], sizes[1:], acts)]
+    def __init__(self, in_dim: int, latent_dim: int, names: tuple[str, str] = ("mu", "logvar")):
+        self.latent_dim = _positive_int(latent_dim, "latent_dim")
+        super().__init__(in_dim, 2 * self.latent_dim)
+        self.names = tuple(names)
+
+    def exported(self):
+        """(key, value view, gradient view) of the two heads, in order."""
+        z = self.latent_dim
+        for head, part in zip(self.names, (slice(None, z), slice(z, None))):
+            yield f"{head}.weight", self.weight[part], self.dweight[part]
+            yield f"{head}.bias", self.bias[part], self.dbias[part]
+
+    def __repr__(self) -> str:
+        return f"GaussianHeads({self.in_dim} -> 2 x {self.latent_dim})"
+
+
+class Activation(Layer):
+    """An elementwise activation as a layer of its own, any shape (B, ...) -> the same shape.
+
+    Parameters
+    ----------
+    name : str, one of :data:`npvae.ops.ACTIVATIONS`
+    alpha : float
+        LeakyReLU slope.
+    """
+
+    def __init__(self, name: str, alpha: float = 0.01):
+        if name not in ops.ACTIVATIONS:
+            raise ValueError(f"unknown activation {name!r}: expected one of {', '.join(ops.ACTIVATIONS)}")
+        self.name, self.alpha = name, float(alpha)
+        self.cache = None
+
+    def output_grad_buffer(self, batch: int):
+        return None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        flat = x.reshape(x.shape[0], -1)  # (B, H)
+        y = self.buffer(x.shape[0], "y", flat.shape)
+        y, self.cache = ops.activation_forward(flat, self.name, self.alpha, out=y)
+        return y.reshape(x.shape)
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        flat = dy.reshape(dy.shape[0], -1)
+        dx = self.buffer(dy.shape[0], "dx", flat.shape)
+        return ops.activation_backward(flat, self.cache, out=dx).reshape(dy.shape)
+
+    def __repr__(self) -> str:
+        return f"Activation({self.name!r})" if self.name != "leaky_relu" else f"Activation('leaky_relu', alpha={self.alpha:g})"
+
+
+def ReLU() -> Activation:
+    return Activation("relu")
+
+
+def LeakyReLU(alpha: float = 0.01) -> Activation:
+    return Activation("leaky_relu", alpha)
+
+
+def Sigmoid() -> Activation:
+    return Activation("sigmoid")
+
+
+def Tanh() -> Activation:
+    return Activation("tanh")
+
+
+def Softplus() -> Activation:
+    return Activation("softplus")
+
+
+class Flatten(Layer):
+    """(B, d1, d2, ...) -> (B, d1 * d2 * ...), a view; backward reshapes back."""
+
+    def output_shape(self, in_shape):
+        return (math.prod(in_shape),)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self.cache = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        return dy.reshape(self.cache)
+
+    def __repr__(self) -> str:
+        return "Flatten()"
+
+
+class Reshape(Layer):
+    """(B, ...) -> (B, *shape), a view; backward reshapes back.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        The per-example output shape.
+    """
+
+    def __init__(self, shape):
+        self.shape = _shape(shape, "shape")
+
+    def output_shape(self, in_shape):
+        if math.prod(in_shape) != math.prod(self.shape):
+            raise ValueError(f"{self.path} {self!r} cannot reshape inputs of shape (B, {', '.join(map(str, in_shape))}): "
+                             f"{math.prod(in_shape)} values per example, the target shape holds {math.prod(self.shape)}")
+        return self.shape
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self.cache = x.shape
+        return x.reshape(x.shape[0], *self.shape)
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        return dy.reshape(self.cache)
+
+    def __repr__(self) -> str:
+        return f"Reshape({self.shape})"
+
+
+class Sequential(Layer):
+    """Layers applied in order, as ``torch.nn.Sequential``; the i-th is named ``"{i}"``.
+
+    >>> Sequential(Flatten(), Dense(784, 400, "relu"), Dense(400, 20))
+    Sequential(Flatten(), Dense(784 -> 400, relu), Dense(400 -> 20))
+    """
+
+    def __init__(self, *layers: Layer):
+        if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
+            layers = tuple(layers[0])
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"Sequential: item {i} is a {type(layer).__name__}, not an npvae layer")
+        self.layers = list(layers)
+        holders = [i for i, layer in enumerate(self.layers) if layer.param_shapes() or getattr(layer, "has_params", False)]
+        self._first_holder = holders[0] if holders else None  # backward without dx stops here
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def named_layers(self, prefix: str):
+        """(path, layer) of every parameter-holding leaf, depth first: ``prefix.0``, ``prefix.1.0``, ..."""
+        for i, layer in enumerate(self.layers):
+            path = f"{prefix}.{i}"
+            if isinstance(layer, Sequential):
+                yield from layer.named_layers(path)
+            else:
+                yield path, layer
+
+    def bind(self, params, grads, workspace, path) -> None:
+        self.workspace, self.path = workspace, path
+
+    def output_shape(self, in_shape):
+        for layer in self.layers:
+            in_shape = layer.output_shape(in_shape)
+        return tuple(in_shape)
+
+    def output_grad_buffer(self, batch: int):
+        return self.layers[-1].output_grad_buffer(batch) if self.layers else None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         for layer in self.layers:
             x = layer.forward(x)
         return x
 
-    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
-        for k, layer in enumerate(reversed(self.layers)):
-            dy = layer.backward(dy, need_dx=need_dx or k < len(self.layers) - 1)
-        return dy
+    @property
+    def has_params(self) -> bool:
+        """Whether any layer in the stack holds parameters."""
+        return self._first_holder is not None
 
-    def output_grad_buffer(self, batch: int) -> np.ndarray:
-        """A (B, O) buffer for dL/d(output) that the last layer's backward reads in place."""
-        return self.layers[-1]._workspace(batch)[1]
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        """Backward through the stack; with ``need_dx`` False, layers below the first one with
+        parameters are skipped and None is returned."""
+        first = 0
+        if not need_dx:
+            if self._first_holder is None:
+                return None
+            first = self._first_holder
+        for i in range(len(self.layers) - 1, first - 1, -1):
+            dy = self.layers[i].backward(dy, need_dx=need_dx or i > first)
+        return None if not need_dx else dy
 
     def __repr__(self) -> str:
-        return "MLP(" + ", ".join(map(repr, self.layers)) + ")"
+        return "Sequential(" + ", ".join(map(repr, self.layers)) + ")"
+
+
+def mlp(sizes, activation: str = "relu", out_activation: str = "identity", alpha: float = 0.01) -> Sequential:
+    """Dense layers ``sizes[0] -> sizes[1] -> ... -> sizes[-1]``: hidden layers use ``activation``,
+    the last ``out_activation``."""
+    sizes = [_positive_int(s, "layer size") for s in sizes]
+    if len(sizes) < 2:
+        raise ValueError(f"expected at least two layer sizes, got {sizes}")
+    acts = [activation] * (len(sizes) - 2) + [out_activation]
+    return Sequential([Dense(i, o, a, alpha) for i, o, a in zip(sizes[:-1], sizes[1:], acts)])
+
+
+# ----------------------------------------------------------------------------- specs: layers as JSON
+
+
+def _layer_config(layer: Layer) -> dict:
+    """The constructor arguments that rebuild ``layer``."""
+    if isinstance(layer, GaussianHeads):
+        return {"in_dim": layer.in_dim, "latent_dim": layer.latent_dim, "names": list(layer.names)}
+    if isinstance(layer, Dense):
+        return {"in_dim": layer.in_dim, "out_dim": layer.out_dim, "activation": layer.activation, "alpha": layer.alpha}
+    if isinstance(layer, Activation):
+        return {"name": layer.name, "alpha": layer.alpha}
+    if isinstance(layer, Reshape):
+        return {"shape": list(layer.shape)}
+    if isinstance(layer, Flatten):
+        return {}
+    raise TypeError(f"{type(layer).__name__} has no spec: register it in npvae.layers.LAYER_TYPES with a config")
+
+
+def layer_spec(layer: Layer) -> dict:
+    """A JSON-able description of ``layer`` (``{"type": ..., **arguments}``), read by :func:`layer_from_spec`."""
+    if isinstance(layer, Sequential):
+        return {"type": "Sequential", "layers": [layer_spec(child) for child in layer]}
+    return {"type": type(layer).__name__, **_layer_config(layer)}
+
+
+LAYER_TYPES = {cls.__name__: cls for cls in (Dense, GaussianHeads, Activation, Flatten, Reshape)}
+
+
+def layer_from_spec(spec) -> Layer:
+    """Rebuild a layer from :func:`layer_spec`'s description; only the types in :data:`LAYER_TYPES`."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        raise ValueError(f"expected a layer spec, a dict with a 'type', got {type(spec).__name__}")
+    kind = spec["type"]
+    if kind == "Sequential":
+        children = spec.get("layers")
+        if not isinstance(children, list):
+            raise ValueError("expected a Sequential spec with a list of 'layers'")
+        return Sequential([layer_from_spec(child) for child in children])
+    if kind not in LAYER_TYPES:
+        raise ValueError(f"unknown layer type {kind!r}: expected one of Sequential, {', '.join(LAYER_TYPES)}")
+    kwargs = {k: v for k, v in spec.items() if k != "type"}
+    try:
+        return LAYER_TYPES[kind](**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"layer spec does not fit {kind}: {exc}") from None

@@ -1,8 +1,9 @@
 """The training loop: one loop for every model, resumable, atomic, and loud about divergence.
 
-The loop knows nothing about which model it trains. It asks the model for
-``_loss_and_backward(x[, y], rng=...)`` (which fills ``model.params.grad``), steps an optimizer on
-the flat parameter buffer, and each epoch evaluates, logs, checkpoints and draws pictures.
+The loop knows nothing about which model it trains. It calls the model's public
+``loss_and_grads(x, y, rng=..., target=..., check=False)`` (which fills ``model.params.grad``; the
+whole arrays are checked once up front), steps an optimizer on the flat parameter buffer, and each
+epoch evaluates, logs, checkpoints and draws pictures.
 
 Reproducibility: the batch order of epoch ``e`` comes from ``default_rng([seed, e])`` and the noise
 (eps, dynamic binarization, corruption) from a generator seeded ``[seed, e, 1]`` whose state is saved
@@ -25,7 +26,8 @@ import numpy as np
 
 from . import backend, data as datasets
 from .checkpoint import load_checkpoint, save_checkpoint
-from .models import MODELS, Model, build_model
+from .models import GaussianLatent, Model
+from .models.saving import model_meta, model_state, save_model
 from .optim import clip_grad_norm, make_optimizer
 
 CHECKPOINT = "checkpoint.npz"
@@ -88,53 +90,19 @@ class TrainResult:
 
 
 def prepare_split(images: np.ndarray, model: Model, binarize: str, seed: int) -> np.ndarray:
-    """uint8 images (N, D) -> floats in the model's value range; binarized once unless 'none'.
+    """Images (N, ...) -> floats in the model's value range; binarized once unless 'none'.
 
-    Validation and test sets are binarized statically (one fixed draw) for both 'static' and
-    'dynamic' training, the usual protocol for dynamically binarized MNIST.
+    uint8 images are scaled from [0, 255]; floats must already lie in the model's range. Validation
+    and test sets are binarized statically (one fixed draw) for both 'static' and 'dynamic' training,
+    the usual protocol for dynamically binarized MNIST (binarizing needs a model of data in [0, 1]).
     """
-    x = datasets.to_float(images, value_range=(0, 1), dtype=model.dtype)
     if binarize != "none":
-        x = datasets.binarize_static(x, np.random.default_rng([seed, 7]))
-    lo, hi = model.value_range
-    if (lo, hi) != (0, 1):
-        x = x * model.dtype.type(hi - lo) + model.dtype.type(lo)
-    return x
+        x = datasets.to_model_range(images, (0.0, 1.0), model.dtype)
+        return datasets.binarize_static(x, np.random.default_rng([seed, 7]))
+    return datasets.to_model_range(images, model.value_range, model.dtype)
 
 
 # ----------------------------------------------------------------------------- saving and loading
-
-
-def model_meta(model: Model) -> dict:
-    return {"model": model.kind, "model_config": dataclasses.asdict(model.config), "dtype": model.dtype.name}
-
-
-def save_model(model: Model, path, extra_meta: dict | None = None) -> Path:
-    """Write the model's state dict and config to a plain ``.npz`` (no pickle), atomically."""
-    arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
-    return save_checkpoint(path, arrays, {**model_meta(model), **(extra_meta or {})})
-
-
-def load_model(path) -> tuple[Model, dict]:
-    """Rebuild a model from a checkpoint written by :func:`save_model` or training.
-
-    Returns
-    -------
-    model : Model
-    meta : dict
-        The checkpoint's metadata (config, epoch, history, ...).
-    """
-    arrays, meta = load_checkpoint(path)
-    kind = meta.get("model")
-    if kind not in MODELS:
-        raise ValueError(f"{path}: checkpoint names model {kind!r}, expected one of {', '.join(MODELS)}")
-    model = build_model(kind, meta.get("model_config", {}), dtype=np.dtype(meta.get("dtype", "float32")))
-    state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
-    try:
-        model.load_state_dict(state)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
-    return model, meta
 
 
 def _rng_state(rng: np.random.Generator) -> dict:
@@ -173,7 +141,6 @@ class Trainer:
         self.model, self.dataset, self.config = model, dataset, config
         self.out_dir = Path(out_dir)
         self.progress, self.echo = progress, echo
-        self.conditional = getattr(model, "conditional", False)
         if config.binarize != "none" and tuple(model.value_range) != (0.0, 1.0):
             raise ValueError(f"binarize={config.binarize!r} needs a model of data in [0, 1]; "
                              f"{model.kind} models data in {list(model.value_range)}")
@@ -183,10 +150,14 @@ class Trainer:
         self.optimizer = make_optimizer(config.optimizer, model.params.data, model.params.grad, config.lr, **kwargs)
         self.train_x = prepare_split(dataset.train_x, model, "none" if config.binarize == "dynamic" else config.binarize, config.seed)
         self.val_x = prepare_split(dataset.val_x, model, config.binarize, config.seed + 1)
-        self.train_y, self.val_y = dataset.train_y, dataset.val_y
-        if self.conditional:
-            model.check_labels(self.train_y)
-            model.check_labels(self.val_y)
+        model.check_input(self.train_x, "the training data")
+        model.check_input(self.val_x, "the validation data")
+        # the labels the model reads: None for unconditional models, checked labels for conditional ones
+        self.train_y = model.check_labels(dataset.train_y, len(self.train_x), "the training labels")
+        self.val_y = model.check_labels(dataset.val_y, len(self.val_x), "the validation labels")
+        self.val_labels = dataset.val_y  # for pictures
+        self.train_target = self._prepare_target(getattr(dataset, "train_target", None), config.seed)
+        self.val_target = self._prepare_target(getattr(dataset, "val_target", None), config.seed + 1)
         self.n = len(self.train_x)
         self.steps_per_epoch = math.ceil(self.n / config.batch_size)
         # Position and state, all saved in checkpoints.
@@ -201,7 +172,13 @@ class Trainer:
         self.seen = 0
         self._interrupted = False
         self._warned_pictures = False
-        self._batch_buf: dict[int, np.ndarray] = {}
+        self._batch_buf: dict[tuple, np.ndarray] = {}
+
+    def _prepare_target(self, target, seed: int):
+        """Paired training's targets in the model's range (None when the model reconstructs its input)."""
+        if target is None:
+            return None
+        return prepare_split(target, self.model, "none" if self.config.binarize == "dynamic" else self.config.binarize, seed)
 
     # -- checkpoints
 
@@ -218,6 +195,7 @@ class Trainer:
             "train_config": dataclasses.asdict(self.config),
             "dataset": self.dataset.name,
             "dataset_description": self.dataset.description,
+            "data_source": getattr(self.dataset, "source", None),
             "backend": backend.get_backend(),
             "epoch": self.epoch,
             "batch": self.batch,
@@ -239,10 +217,13 @@ class Trainer:
     def restore(self, path) -> None:
         """Continue from a training checkpoint: parameters, optimizer, position and noise state."""
         arrays, meta = load_checkpoint(path)
-        if meta.get("model") != self.model.kind or meta.get("model_config") != json.loads(json.dumps(dataclasses.asdict(self.model.config))):
+        ours = json.loads(json.dumps(model_meta(self.model)))
+        same = (meta.get("model_spec") == ours["model_spec"] if "model_spec" in meta
+                else (meta.get("model"), meta.get("model_config")) == (ours["model"], ours["model_config"]))
+        if not same:
             raise ValueError(f"{path}: checkpoint is for {meta.get('model')} {meta.get('model_config')}, "
                              f"not this {self.model!r}; resume with the same model options")
-        self.model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("model/")})
+        self.model.load_state_dict(model_state(arrays, meta))
         optim = {k[6:]: v for k, v in arrays.items() if k.startswith("optim/")}
         optim.update(meta.get("optimizer_scalars", {}))
         self.optimizer.load_state_dict(optim)
@@ -264,18 +245,27 @@ class Trainer:
 
     # -- one step
 
-    def _kl_weight(self) -> float:
-        beta = getattr(self.model.config, "beta", 1.0)
+    def _kl_weight(self) -> float | None:
+        """The KL weight of this step (beta, annealed during warm-up); None for models without a KL."""
+        if not isinstance(self.model, GaussianLatent):
+            return None
+        beta = self.model.config.beta
         warm = self.config.kl_warmup_epochs
         if warm <= 0:
             return beta
         return beta * min(1.0, self.step / (warm * self.steps_per_epoch))
 
-    def _batch(self, idx: np.ndarray) -> np.ndarray:
-        buf = self._batch_buf.get(len(idx))
+    def _gather(self, source: np.ndarray, idx: np.ndarray, name: str) -> np.ndarray:
+        """Rows ``idx`` of ``source`` in a buffer reused per batch size."""
+        key = (name, len(idx))
+        buf = self._batch_buf.get(key)
         if buf is None:
-            buf = self._batch_buf[len(idx)] = np.empty((len(idx), self.train_x.shape[1]), self.train_x.dtype)
-        np.take(self.train_x, idx, axis=0, out=buf, mode="clip")  # "raise" would buffer a copy
+            buf = self._batch_buf[key] = np.empty((len(idx), *source.shape[1:]), source.dtype)
+        np.take(source, idx, axis=0, out=buf, mode="clip")  # "raise" would buffer a copy
+        return buf
+
+    def _batch(self, idx: np.ndarray) -> np.ndarray:
+        buf = self._gather(self.train_x, idx, "x")
         if self.config.binarize == "dynamic":
             datasets.binarize_dynamic(buf, self.rng, out=buf)
         return buf
@@ -311,12 +301,11 @@ class Trainer:
     def _train_step(self, idx: np.ndarray):
         model = self.model
         x = self._batch(idx)
-        if hasattr(model, "kl_weight"):
+        y = None if self.train_y is None else self.train_y[idx]
+        target = None if self.train_target is None else self._gather(self.train_target, idx, "target")
+        if isinstance(model, GaussianLatent):
             model.kl_weight = self._kl_weight()
-        if self.conditional:
-            terms = model._loss_and_backward(x, self.train_y[idx], rng=self.rng)
-        else:
-            terms = model._loss_and_backward(x, rng=self.rng)
+        terms, _ = model.loss_and_grads(x, y, rng=self.rng, target=target, check=False)
         self._check_finite(terms)
         if self.config.log_grad_norms and self.step % self.config.grad_norm_every == 0:
             self._log(self._grad_norm_record())
@@ -329,11 +318,9 @@ class Trainer:
 
     # -- epochs
 
-    def evaluate(self, x, y, rng) -> dict:
-        if self.conditional:
-            terms = self.model.evaluate(x, y, rng, batch_size=self.config.eval_batch_size)
-        else:
-            terms = self.model.evaluate(x, rng, batch_size=self.config.eval_batch_size)
+    def evaluate(self, x, y, rng, target=None) -> dict:
+        """The model's mean loss over a whole set (labels y and targets as the model reads them)."""
+        terms = self.model.evaluate(x, y, rng=rng, target=target, batch_size=self.config.eval_batch_size)
         return {"loss": terms.total, "recon": terms.recon, "kl": terms.kl}
 
     def _progress_bar(self):
@@ -371,7 +358,7 @@ class Trainer:
                 bar.close()
         seconds = time.perf_counter() - start
         train = self.sums / max(self.seen, 1)
-        val = self.evaluate(self.val_x, self.val_y, np.random.default_rng([cfg.seed, self.epoch, 2]))
+        val = self.evaluate(self.val_x, self.val_y, np.random.default_rng([cfg.seed, self.epoch, 2]), self.val_target)
         record = {
             "event": "epoch",
             "epoch": self.epoch + 1,
@@ -382,7 +369,7 @@ class Trainer:
             "val_loss": val["loss"],
             "val_recon": val["recon"],
             "val_kl": val["kl"],
-            "kl_weight": self._kl_weight() if hasattr(self.model, "kl_weight") else None,
+            "kl_weight": self._kl_weight(),
             "seconds": seconds,
             "images_per_second": (self.batch - start_batch) * cfg.batch_size / max(seconds, 1e-9),
         }
@@ -392,7 +379,7 @@ class Trainer:
         from .viz import figures
 
         try:
-            figures.epoch_pictures(self.model, self.val_x, self.val_y, self.out_dir, epoch, seed=self.config.seed,
+            figures.epoch_pictures(self.model, self.val_x, self.val_labels, self.out_dir, epoch, seed=self.config.seed,
                                    dataset_name=self.dataset.name)
         except ImportError as exc:  # matplotlib is an optional extra
             if not self._warned_pictures:
@@ -448,6 +435,7 @@ class Trainer:
                 if improved:
                     save_model(self.model, self.out_dir / BEST, {
                         "epoch": self.epoch, "val_loss": record["val_loss"], "dataset": self.dataset.name,
+                        "data_source": getattr(self.dataset, "source", None),
                         "train_config": dataclasses.asdict(cfg),  # how to prepare data to evaluate it
                     })
                 if cfg.pictures:
@@ -479,3 +467,57 @@ def _epoch_line(r: dict, epochs: int) -> str:
     return (f"epoch {r['epoch']}/{epochs}  train {r['train_loss']:.2f} (recon {r['train_recon']:.2f}, kl {r['train_kl']:.2f})"
             f"  val {r['val_loss']:.2f} (recon {r['val_recon']:.2f}, kl {r['val_kl']:.2f})"
             f"  {r['seconds']:.1f}s, {r['images_per_second']:,.0f} img/s")
+
+
+# ----------------------------------------------------------------------------- one call for arrays
+
+
+def fit(model: Model, x, y=None, *, target=None, x_val=None, y_val=None, target_val=None, epochs: int = 10,
+        batch_size: int = 128, lr: float = 1e-3, val_fraction: float = 0.1, out_dir=None, seed: int = 0,
+        progress: bool = False, echo: Callable[[str], None] | None = None, **options) -> TrainResult:
+    """Train ``model`` on arrays, as Keras' ``model.fit`` or scikit-learn's ``fit`` would.
+
+    Parameters
+    ----------
+    model : Model
+        Any npvae model; its ``input_shape`` must match ``x.shape[1:]``.
+    x : (N, ...) array
+        uint8 images (scaled to the model's value range) or floats already in that range.
+    y : (N,) integer array, optional
+        Class labels (needed by conditional models; otherwise used only to stratify the split).
+    target : (N, ...) array, optional
+        What to reconstruct instead of ``x`` (paired training: noisy -> clean).
+    x_val, y_val, target_val : arrays, optional
+        A validation set; without one, ``val_fraction`` of x is held out (stratified by y).
+    epochs, batch_size, lr, seed
+        As in :class:`TrainConfig`; ``options`` sets any other :class:`TrainConfig` field
+        (``optimizer``, ``patience``, ``kl_warmup_epochs``, ``pictures``, ...).
+    out_dir : path, optional
+        Where checkpoints, the log and pictures go; default a temporary folder, removed afterwards
+        (pictures are then off unless asked for).
+    progress : bool
+        Show a progress bar.
+    echo : callable, optional
+        Receives one line per epoch (default: silent).
+
+    Returns
+    -------
+    TrainResult
+        ``result.history`` holds one dict per epoch (``train_loss``, ``val_loss``, ...). The model
+        keeps the parameters of the last epoch.
+    """
+    import tempfile
+
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise TypeError(f"fit() got unknown options {', '.join(unknown)}; see npvae.TrainConfig for the settings")
+    dataset = datasets.Dataset.from_arrays(x, y, target, val_x=x_val, val_y=y_val, val_target=target_val,
+                                           val_fraction=val_fraction, seed=seed)
+    if out_dir is None:
+        options.setdefault("pictures", False)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, **options)
+    with tempfile.TemporaryDirectory(prefix="npvae-fit-") as scratch:
+        trainer = Trainer(model, dataset, config, scratch if out_dir is None else out_dir, progress=progress,
+                          echo=echo or (lambda line: None))
+        result = trainer.run()
+    return result if out_dir is not None else dataclasses.replace(result, out_dir=None)

@@ -159,7 +159,7 @@ def neg_elbo_reference(state: dict, x: np.ndarray, eps: np.ndarray, batch: int =
         logvar = h @ p["logvar.weight"].T + p["logvar.bias"]  # (B, Z)
         z = mu + np.exp(0.5 * logvar) * eps[i : i + batch]
         h2 = np.maximum(z @ p["decoder.0.weight"].T + p["decoder.0.bias"], 0.0)  # (B, H)
-        logits = h2 @ p["output.weight"].T + p["output.bias"]  # (B, D)
+        logits = h2 @ p["decoder.1.weight"].T + p["decoder.1.bias"]  # (B, D)
         recon = (np.logaddexp(0.0, logits) - xb * logits).sum()
         kl = 0.5 * (mu**2 + np.exp(logvar) - 1.0 - logvar).sum()
         total += recon + kl
@@ -283,7 +283,7 @@ def fused(state: dict) -> dict:
         "heads_w": np.concatenate([state["mu.weight"], state["logvar.weight"]]),
         "heads_b": np.concatenate([state["mu.bias"], state["logvar.bias"]]),
         "dec_w": state["decoder.0.weight"], "dec_b": state["decoder.0.bias"],
-        "out_w": state["output.weight"], "out_b": state["output.bias"],
+        "out_w": state["decoder.1.weight"], "out_b": state["decoder.1.bias"],
     }
 
 
@@ -295,7 +295,7 @@ def unfused(p: dict, latent: int) -> dict:
         "mu.weight": p["heads_w"][:latent], "mu.bias": p["heads_b"][:latent],
         "logvar.weight": p["heads_w"][latent:], "logvar.bias": p["heads_b"][latent:],
         "decoder.0.weight": p["dec_w"], "decoder.0.bias": p["dec_b"],
-        "output.weight": p["out_w"], "output.bias": p["out_b"],
+        "decoder.1.weight": p["out_w"], "decoder.1.bias": p["out_b"],
     }
 
 

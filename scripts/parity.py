@@ -38,10 +38,10 @@ def train_npvae(train_x, test_x, seed, epochs, batch_size, lr):
     for epoch in range(epochs):
         perm = epoch_permutation(seed, epoch, len(train_x))
         for i in range(0, len(perm), batch_size):
-            model._loss_and_backward(train_x[perm[i : i + batch_size]], rng=rng)
+            model.loss_and_grads(train_x[perm[i : i + batch_size]], rng=rng, check=False)
             opt.step()
     seconds = time.perf_counter() - start
-    test = model.evaluate(test_x, np.random.default_rng([seed, 2]))
+    test = model.evaluate(test_x, rng=np.random.default_rng([seed, 2]))
     return test.total, seconds, init
 
 
@@ -59,7 +59,7 @@ def train_torch(train_x, test_x, seed, epochs, batch_size, lr, init):
         logvar = F.linear(h, p["logvar.weight"], p["logvar.bias"])
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
         h = F.relu(F.linear(z, p["decoder.0.weight"], p["decoder.0.bias"]))
-        logits = F.linear(h, p["output.weight"], p["output.bias"])
+        logits = F.linear(h, p["decoder.1.weight"], p["decoder.1.bias"])
         recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
         return recon + kl

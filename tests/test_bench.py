@@ -39,7 +39,7 @@ def test_reference_estimator_matches_npvae():
     rng = np.random.default_rng(0)
     x = rng.random((7, 784))
     eps = rng.standard_normal((7, 3))
-    recon, kl = model.forward(x, eps)
+    recon, kl = model.forward(x, eps=eps)
     expected = float((recon + kl).mean())
     assert bench.neg_elbo_reference(model.state_dict(), x, eps, batch=3) == pytest.approx(expected, rel=1e-12)
 

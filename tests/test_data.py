@@ -1,6 +1,8 @@
-"""Tests for npvae.data: IDX reading, lookup, download (against a loopback server), the demo
-digits, preprocessing and batching. Synthetic files throughout, plus the real files in
-shared/data when that folder sits beside the repository."""
+"""Tests for npvae.data (idx, sources, datasets, preprocess): IDX reading, lookup, download
+(against a loopback server), the demo digits, preprocessing and batching. Synthetic files
+throughout, plus the real files in shared/data when that folder sits beside the repository.
+Dataset.from_arrays, to_model_range and load_path are tested in test_data_arrays.py and
+test_data_files.py."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from npvae import data
+from npvae.data import sources
 from npvae.data import (DATASETS, Dataset, DatasetSpec, DownloadError, IDXFile, IDXFormatError, batch_indices,
                         binarize_dynamic, binarize_static, download, epoch_permutation, find_dataset_dir,
                         load_dataset, load_demo, load_mnist_like, read_idx, to_float)
@@ -45,7 +48,7 @@ def isolated_env(tmp_path_factory, monkeypatch):
     """No test sees the user's cache, $NPVAE_DATA_DIR, system folders or an HTTP proxy."""
     monkeypatch.delenv("NPVAE_DATA_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
-    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", {})
+    monkeypatch.setattr(sources, "SYSTEM_DATA_DIRS", {})
     for var in ("no_proxy", "NO_PROXY"):
         monkeypatch.setenv(var, "127.0.0.1,localhost")
 
@@ -280,7 +283,7 @@ def make_synthetic(name: str, seed: int, mirrors=("http://127.0.0.1:9/",)) -> Sy
 def synth(monkeypatch):
     """Small synthetic 'mnist' and 'fashion-mnist' (same file names, different contents)."""
     sets = {"mnist": make_synthetic("mnist", 1), "fashion-mnist": make_synthetic("fashion-mnist", 2)}
-    monkeypatch.setattr(data, "DATASETS", {k: v.spec for k, v in sets.items()})
+    monkeypatch.setattr(sources, "DATASETS", {k: v.spec for k, v in sets.items()})
     return sets
 
 
@@ -293,14 +296,14 @@ def test_lookup_order(tmp_path, monkeypatch, synth):
     s.write(system)
     monkeypatch.setenv("NPVAE_DATA_DIR", str(env))
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
-    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", {"mnist": (system,)})
+    monkeypatch.setattr(sources, "SYSTEM_DATA_DIRS", {"mnist": (system,)})
     assert find_dataset_dir("mnist", explicit) == explicit / "mnist"
     assert find_dataset_dir("mnist") == env
     monkeypatch.delenv("NPVAE_DATA_DIR")
     assert find_dataset_dir("mnist", tmp_path / "empty") == cache / "npvae" / "mnist"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "nothing"))
     assert find_dataset_dir("mnist") == system
-    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", {})
+    monkeypatch.setattr(sources, "SYSTEM_DATA_DIRS", {})
     assert find_dataset_dir("mnist") is None
 
 
@@ -461,7 +464,7 @@ def test_all_mirrors_404(tmp_path, server):
 
 def test_load_downloads_missing_files_into_data_dir(tmp_path, monkeypatch, server, synth):
     base, _ = server
-    monkeypatch.setitem(data.DATASETS, "mnist", dataclasses.replace(synth["mnist"].spec, mirrors=(f"{base}/good/",)))
+    monkeypatch.setitem(sources.DATASETS, "mnist", dataclasses.replace(synth["mnist"].spec, mirrors=(f"{base}/good/",)))
     x, y = load_mnist_like("mnist", "test", data_dir=tmp_path)
     np.testing.assert_array_equal(y, synth["mnist"].arrays["test-labels"])
     assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == ["t10k-images-idx3-ubyte.gz",
@@ -472,7 +475,7 @@ def test_load_downloads_missing_files_into_data_dir(tmp_path, monkeypatch, serve
 
 def test_default_dataset_downloads_when_online(tmp_path, monkeypatch, server, synth):
     base, _ = server
-    monkeypatch.setitem(data.DATASETS, "mnist", dataclasses.replace(synth["mnist"].spec, mirrors=(f"{base}/good/",)))
+    monkeypatch.setitem(sources.DATASETS, "mnist", dataclasses.replace(synth["mnist"].spec, mirrors=(f"{base}/good/",)))
     ds = load_dataset(None, val_size=5)
     assert not ds.is_demo and ds.name == "mnist"
     assert (ds.train_x.shape, ds.val_x.shape, ds.test_x.shape) == ((15, 784), (5, 784), (10, 784))
@@ -480,7 +483,7 @@ def test_default_dataset_downloads_when_online(tmp_path, monkeypatch, server, sy
 
 
 def test_default_dataset_falls_back_to_demo_when_offline(monkeypatch, synth):
-    monkeypatch.setitem(data.DATASETS, "mnist", dataclasses.replace(synth["mnist"].spec, mirrors=(closed_port_url(),)))
+    monkeypatch.setitem(sources.DATASETS, "mnist", dataclasses.replace(synth["mnist"].spec, mirrors=(closed_port_url(),)))
     start = time.perf_counter()
     ds = load_dataset()
     assert time.perf_counter() - start < 5

@@ -15,7 +15,7 @@ import pytest
 
 from npvae.cli import PLOTS, main
 from npvae.models import CVAE, VAE
-from npvae.train import save_model
+from npvae.models import save_model
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -213,7 +213,7 @@ def test_results_do_not_depend_on_earlier_calls(name):
         used.encode(batches[(i + 1) % len(batches)])
         used.reconstruct(batches[i - 1], batch_size=2)
         used.sample(len(x), rng)
-        used.evaluate(x, np.random.default_rng(9), batch_size=2)
+        used.evaluate(x, rng=np.random.default_rng(9), batch_size=2)
         np.testing.assert_array_equal(used.params.grad, after_step)
 
 
@@ -266,7 +266,7 @@ def test_vae_gradient_splits_into_recon_and_kl(likelihood, backend, d, hidden, z
         return gradients(ref)
 
     with use_backend(backend):
-        recon, kl = model.forward(x, eps)
+        recon, kl = model.forward(x, eps=eps)
         assert rel_error(recon, ref_recon.detach().numpy(), floor=1.0) <= LOSS_RTOL
         assert rel_error(kl, ref_kl.detach().numpy(), floor=1.0) <= LOSS_RTOL
         zero = np.zeros(b)
@@ -282,7 +282,7 @@ def test_vae_gradient_splits_into_recon_and_kl(likelihood, backend, d, hidden, z
         for key, err in gradient_errors(ours_part, torch_part).items():
             assert err <= GRAD_RTOL, f"{part} part of d{key}: relative error {err:.1e} vs torch"
     for key in kl_part:
-        if key.startswith(("decoder.", "output.")):
+        if key.startswith("decoder."):
             assert not kl_part[key].any(), f"the KL does not depend on {key}"
 
 
@@ -293,22 +293,18 @@ DEFAULT_VAE_SHAPES = {
     "mu.weight": (20, 400), "mu.bias": (20,),
     "logvar.weight": (20, 400), "logvar.bias": (20,),
     "decoder.0.weight": (400, 20), "decoder.0.bias": (400,),
-    "output.weight": (784, 400), "output.bias": (784,),
+    "decoder.1.weight": (784, 400), "decoder.1.bias": (784,),
 }
 
 
 def sequential_layout(state: dict) -> dict:
     """Our keys renamed for the classic ``nn.Sequential`` layout, where an activation module follows
-    each ``nn.Linear``: ``encoder.{i}`` -> ``encoder.{2i}``, ``decoder.{i}`` -> ``decoder.{2i}``, and a
-    VAE's ``output`` layer becomes the decoder's last Linear."""
-    decoder_layers = len({key.split(".")[1] for key in state if key.startswith("decoder.")})
+    each ``nn.Linear``: ``encoder.{i}`` -> ``encoder.{2i}``, ``decoder.{i}`` -> ``decoder.{2i}``."""
     renamed = {}
     for key, value in state.items():
         part, *rest = key.split(".")
         if part in ("encoder", "decoder"):
             key = f"{part}.{2 * int(rest[0])}.{rest[1]}"
-        elif part == "output":
-            key = f"decoder.{2 * decoder_layers}.{rest[0]}"
         renamed[key] = value
     return renamed
 
@@ -372,7 +368,7 @@ def test_state_dict_keys_match_the_torch_reference_in_order(name):
 def _layer_names(model):
     hidden = len(model.config.hidden)
     if isinstance(model, VAE):
-        return [f"encoder.{i}" for i in range(hidden)] + ["mu", "logvar"] + [f"decoder.{i}" for i in range(hidden)] + ["output"]
+        return [f"encoder.{i}" for i in range(hidden)] + ["mu", "logvar"] + [f"decoder.{i}" for i in range(hidden + 1)]
     return [f"{part}.{i}" for part in ("encoder", "decoder") for i in range(hidden + 1)]
 
 
@@ -417,11 +413,11 @@ def _broken(model, edit):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s.update({"mu.weight": s["mu.weight"].T}), r"mu\.weight: expected \(3, 6\), got \(6, 3\)"),
-    (lambda s: s.update({"output.bias": s["output.bias"][:-1]}), r"output\.bias: expected \(7,\), got \(6,\)"),
-    (lambda s: s.pop("output.bias"), r"missing keys output\.bias"),
+    (lambda s: s.update({"decoder.1.bias": s["decoder.1.bias"][:-1]}), r"decoder\.1\.bias: expected \(7,\), got \(6,\)"),
+    (lambda s: s.pop("decoder.1.bias"), r"missing keys decoder\.1\.bias"),
     (lambda s: s.pop("logvar.weight"), r"missing keys logvar\.weight"),
     (lambda s: s.update({"decoder.7.weight": np.zeros((2, 2))}), r"unexpected keys decoder\.7\.weight"),
-    (lambda s: s["output.bias"].__setitem__(2, np.nan), r"output\.bias: contains NaN or Inf"),
+    (lambda s: s["decoder.1.bias"].__setitem__(2, np.nan), r"decoder\.1\.bias: contains NaN or Inf"),
 ], ids=["transposed", "wrong-length", "missing-output", "missing-logvar", "extra", "nan"])
 def test_load_state_dict_rejects_a_wrong_state_dict_naming_the_key(edit, message):
     model = VAE(7, (6,), 3, dtype=np.float64)
@@ -443,8 +439,8 @@ def test_load_state_dict_rejects_integer_arrays_and_leaves_the_model_unchanged()
     state = model.state_dict()
     for key in state:
         state[key] = np.ones_like(state[key]) * 2.0
-    state["output.bias"] = np.ones(7, dtype=np.int64)
-    with pytest.raises(TypeError, match=r"output\.bias"):
+    state["decoder.1.bias"] = np.ones(7, dtype=np.int64)
+    with pytest.raises(TypeError, match=r"decoder\.1\.bias"):
         model.load_state_dict(state)
     np.testing.assert_array_equal(model.params.data, before)
 
@@ -575,7 +571,7 @@ def test_float32_model_agrees_with_float64_model(name, monkeypatch):
     x = data_batch(m64, 9, np.random.default_rng(0))
     x_in, eps = noise_draws(m32, x, 4)
     if isinstance(m64, DenoisingAutoencoder):  # the float32 model's corruption, fed to both
-        monkeypatch.setattr(m64, "_corrupt", lambda x, rng: x_in.astype(np.float64))
+        monkeypatch.setattr(m64, "corrupt_input", lambda x, rng: x_in.astype(np.float64))
     terms32, grads32 = m32.loss_and_grads(x, eps=eps, rng=np.random.default_rng(4))
     terms64, grads64 = m64.loss_and_grads(x, eps=eps, rng=np.random.default_rng(4))
     for ours, exact in zip(astuple(terms32), astuple(terms64)):
@@ -666,7 +662,7 @@ def test_evaluate_equals_the_training_loss_on_one_batch(name):
     model = small_models()[name]
     x = data_batch(model, 6, np.random.default_rng(0))
     expected = model.loss_and_grads(x, rng=np.random.default_rng(3))[0]
-    terms = model.evaluate(x, np.random.default_rng(3))
+    terms = model.evaluate(x, rng=np.random.default_rng(3))
     for ours, theirs in zip(astuple(terms), astuple(expected)):
         assert rel_error(ours, theirs) <= 1e-13
 
@@ -675,5 +671,5 @@ def test_evaluate_weights_slices_by_their_size():
     model = small_models()["ae"]
     x = data_batch(model, 7, np.random.default_rng(0))
     expected = model.loss_and_grads(x)[0]
-    for ours, theirs in zip(astuple(model.evaluate(x, np.random.default_rng(0), batch_size=3)), astuple(expected)):
+    for ours, theirs in zip(astuple(model.evaluate(x, rng=np.random.default_rng(0), batch_size=3)), astuple(expected)):
         assert rel_error(ours, theirs) <= 1e-13

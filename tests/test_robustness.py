@@ -48,7 +48,7 @@ def test_clamp_matches_finite_differences_away_from_the_bounds(b, h, seed):
     x = rng.uniform(-3, 3, size=(b, h))
     x[np.abs(np.abs(x) - 1) < 1e-3] = 0.5
     report = check_op(ops.clamp_forward, ops.clamp_backward, {"x": x}, lo=-1.0, hi=1.0, rng=rng)
-    assert report.max_error < 1e-8
+    assert report.max_error < 1e-7  # a wrong clamp gradient is off by O(1); rounding in the differences reaches ~1e-8
 
 
 def test_clamp_rejects_empty_interval():
@@ -64,7 +64,7 @@ def torch_vae_loss(state, x, eps, bounds):
     logvar = torch.clamp(torch.nn.functional.linear(h, t["logvar.weight"], t["logvar.bias"]), *bounds)
     z = mu + torch.exp(0.5 * logvar) * torch.tensor(eps)
     h = torch.tanh(torch.nn.functional.linear(z, t["decoder.0.weight"], t["decoder.0.bias"]))
-    logits = torch.nn.functional.linear(h, t["output.weight"], t["output.bias"])
+    logits = torch.nn.functional.linear(h, t["decoder.1.weight"], t["decoder.1.bias"])
     recon = torch.nn.functional.binary_cross_entropy_with_logits(logits, xt, reduction="none").sum(1)
     kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
     loss = (recon + kl).mean()
@@ -81,7 +81,7 @@ def test_vae_with_logvar_bounds_matches_torch(backend, seed, width):
         model = VAE(12, (9,), 3, activation="tanh", logvar_bounds=(-width, width), dtype=np.float64, seed=seed)
         model.params.data[:] *= 3  # push logvar past the bounds for some entries
         x, eps = rng.random((7, 12)), rng.standard_normal((7, 3))
-        terms, grads = model.loss_and_grads(x, eps)
+        terms, grads = model.loss_and_grads(x, eps=eps)
         loss, expected = torch_vae_loss(model.state_dict(), x, eps, (-width, width))
     assert abs(terms.total - loss) <= 1e-12 * abs(loss)
     for key, grad in grads.items():

@@ -11,7 +11,8 @@ import pytest
 from npvae import data
 from npvae.checkpoint import load_checkpoint
 from npvae.models import VAE, Autoencoder, LossTerms, PoorMansVAE
-from npvae.train import TrainConfig, Trainer, TrainingDiverged, load_model, save_model
+from npvae.models import load_model, save_model
+from npvae.train import TrainConfig, Trainer, TrainingDiverged
 
 
 @pytest.fixture(scope="module")
@@ -114,15 +115,15 @@ def test_resume_rejects_a_different_model(tiny_dataset, tmp_path):
 def test_divergence_stops_with_the_bad_tensor_and_keeps_the_last_checkpoint(tiny_dataset, tmp_path):
     model = tiny_vae()
     trainer = Trainer(model, tiny_dataset, config(epochs=3), tmp_path, progress=False, echo=quiet)
-    core = model._loss_and_backward
+    core = model.loss_and_grads
 
-    def poisoned(x, eps=None, rng=None):
-        terms = core(x, eps=eps, rng=rng)
+    def poisoned(x, y=None, eps=None, rng=None, **kwargs):
+        terms, grads = core(x, y, eps=eps, rng=rng, **kwargs)
         if trainer.step == 6:
-            model.gradients()["decoder.0.weight"][0, 0] = np.nan
-        return terms
+            grads["decoder.0.weight"][0, 0] = np.nan
+        return terms, grads
 
-    model._loss_and_backward = poisoned
+    model.loss_and_grads = poisoned
     with pytest.raises(TrainingDiverged, match=r"step 6 .*gradient of decoder\.0\.weight"):
         trainer.run()
     _, meta = load_checkpoint(tmp_path / "checkpoint.npz")
@@ -133,7 +134,7 @@ def test_divergence_stops_with_the_bad_tensor_and_keeps_the_last_checkpoint(tiny
 
 def test_divergence_names_a_nan_loss(tiny_dataset, tmp_path):
     model = tiny_vae()
-    model._loss_and_backward = lambda x, eps=None, rng=None: LossTerms(math.nan, math.nan, 1.0)
+    model.loss_and_grads = lambda x, y=None, eps=None, rng=None, **kwargs: (LossTerms(math.nan, math.nan, 1.0), {})
     with pytest.raises(TrainingDiverged, match="recon loss"):
         run(model, tiny_dataset, tmp_path)
 
@@ -143,7 +144,7 @@ def test_early_stopping(tiny_dataset, tmp_path):
     # instead force it: a model whose validation loss is constant never improves after epoch 1.
     model = tiny_vae()
     trainer = Trainer(model, tiny_dataset, config(epochs=10, patience=2), tmp_path, progress=False, echo=quiet)
-    trainer.evaluate = lambda x, y, rng: {"loss": 1.0, "recon": 1.0, "kl": 0.0}
+    trainer.evaluate = lambda x, y, rng, target=None: {"loss": 1.0, "recon": 1.0, "kl": 0.0}
     result = trainer.run()
     assert result.stopped == "early_stopping" and len(result.history) == 3
 

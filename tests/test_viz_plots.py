@@ -126,6 +126,62 @@ def test_uint8_pixels_need_their_value_range(tmp_path):
     assert_real_png(plots.plot_samples(imgs, tmp_path / "ok.png", value_range=(0, 255)))
 
 
+def colour_images(n: int, h: int = 12, w: int = 16, seed: int = 0) -> np.ndarray:
+    """(n, h, w, 3) images in [0, 1]: a red-to-blue ramp with a green blob at a random place."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    out = np.zeros((n, h, w, 3))
+    for i in range(n):
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        out[i, ..., 0] = xx / (w - 1)
+        out[i, ..., 1] = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 8.0)
+        out[i, ..., 2] = 1 - xx / (w - 1)
+    return out
+
+
+def assert_colourful(img: np.ndarray) -> None:
+    """Some pixels are strongly red and some strongly blue: drawn in colour, not in gray."""
+    r, g, b = (img[..., c].astype(float) for c in range(3))
+    assert np.mean((r - b) > 0.5) > 0.01 and np.mean((b - r) > 0.5) > 0.01
+
+
+def test_rgb_images_are_drawn_in_colour(tmp_path):
+    imgs = colour_images(7)
+    assert_colourful(assert_real_png(plots.image_grid(imgs, tmp_path / "grid.png", ncols=3)))
+    assert_colourful(assert_real_png(plots.plot_samples((imgs * 255).astype(np.uint8), tmp_path / "u8.png",
+                                                        value_range=(0, 255))))
+    assert_colourful(assert_real_png(plots.plot_reconstructions(imgs, imgs[:, ::-1], tmp_path / "rec.png")))
+    assert_colourful(assert_real_png(plots.plot_class_grid(imgs[:6].reshape(2, 3, 12, 16, 3), tmp_path / "cls.png")))
+    assert_colourful(assert_real_png(plots.plot_interpolation(imgs[:6].reshape(3, 2, 12, 16, 3) * 2 - 1,
+                                                              tmp_path / "int.png", value_range=(-1, 1))))
+
+
+def test_rgb_mosaic_layout():
+    imgs = plots._as_images(colour_images(3, 4, 5))
+    assert imgs.shape == (3, 4, 5, 3)
+    mosaic = plots._tile(plots._pad_to_grid(imgs, 2), 1, 0.5, 1.0)
+    assert mosaic.shape == (2 * 4 + 1, 2 * 5 + 1, 3)
+    np.testing.assert_array_equal(mosaic[:4, :5], imgs[0])
+    np.testing.assert_array_equal(mosaic[:4, 6:], imgs[1])
+    np.testing.assert_array_equal(mosaic[5:, :5], imgs[2])
+    np.testing.assert_array_equal(mosaic[4, :5], 0.5)   # gutter under image 0, in every channel
+    np.testing.assert_array_equal(mosaic[5:, 6:], 1.0)  # the empty fourth cell
+    # A last axis of 1 is gray; 4 channels (RGBA) are refused with a hint.
+    assert plots._as_images(np.zeros((2, 4, 5, 1))).shape == (2, 4, 5)
+    with pytest.raises(ValueError, match=r"\(2, 4, 5, 4\).*3 channels \(RGB; drop an alpha channel first\)"):
+        plots._as_images(np.zeros((2, 4, 5, 4)))
+
+
+def test_non_mnist_sizes(tmp_path):
+    rng = np.random.default_rng(0)
+    small = rng.random((10, 20, 20))
+    assert_real_png(plots.image_grid(small, tmp_path / "20x20.png"))
+    assert_real_png(plots.image_grid(small.reshape(10, 400), tmp_path / "flat400.png"))
+    assert_real_png(plots.plot_reconstructions(rng.random((4, 9, 30)), rng.random((4, 9, 30)), tmp_path / "wide.png"))
+    with pytest.raises(ValueError, match=r"\(3, 300\): 300 pixels is not a square image"):
+        plots.image_grid(rng.random((3, 300)), tmp_path / "x.png")
+
+
 # --------------------------------------------------------------------------------------------------
 # Clear errors on bad inputs
 # --------------------------------------------------------------------------------------------------

@@ -105,11 +105,11 @@ NLL = {"bernoulli": bernoulli_nll, "continuous_bernoulli": continuous_bernoulli_
 
 
 class TorchVAE(nn.Module):
-    """Gaussian VAE: encoder ``D -> hidden``, heads ``mu``/``logvar``, decoder ``Z -> reversed(hidden)``,
-    ``output`` layer to D; ``z = mu + exp(logvar / 2) * eps``; loss per example ``recon + beta * KL``.
+    """Gaussian VAE: encoder ``D -> hidden``, heads ``mu``/``logvar``, decoder ``Z -> reversed(hidden) -> D``;
+    ``z = mu + exp(logvar / 2) * eps``; loss per example ``recon + beta * KL``.
     With ``logvar_bounds = (lo, hi)`` the logvar head is clamped into [lo, hi].
 
-    Keys, in order: ``encoder.{i}``, ``mu``, ``logvar``, ``decoder.{i}``, ``output``.
+    Keys, in order: ``encoder.{i}``, ``mu``, ``logvar``, ``decoder.{i}``.
     """
 
     def __init__(self, input_dim=784, hidden=(400,), latent_dim=20, activation="relu", likelihood="bernoulli",
@@ -120,8 +120,7 @@ class TorchVAE(nn.Module):
         self.encoder = linears([input_dim, *hidden])
         self.mu = nn.Linear(width, latent_dim)
         self.logvar = nn.Linear(width, latent_dim)
-        self.decoder = linears([latent_dim, *reversed(hidden)])
-        self.output = nn.Linear(hidden[0] if hidden else latent_dim, input_dim)
+        self.decoder = linears([latent_dim, *reversed(hidden), input_dim])
         self.act = torch_activation(activation, alpha)
         self.out_act = torch_activation(DECODER_OUTPUT[likelihood])
         self.nll = NLL[likelihood]
@@ -138,7 +137,7 @@ class TorchVAE(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """z (B, Z) -> the decoder's output (B, D): logits, or the Gaussian's mean."""
-        return self.out_act(self.output(mlp(z, self.decoder, self.act, self.act)))
+        return mlp(z, self.decoder, self.act, self.out_act)
 
     def forward(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
         """Per-example ``-log p(x | z)`` (B,) and ``KL(q(z|x) || p(z))`` (B,)."""

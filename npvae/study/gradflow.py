@@ -18,23 +18,16 @@ import math
 import numpy as np
 
 from .. import ops
+from ..models import GaussianLatent
 
 OBJECTIVE = "E_q[log p(x|z)]"  # what compare_estimators differentiates (to be maximised)
 DEFAULT_ROWS = 8192  # draws per forward pass in compare_estimators
 
 
 def _check_vae_family(model, what: str) -> None:
-    if getattr(model, "kind", None) not in ("vae", "cvae"):
+    if not isinstance(model, GaussianLatent):
         raise ValueError(f"{what} needs a VAE or CVAE (a reparameterized q(z|x) and a KL term), got a "
                          f"{getattr(model, 'kind', type(model).__name__)} model")
-
-
-def _forward(model, x, y, eps):
-    if getattr(model, "conditional", False):
-        if y is None:
-            raise ValueError(f"{type(model).__name__} is conditional: pass its labels y")
-        return model.forward(x, model.check_labels(y, len(x)), eps)
-    return model.forward(x, eps)
 
 
 # ----------------------------------------------------------------------------- reconstruction vs KL
@@ -66,8 +59,8 @@ def decompose_gradients(model, x, eps, y=None) -> dict[str, tuple[np.ndarray, np
     """
     _check_vae_family(model, "the gradient decomposition")
     x = model.check_input(x)
-    eps = ops._like(x, eps, "eps", (len(x), model.config.latent_dim))
-    _forward(model, x, y, eps)
+    y = model.check_labels(y, len(x))
+    model.forward(x, y, eps=model.check_noise(x, eps))
     batch = len(x)
     zero = np.zeros(batch, model.dtype)
     recon_scale = np.full(batch, 1.0 / batch, model.dtype)
@@ -167,11 +160,7 @@ def compare_estimators(model, x, n_draws: int, rng: np.random.Generator, y=None,
     if isinstance(n_draws, bool) or not isinstance(n_draws, (int, np.integer)) or n_draws < 2:
         raise ValueError(f"expected n_draws >= 2 (variances need two draws), got {n_draws!r}")
     x = model.check_input(x)
-    conditional = getattr(model, "conditional", False)
-    if conditional:
-        if y is None:
-            raise ValueError(f"{type(model).__name__} is conditional: pass its labels y")
-        y = model.check_labels(y, len(x))
+    y = model.check_labels(y, len(x))
     rows = DEFAULT_ROWS if batch_size is None else int(batch_size)
     zdim = model.config.latent_dim
     names = ("reparam", "score", "baseline")
@@ -185,12 +174,12 @@ def compare_estimators(model, x, n_draws: int, rng: np.random.Generator, y=None,
             n = min(rows, n_draws - start)
             xs = np.repeat(x[i : i + 1], n, axis=0)
             eps = rng.standard_normal((n, zdim), dtype=model.dtype)
-            recon, _ = model.forward(xs, np.repeat(y[i : i + 1], n), eps) if conditional else model.forward(xs, eps)
+            ys = None if y is None else np.repeat(y[i : i + 1], n)
+            recon, _ = model.forward(xs, ys, eps=eps)
             f[start : start + n] = -recon
             model.backward(np.full(n, -1.0, model.dtype), np.zeros(n, model.dtype))  # d f / d[mu, logvar]
-            reparam[start : start + n] = model._dheads_buffer(n)
-            mu, logvar = (np.repeat(a, n, axis=0) for a in (model.encode(x[i : i + 1], y[i : i + 1]) if conditional
-                                                            else model.encode(x[i : i + 1])))
+            reparam[start : start + n] = np.concatenate(model.latent_grads(n), axis=1)
+            mu, logvar = (np.repeat(a, n, axis=0) for a in model.encode(x[i : i + 1], None if y is None else y[i : i + 1]))
             mu, logvar = mu.astype(np.float64), logvar.astype(np.float64)
             z = mu + np.exp(0.5 * logvar) * eps  # (n, Z) in float64, so (z - mu) / std recovers eps
             _, q_cache = ops.gaussian_log_prob_forward(z, mu, logvar, "none")

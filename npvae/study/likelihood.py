@@ -25,17 +25,18 @@ import math
 import numpy as np
 
 from .. import ops
+from ..models import GaussianLatent, StandardNormalPrior
 
 DEFAULT_ROWS = 8192  # (example, sample) rows per decoder pass in evaluation
 
 
 def _check_vae(model, what: str) -> None:
-    if getattr(model, "conditional", False):
-        raise ValueError(f"{what} is for unconditional VAEs; {type(model).__name__} models p(x | y) "
-                         "and would need its learned prior p(z | y)")
-    if getattr(model, "kind", None) != "vae":
+    if not isinstance(model, GaussianLatent):
         raise ValueError(f"{what} needs a VAE (an encoder q(z|x) and a decoder p(x|z)), got a "
                          f"{getattr(model, 'kind', type(model).__name__)} model")
+    if not isinstance(model, StandardNormalPrior):
+        raise ValueError(f"{what} is for VAEs with the prior N(0, I); {type(model).__name__} has a prior of its "
+                         "own (a conditional model's p(z | y))")
 
 
 def _check_k(k) -> int:
@@ -57,20 +58,17 @@ def _log_weights(model, x_rows, mu_rows, logvar_rows, eps_rows):
     caches : tuple of the op caches, for :func:`_log_weights_backward`
     """
     z, z_cache = ops.reparameterize_forward(mu_rows, logvar_rows, eps_rows)  # (R, Z)
-    out = model.decoder.forward(z)  # (R, D), the decoder's buffer
-    nll, nll_cache = model._nll_forward(out, x_rows, "none")  # (R,) = -log p(x|z)
+    nll = model.nll_forward(z, x_rows)  # (R,) = -log p(x|z), caching in the model
     log_pz, pz_cache = ops.standard_normal_log_prob_forward(z, "none")
     log_qz, qz_cache = ops.reparameterized_log_prob_forward(eps_rows, logvar_rows, "none")  # exact for tiny std
-    return log_pz - nll - log_qz, (z_cache, nll_cache, pz_cache, qz_cache)
+    return log_pz - nll - log_qz, (z_cache, pz_cache, qz_cache)
 
 
 def _log_weights_backward(model, dlog_w, caches):
     """Backward of :func:`_log_weights`: decoder gradients into ``params.grad``, and
     d/dmu_rows, d/dlogvar_rows (R, Z), through z and through log q's direct dependence on logvar."""
-    z_cache, nll_cache, pz_cache, qz_cache = caches
-    rows = len(dlog_w)
-    dout = model._nll_backward(-dlog_w, nll_cache, out=model.decoder.output_grad_buffer(rows))
-    dz = model.decoder.backward(dout).copy()  # (R, Z)
+    z_cache, pz_cache, qz_cache = caches
+    dz = model.nll_backward(-dlog_w).copy()  # (R, Z)
     dz += ops.standard_normal_log_prob_backward(dlog_w, pz_cache)
     dmu, dlogvar = ops.reparameterize_backward(dz, z_cache)
     dlogvar += ops.reparameterized_log_prob_backward(-dlog_w, qz_cache)
@@ -121,7 +119,7 @@ def iwae_log_likelihood(model, x, k: int, rng: np.random.Generator, batch_size: 
     for start in range(0, len(x), per_chunk):
         xb = x[start : start + per_chunk]
         b = len(xb)
-        mu, logvar = (np.array(a) for a in model._encode(xb))  # (b, Z) copies of the heads' buffer
+        mu, logvar = (np.array(a) for a in model.posterior_forward(xb))  # (b, Z) copies of the heads' buffer
         acc = np.full(b, -np.inf)  # running log sum_j w_j, float64
         for done in range(0, k, samples):
             s = min(samples, k - done)
@@ -178,16 +176,16 @@ def iwae_loss_and_grads(model, x, k: int, eps=None, rng=None):
         if rng is None:
             raise ValueError(f"pass eps ({batch}, {k}, {zdim}) or rng (an np.random.Generator) to draw it")
         eps = rng.standard_normal((batch, k, zdim), dtype=model.dtype)
-    eps = ops._like(x, eps, "eps", (batch, k, zdim))
-    mu, logvar = model._encode(x)  # (B, Z) views; the encoder's cache stays valid for backward
+    eps = model.check_noise(x, eps, shape=(batch, k, zdim))
+    mu, logvar = model.posterior_forward(x)  # (B, Z) views; the encoder's cache stays valid for backward
     log_w, caches = _log_weights(model, np.repeat(x, k, axis=0), np.repeat(mu, k, axis=0),
                                  np.repeat(logvar, k, axis=0), eps.reshape(batch * k, zdim))
     bound, lse_cache = ops.logsumexp_forward(log_w.reshape(batch, k))  # (B,) log sum_j w_ij
     loss = -(float(bound.mean(dtype=np.float64)) - math.log(k))
     dlog_w = ops.logsumexp_backward(np.full(batch, -1.0 / batch, model.dtype), lse_cache)  # (B, k)
     dmu, dlogvar = _log_weights_backward(model, dlog_w.reshape(batch * k), caches)
-    dheads = model._dheads_buffer(batch)
-    dheads[:, :zdim] = dmu.reshape(batch, k, zdim).sum(axis=1)
-    dheads[:, zdim:] = dlogvar.reshape(batch, k, zdim).sum(axis=1)
-    model._encoder_backward(dheads)
+    dmu_x, dlogvar_x = model.latent_grads(batch)  # (B, Z) views of the buffer posterior_backward reads
+    dmu_x[...] = dmu.reshape(batch, k, zdim).sum(axis=1)
+    dlogvar_x[...] = dlogvar.reshape(batch, k, zdim).sum(axis=1)
+    model.posterior_backward(dmu_x, dlogvar_x)
     return loss, model.gradients()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import ops
+from ..models import Conditional, GaussianLatent, StandardNormalPrior
 from . import plots
 
 
@@ -31,19 +32,18 @@ def class_names(dataset_name: str | None, num_classes: int) -> list[str]:
 def reconstructions(model, x, path, y=None, n: int = 10, title: str | None = None) -> Path:
     """Originals above their reconstructions (the posterior mean decoded)."""
     x = x[:n]
-    recon = model.reconstruct(x, y[:n]) if getattr(model, "conditional", False) else model.reconstruct(x)
+    recon = model.reconstruct(x, None if y is None else y[:n])
     return plots.plot_reconstructions(x, _clip(recon, model), path, value_range=_value_range(model),
                                       **({"title": title} if title else {}))
 
 
 def samples(model, path, rng: np.random.Generator, n: int = 64, label: int | None = None,
             title: str | None = None) -> Path:
-    """A grid of decoded prior samples (for a CVAE, of class ``label``, or all classes in turn)."""
-    if getattr(model, "conditional", False):
-        images = model.sample(n, rng, label=label)
-        title = title or (f"Samples of class {label} from the learned prior" if label is not None else None)
-    else:
-        images = model.sample(n, rng)
+    """A grid of decoded prior samples (for a conditional model, of class ``label``, or all classes in turn)."""
+    if label is not None:
+        _check_label(model, label)
+        title = title or f"Samples of class {label} from the learned prior"
+    images = model.sample(n, rng, y=label)
     return plots.plot_samples(_clip(images, model), path, value_range=_value_range(model),
                               **({"title": title} if title else {}))
 
@@ -68,7 +68,7 @@ def epoch_pictures(model, val_x, val_y, out_dir, epoch: int, seed: int = 0, data
         elif name == "samples":
             samples(model, path, rng, title=f"Samples from the prior, epoch {epoch}")
         else:
-            class_grid(model, path, rng, names=class_names(dataset_name, model.config.num_classes))
+            class_grid(model, path, rng, names=class_names(dataset_name, model.num_classes))
         latest = out_dir / f"{name}.png"
         latest.write_bytes(path.read_bytes())
         written.append(latest)
@@ -77,35 +77,19 @@ def epoch_pictures(model, val_x, val_y, out_dir, epoch: int, seed: int = 0, data
 
 def _names(model) -> list[str]:
     names = ["reconstructions", "samples"]
-    if getattr(model, "conditional", False):
+    if isinstance(model, Conditional):
         names.append("classes")
     return names
 
 
+def _check_label(model, label) -> None:
+    """A label for pictures of one class: needs a conditional model and a class it knows."""
+    if not isinstance(model, Conditional):
+        raise ValueError(f"a label needs a conditional model (cvae); this is a {model.kind}")
+    model.check_labels(np.array([label]))
+
+
 # ----------------------------------------------------------------------------- looking inside a trained model
-
-
-def _conditional(model) -> bool:
-    return getattr(model, "conditional", False)
-
-
-def _is_vae(model) -> bool:
-    """A model with a posterior q(z|x) and a prior (VAE, CVAE), not a deterministic code."""
-    return model.kind in ("vae", "cvae")
-
-
-def _posterior(model, x, y=None) -> tuple[np.ndarray, np.ndarray]:
-    """Posterior parameters mu, logvar (N, Z) of q(z | x[, y])."""
-    if _conditional(model):
-        if y is None:
-            raise ValueError(f"{type(model).__name__} is conditional: its encoder needs the labels y")
-        return model.encode(x, y)
-    return model.encode(x)
-
-
-def _codes(model, x, y=None) -> np.ndarray:
-    """The code of each input (N, Z): the posterior mean for VAEs, the encoder's output for autoencoders."""
-    return _posterior(model, x, y)[0] if _is_vae(model) else model.encode(x)
 
 
 def _check_latent_model(model, what: str) -> None:
@@ -113,7 +97,7 @@ def _check_latent_model(model, what: str) -> None:
         raise ValueError(f"the {what} picture needs a model with a latent code, got {model!r}")
 
 
-def interpolation_pairs(y, rows: int, conditional: bool) -> list[tuple[int, int]]:
+def interpolation_pairs(y, rows: int, same_class: bool) -> list[tuple[int, int]]:
     """Indices (a, b) of the endpoints of each interpolation row.
 
     With labels: the first examples of classes (0, 1), (2, 3), ... (cycling through the classes) for
@@ -127,7 +111,7 @@ def interpolation_pairs(y, rows: int, conditional: bool) -> list[tuple[int, int]
     by_class = {c: np.flatnonzero(y == c) for c in classes}
     pairs = []
     for r in range(rows):
-        if conditional:
+        if same_class:
             c = classes[r % len(classes)]
             idx = by_class[c]
             k = r // len(classes)
@@ -152,18 +136,15 @@ def interpolation(model, x, path, y=None, rows: int = 5, steps: int = 10, title:
     _check_latent_model(model, "interpolation")
     if rows < 1 or steps < 2:
         raise ValueError(f"expected rows >= 1 and steps >= 2 (both endpoints), got rows={rows}, steps={steps}")
-    pairs = interpolation_pairs(y, rows, _conditional(model))
+    pairs = interpolation_pairs(y, rows, isinstance(model, Conditional))
     if max(max(p) for p in pairs) >= len(x):
         raise ValueError(f"{rows} interpolation rows need {2 * rows} inputs, got {len(x)}")
     ends = np.array([i for p in pairs for i in p])
-    codes = _codes(model, x[ends], None if y is None else np.asarray(y)[ends])
+    codes = model.codes(x[ends], None if y is None else np.asarray(y)[ends])
     a, b = codes[0::2], codes[1::2]  # (rows, Z)
     t = np.linspace(0.0, 1.0, steps)[None, :, None]
     z = ((1 - t) * a[:, None] + t * b[:, None]).reshape(rows * steps, -1)  # (rows K, Z)
-    if _conditional(model):
-        images = model.decode(z, np.repeat(np.asarray(y)[ends[0::2]], steps))
-    else:
-        images = model.decode(z)
+    images = model.decode(z, None if y is None else np.repeat(np.asarray(y)[ends[0::2]], steps))
     paths = _clip(images, model).reshape(rows, steps, -1)
     return plots.plot_interpolation(paths, path, value_range=_value_range(model), **({"title": title} if title else {}))
 
@@ -178,10 +159,10 @@ def latent_scatter(model, x, y, path, class_names=None, title: str | None = None
         For Z > 2, the fraction of the means' variance each principal component keeps.
     """
     _check_latent_model(model, "latent")
-    codes = _codes(model, x, y)
+    codes = model.codes(x, y)
     explained = plots.pca_2d(codes)[1] if codes.shape[1] > 2 else None
     if title is None:
-        title = "Posterior means of the test images, coloured by class" if _is_vae(model) else \
+        title = "Posterior means of the test images, coloured by class" if isinstance(model, GaussianLatent) else \
             "Codes of the test images, coloured by class"
     return plots.plot_latent_scatter(codes, y, path, title=title, class_names=class_names), explained
 
@@ -196,23 +177,16 @@ def manifold(model, path, n: int = 20, label: int | None = None) -> Path:
     if zdim != 2:
         raise ValueError(f"the manifold picture decodes a grid over a 2-D latent space, and this model has "
                          f"Z = {zdim}: train one with --latent-dim 2, or look at the 'latent' picture (PCA of the codes)")
-    if _conditional(model):
-        if label is None:
-            raise ValueError(f"{type(model).__name__} is conditional: pass the class to decode the grid for (--label)")
-        model.check_labels(np.array([label]))
+    if label is not None:
+        _check_label(model, label)
+    elif isinstance(model, Conditional):
+        raise ValueError(f"{type(model).__name__} is conditional: pass the class to decode the grid for (--label)")
 
-        def decode(z):
-            return _clip(model.decode(z, np.full(len(z), label)), model)
+    def decode(z):
+        return _clip(model.decode(z, None if label is None else np.full(len(z), label)), model)
 
-        title = f"The learned manifold of class {label}: decoding a grid over the 2-D latent space"
-    else:
-        if label is not None:
-            raise ValueError(f"a label needs a conditional model (cvae); this is a {model.kind}")
-
-        def decode(z):
-            return _clip(model.decode(z), model)
-
-        title = "The learned manifold: decoding a grid over the 2-D latent space"
+    title = ("The learned manifold: decoding a grid over the 2-D latent space" if label is None else
+             f"The learned manifold of class {label}: decoding a grid over the 2-D latent space")
     return plots.plot_manifold(decode, path, n=n, latent_dim=zdim, title=title, value_range=_value_range(model))
 
 
@@ -222,10 +196,10 @@ def posterior_kl_per_dim(model, x, y=None) -> np.ndarray:
     The prior is N(0, 1), or for a conditional model its prior p(z | y). A dimension whose mean KL
     is near zero carries no information about x: the posterior has collapsed onto the prior there.
     """
-    if not _is_vae(model):
+    if not isinstance(model, GaussianLatent):
         raise ValueError(f"KL per dimension needs a VAE (a posterior and a prior), got a {model.kind} model")
-    mu, logvar = _posterior(model, x, y)
-    prior = model.prior(y) if _conditional(model) else None
+    mu, logvar = model.encode(x, y)
+    prior = None if isinstance(model, StandardNormalPrior) else model.prior(len(mu), y)
     kl = np.empty(mu.shape[1])
     for j in range(mu.shape[1]):
         col = slice(j, j + 1)

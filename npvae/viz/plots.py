@@ -11,9 +11,10 @@ Design:
   and no display is ever needed. The pure NumPy helpers (:func:`tile_images`, :func:`pca_2d`,
   :func:`norm_ppf`, :func:`manifold_grid`, :func:`active_units`, :func:`active_units_cov`) work
   without matplotlib.
-- Images are MNIST-like: ``(N, 784)`` or ``(N, 28, 28)`` (any square ``D = side * side`` works),
-  with values in ``value_range`` (``(0, 1)`` by default; ``(-1, 1)`` for tanh outputs). They are
-  drawn in a gray colormap, 1 = white, with no axis ticks.
+- Images are ``(N, 784)`` rows (any square ``D = side * side`` works), ``(N, H, W)`` gray or
+  ``(N, H, W, 3)`` RGB, with values in ``value_range`` (``(0, 1)`` by default; ``(-1, 1)`` for
+  tanh outputs). Gray ones are drawn in a gray colormap, 1 = white; RGB ones in colour; no
+  axis ticks.
 """
 
 from __future__ import annotations
@@ -112,12 +113,14 @@ def _check_title(title: Any) -> str | None:
 
 def _as_images(images: Any, name: str = "images", value_range: tuple[float, float] = (0, 1),
                lead_dims: int = 1) -> np.ndarray:
-    """Validate MNIST-like images and map them to [0, 1].
+    """Validate images (gray or RGB, any size) and map them to [0, 1].
 
     Parameters
     ----------
-    images : array_like, shape ``(*lead, D)`` with ``D = side**2`` or ``(*lead, H, W)``
-        ``lead`` has ``lead_dims`` dimensions (e.g. ``(N,)`` or ``(P, K)``).
+    images : array_like, shape ``(*lead, D)``, ``(*lead, H, W)`` or ``(*lead, H, W, 3)``
+        ``D = side**2`` pixels of a square gray image, a gray image, or an RGB one (a last
+        axis of 1 is read as gray). ``lead`` has ``lead_dims`` dimensions (e.g. ``(N,)`` or
+        ``(P, K)``).
     value_range : (lo, hi)
         Values ``lo`` and ``hi`` become black and white. Overshoots of up to 1% of ``hi - lo``
         (e.g. a Gaussian decoder mean of 1.004) are clipped; larger ones raise, because they
@@ -125,12 +128,12 @@ def _as_images(images: Any, name: str = "images", value_range: tuple[float, floa
 
     Returns
     -------
-    out : ndarray, shape ``(*lead, H, W)``, float64 in [0, 1]
+    out : ndarray, shape ``(*lead, H, W)`` or ``(*lead, H, W, 3)``, float64 in [0, 1]
     """
     lo, hi = _check_value_range(value_range)
     arr = np.asarray(images)
     lead = "(N, " if lead_dims == 1 else "(" + ", ".join("PKC"[:lead_dims]) + ", "
-    expected = f"{lead}784) or {lead}28, 28) (any square D = side*side also works)"
+    expected = f"{lead}784), {lead}H, W) or {lead}H, W, 3) (any square D = side*side also works)"
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         raise TypeError(f"{name} must be a numeric array of shape {expected}, "
                         f"got dtype {arr.dtype}")
@@ -141,6 +144,12 @@ def _as_images(images: Any, name: str = "images", value_range: tuple[float, floa
             raise ValueError(f"expected {name} of shape {expected}, got {arr.shape}: "
                              f"{d} pixels is not a square image")
         arr = arr.reshape(*arr.shape[:-1], side, side)
+    elif arr.ndim == lead_dims + 3:
+        if arr.shape[-1] not in (1, 3):
+            raise ValueError(f"expected {name} of shape {expected}, got {arr.shape}: the last axis of a colour "
+                             f"image holds its 3 channels (RGB; drop an alpha channel first)")
+        if arr.shape[-1] == 1:
+            arr = arr[..., 0]
     elif arr.ndim != lead_dims + 2:
         hint = f"; for a single image pass {name}[None]" if arr.ndim == lead_dims else ""
         raise ValueError(f"expected {name} of shape {expected}, got {arr.shape}{hint}")
@@ -171,13 +180,14 @@ def _check_value_range(value_range: Any) -> tuple[float, float]:
 
 
 def _tile(grid: np.ndarray, gutter: int, fill: float, empty: float) -> np.ndarray:
-    """Tile a ``(R, C, h, w)`` grid of images into one ``(R*h + (R-1)*g, C*w + (C-1)*g)`` mosaic.
+    """Tile a ``(R, C, h, w)`` grid of images into one ``(R*h + (R-1)*g, C*w + (C-1)*g)`` mosaic;
+    a ``(R, C, h, w, 3)`` grid of RGB images gives a ``(..., ..., 3)`` mosaic.
 
     The ``g``-pixel gutters between cells take the value ``fill`` (no border around the outside);
     all-NaN cells (padding) take ``empty``, and so do gutters between two empty cells.
     """
-    r, c, h, w = grid.shape
-    out = np.full((r * h + (r - 1) * gutter, c * w + (c - 1) * gutter), fill, dtype=np.float64)
+    r, c, h, w = grid.shape[:4]
+    out = np.full((r * h + (r - 1) * gutter, c * w + (c - 1) * gutter, *grid.shape[4:]), fill, dtype=np.float64)
     for i in range(r):
         for j in range(c):
             y, x = i * (h + gutter), j * (w + gutter)
@@ -190,12 +200,12 @@ def _tile(grid: np.ndarray, gutter: int, fill: float, empty: float) -> np.ndarra
 
 
 def _pad_to_grid(images: np.ndarray, ncols: int) -> np.ndarray:
-    """``(N, h, w)`` -> ``(ceil(N / ncols), ncols, h, w)``, trailing cells NaN."""
-    n, h, w = images.shape
+    """``(N, h, w[, 3])`` -> ``(ceil(N / ncols), ncols, h, w[, 3])``, trailing cells NaN."""
+    n, cell = images.shape[0], images.shape[1:]
     nrows = -(-n // ncols)
-    padded = np.full((nrows * ncols, h, w), np.nan)
+    padded = np.full((nrows * ncols, *cell), np.nan)
     padded[:n] = images
-    return padded.reshape(nrows, ncols, h, w)
+    return padded.reshape(nrows, ncols, *cell)
 
 
 def _check_ncols(ncols: Any, n: int) -> int:
@@ -253,12 +263,13 @@ def _draw_grid(grid: np.ndarray, title: Any, *, gutter: int = 1,
                row_labels: Sequence[str] | None = None,
                col_labels: Mapping[int, str] | None = None, xlabel: str | None = None,
                ylabel: str | None = None, cell_inches: float = _CELL_INCHES):
-    """Tile a ``(R, C, h, w)`` grid of [0, 1] images (NaN cells empty) and show it in gray,
-    nearest-neighbour, without tick marks; label rows and columns at the cell centres."""
+    """Tile a ``(R, C, h, w)`` grid of [0, 1] images (NaN cells empty) and show it in gray (or a
+    ``(R, C, h, w, 3)`` grid in colour), nearest-neighbour, without tick marks; label rows and
+    columns at the cell centres."""
     title = _check_title(title)
-    h, w = grid.shape[2:]
+    h, w = grid.shape[2:4]
     mosaic = _tile(grid, gutter, _GUTTER_FILL, _EMPTY_FILL)
-    height_px, width_px = mosaic.shape
+    height_px, width_px = mosaic.shape[:2]
     scale = cell_inches / w  # inches per image pixel
     width_in = min(max(width_px * scale, 1.5), 14.0)
     scale = width_in / width_px
@@ -267,7 +278,10 @@ def _draw_grid(grid: np.ndarray, title: Any, *, gutter: int = 1,
     extra_w = 1.2 if row_labels else (0.75 if ylabel else 0.0)
     extra_h = (0.45 if title else 0.0) + (0.35 if (col_labels or xlabel) else 0.0)
     fig, ax = _new_figure((width_in + extra_w, height_in + extra_h))
-    ax.imshow(mosaic, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="equal")
+    if mosaic.ndim == 3:  # RGB floats in [0, 1] are shown as they are
+        ax.imshow(mosaic, interpolation="nearest", aspect="equal")
+    else:
+        ax.imshow(mosaic, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="equal")
     ax.set_xticks([])
     ax.set_yticks([])
     for side in ax.spines.values():
@@ -307,8 +321,8 @@ def image_grid(images: Any, path: PathLike, ncols: int | None = None, title: str
 
     Parameters
     ----------
-    images : array_like, shape ``(N, 784)`` or ``(N, 28, 28)``
-        Values in ``value_range``; ``lo`` is drawn black and ``hi`` white.
+    images : array_like, shape ``(N, 784)``, ``(N, H, W)`` or ``(N, H, W, 3)`` (RGB)
+        Values in ``value_range``; ``lo`` is drawn black and ``hi`` white (full colour for RGB).
     path : str or PathLike
         Output file (PNG unless the suffix says otherwise); parent directories are created.
     ncols : int, optional

@@ -1,0 +1,23 @@
+"""The model family, built from layer stacks, with one public interface (see :mod:`npvae.models.base`).
+
+- :mod:`~npvae.models.base`: the interface, :class:`LossTerms`, and the capabilities
+  :class:`GaussianLatent`, :class:`StandardNormalPrior`, :class:`Conditional`;
+- :mod:`~npvae.models.vae`: the Gaussian VAE; :mod:`~npvae.models.cvae`: the conditional VAE;
+- :mod:`~npvae.models.autoencoders`: autoencoder, denoising autoencoder, poor man's VAE;
+- :mod:`~npvae.models.likelihoods`: the reconstruction losses;
+- :mod:`~npvae.models.registry`: presets and specs; :mod:`~npvae.models.saving`: ``.npz`` files.
+"""
+
+from .autoencoders import Autoencoder, DenoisingAutoencoder, PoorMansVAE
+from .base import Conditional, GaussianLatent, LossTerms, Model, StandardNormalPrior
+from .cvae import CVAE
+from .likelihoods import LIKELIHOODS
+from .registry import MODEL_CLASSES, MODELS, build_model, from_spec
+from .saving import load_model, save_model
+from .vae import VAE
+
+__all__ = [
+    "Model", "LossTerms", "GaussianLatent", "StandardNormalPrior", "Conditional",
+    "VAE", "CVAE", "Autoencoder", "DenoisingAutoencoder", "PoorMansVAE",
+    "LIKELIHOODS", "MODELS", "MODEL_CLASSES", "build_model", "from_spec", "load_model", "save_model",
+]

@@ -1,0 +1,227 @@
+"""Deterministic autoencoders: the plain autoencoder, the denoising autoencoder and the poor man's VAE.
+
+Each is an encoder and a decoder :class:`~npvae.layers.Sequential` and a squared-error loss; the
+denoising autoencoder corrupts its input first, the poor man's VAE adds noise to the code and
+penalises the code's distance to the origin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import ops
+from ..layers import Sequential, mlp
+from .base import Model, check_generator
+from .likelihoods import SquaredError
+from .vae import _positive, _sizes, check_stack, input_layers, output_layers, resolve_input_shape
+
+
+@dataclass
+class AutoencoderConfig:
+    input_dim: int = 784  # D
+    hidden: tuple[int, ...] | None = (128, 64, 12)  # encoder widths, the decoder mirrors them; None: your own layers
+    latent_dim: int = 3  # Z, the code
+    activation: str = "relu"  # hidden-layer activation
+    output_activation: str = "tanh"  # decoder output; tanh for data scaled to [-1, 1]
+    value_range: tuple[float, float] = (-1.0, 1.0)  # the data's range (and the DAE's clip range)
+    alpha: float = 0.01  # LeakyReLU slope
+
+
+class Autoencoder(Model):
+    """Deterministic MLP autoencoder, loss = squared error summed over pixels, mean over the batch.
+
+    Default: 784-128-64-12-3 ReLU encoder, mirrored decoder with a tanh output, data in [-1, 1].
+    The baseline the VAE improves on: its code space has no prior to sample from. ``encoder`` and
+    ``decoder`` may be your own stacks (x (B, *input_shape) -> code (B, Z) -> (B, *input_shape)).
+    """
+
+    kind = "ae"
+
+    def __init__(self, input_dim=784, hidden=(128, 64, 12), latent_dim=3, activation="relu", output_activation="tanh",
+                 value_range=(-1.0, 1.0), alpha=0.01, dtype=np.float32, seed=0, *, encoder=None, decoder=None,
+                 input_shape=None):
+        self.input_shape = resolve_input_shape(input_dim, input_shape)
+        custom = encoder is not None or decoder is not None
+        self.config = self._make_config(self.input_dim, None if custom else _sizes(hidden, "hidden"),
+                                        _positive(latent_dim, "latent_dim"), activation, output_activation,
+                                        tuple(float(v) for v in value_range), float(alpha))
+        c = self.config
+        for act in (c.activation, c.output_activation):
+            if act not in ops.ACTIVATIONS:
+                raise ValueError(f"unknown activation {act!r}: expected one of {', '.join(ops.ACTIVATIONS)}")
+        if not (len(c.value_range) == 2 and c.value_range[0] < c.value_range[1]):
+            raise ValueError(f"expected value_range (lo, hi) with lo < hi, got {c.value_range}")
+        self.value_range = c.value_range
+        self.loss = SquaredError()
+        if (encoder is None) != (decoder is None):
+            raise ValueError("pass both encoder and decoder (or neither, to build them from hidden)")
+        if encoder is None:
+            encoder = Sequential(input_layers(self.input_shape)
+                                 + list(mlp([self.input_dim, *c.hidden, c.latent_dim], c.activation, "identity", c.alpha)))
+            decoder = Sequential(list(mlp([c.latent_dim, *reversed(c.hidden), self.input_dim], c.activation,
+                                          c.output_activation, c.alpha)) + output_layers(self.input_shape))
+        check_stack(encoder, self.input_shape, (c.latent_dim,), "encoder")
+        check_stack(decoder, (c.latent_dim,), self.input_shape, "decoder")
+        self.encoder, self.decoder = encoder, decoder
+        self._build({"encoder": encoder, "decoder": decoder}, dtype, seed)
+
+    def _make_config(self, *args):
+        return AutoencoderConfig(*args)
+
+    @property
+    def loss_name(self) -> str:
+        return "squared error"
+
+    # -- hooks of the variants
+
+    def corrupt_input(self, x: np.ndarray, rng) -> np.ndarray:
+        """The encoder's input for x: x itself (the denoising autoencoder corrupts it)."""
+        return x
+
+    def _code(self, x: np.ndarray, eps, rng) -> np.ndarray:
+        return self.encoder.forward(x)
+
+    def _code_backward(self, dcode: np.ndarray) -> None:
+        self.encoder.backward(dcode, need_dx=False)
+
+    def _regulariser(self, code: np.ndarray) -> np.ndarray:
+        zeros = self.workspace.get(code.shape[0], "reg", (code.shape[0],))
+        zeros.fill(0)
+        return zeros
+
+    def _add_regulariser_grad(self, dreg, dcode) -> None:
+        pass
+
+    # -- the loss
+
+    def forward(self, x, y=None, eps=None, rng=None, target=None):
+        """Per-example reconstruction error (B,) and regulariser (B,) (zeros for a plain AE). Inputs unchecked."""
+        code = self._code(self.corrupt_input(x, rng), eps, rng)
+        out = self.decoder.forward(code)
+        batch = out.shape[0]
+        target = x if target is None else target
+        recon, self._loss_cache = self.loss.forward(out.reshape(batch, -1), target.reshape(batch, -1),
+                                                    lambda name, shape: self.workspace.get(batch, name, shape))
+        return recon, self._regulariser(code)
+
+    def backward(self, drecon: np.ndarray, dreg: np.ndarray) -> None:
+        """Fill ``params.grad`` with d/dtheta of sum_i drecon[i] recon_i + dreg[i] reg_i."""
+        batch = drecon.shape[0]
+        dout = self.decoder.output_grad_buffer(batch)
+        if dout is None:
+            dout = self.workspace.get(batch, "dout", (batch, self.input_dim))
+        dflat = dout.reshape(batch, -1)
+        self.loss.backward(drecon, self._loss_cache, out=dflat)
+        dcode = self.decoder.backward(dflat.reshape(batch, *self.input_shape))
+        self._add_regulariser_grad(dreg, dcode)
+        self._code_backward(dcode)
+
+    # -- inference
+
+    def encode(self, x, y=None, batch_size: int = 1000) -> np.ndarray:
+        """Codes (N, Z) (copies)."""
+        x = self.check_input(x)
+        return self._batched(lambda xb, yb: self.encoder.forward(xb), x, None, batch_size=batch_size)
+
+    def decode(self, z, y=None, batch_size: int = 1000) -> np.ndarray:
+        """Decoder outputs (N, *input_shape) for codes z (N, Z)."""
+        z = self.check_codes(z)
+        return self._batched(lambda zb, yb: self.decoder.forward(zb), z, None, batch_size=batch_size)
+
+    def sample(self, n: int, rng: np.random.Generator, y=None) -> np.ndarray:
+        """Decode codes drawn from a Gaussian fitted to nothing: N(0, I). AEs have no prior, which
+        is exactly why their samples look poor; provided for the side-by-side picture."""
+        return super().sample(n, rng, y)
+
+
+@dataclass
+class DenoisingAutoencoderConfig(AutoencoderConfig):
+    noise: str = "salt_pepper"  # corruption: salt_pepper (pixels set to the range's ends) or gaussian
+    noise_level: float = 0.2  # salt_pepper: fraction of pixels hit; gaussian: noise std
+
+
+class DenoisingAutoencoder(Autoencoder):
+    """Autoencoder trained to undo corruption: each batch is corrupted afresh, the loss compares
+    the reconstruction of the corrupted input with the clean input."""
+
+    kind = "dae"
+
+    def __init__(self, *args, noise: str = "salt_pepper", noise_level: float = 0.2, **kwargs):
+        if noise not in ("salt_pepper", "gaussian"):
+            raise ValueError(f"unknown noise {noise!r}: expected salt_pepper or gaussian")
+        if not 0 <= noise_level <= (1 if noise == "salt_pepper" else np.inf):
+            raise ValueError(f"expected noise_level in [0, 1] for salt_pepper or >= 0 for gaussian, got {noise_level}")
+        self._noise = (noise, float(noise_level))
+        super().__init__(*args, **kwargs)
+
+    def _make_config(self, *args):
+        base = super()._make_config(*args)
+        return DenoisingAutoencoderConfig(**dataclasses.asdict(base), noise=self._noise[0], noise_level=self._noise[1])
+
+    def corrupt(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A corrupted copy of x (B, ...), clipped to the value range."""
+        if rng is None:
+            raise ValueError("a denoising autoencoder needs rng (an np.random.Generator) to corrupt its input")
+        check_generator(rng)
+        lo, hi = self.config.value_range
+        if self.config.noise == "gaussian":
+            noisy = x + rng.standard_normal(x.shape, dtype=x.dtype) * x.dtype.type(self.config.noise_level)
+            return np.clip(noisy, lo, hi, out=noisy)
+        hit = rng.random(x.shape, dtype=x.dtype) < self.config.noise_level
+        salt = rng.random(x.shape, dtype=x.dtype) < 0.5
+        return np.where(hit, np.where(salt, x.dtype.type(hi), x.dtype.type(lo)), x)
+
+    corrupt_input = corrupt
+
+
+@dataclass
+class PoorMansVAEConfig(AutoencoderConfig):
+    hidden: tuple[int, ...] | None = (392,)
+    latent_dim: int = 20
+    activation: str = "sigmoid"
+    output_activation: str = "sigmoid"
+    value_range: tuple[float, float] = (0.0, 1.0)
+    noise_std: float = 1.0  # std of the noise added to the code
+
+
+class PoorMansVAE(Autoencoder):
+    """The "poor man's VAE": a deterministic encoder whose code gets unit Gaussian noise,
+    ``z = h + eps``, and a penalty on the code's distance to the origin in place of the KL:
+
+    ``loss = sum_j (x_hat_j - x_j)^2 + ||z||_2`` per example, mean over the batch.
+
+    Default: sigmoid MLP 784-392-Z-392-784 (linear code layer, sigmoid output), data in [0, 1].
+    """
+
+    kind = "poor"
+    needs_noise = True
+    reg_name = "norm"
+
+    def __init__(self, input_dim=784, hidden=(392,), latent_dim=20, activation="sigmoid", output_activation="sigmoid",
+                 value_range=(0.0, 1.0), alpha=0.01, noise_std=1.0, dtype=np.float32, seed=0, **kwargs):
+        self._noise_std = float(noise_std)
+        super().__init__(input_dim, hidden, latent_dim, activation, output_activation, value_range, alpha, dtype, seed,
+                         **kwargs)
+
+    def _make_config(self, *args):
+        base = super()._make_config(*args)
+        return PoorMansVAEConfig(**dataclasses.asdict(base), noise_std=self._noise_std)
+
+    def _code(self, x, eps, rng):
+        eps = self._draw_eps(x.shape[0], eps, rng)
+        h = self.encoder.forward(x)
+        z, self._noise_cache = ops.add_noise_forward(h, eps, scale=self.config.noise_std)
+        return z
+
+    def _regulariser(self, z):
+        norms, self._norm_cache = ops.l2_norm_forward(z, "none")
+        return norms
+
+    def _add_regulariser_grad(self, dreg, dz) -> None:
+        dz += ops.l2_norm_backward(dreg, self._norm_cache)
+
+    def _code_backward(self, dz) -> None:
+        self.encoder.backward(ops.add_noise_backward(dz, self._noise_cache), need_dx=False)

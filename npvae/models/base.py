@@ -1,0 +1,369 @@
+"""The model interface every npvae model offers, and the capabilities a model may add to it.
+
+The interface (all that the trainer, the study tools, the figures and the CLI call)
+---------------------------------------------------------------------------------
+- ``loss_and_grads(x, y=None, eps=None, rng=None, *, target=None, check=True) -> (LossTerms, grads)``:
+  the batch-mean loss and its reconstruction and regulariser parts; gradients keyed like
+  :meth:`Model.state_dict`. ``target`` trains input -> target pairs (denoising); ``check=False``
+  skips the input checks (the trainer checks whole arrays once).
+- ``forward(x, y=None, eps=None, rng=None, target=None) -> (recon, reg)`` per example (B,), and
+  ``backward(drecon, dreg)``, which fills ``params.grad`` with d/dtheta of
+  ``sum_i drecon[i] recon_i + dreg[i] reg_i`` (either part may be zero: an exact split).
+- ``encode``, ``codes``, ``decode``, ``reconstruct``, ``sample``, ``evaluate``: inference, batched.
+- ``state_dict`` / ``load_state_dict`` / ``parameters`` / ``gradients``; ``spec()``, which
+  rebuilds the model with :func:`npvae.models.from_spec`.
+
+Every method takes ``y=None``: unconditional models ignore it; conditional ones
+(:class:`Conditional`) require it and say so.
+
+Capabilities, checked with ``isinstance``
+-----------------------------------------
+- :class:`GaussianLatent`: q(z|x) is a diagonal Gaussian, the regulariser is a KL to a prior
+  ``prior(n, y)``; the pieces ``posterior_forward/backward``, ``nll_forward/backward`` and
+  ``latent_grads`` expose the reparameterization path to the study tools.
+- :class:`StandardNormalPrior`: the prior is the fixed N(0, I), so log p(z) needs no labels
+  (importance-weighted likelihoods).
+- :class:`Conditional`: a model of p(x | y) with class labels y in [0, C).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..layers import GaussianHeads, Layer, Parameters, Sequential, Workspace, check_dtype, layer_spec
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """Batch means, per example: ``total = recon + weight * kl`` (weight = beta for VAEs)."""
+
+    total: float  # the training objective (negative ELBO for VAEs), per example
+    recon: float  # reconstruction term: negative log-likelihood (or squared error), per example
+    kl: float  # KL(q(z|x) || p(z)) for VAEs; the poor man's VAE puts its ||z|| penalty here; 0 for AEs
+
+
+def check_generator(rng, what: str = "rng") -> np.random.Generator:
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"expected {what} to be an np.random.Generator (np.random.default_rng(seed)), "
+                        f"got {type(rng).__name__}")
+    return rng
+
+
+def _check_count(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"expected n, the number of samples, as an integer >= 0, got {n!r}")
+    return int(n)
+
+
+class Model:
+    """Shared machinery: parameters, workspace, state dicts, input checks, batched inference.
+
+    A subclass sets ``self.config``, ``self.input_shape`` and ``self.value_range``, builds its parts
+    (a dict of name -> :class:`~npvae.layers.Layer`, in forward order) and calls :meth:`_build`;
+    then it implements ``forward``, ``backward``, ``encode`` and ``decode``.
+    """
+
+    kind = "model"  # the CLI preset's name, for messages and checkpoints
+    value_range = (0.0, 1.0)
+    reg_name = "regulariser"  # what the second loss term is called in reports
+    kl_weight = 1.0  # weight of the second term in the training loss
+
+    # -- construction
+
+    def _build(self, parts: dict[str, Layer], dtype, seed: int) -> None:
+        """Bind every layer of ``parts`` to one flat parameter buffer and the model's workspace."""
+        self.dtype = check_dtype(dtype)
+        self.parts = parts
+        self.workspace = Workspace(self.dtype)
+        leaves = []
+        for name, part in parts.items():
+            leaves.extend(part.named_layers(name) if isinstance(part, Sequential) else [(name, part)])
+        shapes = {f"{path}.{p}": shape for path, layer in leaves for p, shape in layer.param_shapes().items()}
+        self.params = Parameters(shapes, self.dtype)
+        rng = np.random.default_rng(seed)
+        exported = []
+        for path, layer in leaves:
+            names = layer.param_shapes()
+            layer.bind({p: self.params.value(f"{path}.{p}") for p in names},
+                       {p: self.params.gradient(f"{path}.{p}") for p in names}, self.workspace, path)
+            layer.init(rng)
+            if isinstance(layer, GaussianHeads):
+                exported.extend(layer.exported())
+            else:
+                exported.extend((f"{path}.{p}", layer.params[p], layer.grads[p]) for p in names)
+        for name, part in parts.items():
+            if isinstance(part, Sequential):
+                part.bind({}, {}, self.workspace, name)
+        self._exported = exported  # (key, value view, gradient view) in forward order
+
+    def spec(self) -> dict:
+        """Everything needed to rebuild this model without code (JSON-able): class, config, parts."""
+        return {"class": type(self).__name__, "kind": self.kind,
+                "config": dataclasses.asdict(self.config), "dtype": self.dtype.name,
+                "input_shape": list(self.input_shape),
+                "parts": {name: layer_spec(part) for name, part in self.parts.items()}}
+
+    # -- parameters
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Parameter views (writes change the model), keyed like :meth:`state_dict`."""
+        return {key: value for key, value, _ in self._exported}
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """Views of the gradients written by the last :meth:`loss_and_grads` or :meth:`backward`."""
+        return {key: grad for key, _, grad in self._exported}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of the parameters in PyTorch ``nn.Linear`` layout, keys in forward order."""
+        return {key: value.copy() for key, value, _ in self._exported}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy ``state`` into the model; every key must be present with the right shape."""
+        expected = {key: value.shape for key, value, _ in self._exported}
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        wrong = [
+            f"{k}: expected {expected[k]}, got {np.shape(state[k])}"
+            for k in expected
+            if k in state and np.shape(state[k]) != expected[k]
+        ]
+        if missing or unexpected or wrong:
+            parts = []
+            if missing:
+                parts.append("missing keys " + ", ".join(missing))
+            if unexpected:
+                parts.append("unexpected keys " + ", ".join(unexpected))
+            parts.extend(wrong)
+            raise ValueError(f"state dict does not fit {self!r}: " + "; ".join(parts))
+        arrays = {key: np.asarray(state[key]) for key in expected}
+        for key, array in arrays.items():  # check everything before changing anything
+            if not np.issubdtype(array.dtype, np.floating):
+                raise TypeError(f"{key}: expected a float array, got dtype {array.dtype}")
+            if not np.isfinite(array).all():
+                raise ValueError(f"{key}: contains NaN or Inf")
+        for key, value, _ in self._exported:
+            value[...] = arrays[key]
+
+    @property
+    def num_parameters(self) -> int:
+        return self.params.size
+
+    # -- checks
+
+    @property
+    def input_dim(self) -> int:
+        """D, values per example."""
+        return int(np.prod(self.input_shape))
+
+    def check_input(self, x, name: str = "x") -> np.ndarray:
+        """``x`` as a (B, *input_shape) array of the model's dtype, finite and in the model's value range."""
+        x = np.asarray(x)
+        shape = tuple(self.input_shape)
+        if x.shape[1:] != shape or x.ndim < 2 or x.shape[0] < 1:
+            expected = ", ".join(("B", *map(str, shape)))
+            hint = ""
+            if x.ndim >= 2 and np.prod(x.shape[1:]) == np.prod(shape):
+                hint = (f" (flatten images with {name}.reshape(len({name}), -1))" if len(shape) == 1 else
+                        f" (reshape with {name}.reshape(len({name}), {', '.join(map(str, shape))}))")
+            raise ValueError(f"expected {name} of shape ({expected}) with B >= 1, got {x.shape}{hint}")
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer) or x.dtype == bool):
+            raise TypeError(f"expected {name} with a numeric dtype, got {x.dtype}")
+        x = np.asarray(x, dtype=self.dtype)
+        if not np.isfinite(x).all():
+            bad = np.argwhere(~np.isfinite(x))[0]
+            raise ValueError(f"{name} contains NaN or Inf (first at index {tuple(int(i) for i in bad)})")
+        lo, hi = self.value_range
+        if x.min() < lo or x.max() > hi:
+            raise ValueError(
+                f"expected {name} values in [{lo:g}, {hi:g}] for {self.kind} with "
+                f"{self.loss_name}, got range [{x.min():g}, {x.max():g}]"
+            )
+        return x
+
+    def check_labels(self, y, batch: int | None = None, name: str = "y"):
+        """Labels for this model: unconditional models ignore ``y`` (None is returned)."""
+        return None
+
+    def check_target(self, target, x: np.ndarray):
+        """``target`` (B, *input_shape) checked like ``x``, or None to reconstruct ``x`` itself."""
+        if target is None:
+            return None
+        target = self.check_input(target, "target")
+        if len(target) != len(x):
+            raise ValueError(f"expected target with one row per input ({len(x)}), got {len(target)}")
+        return target
+
+    def check_noise(self, x: np.ndarray, eps, shape=None) -> np.ndarray:
+        """``eps`` as a finite array of the model's dtype and ``shape`` (default (B, Z))."""
+        shape = (x.shape[0], self.config.latent_dim) if shape is None else tuple(shape)
+        eps = np.asarray(eps)
+        if eps.shape != shape:
+            raise ValueError(f"expected eps of shape {shape}, got {eps.shape}")
+        eps = eps.astype(self.dtype, copy=False)
+        if not np.isfinite(eps).all():
+            raise ValueError("eps contains NaN or Inf")
+        return eps
+
+    def _check_noise(self, x: np.ndarray, eps, rng):
+        """``eps`` as a (B, Z) array of the model's dtype (or None); without eps, rng must be a Generator."""
+        if eps is not None:
+            return self.check_noise(x, eps)
+        if rng is None:
+            raise ValueError("pass eps (B, Z) or rng (an np.random.Generator) to draw it")
+        check_generator(rng)
+        return None
+
+    def _draw_eps(self, batch: int, eps, rng) -> np.ndarray:
+        """``eps`` itself, or standard-normal noise (B, Z) drawn from ``rng`` into the workspace."""
+        if eps is not None:
+            return eps
+        if rng is None:
+            raise ValueError("pass eps (B, Z) or rng (an np.random.Generator) to draw it")
+        buf = self.workspace.get(batch, "eps", (batch, self.config.latent_dim))
+        return rng.standard_normal(out=buf, dtype=self.dtype)
+
+    def _row_scale(self, batch: int, weight: float) -> np.ndarray:
+        """The (B,) vector weight / B: the batch mean's gradient, in a workspace buffer."""
+        scale = self.workspace.get(batch, f"scale{int(bool(weight == 1.0))}", (batch,))
+        scale.fill(weight / batch)
+        return scale
+
+    def _loss_rows_buffer(self, batch: int, name: str) -> np.ndarray:
+        return self.workspace.get(batch, name, (batch,))
+
+    # -- the training step
+
+    def loss_and_grads(self, x, y=None, eps=None, rng=None, *, target=None, check: bool = True):
+        """Batch-mean loss and its gradients.
+
+        Parameters
+        ----------
+        x : (B, *input_shape) array in the model's value range
+        y : (B,) integer array of class labels, for conditional models (ignored by the others)
+        eps : (B, Z) array, optional
+            The noise of stochastic models (the reparameterization noise of a VAE); drawn from
+            ``rng`` when not given.
+        rng : np.random.Generator, optional
+        target : (B, *input_shape) array, optional
+            What to reconstruct, when it is not ``x`` itself (paired training).
+        check : bool
+            Check the inputs (shapes, dtypes, finiteness, range). The trainer checks whole arrays
+            once and passes False.
+
+        Returns
+        -------
+        terms : LossTerms
+            ``total = recon + weight * kl``, per example (nats for the likelihood models).
+        grads : dict of name -> array
+            Gradients of ``terms.total``, keyed like :meth:`state_dict` (views; overwritten by the next call).
+        """
+        if check:
+            x = self.check_input(x)
+            y = self.check_labels(y, len(x))
+            target = self.check_target(target, x)
+            if eps is not None or self.needs_noise:
+                eps = self._check_noise(x, eps, rng)
+            elif rng is not None:
+                check_generator(rng)
+        recon, reg = self.forward(x, y, eps=eps, rng=rng, target=target)
+        batch = x.shape[0]
+        weight = self.kl_weight
+        self.backward(self._row_scale(batch, 1.0), self._row_scale(batch, weight))
+        r, k = float(recon.mean(dtype=np.float64)), float(reg.mean(dtype=np.float64))
+        return LossTerms(r + weight * k, r, k), self.gradients()
+
+    needs_noise = False  # True when forward draws noise (eps or a corruption) and so needs eps or rng
+
+    # -- inference
+
+    def _batched(self, fn, *arrays, batch_size: int = 1000):
+        """Apply ``fn`` to slices of the arrays (None passes through) and stack the (copied) results."""
+        n = len(arrays[0])
+        starts = range(0, n, batch_size) if n else [0]
+        out = []
+        for i in starts:  # copy each result at once: the next batch of the same size reuses its buffers
+            result = fn(*(None if a is None else a[i : i + batch_size] for a in arrays))
+            out.append(tuple(map(np.array, result)) if isinstance(result, tuple) else np.array(result))
+        if isinstance(out[0], tuple):
+            return tuple(np.concatenate([o[k] for o in out]) for k in range(len(out[0])))
+        return np.concatenate(out)
+
+    def check_codes(self, z) -> np.ndarray:
+        z = np.asarray(z, dtype=self.dtype)
+        if z.ndim != 2 or z.shape[1] != self.config.latent_dim:
+            raise ValueError(f"expected z of shape (N, {self.config.latent_dim}), got {z.shape}")
+        return z
+
+    def codes(self, x, y=None, batch_size: int = 1000) -> np.ndarray:
+        """The code of each input (N, Z): the encoder's output (the posterior mean for a VAE)."""
+        return self.encode(x, y, batch_size)
+
+    def reconstruct(self, x, y=None, batch_size: int = 1000) -> np.ndarray:
+        """Decode the code of each input: (N, *input_shape) -> (N, *input_shape)."""
+        y = self.check_labels(y, len(np.asarray(x)))
+        return self.decode(self.codes(x, y, batch_size), y, batch_size)
+
+    def prior_codes(self, n: int, rng: np.random.Generator, y=None) -> np.ndarray:
+        """n codes (n, Z) to decode as samples: N(0, I) unless the model has a prior of its own."""
+        return rng.standard_normal((n, self.config.latent_dim), dtype=self.dtype)
+
+    def sample_labels(self, n: int, y=None):
+        """The labels of n samples (None for unconditional models)."""
+        return None
+
+    def sample(self, n: int, rng: np.random.Generator, y=None) -> np.ndarray:
+        """Decode n codes drawn from the prior: (n, *input_shape) means of p(x | z).
+
+        ``y`` conditions a conditional model's samples (see :class:`Conditional`); others ignore it.
+        """
+        n, rng = _check_count(n), check_generator(rng)
+        y = self.sample_labels(n, y)
+        return self.decode(self.prior_codes(n, rng, y), y)
+
+    def evaluate(self, x, y=None, rng=None, *, target=None, batch_size: int = 1000) -> LossTerms:
+        """Mean loss (one noise draw per example), reconstruction and regulariser over a whole set."""
+        x = self.check_input(x)
+        y = self.check_labels(y, len(x))
+        target = self.check_target(target, x)
+        rng = check_generator(rng)
+        recon = reg = 0.0
+        for i in range(0, len(x), batch_size):
+            rows = slice(i, i + batch_size)
+            r, k = self.forward(x[rows], None if y is None else y[rows], rng=rng,
+                                target=None if target is None else target[rows])
+            recon += float(r.sum(dtype=np.float64))
+            reg += float(k.sum(dtype=np.float64))
+        recon, reg = recon / len(x), reg / len(x)
+        return LossTerms(recon + self.eval_weight * reg, recon, reg)
+
+    eval_weight = 1.0  # weight of the regulariser in evaluate's total
+
+    @property
+    def loss_name(self) -> str:
+        return "this loss"
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))
+        return f"{type(self).__name__}({fields}, dtype={self.dtype.name}, parameters={self.num_parameters:,})"
+
+
+class GaussianLatent:
+    """A model whose q(z | x) is a diagonal Gaussian N(mu, diag exp(logvar)) and whose regulariser is
+    KL(q(z|x) || p(z)): ``encode`` returns ``(mu, logvar)``, ``prior(n, y)`` the prior's parameters,
+    and ``kl_weight`` (beta, annealed by KL warm-up) weights the KL in training."""
+
+    reg_name = "kl"
+
+
+class StandardNormalPrior:
+    """The prior p(z) is the fixed N(0, I): log p(z) needs nothing but z."""
+
+
+class Conditional:
+    """A model of p(x | y): every method that takes images also takes their integer labels y (B,)
+    with values in [0, num_classes)."""
+
+    num_classes: int
