@@ -109,13 +109,7 @@ class Autoencoder(Model):
 
     def backward(self, drecon: np.ndarray, dreg: np.ndarray) -> None:
         """Fill ``params.grad`` with d/dtheta of sum_i drecon[i] recon_i + dreg[i] reg_i."""
-        batch = drecon.shape[0]
-        dout = self.decoder.output_grad_buffer(batch)
-        if dout is None:
-            dout = self.workspace.get(batch, "dout", (batch, self.input_dim))
-        dflat = dout.reshape(batch, -1)
-        self.loss.backward(drecon, self._loss_cache, out=dflat)
-        dcode = self.decoder.backward(dflat.reshape(batch, *self.input_shape))
+        dcode = self._decoder_backward(self.loss, drecon, self._loss_cache)
         self._add_regulariser_grad(dreg, dcode)
         self._code_backward(dcode)
 

@@ -231,8 +231,18 @@ class Model:
         scale.fill(weight / batch)
         return scale
 
-    def _loss_rows_buffer(self, batch: int, name: str) -> np.ndarray:
-        return self.workspace.get(batch, name, (batch,))
+    def _decoder_backward(self, loss, drows: np.ndarray, cache) -> np.ndarray:
+        """Backward of ``loss(decoder(h))`` into the decoder's gradients: returns dL/dh.
+
+        The loss writes dL/d(output) (B, D) straight into the buffer the decoder's last layer reads.
+        """
+        batch = drows.shape[0]
+        dout = self.decoder.output_grad_buffer(batch)
+        if dout is None:
+            dout = self.workspace.get(batch, "dout", (batch, self.input_dim))
+        dflat = dout.reshape(batch, -1)
+        loss.backward(drows, cache, out=dflat)
+        return self.decoder.backward(dflat.reshape(batch, *self.input_shape))
 
     # -- the training step
 

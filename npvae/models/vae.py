@@ -214,13 +214,7 @@ class GaussianVAE(Model, GaussianLatent):
     def nll_backward(self, drows: np.ndarray) -> np.ndarray:
         """dL/dz (B, Z) for upstream gradients ``drows`` (B,) of :meth:`nll_forward`'s rows; fills the
         decoder's gradients."""
-        batch = drows.shape[0]
-        dout = self.decoder.output_grad_buffer(batch)
-        if dout is None:
-            dout = self.workspace.get(batch, "dout", (batch, self.input_dim))
-        dflat = dout.reshape(batch, -1)
-        self.likelihood.backward(drows, self._nll_cache, out=dflat)
-        dzin = self.decoder.backward(dflat.reshape(batch, *self.input_shape))
+        dzin = self._decoder_backward(self.likelihood, drows, self._nll_cache)
         return dzin[:, : self.config.latent_dim]
 
     def prior(self, n: int, y=None):
