@@ -71,7 +71,13 @@ def cmd_train(args) -> int:
 
     if args.backend:
         backend.set_backend(args.backend)
-    dataset = _load_data(args, seed=args.seed)
+    source, seed = None, args.seed
+    if args.resume and args.out and (Path(args.out) / "checkpoint.npz").exists():
+        from .checkpoint import load_checkpoint
+
+        _, run = load_checkpoint(Path(args.out) / "checkpoint.npz")  # the data and split the run trained on
+        source, seed = run.get("data_source"), run.get("train_config", {}).get("seed", args.seed)
+    dataset = _load_data(args, seed=seed, source=source)
     print(f"data: {dataset.description}")
     if args.epochs is None:  # the demo set is 13x smaller than MNIST: more passes for the same steps
         args.epochs = 50 if dataset.is_demo else 10
@@ -95,7 +101,7 @@ def cmd_train(args) -> int:
     trainer = Trainer(model, dataset, config, out, progress=not args.no_progress)
     result = trainer.run(resume=args.resume)
     if result.stopped != "interrupted":
-        test_target = getattr(dataset, "test_target", None)
+        test_target = dataset.test_target
         test = trainer.evaluate(
             _prepare(dataset.test_x, model, config.binarize, config.seed), model.check_labels(dataset.test_y, len(dataset.test_x)),
             np.random.default_rng([config.seed, 3]),
@@ -120,13 +126,18 @@ def _load_data(args, seed: int, source: dict | None = None):
 
     path, target = getattr(args, "data", None), getattr(args, "target", None)
     if path is None and not args.dataset and isinstance(source, dict) and source.get("kind") == "path":
-        path, target = source.get("path"), source.get("target")
+        try:
+            return data.load_path(source.get("path"), source.get("target"), seed=seed)
+        except data.DataFileError as exc:
+            raise CLIError(f"{exc} (where the run's data was; pass --data PATH to point elsewhere)") from None
     if path is not None:
         return data.load_path(path, target, seed=seed)
     if target is not None:
         raise CLIError("--target pairs a folder of targets with --data DIR; pass --data too")
-    name = args.dataset or (source or {}).get("name")
-    return data.load_dataset(name, data_dir=args.data_dir, seed=seed)
+    remembered = source if isinstance(source, dict) and source.get("kind") == "builtin" else {}
+    name = args.dataset or remembered.get("name")
+    data_dir = args.data_dir or (remembered.get("data_dir") if name == remembered.get("name") else None)
+    return data.load_dataset(name, data_dir=data_dir, seed=seed)
 
 
 def _dataset_for(args, meta):
@@ -293,7 +304,7 @@ def cmd_plot(args) -> int:
         path = figures.manifold(model, out, n=n, label=args.label)
     else:
         dataset, x, y, _ = _split_data(args, model, meta)
-        names = figures.class_names(dataset.name, dataset.num_classes)
+        names = figures.class_names(dataset.name, dataset.num_classes) if dataset.has_labels else None
         if what == "reconstructions":
             path = figures.reconstructions(model, x, out, y, n=n)
         elif what == "interpolation":

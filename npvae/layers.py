@@ -182,11 +182,12 @@ class Layer:
     def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(in_shape)
 
-    def buffer(self, batch: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """The layer's buffer ``name`` for batch size ``batch`` (from the model's workspace)."""
+    def buffer(self, batch: int, name: str, shape: tuple[int, ...], dtype=None) -> np.ndarray:
+        """The layer's buffer ``name`` for batch size ``batch``, from the model's workspace (a fresh
+        array for a layer used on its own); ``dtype`` defaults to the workspace's."""
         if self.workspace is None:
-            return np.empty(shape, self.dtype if hasattr(self, "dtype") else np.float64)
-        return self.workspace.get(batch, f"{self.path}:{name}", shape)
+            return np.empty(shape, np.float64 if dtype is None else dtype)
+        return self.workspace.get(batch, f"{self.path}:{name}", shape, dtype)
 
     def output_grad_buffer(self, batch: int) -> np.ndarray | None:
         """Where ``backward`` can read dL/dy in place; None when the layer has no such buffer."""
@@ -308,18 +309,15 @@ class Activation(Layer):
         self.name, self.alpha = name, float(alpha)
         self.cache = None
 
-    def output_grad_buffer(self, batch: int):
-        return None
-
     def forward(self, x: np.ndarray) -> np.ndarray:
         flat = x.reshape(x.shape[0], -1)  # (B, H)
-        y = self.buffer(x.shape[0], "y", flat.shape)
+        y = self.buffer(x.shape[0], "y", flat.shape, flat.dtype)
         y, self.cache = ops.activation_forward(flat, self.name, self.alpha, out=y)
         return y.reshape(x.shape)
 
     def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
         flat = dy.reshape(dy.shape[0], -1)
-        dx = self.buffer(dy.shape[0], "dx", flat.shape)
+        dx = self.buffer(dy.shape[0], "dx", flat.shape, flat.dtype)
         return ops.activation_backward(flat, self.cache, out=dx).reshape(dy.shape)
 
     def __repr__(self) -> str:

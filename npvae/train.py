@@ -156,8 +156,8 @@ class Trainer:
         self.train_y = model.check_labels(dataset.train_y, len(self.train_x), "the training labels")
         self.val_y = model.check_labels(dataset.val_y, len(self.val_x), "the validation labels")
         self.val_labels = dataset.val_y  # for pictures
-        self.train_target = self._prepare_target(getattr(dataset, "train_target", None), config.seed)
-        self.val_target = self._prepare_target(getattr(dataset, "val_target", None), config.seed + 1)
+        self.train_target = self._prepare_target(dataset.train_target, config.seed)
+        self.val_target = self._prepare_target(dataset.val_target, config.seed + 1)
         self.n = len(self.train_x)
         self.steps_per_epoch = math.ceil(self.n / config.batch_size)
         # Position and state, all saved in checkpoints.
@@ -195,7 +195,7 @@ class Trainer:
             "train_config": dataclasses.asdict(self.config),
             "dataset": self.dataset.name,
             "dataset_description": self.dataset.description,
-            "data_source": getattr(self.dataset, "source", None),
+            "data_source": self.dataset.source,
             "backend": backend.get_backend(),
             "epoch": self.epoch,
             "batch": self.batch,
@@ -435,7 +435,7 @@ class Trainer:
                 if improved:
                     save_model(self.model, self.out_dir / BEST, {
                         "epoch": self.epoch, "val_loss": record["val_loss"], "dataset": self.dataset.name,
-                        "data_source": getattr(self.dataset, "source", None),
+                        "data_source": self.dataset.source,
                         "train_config": dataclasses.asdict(cfg),  # how to prepare data to evaluate it
                     })
                 if cfg.pictures:

@@ -121,3 +121,26 @@ def test_cli_trains_on_a_users_npy_array(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(out / "best.npz")]) == 0  # the data is remembered
     assert "negative ELBO" in capsys.readouterr().out
+
+
+def test_a_checkpoint_whose_description_outgrows_its_arrays_is_refused_before_allocating(tmp_path):
+    arrays, meta = load_checkpoint(save_model(VAE(8, (6,), 2), tmp_path / "m.npz"))
+    spec = dict(meta["model_spec"], config=dict(meta["model_spec"]["config"], hidden=[2**20, 2**20]))
+    save_checkpoint(tmp_path / "huge.npz", arrays, {**meta, "model_spec": spec})
+    with pytest.raises(CheckpointError, match=r"needs [\d,]+ parameters but the file holds 156"):
+        load_model(tmp_path / "huge.npz")
+
+
+@pytest.mark.slow
+def test_cli_remembers_a_users_data_for_resume_and_names_it_when_moved(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((100, 6, 6)).astype(np.float32))
+    out = tmp_path / "run"
+    common = ["--hidden", "8", "--latent-dim", "2", "--out", str(out), "--no-progress", "--no-pictures"]
+    assert main(["train", "--data", str(tmp_path / "x.npy"), "--epochs", "1", *common]) == 0
+    assert main(["train", "--epochs", "2", "--resume", *common]) == 0  # no --data: the run's own file
+    assert load_checkpoint(out / "checkpoint.npz")[1]["epoch"] == 2
+    (tmp_path / "x.npy").rename(tmp_path / "moved.npy")
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "best.npz")]) == 2
+    assert "pass --data PATH to point elsewhere" in capsys.readouterr().err
+    assert main(["evaluate", str(out / "best.npz"), "--data", str(tmp_path / "moved.npy")]) == 0

@@ -28,7 +28,10 @@ Capabilities, checked with ``isinstance``
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +46,20 @@ class LossTerms:
     total: float  # the training objective (negative ELBO for VAEs), per example
     recon: float  # reconstruction term: negative log-likelihood (or squared error), per example
     kl: float  # KL(q(z|x) || p(z)) for VAEs; the poor man's VAE puts its ||z|| penalty here; 0 for AEs
+
+
+_PARAMETER_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("parameter_limit", default=None)
+
+
+@contextlib.contextmanager
+def parameter_limit(scalars: int):
+    """Refuse to build a model of more than ``scalars`` parameters inside this block (before any
+    allocation): a checkpoint's metadata cannot make npvae allocate more than its arrays hold."""
+    token = _PARAMETER_LIMIT.set(int(scalars))
+    try:
+        yield
+    finally:
+        _PARAMETER_LIMIT.reset(token)
 
 
 def check_generator(rng, what: str = "rng") -> np.random.Generator:
@@ -70,6 +87,8 @@ class Model:
     value_range = (0.0, 1.0)
     reg_name = "regulariser"  # what the second loss term is called in reports
     kl_weight = 1.0  # weight of the second term in the training loss
+    eval_weight = 1.0  # weight of the second term in evaluate's total
+    needs_noise = False  # True when forward draws noise (eps), so loss_and_grads needs eps or rng
 
     # -- construction
 
@@ -82,6 +101,11 @@ class Model:
         for name, part in parts.items():
             leaves.extend(part.named_layers(name) if isinstance(part, Sequential) else [(name, part)])
         shapes = {f"{path}.{p}": shape for path, layer in leaves for p, shape in layer.param_shapes().items()}
+        limit = _PARAMETER_LIMIT.get()
+        needed = sum(math.prod(shape) for shape in shapes.values())
+        if limit is not None and needed > limit:
+            raise ValueError(f"the model description needs {needed:,} parameters but the file holds {limit:,}; "
+                             "the metadata does not match the stored arrays")
         self.params = Parameters(shapes, self.dtype)
         rng = np.random.default_rng(seed)
         exported = []
@@ -225,9 +249,9 @@ class Model:
         buf = self.workspace.get(batch, "eps", (batch, self.config.latent_dim))
         return rng.standard_normal(out=buf, dtype=self.dtype)
 
-    def _row_scale(self, batch: int, weight: float) -> np.ndarray:
-        """The (B,) vector weight / B: the batch mean's gradient, in a workspace buffer."""
-        scale = self.workspace.get(batch, f"scale{int(bool(weight == 1.0))}", (batch,))
+    def _row_scale(self, batch: int, weight: float, name: str) -> np.ndarray:
+        """The (B,) vector weight / B, the batch mean's gradient, in the workspace buffer ``name``."""
+        scale = self.workspace.get(batch, name, (batch,))
         scale.fill(weight / batch)
         return scale
 
@@ -281,11 +305,9 @@ class Model:
         recon, reg = self.forward(x, y, eps=eps, rng=rng, target=target)
         batch = x.shape[0]
         weight = self.kl_weight
-        self.backward(self._row_scale(batch, 1.0), self._row_scale(batch, weight))
+        self.backward(self._row_scale(batch, 1.0, "drecon"), self._row_scale(batch, weight, "dreg"))
         r, k = float(recon.mean(dtype=np.float64)), float(reg.mean(dtype=np.float64))
         return LossTerms(r + weight * k, r, k), self.gradients()
-
-    needs_noise = False  # True when forward draws noise (eps or a corruption) and so needs eps or rng
 
     # -- inference
 
@@ -348,8 +370,6 @@ class Model:
             reg += float(k.sum(dtype=np.float64))
         recon, reg = recon / len(x), reg / len(x)
         return LossTerms(recon + self.eval_weight * reg, recon, reg)
-
-    eval_weight = 1.0  # weight of the regulariser in evaluate's total
 
     @property
     def loss_name(self) -> str:

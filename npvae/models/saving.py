@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .base import Model
+from .base import Model, parameter_limit
 from .registry import MODELS, build_model, from_spec
 
 MODEL_FORMAT = 2
@@ -76,7 +76,9 @@ def load_model(path) -> tuple[Model, dict]:
         The checkpoint's metadata (config, epoch, history, ...).
     """
     arrays, meta = load_checkpoint(path)
-    model = model_from_meta(meta, path)
+    stored = sum(v.size for k, v in arrays.items() if k.startswith("model/"))
+    with parameter_limit(stored):
+        model = model_from_meta(meta, path)
     try:
         model.load_state_dict(model_state(arrays, meta))
     except (ValueError, TypeError) as exc:

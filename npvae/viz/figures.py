@@ -162,8 +162,8 @@ def latent_scatter(model, x, y, path, class_names=None, title: str | None = None
     codes = model.codes(x, y)
     explained = plots.pca_2d(codes)[1] if codes.shape[1] > 2 else None
     if title is None:
-        title = "Posterior means of the test images, coloured by class" if isinstance(model, GaussianLatent) else \
-            "Codes of the test images, coloured by class"
+        title = ("Posterior means of the test images" if isinstance(model, GaussianLatent) else
+                 "Codes of the test images") + ("" if y is None else ", coloured by class")
     return plots.plot_latent_scatter(codes, y, path, title=title, class_names=class_names), explained
 
 
