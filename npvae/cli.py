@@ -348,16 +348,19 @@ def cmd_grads(args) -> int:
     print(f"wrote {figures.gradient_decomposition(rows, out / 'decomposition.png', n=len(x))}")
 
     k = min(args.examples, len(x))
-    table = gradflow.compare_estimators(model, x[:k], args.draws, rng, y=None if labels is None else labels[:k])
+    table = gradflow.compare_estimators(model, x[:k], args.draws, rng, y=None if labels is None else labels[:k],
+                                        names=args.estimators)
     kl = figures.posterior_kl_per_dim(model, x, labels)
     dims = sorted(np.argsort(-kl, kind="stable")[: args.dims].tolist())
     table = gradflow.select_dims(table, dims)
     print()
     print(f"latent dimensions shown: {dims} (the {len(dims)} with the largest mean KL on these images)")
     print(gradflow.estimator_text(table))
-    ratio = np.divide(table["score_var"], table["reparam_var"])
-    print(f"score-function variance / reparameterization variance: median {np.median(ratio):.3g}, "
-          f"range {ratio.min():.3g} to {ratio.max():.3g}")
+    first, labels_of = table["estimators"][0], table["labels"]
+    for name in table["estimators"][1:]:
+        ratio = np.divide(table[f"{name}_var"], table[f"{first}_var"])
+        print(f"{labels_of[name]} variance / {labels_of[first]} variance: median {np.median(ratio):.3g}, "
+              f"range {ratio.min():.3g} to {ratio.max():.3g}")
     print(f"wrote {figures.estimator_comparison(table, out / 'estimators.png')}")
     return 0
 
@@ -466,8 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("grads", help="where the gradient comes from, and how noisy its estimators are",
                        description="Split the negative ELBO's gradient on a batch of test images exactly into "
                                    "its reconstruction and KL parts (printed per parameter, decomposition.png), "
-                                   "and compare the reparameterization and score-function (REINFORCE) "
-                                   "estimators of the gradient of E_q[log p(x|z)] w.r.t. q's mean and "
+                                   "and compare the registered estimators (reparameterization, score function "
+                                   "with and without a leave-one-out baseline) of the gradient of E_q[log p(x|z)] w.r.t. q's mean and "
                                    "log-variance (estimators.png).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint")
@@ -477,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draws", type=int, default=1000, help="draws of z per image for the estimators")
     p.add_argument("--examples", type=int, default=2, help="images whose estimator gradients are compared")
     p.add_argument("--dims", type=int, default=3, help="latent dimensions shown (those with the largest KL)")
+    p.add_argument("--estimators", type=lambda s: [n.strip() for n in s.split(",") if n.strip()], default=None,
+                   help="comma-separated estimators to compare, the first the reference of the variance ratios "
+                        "(default: all of npvae.study.estimators.ESTIMATORS: reparam,score,baseline)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="grads", help="directory for decomposition.png and estimators.png")
     p.set_defaults(func=cmd_grads)

@@ -155,3 +155,12 @@ def test_grads_works_for_conditional_models(saved, tmp_path, capsys):
     assert main(["grads", str(saved["cvae"]), "--n", "8", "--draws", "50", "--out", str(tmp_path)]) == 0
     assert "prior_mu.weight" in capsys.readouterr().out
     assert_picture(tmp_path / "estimators.png")
+
+
+def test_grads_compares_the_estimators_asked_for(saved, tmp_path, capsys):
+    assert main(["grads", str(saved["z3"]), "--n", "4", "--draws", "50", "--estimators", "baseline,reparam",
+                 "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "var reparam/baseline" in text and "score function variance" not in text
+    assert main(["grads", str(saved["z3"]), "--estimators", "reparam,dreg", "--out", str(tmp_path)]) == 2
+    assert "unknown estimators ['dreg']" in capsys.readouterr().err

@@ -3,9 +3,9 @@
 - :func:`decompose_gradients` splits every parameter's gradient of the batch-mean loss
   ``recon + beta * KL`` exactly into its reconstruction and KL parts (the model's backward with one
   upstream gradient set to zero), and :func:`decomposition_rows` summarises the split per parameter.
-- :func:`compare_estimators` compares two unbiased estimators of the gradient of the expected
-  reconstruction term with respect to the encoder's outputs: the reparameterization (pathwise)
-  gradient and the score-function (REINFORCE) gradient, with and without a baseline.
+- :func:`compare_estimators` runs every estimator of :mod:`npvae.study.estimators` (the
+  reparameterization gradient, the score function with and without a baseline) on the same draws
+  of the gradient of the expected reconstruction term with respect to the encoder's outputs.
 
 Per-layer gradient norms over training come from the trainer (``--log-grad-norms``) and are drawn
 by ``npvae plot CKPT grad-norms``.
@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import ops
 from ..models import GaussianLatent
+from .estimators import Draws, estimators
 
 OBJECTIVE = "E_q[log p(x|z)]"  # what compare_estimators differentiates (to be maximised)
 DEFAULT_ROWS = 8192  # draws per forward pass in compare_estimators
@@ -114,62 +115,54 @@ def decomposition_text(rows: list[dict]) -> str:
 
 
 def compare_estimators(model, x, n_draws: int, rng: np.random.Generator, y=None,
-                       batch_size: int | None = None) -> dict:
-    """Reparameterization vs score-function estimates of the gradient of f = E_q[log p(x|z)].
+                       batch_size: int | None = None, names=None) -> dict:
+    """Estimates of the gradient of f = E_q[log p(x|z)] by every registered estimator, on the same draws.
 
-    For each example, latent dimension j and parameter of q(z|x) = N(mu, exp(logvar)), one draw
-    ``z = mu + std * eps`` gives
-
-    ============================  ==========================================  ==========================================
-    estimator                     d/dmu_j                                     d/dlogvar_j
-    ============================  ==========================================  ==========================================
-    reparameterization            df/dz_j                                     df/dz_j * eps_j * std_j / 2
-    score function (REINFORCE)    f(z) * eps_j / std_j                        f(z) * (eps_j^2 - 1) / 2
-    score function, baseline b    (f(z) - b) * eps_j / std_j                  (f(z) - b) * (eps_j^2 - 1) / 2
-    ============================  ==========================================  ==========================================
-
-    with f(z) = log p(x|z) (the positive log-likelihood, so the gradients point uphill). The
-    score function's factors are d log q(z|x) / d(mu, logvar) at fixed z, from
-    :func:`npvae.ops.gaussian_log_prob_backward`; the reparameterization gradient is the model's
-    own backward pass. The baseline is the leave-one-out mean of f over the other draws of the
-    same example, which keeps the estimator unbiased. All three estimate the same gradient.
+    For each example, ``n_draws`` draws ``z = mu + std * eps`` feed every estimator of
+    :data:`npvae.study.estimators.ESTIMATORS` (reparameterization, score function, score function
+    with a leave-one-out baseline; formulas there). f(z) = log p(x|z); the pathwise gradient is the
+    model's own backward pass, the score function's factors d log q(z|x) / d(mu, logvar) at fixed z
+    come from :func:`npvae.ops.gaussian_log_prob_backward`. All of them estimate the same gradient.
     (For a VAE with ``logvar_bounds``, the reparameterization column is the gradient at the logvar
     head's output, so it is zero for a unit whose logvar sits outside the bounds.)
 
     Parameters
     ----------
     model : VAE or CVAE
-    x : (N, D) array, a few examples (the table has 4 N Z rows)
+    x : (N, D) array, a few examples (the table has 2 N Z rows)
     n_draws : int >= 2
         Independent draws of z per example.
     rng : np.random.Generator
     y : (N,) integer array, for a CVAE
     batch_size : int, optional
         Draws per forward pass (default 8192).
+    names : sequence of str, optional
+        Which estimators (default all, in registry order).
 
     Returns
     -------
     table : dict of columns, each a list with one entry per (example, parameter) row
         ``param`` (e.g. ``"x0 mu[1]"``), ``example``, ``dim``, ``wrt`` ("mu" or "logvar");
-        for each of ``reparam``, ``score`` and ``baseline``: ``_mean``, ``_var`` (variance of one
-        draw's estimate, ddof 1) and ``_se`` (standard error of the mean, sqrt(var / n_draws));
-        plus scalars ``n_draws`` and ``objective`` (:data:`OBJECTIVE`). The layout is what
-        :func:`npvae.viz.plots.plot_estimator_comparison` reads. Overwrites ``model.params.grad``.
+        for each estimator name: ``_mean``, ``_var`` (variance of one draw's estimate, ddof 1) and
+        ``_se`` (standard error of the mean, sqrt(var / n_draws)); plus ``estimators`` (the names
+        in order), ``labels`` (name -> label), ``n_draws`` and ``objective`` (:data:`OBJECTIVE`).
+        The layout is what :func:`npvae.viz.plots.plot_estimator_comparison` reads. Overwrites
+        ``model.params.grad``.
     """
     _check_vae_family(model, "the estimator comparison")
     if isinstance(n_draws, bool) or not isinstance(n_draws, (int, np.integer)) or n_draws < 2:
         raise ValueError(f"expected n_draws >= 2 (variances need two draws), got {n_draws!r}")
+    chosen = estimators(names)
     x = model.check_input(x)
     y = model.check_labels(y, len(x))
     rows = DEFAULT_ROWS if batch_size is None else int(batch_size)
     zdim = model.config.latent_dim
-    names = ("reparam", "score", "baseline")
     table = {"param": [], "example": [], "dim": [], "wrt": []}
-    table.update({f"{e}_{s}": [] for e in names for s in ("mean", "var", "se")})
+    table.update({f"{e.name}_{s}": [] for e in chosen for s in ("mean", "var", "se")})
     for i in range(len(x)):
         f = np.empty(n_draws)  # f(z) per draw
-        reparam = np.empty((n_draws, 2 * zdim))  # [d/dmu, d/dlogvar] per draw
-        score_factor = np.empty((n_draws, 2 * zdim))  # d log q / d[mu, logvar] at the drawn z
+        pathwise = np.empty((n_draws, 2 * zdim))  # [d/dmu, d/dlogvar] per draw
+        score = np.empty((n_draws, 2 * zdim))  # d log q / d[mu, logvar] at the drawn z
         for start in range(0, n_draws, rows):
             n = min(rows, n_draws - start)
             xs = np.repeat(x[i : i + 1], n, axis=0)
@@ -178,28 +171,29 @@ def compare_estimators(model, x, n_draws: int, rng: np.random.Generator, y=None,
             recon, _ = model.forward(xs, ys, eps=eps)
             f[start : start + n] = -recon
             model.backward(np.full(n, -1.0, model.dtype), np.zeros(n, model.dtype))  # d f / d[mu, logvar]
-            reparam[start : start + n] = np.concatenate(model.latent_grads(n), axis=1)
+            pathwise[start : start + n] = np.concatenate(model.latent_grads(n), axis=1)
             mu, logvar = (np.repeat(a, n, axis=0) for a in model.encode(x[i : i + 1], None if y is None else y[i : i + 1]))
             mu, logvar = mu.astype(np.float64), logvar.astype(np.float64)
             z = mu + np.exp(0.5 * logvar) * eps  # (n, Z) in float64, so (z - mu) / std recovers eps
             _, q_cache = ops.gaussian_log_prob_forward(z, mu, logvar, "none")
             _, dmu, dlogvar = ops.gaussian_log_prob_backward(np.ones(n), q_cache)
-            score_factor[start : start + n] = np.concatenate([dmu, dlogvar], axis=1)
-        baseline = (f.sum() - f) / (n_draws - 1)  # leave-one-out: independent of the draw it centres
-        estimates = {"reparam": reparam, "score": f[:, None] * score_factor,
-                     "baseline": (f - baseline)[:, None] * score_factor}
+            score[start : start + n] = np.concatenate([dmu, dlogvar], axis=1)
+        draws = Draws(f, pathwise, score)
+        estimates = {e.name: e.estimate(draws) for e in chosen}
         for col in range(2 * zdim):
             wrt, dim = ("mu", col) if col < zdim else ("logvar", col - zdim)
             table["param"].append(f"x{i} {wrt}[{dim}]")
             table["example"].append(i)
             table["dim"].append(dim)
             table["wrt"].append(wrt)
-            for e in names:
-                v = estimates[e][:, col]
+            for name, values in estimates.items():
+                v = values[:, col]
                 var = float(v.var(ddof=1))
-                table[f"{e}_mean"].append(float(v.mean()))
-                table[f"{e}_var"].append(var)
-                table[f"{e}_se"].append(math.sqrt(var / n_draws))
+                table[f"{name}_mean"].append(float(v.mean()))
+                table[f"{name}_var"].append(var)
+                table[f"{name}_se"].append(math.sqrt(var / n_draws))
+    table["estimators"] = tuple(e.name for e in chosen)  # a tuple: the per-row columns are the lists
+    table["labels"] = {e.name: e.label for e in chosen}
     table["n_draws"] = int(n_draws)
     table["objective"] = OBJECTIVE
     return table
@@ -215,17 +209,20 @@ def select_dims(table: dict, dims) -> dict:
 
 
 def estimator_text(table: dict) -> str:
-    """The table of :func:`compare_estimators` as aligned plain text, with variance ratios."""
+    """The table of :func:`compare_estimators` as aligned plain text: each estimator's mean and standard
+    error, then each one's per-draw variance relative to the first estimator's."""
+    names = list(table["estimators"])
+    first = names[0]
     width = max(len("parameter"), *(len(p) for p in table["param"]))
-    head = (f"{'parameter':<{width}}  {'reparam':>10} {'± se':>9}  {'score':>10} {'± se':>9}  "
-            f"{'baseline':>10} {'± se':>9}  {'var score/reparam':>17}  {'var baseline/reparam':>20}")
+    ratios = [f"var {n}/{first}" for n in names[1:]]
+    head = f"{'parameter':<{width}}  " + "  ".join(f"{n:>10} {'± se':>9}" for n in names)
+    head += "".join(f"  {r:>{max(len(r), 10)}}" for r in ratios)
     lines = [f"gradient of {table['objective']} w.r.t. q's parameters, {table['n_draws']} draws per example", head]
     for r in range(len(table["param"])):
-        rv = table["reparam_var"][r]
-        ratio = lambda key: f"{table[key][r] / rv:.3g}" if rv > 0 else "inf"  # noqa: E731
-        lines.append(
-            f"{table['param'][r]:<{width}}  {table['reparam_mean'][r]:>10.4g} {table['reparam_se'][r]:>9.3g}  "
-            f"{table['score_mean'][r]:>10.4g} {table['score_se'][r]:>9.3g}  "
-            f"{table['baseline_mean'][r]:>10.4g} {table['baseline_se'][r]:>9.3g}  "
-            f"{ratio('score_var'):>17}  {ratio('baseline_var'):>20}")
+        base = table[f"{first}_var"][r]
+        cells = "  ".join(f"{table[f'{n}_mean'][r]:>10.4g} {table[f'{n}_se'][r]:>9.3g}" for n in names)
+        for n, label in zip(names[1:], ratios):
+            value = f"{table[f'{n}_var'][r] / base:.3g}" if base > 0 else "inf"
+            cells += f"  {value:>{max(len(label), 10)}}"
+        lines.append(f"{table['param'][r]:<{width}}  {cells}")
     return "\n".join(lines)

@@ -244,7 +244,6 @@ def gradient_decomposition(rows, path, n: int | None = None) -> Path:
 
 
 def estimator_comparison(table, path) -> Path:
-    """Means and variances of the reparameterization and score-function gradients (npvae.study.gradflow)."""
+    """Means and variances of each estimator's gradient (:func:`npvae.study.gradflow.compare_estimators`)."""
     return plots.plot_estimator_comparison(
-        table, path, title=f"Gradient of {table['objective']} w.r.t. q's mean and log-variance: "
-                           "reparameterization vs score function")
+        table, path, title=f"Gradient of {table['objective']} w.r.t. q's mean and log-variance, by estimator")

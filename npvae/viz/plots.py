@@ -1070,22 +1070,23 @@ def plot_grad_norms(records: Any, path: PathLike,
     return _save(fig, path)
 
 
-_ESTIMATOR_KEYS = ("reparam_mean", "reparam_var", "score_mean", "score_var")
+_DEFAULT_ESTIMATORS = ("reparam", "score")
+_ESTIMATOR_COLORS = ("C0", "C3", "C2", "C1", "C4", "C5", "C6")
 
 
 def plot_estimator_comparison(table: Mapping[str, Any], path: PathLike,
                               n_draws: int | None = None,
-                              title: str = "Gradient estimators: reparameterisation vs "
-                                           "score function (REINFORCE)") -> Path:
-    """Compare two gradient estimators: their means (left) and per-draw variances (right).
+                              title: str = "Gradient estimators of the same gradient, on the same draws") -> Path:
+    """Compare gradient estimators: their means (left) and per-draw variances (right).
 
     Parameters
     ----------
     table : mapping
-        ``reparam_mean``, ``reparam_var``, ``score_mean``, ``score_var``: sequences of length P
-        (one per parameter), the mean and variance over draws of the single-draw estimate.
-        Optional: ``param`` (P names, default ``theta[i]``), ``exact`` (P true gradients, drawn
-        as black crosses) and ``n_draws``.
+        ``estimators``: the names to draw, in order (default ``("reparam", "score")``); for each
+        name, ``{name}_mean`` and ``{name}_var``: sequences of length P (one per parameter), the
+        mean and variance over draws of the single-draw estimate. Optional: ``labels`` (name ->
+        legend label), ``param`` (P names, default ``theta[i]``), ``exact`` (P true gradients,
+        drawn as black crosses) and ``n_draws``.
     path : str or PathLike
     n_draws : int, optional
         Draws behind each mean; when known (here or in ``table``), the means get error bars of
@@ -1098,27 +1099,31 @@ def plot_estimator_comparison(table: Mapping[str, Any], path: PathLike,
     """
     if not isinstance(table, Mapping):
         raise TypeError(f"table must be a dict of columns, got {type(table).__name__}")
-    missing = [k for k in _ESTIMATOR_KEYS if k not in table]
+    names = [str(n) for n in table.get("estimators", _DEFAULT_ESTIMATORS)]
+    if not 1 <= len(names) <= len(_ESTIMATOR_COLORS):
+        raise ValueError(f"expected 1 to {len(_ESTIMATOR_COLORS)} estimators, got {names}")
+    keys = [f"{n}_{s}" for n in names for s in ("mean", "var")]
+    missing = [k for k in keys if k not in table]
     if missing:
-        raise ValueError(f"table is missing {missing}; it needs {list(_ESTIMATOR_KEYS)}")
+        raise ValueError(f"table is missing {missing}; it needs {keys}")
     cols = {}
-    for k in (*_ESTIMATOR_KEYS, "exact"):
+    for k in (*keys, "exact"):
         if k not in table:
             continue
         col = np.asarray(table[k], dtype=np.float64).reshape(-1)
         if not np.all(np.isfinite(col)):
             raise ValueError(f"table[{k!r}] contains NaN or inf")
         cols[k] = col
-    p = cols["reparam_mean"].size
+    p = cols[keys[0]].size
     bad = {k: v.size for k, v in cols.items() if v.size != p}
     if p == 0 or bad:
-        raise ValueError(f"all columns need the same non-zero length; reparam_mean has {p}, "
-                         f"but {bad}")
-    for k in ("reparam_var", "score_var"):
-        if cols[k].min() < 0:
-            raise ValueError(f"table[{k!r}] has a negative variance ({cols[k].min():.3g})")
-    names = _check_labels_list(table.get("param"), p, "table['param']", "parameters") \
+        raise ValueError(f"all columns need the same non-zero length; {keys[0]} has {p}, but {bad}")
+    for n in names:
+        if cols[f"{n}_var"].min() < 0:
+            raise ValueError(f"table[{n + '_var'!r}] has a negative variance ({cols[n + '_var'].min():.3g})")
+    params = _check_labels_list(table.get("param"), p, "table['param']", "parameters") \
         or [f"theta[{i}]" for i in range(p)]
+    labels = {**{n: n for n in names}, **dict(table.get("labels") or {})}
     if n_draws is None:
         n_draws = table.get("n_draws")
     if n_draws is not None and (isinstance(n_draws, bool) or int(n_draws) != n_draws
@@ -1127,12 +1132,12 @@ def plot_estimator_comparison(table: Mapping[str, Any], path: PathLike,
 
     fig, (ax_m, ax_v) = _new_figure((max(9.0, 1.1 * p + 5.0), 4.3), ncols=2)
     x = np.arange(p)
-    ests = (("reparam", "reparameterisation", "C0", -0.15), ("score", "score function", "C3", 0.15))
-    for key, label, color, dx in ests:
-        mean, var = cols[f"{key}_mean"], cols[f"{key}_var"]
+    w = 0.8 / len(names)  # each estimator's slot within a parameter's group
+    offsets = (np.arange(len(names)) - (len(names) - 1) / 2) * w
+    for n, color, dx in zip(names, _ESTIMATOR_COLORS, offsets):
+        mean, var = cols[f"{n}_mean"], cols[f"{n}_var"]
         err = None if n_draws is None else 2.0 * np.sqrt(var / n_draws)
-        ax_m.errorbar(x + dx, mean, yerr=err, fmt="o", color=color, capsize=3, markersize=5,
-                      label=label)
+        ax_m.errorbar(x + dx, mean, yerr=err, fmt="o", color=color, capsize=3, markersize=5, label=labels[n])
     if "exact" in cols:
         ax_m.scatter(x, cols["exact"], marker="x", color="k", s=40, zorder=3, label="exact")
     ax_m.axhline(0.0, color="0.6", linewidth=0.6)
@@ -1141,25 +1146,25 @@ def plot_estimator_comparison(table: Mapping[str, Any], path: PathLike,
     ax_m.set_ylabel("d objective / d parameter")
     ax_m.legend(fontsize=8, frameon=False)
 
-    rv, sv = cols["reparam_var"], cols["score_var"]
-    floor = max(min(v for v in np.concatenate([rv, sv]) if v > 0) / 10, 1e-300) \
-        if np.any(np.concatenate([rv, sv]) > 0) else 1e-12
-    w = 0.38
-    for key, label, color, dx in ests:
-        v = np.maximum(cols[f"{key}_var"], floor)
-        ax_v.bar(x + (dx / 0.15) * w / 2, v - floor, bottom=floor, width=w, color=color,
-                 label=label)
+    variances = np.concatenate([cols[f"{n}_var"] for n in names])
+    floor = max(variances[variances > 0].min() / 10, 1e-300) if np.any(variances > 0) else 1e-12
+    for n, color, dx in zip(names, _ESTIMATOR_COLORS, offsets):
+        v = np.maximum(cols[f"{n}_var"], floor)
+        ax_v.bar(x + dx, v - floor, bottom=floor, width=w, color=color, label=labels[n])
     ax_v.set_yscale("log")
     ax_v.set_ylim(bottom=floor)
-    pos = (rv > 0) & (sv > 0)
-    ratio = (f"\nscore / reparam: median ratio {np.median(sv[pos] / rv[pos]):.3g}x"
-             if pos.any() else "")
-    ax_v.set_title(f"Per-draw variance (log scale){ratio}", fontsize=10)
+    first = cols[f"{names[0]}_var"]
+    ratios = []
+    for n in names[1:]:
+        pos = (first > 0) & (cols[f"{n}_var"] > 0)
+        if pos.any():
+            ratios.append(f"{n} / {names[0]}: median ratio {np.median(cols[f'{n}_var'][pos] / first[pos]):.3g}x")
+    ax_v.set_title("Per-draw variance (log scale)" + "".join("\n" + r for r in ratios), fontsize=10)
     ax_v.set_ylabel("variance of one-draw estimate")
     ax_v.legend(fontsize=8, frameon=False)
     rotation = 0 if p <= 6 else 45
     for ax in (ax_m, ax_v):
-        ax.set_xticks(x, names, rotation=rotation, ha="center" if rotation == 0 else "right",
+        ax.set_xticks(x, params, rotation=rotation, ha="center" if rotation == 0 else "right",
                       fontsize=9)
         ax.set_xlabel("parameter")
         ax.grid(axis="y", alpha=0.3, linewidth=0.5)
