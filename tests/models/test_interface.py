@@ -16,7 +16,7 @@ from npvae.cli import main
 from npvae.gradcheck import check_model
 from npvae.models import CVAE, VAE, Autoencoder, GaussianLatent, StandardNormalPrior, load_model, save_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def own_vae(dtype=np.float32, seed=0):

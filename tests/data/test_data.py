@@ -27,7 +27,7 @@ from npvae.data import (DATASETS, Dataset, DatasetSpec, DownloadError, IDXFile, 
                         binarize_dynamic, binarize_static, download, epoch_permutation, find_dataset_dir,
                         load_dataset, load_demo, load_mnist_like, read_idx, to_float)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
          np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from npvae.data import DataFileError, Dataset, files, load_path
-from tests.test_data_png import png_bytes
+from tests.data.test_data_png import png_bytes
 
 
 @pytest.fixture(params=["pillow", "stdlib"])

@@ -20,7 +20,7 @@ pytest.importorskip("matplotlib")
 import matplotlib.image as mpimg  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def assert_real_png(path: Path) -> np.ndarray:
