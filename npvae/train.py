@@ -158,6 +158,8 @@ class Trainer:
         self.val_labels = dataset.val_y  # for pictures
         self.train_target = self._prepare_target(dataset.train_target, config.seed)
         self.val_target = self._prepare_target(dataset.val_target, config.seed + 1)
+        model.check_target(self.train_target, self.train_x)
+        model.check_target(self.val_target, self.val_x)
         self.n = len(self.train_x)
         self.steps_per_epoch = math.ceil(self.n / config.batch_size)
         # Position and state, all saved in checkpoints.

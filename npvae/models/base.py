@@ -231,15 +231,6 @@ class Model:
             raise ValueError("eps contains NaN or Inf")
         return eps
 
-    def _check_noise(self, x: np.ndarray, eps, rng):
-        """``eps`` as a (B, Z) array of the model's dtype (or None); without eps, rng must be a Generator."""
-        if eps is not None:
-            return self.check_noise(x, eps)
-        if rng is None:
-            raise ValueError("pass eps (B, Z) or rng (an np.random.Generator) to draw it")
-        check_generator(rng)
-        return None
-
     def _draw_eps(self, batch: int, eps, rng) -> np.ndarray:
         """``eps`` itself, or standard-normal noise (B, Z) drawn from ``rng`` into the workspace."""
         if eps is not None:
@@ -298,10 +289,12 @@ class Model:
             x = self.check_input(x)
             y = self.check_labels(y, len(x))
             target = self.check_target(target, x)
-            if eps is not None or self.needs_noise:
-                eps = self._check_noise(x, eps, rng)
+            if eps is not None:
+                eps = self.check_noise(x, eps)
             elif rng is not None:
                 check_generator(rng)
+            elif self.needs_noise:
+                raise ValueError("pass eps (B, Z) or rng (an np.random.Generator) to draw it")
         recon, reg = self.forward(x, y, eps=eps, rng=rng, target=target)
         batch = x.shape[0]
         weight = self.kl_weight
