@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -65,52 +67,175 @@ def build_model_from_args(args, input_shape: tuple[int, ...], num_classes: int):
 # ----------------------------------------------------------------------------- commands
 
 
+# How each train flag maps onto the TrainConfig a checkpoint stores: (config field, flag value -> field value).
+_TRAIN_FLAGS = {
+    "epochs": ("epochs", None), "batch_size": ("batch_size", None), "lr": ("lr", None),
+    "optimizer": ("optimizer", None), "weight_decay": ("weight_decay", None), "momentum": ("momentum", None),
+    "clip_grad_norm": ("clip_grad_norm", None), "binarize": ("binarize", None),
+    "kl_warmup": ("kl_warmup_epochs", None), "patience": ("patience", lambda v: v or None), "seed": ("seed", None),
+    "no_pictures": ("pictures", lambda v: not v), "log_grad_norms": ("log_grad_norms", None),
+}
+# Flags a resumed run may change: when to stop, where the same data lives, and what is only displayed.
+_RESUME_MAY_CHANGE = {"epochs", "patience", "data_dir", "no_pictures", "log_grad_norms", "no_progress", "backend",
+                      "out", "resume"}
+# Model flags and the model_config key (and value transform) each sets.
+_MODEL_FLAGS = {
+    "hidden": ("hidden", list), "latent_dim": ("latent_dim", None), "activation": ("activation", None),
+    "likelihood": ("likelihood", None), "beta": ("beta", float), "logvar_bounds": ("logvar_bounds", list),
+    "noise": ("noise", None), "noise_level": ("noise_level", float), "fixed_prior": ("learned_prior", lambda v: not v),
+}
+
+
+def _train_config(args):
+    from .train import TrainConfig
+
+    values = {}
+    for flag, (field, convert) in _TRAIN_FLAGS.items():
+        value = getattr(args, flag)
+        values[field] = convert(value) if convert else value
+    if values["epochs"] is None:  # set once the data is known (the demo digits get more passes)
+        values["epochs"] = 10
+    return TrainConfig(**values)
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _resume_settings(args, run: dict, explicit: set) -> tuple[dict, dict]:
+    """The saved run's settings, with the explicit flags a resume may change applied.
+
+    Returns
+    -------
+    config : dict
+        The TrainConfig fields to resume with.
+    changed : dict of field -> [saved, new]
+        What the explicit flags changed (recorded in the log).
+
+    Raises
+    ------
+    CLIError
+        Listing every explicit flag that contradicts the saved run.
+    """
+    saved = run.get("train_config")
+    if not isinstance(saved, dict):
+        raise CLIError("the checkpoint has no training settings to resume with")
+    config, changed, conflicts = dict(saved), {}, []
+    for dest in sorted(explicit):
+        value = getattr(args, dest, None)
+        if dest in _TRAIN_FLAGS:
+            field, convert = _TRAIN_FLAGS[dest]
+            new = convert(value) if convert else value
+            if config.get(field) == new:
+                continue
+            if dest in _RESUME_MAY_CHANGE:
+                config[field] = new
+                changed[field] = [saved.get(field), new]
+            else:
+                conflicts.append(f"{_flag(dest)} {value} (the run used {saved.get(field)!r})")
+        elif dest in _MODEL_FLAGS:
+            key, convert = _MODEL_FLAGS[dest]
+            model_config = run.get("model_config") or {}
+            new = None if value is None else (convert(value) if convert else value)
+            if key in model_config and model_config[key] != new:
+                conflicts.append(f"{_flag(dest)} {value} (the model has {key} = {model_config[key]!r})")
+        elif dest == "model" and value != run.get("model"):
+            conflicts.append(f"--model {value} (the run trains a {run.get('model')})")
+        elif dest == "dtype" and value != run.get("dtype"):
+            conflicts.append(f"--dtype {value} (the model is {run.get('dtype')})")
+        elif dest == "dataset":
+            source = run.get("data_source") or {"kind": "builtin", "name": run.get("dataset")}
+            if not (source.get("kind") == "builtin" and source.get("name") == value):
+                conflicts.append(f"--dataset {value} (the run trained on {_describe_source(source)})")
+        elif dest in ("data", "target"):
+            source = run.get("data_source") or {"kind": "builtin", "name": run.get("dataset")}
+            was = source.get("path" if dest == "data" else "target") if source.get("kind") == "path" else None
+            if was is not None and Path(str(was)).resolve() == Path(value).resolve():
+                continue
+            if was is not None and not Path(str(was)).exists():  # the same data, moved
+                changed[dest] = [was, value]
+            else:
+                conflicts.append(f"{_flag(dest)} {value} (the run trained on {_describe_source(source)})")
+    if conflicts:
+        raise CLIError("--resume continues the run as it was set up; these flags contradict it:\n  "
+                       + "\n  ".join(conflicts)
+                       + "\nDrop them (a resumed run may change --epochs, --patience, --data-dir, --no-pictures, "
+                         "--log-grad-norms), or start a new run with another --out.")
+    if "epochs" in changed and config["epochs"] < int(run.get("epoch", 0) or 0):
+        raise CLIError(f"--epochs {config['epochs']}: the run has already trained {run.get('epoch')} epochs")
+    return config, changed
+
+
+def _describe_source(source: dict) -> str:
+    if source.get("kind") == "path":
+        return f"--data {source.get('path')}" + (f" --target {source['target']}" if source.get("target") else "")
+    return f"--dataset {source.get('name')}"
+
+
+def _resume_dir(args) -> Path:
+    """The run directory --resume continues: --out, else the default one that holds a checkpoint."""
+    if args.out:
+        return Path(args.out)
+    names = [args.dataset] if args.dataset else ["mnist", "demo"]
+    candidates = [Path(f"runs/{args.model}-{name}") for name in names]
+    for out in candidates:
+        if (out / "checkpoint.npz").exists():
+            return out
+    raise CLIError("--resume: no checkpoint in " + " or ".join(str(c) for c in candidates)
+                   + "; pass --out DIR, the run directory to continue")
+
+
 def cmd_train(args) -> int:
+    from .checkpoint import load_checkpoint
     from .models import load_model
     from .train import TrainConfig, Trainer
 
     if args.backend:
         backend.set_backend(args.backend)
-    source, seed = None, args.seed
-    if args.resume and args.out and (Path(args.out) / "checkpoint.npz").exists():
-        from .checkpoint import load_checkpoint
-
-        _, run = load_checkpoint(Path(args.out) / "checkpoint.npz")  # the data and split the run trained on
-        source, seed = run.get("data_source"), run.get("train_config", {}).get("seed", args.seed)
-    dataset = _load_data(args, seed=seed, source=source)
-    print(f"data: {dataset.description}")
-    if args.epochs is None:  # the demo set is 13x smaller than MNIST: more passes for the same steps
-        args.epochs = 50 if dataset.is_demo else 10
-    out = Path(args.out or f"runs/{args.model}-{dataset.name}")
-    config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-        weight_decay=args.weight_decay, momentum=args.momentum, clip_grad_norm=args.clip_grad_norm,
-        binarize=args.binarize, kl_warmup_epochs=args.kl_warmup, patience=args.patience or None, seed=args.seed,
-        pictures=not args.no_pictures, log_grad_norms=args.log_grad_norms,
-    )
-    if args.resume and (out / "checkpoint.npz").exists():
-        model, meta = load_model(out / "checkpoint.npz")
-        saved = meta.get("train_config", {})
-        if saved.get("seed") != args.seed or saved.get("batch_size") != args.batch_size:
-            print("note: resuming with the saved run's seed and batch size", file=sys.stderr)
-            config.seed, config.batch_size = saved.get("seed", config.seed), saved.get("batch_size", config.batch_size)
+    run, changed = None, {}
+    if args.resume:
+        out = _resume_dir(args)
+        if not (out / "checkpoint.npz").exists():
+            raise CLIError(f"--resume: no checkpoint at {out / 'checkpoint.npz'}")
+        _, run = load_checkpoint(out / "checkpoint.npz")
+        settings, changed = _resume_settings(args, run, getattr(args, "explicit", set()))
+        try:
+            config = TrainConfig(**settings)
+            config.validate()
+        except (TypeError, ValueError) as exc:
+            raise CLIError(f"{out / 'checkpoint.npz'}: its training settings cannot be used: {exc}") from None
+        dataset = _load_data(args, seed=config.seed, source=run.get("data_source"))
     else:
+        config = _train_config(args)
+        config.validate()
+        dataset = _load_data(args, seed=args.seed)
+    print(f"data: {dataset.description}")
+    if args.epochs is None and run is None:  # the demo set is 13x smaller than MNIST: more passes for the same steps
+        config.epochs = 50 if dataset.is_demo else 10
+    if run is None:
+        out = Path(args.out or f"runs/{args.model}-{dataset.name}")
         model = build_model_from_args(args, dataset.train_x.shape[1:], dataset.num_classes)
+    else:
+        model, _ = load_model(out / "checkpoint.npz")
     print(f"model: {model!r}")
     print(f"backend: {backend.get_backend()}; writing to {out}/")
+    if changed:
+        print("resuming with " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
     trainer = Trainer(model, dataset, config, out, progress=not args.no_progress)
-    result = trainer.run(resume=args.resume)
-    if result.stopped != "interrupted":
-        test_target = dataset.test_target
-        test = trainer.evaluate(
-            _prepare(dataset.test_x, model, config.binarize, config.seed), model.check_labels(dataset.test_y, len(dataset.test_x)),
-            np.random.default_rng([config.seed, 3]),
-            None if test_target is None else _prepare(test_target, model, config.binarize, config.seed),
-        )
-        split = "validation (this data has no separate test split)" if dataset.is_demo or dataset.test_x is dataset.val_x else "test"
-        print(f"{split}: negative ELBO {test['loss']:.2f} nats/image (recon {test['recon']:.2f}, kl {test['kl']:.2f})")
-        print(f"wrote {out}/checkpoint.npz, best.npz, log.jsonl" + ("" if args.no_pictures else ", reconstructions.png, samples.png"))
-    return 130 if result.stopped == "interrupted" else 0
+    trainer.resumed_changes = changed
+    result = trainer.run(resume=run is not None)
+    if result.stopped == "interrupted":
+        return 128 + int(result.signal or 2)
+    test_target = dataset.test_target
+    test = trainer.evaluate(
+        _prepare(dataset.test_x, model, config.binarize, config.seed), model.check_labels(dataset.test_y, len(dataset.test_x)),
+        np.random.default_rng([config.seed, 3]),
+        None if test_target is None else _prepare(test_target, model, config.binarize, config.seed),
+    )
+    split = "validation (this data has no separate test split)" if dataset.is_demo or dataset.test_x is dataset.val_x else "test"
+    print(f"{split}: negative ELBO {test['loss']:.2f} nats/image (recon {test['recon']:.2f}, kl {test['kl']:.2f})")
+    print(f"wrote {out}/checkpoint.npz, best.npz, log.jsonl" + ("" if args.no_pictures else ", reconstructions.png, samples.png"))
+    return 0
 
 
 def _prepare(images, model, binarize, seed):
@@ -489,23 +614,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _explicit_dests(argv) -> set[str]:
+    """The options given on the command line (not left at their defaults): parse again with every
+    default suppressed."""
+    parser = build_parser()
+    actions = list(parser._actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                actions.extend(sub._actions)
+    for action in actions:
+        if action.dest not in ("command", "func", "help"):
+            action.default = argparse.SUPPRESS
+    given = parser.parse_args(argv)
+    return {dest for dest in vars(given) if dest not in ("command", "func")}
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.explicit = _explicit_dests(argv)
     from .checkpoint import CheckpointError
     from .data import DownloadError, IDXFormatError
-    from .train import TrainingDiverged
+    from .rundir import RunLocked
+    from .train import Terminated, TrainingDiverged, raise_on_sigterm
 
+    restore = None
+    if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        restore = signal.signal(signal.SIGTERM, raise_on_sigterm)  # unwind: partial downloads are removed
     try:
         return args.func(args)
     except KeyboardInterrupt:  # outside training (which saves and returns 130 itself)
         print(f"npvae {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, CheckpointError, DownloadError, IDXFormatError, TrainingDiverged, FileExistsError,
-            FileNotFoundError, ValueError, TypeError, ImportError) as exc:
+    except Terminated as exc:
+        print(f"npvae {args.command}: terminated (signal {exc.signum})", file=sys.stderr)
+        return 128 + exc.signum
+    except (CLIError, CheckpointError, DownloadError, IDXFormatError, TrainingDiverged, OSError,
+            RunLocked, ValueError, TypeError, ImportError) as exc:
         if os.environ.get("NPVAE_DEBUG"):  # the full traceback, for bug reports
             raise
         print(f"npvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .models import GaussianLatent, Model
 from .models.saving import model_meta, model_state, save_model
 from .optim import clip_grad_norm, make_optimizer
+from .rundir import OutputError, RunLock, append_log, check_writable, reconcile_log
 
 CHECKPOINT = "checkpoint.npz"
 BEST = "best.npz"
@@ -40,7 +41,23 @@ class TrainingDiverged(RuntimeError):
 
 
 class _StopRequested(Exception):
-    """Raised between steps after a Ctrl-C, when the state is consistent and can be saved."""
+    """Raised between steps after Ctrl-C or SIGTERM, when the state is consistent and can be saved."""
+
+
+class Terminated(BaseException):
+    """SIGTERM where npvae cannot stop gracefully (a second SIGTERM, or outside training's loop).
+
+    A BaseException, like KeyboardInterrupt, so ``finally`` blocks (temporary files) run on the way out.
+    """
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+def raise_on_sigterm(signum, frame):
+    """A SIGTERM handler that unwinds the stack (so temporary files are removed) instead of dying at once."""
+    raise Terminated(signum)
 
 
 @dataclass
@@ -62,20 +79,39 @@ class TrainConfig:
     eval_batch_size: int = 1000  # batch size of evaluation passes
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"expected epochs >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"expected batch_size >= 1, got {self.batch_size}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"expected a positive finite lr, got {self.lr}")
+        """Raise ValueError naming the first setting out of range (NaN and infinities included)."""
+
+        def check(name, ok, expected):
+            value = getattr(self, name)
+            if not ok(value):
+                raise ValueError(f"expected {name} {expected}, got {value!r}")
+
+        def integer(lo):
+            return lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
+
+        def number(ok):
+            return lambda v: (isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+                              and math.isfinite(v) and ok(v))
+
+        check("epochs", integer(1), "an integer >= 1")
+        check("batch_size", integer(1), "an integer >= 1")
+        check("eval_batch_size", integer(1), "an integer >= 1")
+        check("grad_norm_every", integer(1), "an integer >= 1")
+        check("seed", integer(0), "an integer >= 0")
+        check("lr", number(lambda v: v > 0), "a positive finite number")
+        check("weight_decay", number(lambda v: v >= 0), "a finite number >= 0")
+        check("momentum", number(lambda v: v >= 0), "a finite number >= 0")
+        check("kl_warmup_epochs", number(lambda v: v >= 0), "a finite number >= 0")
+        if self.optimizer not in ("sgd", "rmsprop", "adam", "adamw"):
+            raise ValueError(f"expected optimizer sgd, rmsprop, adam or adamw, got {self.optimizer!r}")
         if self.binarize not in ("none", "static", "dynamic"):
             raise ValueError(f"expected binarize none, static or dynamic, got {self.binarize!r}")
-        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
-            raise ValueError(f"expected clip_grad_norm > 0, got {self.clip_grad_norm}")
-        if self.patience is not None and self.patience < 1:
-            raise ValueError(f"expected patience >= 1 or None, got {self.patience}")
-        if self.kl_warmup_epochs < 0:
-            raise ValueError(f"expected kl_warmup_epochs >= 0, got {self.kl_warmup_epochs}")
+        if self.clip_grad_norm is not None:
+            check("clip_grad_norm", number(lambda v: v > 0), "a positive finite number or None")
+        if self.patience is not None:
+            check("patience", integer(1), "an integer >= 1 or None")
+        for name in ("pictures", "log_grad_norms"):
+            check(name, lambda v: isinstance(v, bool), "True or False")
 
 
 @dataclass
@@ -84,6 +120,7 @@ class TrainResult:
     stopped: str  # "completed", "early_stopping", "interrupted"
     out_dir: Path
     best_val_loss: float
+    signal: int | None = None  # the signal that interrupted the run (SIGINT or SIGTERM), if one did
 
 
 # ----------------------------------------------------------------------------- data preparation
@@ -172,7 +209,9 @@ class Trainer:
         self.bad_epochs = 0
         self.sums = np.zeros(3)  # running sums of (total, recon, kl) x batch size this epoch
         self.seen = 0
-        self._interrupted = False
+        self._interrupted: int | None = None  # the signal that asked training to stop
+        self._saved_epoch = 0
+        self.resumed_changes: dict = {}  # settings a resumed run changed ({name: [old, new]}), logged
         self._warned_pictures = False
         self._batch_buf: dict[tuple, np.ndarray] = {}
 
@@ -216,6 +255,10 @@ class Trainer:
         arrays, meta = self._state()
         return save_checkpoint(path or self.out_dir / CHECKPOINT, arrays, meta)
 
+    def _save_checkpoint(self) -> None:
+        self._output(self.save, what=CHECKPOINT)
+        self._saved_epoch = self.epoch if self.batch == 0 else f"{self.epoch + 1}, batch {self.batch}"
+
     def restore(self, path) -> None:
         """Continue from a training checkpoint: parameters, optimizer, position and noise state."""
         arrays, meta = load_checkpoint(path)
@@ -237,13 +280,24 @@ class Trainer:
         self.bad_epochs = int(meta.get("bad_epochs", 0))
         self.sums = np.array(meta.get("epoch_sums", [0.0, 0.0, 0.0]))
         self.seen = int(meta.get("epoch_seen", 0))
+        self._saved_epoch = self.epoch if self.batch == 0 else f"{self.epoch + 1}, batch {self.batch}"
 
     # -- logging
 
     def _log(self, record: dict) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / LOG, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._output(append_log, self.out_dir / LOG, record, what="the log")
+
+    def _output(self, write, *args, what: str):
+        """Run one write into the run directory; an OS error (disk full, permissions) becomes one
+        :class:`OutputError` line that says what was kept."""
+        try:
+            return write(*args)
+        except OSError as exc:
+            ckpt = self.out_dir / CHECKPOINT
+            kept = (f"the last good checkpoint is {ckpt} (epoch {self._saved_epoch})" if ckpt.exists()
+                    else "no checkpoint was saved")
+            raise OutputError(exc.errno, f"could not write {what} in {self.out_dir}: "
+                                         f"{exc.strerror or exc}; {kept}") from None
 
     # -- one step
 
@@ -287,10 +341,12 @@ class Trainer:
             else:
                 return  # finite but huge: the squared norm overflowed, clipping handles it
         if bad is not None:
+            ckpt = self.out_dir / CHECKPOINT
+            kept = (f"The last good checkpoint is {ckpt} (epoch {self._saved_epoch})." if ckpt.exists()
+                    else "No checkpoint was saved before it.")
             raise TrainingDiverged(
                 f"training diverged at step {self.step} (epoch {self.epoch + 1}, batch {self.batch + 1}): "
-                f"{bad} is not finite. The last good checkpoint is {self.out_dir / CHECKPOINT}. "
-                "Try a lower --lr, --clip-grad-norm, or --kl-warmup."
+                f"{bad} is not finite. {kept} Try a lower --lr, --clip-grad-norm, or --kl-warmup."
             )
 
     def _grad_norm_record(self) -> dict:
@@ -383,34 +439,47 @@ class Trainer:
         try:
             figures.epoch_pictures(self.model, self.val_x, self.val_labels, self.out_dir, epoch, seed=self.config.seed,
                                    dataset_name=self.dataset.name)
-        except ImportError as exc:  # matplotlib is an optional extra
+        except (ImportError, OSError) as exc:  # matplotlib is an optional extra; a full disk spares the checkpoint
             if not self._warned_pictures:
                 self.echo(f"pictures skipped: {exc}")
                 self._warned_pictures = True
 
     def run(self, resume: bool = False) -> TrainResult:
-        """Train until the configured epochs, early stopping, or Ctrl-C (which saves and returns)."""
+        """Train until the configured epochs, early stopping, Ctrl-C or SIGTERM (which save and return).
+
+        Each epoch writes ``best.npz`` (when validation improved), then ``checkpoint.npz``, then the
+        log line, each atomically: killed at any point, the run leaves a checkpoint that resumes exactly,
+        a ``best.npz`` no older than the best that checkpoint records (a resume re-trains the epoch in
+        between bit for bit), and a log that is never ahead of the checkpoint (a resume restores a line
+        it lacks).
+
+        Raises
+        ------
+        RunLocked
+            Another live process trains in ``out_dir``.
+        OutputError
+            ``out_dir`` cannot be written (checked before training), or a write failed later; the
+            message says which checkpoint was kept.
+        """
+        check_writable(self.out_dir)
+        with RunLock(self.out_dir):
+            return self._run_locked(resume)
+
+    def _run_locked(self, resume: bool) -> TrainResult:
         cfg = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         ckpt = self.out_dir / CHECKPOINT
         if resume:
             if not ckpt.exists():
                 raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
             self.restore(ckpt)
+            self._output(reconcile_log, self.out_dir / LOG, self.history, self.step, what="the log")
+            if self.resumed_changes:
+                self._log({"event": "resume", "step": self.step, "epoch": self.epoch, "changed": self.resumed_changes})
             self.echo(f"resumed from {ckpt} at epoch {self.epoch + 1}, batch {self.batch} (step {self.step})")
         elif ckpt.exists():
             raise FileExistsError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
         stopped = "completed"
-        previous = signal.getsignal(signal.SIGINT)
-        can_trap = previous is signal.default_int_handler and _main_thread()
-
-        def on_sigint(signum, frame):
-            if self._interrupted:  # a second Ctrl-C stops at once, without saving a half-done step
-                raise KeyboardInterrupt
-            self._interrupted = True  # finish this step, then save and stop
-
-        if can_trap:
-            signal.signal(signal.SIGINT, on_sigint)
+        restore_handlers = self._trap_stop_signals()
         # Overflow in the NumPy backend shows up as inf/nan, which _check_finite reports with the
         # step and the tensor; NumPy's own RuntimeWarnings would only repeat it less helpfully.
         errstate = np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore")
@@ -431,32 +500,60 @@ class Trainer:
                 else:
                     self.bad_epochs += 1
                 self.history.append(record)
-                self._log(record)
-                self.echo(_epoch_line(record, cfg.epochs))
-                self.save()
-                if improved:
-                    save_model(self.model, self.out_dir / BEST, {
+                if improved:  # before the checkpoint that records it: best.npz is never the older one
+                    self._output(save_model, self.model, self.out_dir / BEST, {
                         "epoch": self.epoch, "val_loss": record["val_loss"], "dataset": self.dataset.name,
                         "data_source": self.dataset.source,
                         "train_config": dataclasses.asdict(cfg),  # how to prepare data to evaluate it
-                    })
+                    }, what=BEST)
+                self._save_checkpoint()
+                self._log(record)  # after the checkpoint: the log never runs ahead of it
+                self.echo(_epoch_line(record, cfg.epochs))
                 if cfg.pictures:
                     self._pictures(self.epoch)
                 if cfg.patience is not None and self.bad_epochs >= cfg.patience:
                     stopped = "early_stopping"
                     self.echo(f"early stopping: no better validation loss for {cfg.patience} epochs")
                     break
+                if self._interrupted:  # asked during evaluation or pictures: the epoch is saved, stop here
+                    raise _StopRequested
         except _StopRequested:
-            self.save()
+            if self.batch or not ckpt.exists():
+                self._save_checkpoint()
             stopped = "interrupted"
-            self.echo(f"interrupted at epoch {self.epoch + 1}, batch {self.batch}: saved {ckpt}; "
-                      f"continue with --resume")
+            name = signal.Signals(self._interrupted).name
+            where = f"epoch {self.epoch + 1}, batch {self.batch}" if self.batch else f"the end of epoch {self.epoch}"
+            self.echo(f"interrupted by {name} at {where}: saved {ckpt}; continue with --resume")
         finally:
             errstate.__exit__(None, None, None)
-            if can_trap:
-                signal.signal(signal.SIGINT, previous)
+            restore_handlers()
         self._log({"event": "end", "stopped": stopped, "step": self.step, "epoch": self.epoch})
-        return TrainResult(self.history, stopped, self.out_dir, self.best_val)
+        return TrainResult(self.history, stopped, self.out_dir, self.best_val,
+                           signal=self._interrupted if stopped == "interrupted" else None)
+
+    def _trap_stop_signals(self) -> Callable[[], None]:
+        """Make Ctrl-C and SIGTERM finish the current step, then save and stop; a second one stops at
+        once. Installed only in the main thread and over the default handlers (or npvae's own
+        SIGTERM handler), never over a handler someone else set. Returns the undo."""
+        if not _main_thread():
+            return lambda: None
+
+        def on_signal(signum, frame):
+            if self._interrupted:  # a second signal stops at once, without saving a half-done step
+                raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+            self._interrupted = signum
+
+        previous = {}
+        for signum, ours in ((signal.SIGINT, (signal.default_int_handler,)),
+                             (getattr(signal, "SIGTERM", None), (signal.SIG_DFL, raise_on_sigterm))):
+            if signum is not None and signal.getsignal(signum) in ours:
+                previous[signum] = signal.signal(signum, on_signal)
+
+        def undo():
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+        return undo
 
 
 def _main_thread() -> bool:
