@@ -179,28 +179,45 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], m
 # ----------------------------------------------------------------------------- loading
 
 
-def _read_member(member, name: str) -> np.ndarray:
-    data = member.read()  # to the end, so zipfile checks the CRC-32 before a byte is interpreted
-    stream = io.BytesIO(data)
-    version = np.lib.format.read_magic(stream)
+# Deflate cannot expand data more than ~1032-fold: a member that claims more is crafted, and refusing it
+# before allocating keeps memory bounded by the bytes the file really holds.
+_MAX_DEFLATE_RATIO = 1100
+
+
+def _read_member(member, info: zipfile.ZipInfo, name: str) -> np.ndarray:
+    """One ``.npy`` member, its size checked against its header (and the header against the zip's
+    declared size) before its array is allocated; read to the end so the CRC-32 is verified."""
+    version = np.lib.format.read_magic(member)
     if version == (1, 0):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(member)
     elif version == (2, 0):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(member)
     else:
         raise CheckpointError(f"array {name!r}: unsupported .npy format version {version}")
     if dtype.hasobject:
         raise CheckpointError(f"array {name!r} has dtype {dtype}: object arrays are refused (they need pickle)")
     count = math.prod(shape)
-    offset = stream.tell()
     nbytes = count * dtype.itemsize
-    if offset + nbytes != len(data):
+    header = member.tell() if member.seekable() else None
+    declared = info.file_size - (header if header is not None else 0)
+    if nbytes != declared:
         raise CheckpointError(
             f"array {name!r}: header says shape {shape} of {dtype} ({nbytes} bytes), the file holds "
-            f"{len(data) - offset} bytes"
-        )
-    a = np.frombuffer(data, dtype=dtype, count=count, offset=offset) if nbytes else np.empty(count, dtype=dtype)
-    return a.reshape(shape, order="F" if fortran_order else "C").copy(order="K")  # writeable, owns its data
+            f"{declared} bytes")
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > _MAX_DEFLATE_RATIO * max(info.compress_size, 1):
+        raise CheckpointError(f"array {name!r}: claims {info.file_size} bytes from {info.compress_size} compressed "
+                              "bytes, more than compression can give")
+    out = np.empty(count, dtype=dtype)
+    view = memoryview(out.view(np.uint8).reshape(-1)) if nbytes else memoryview(bytearray())
+    filled = 0
+    while filled < nbytes:
+        n = member.readinto(view[filled:filled + (1 << 24)])
+        if not n:
+            raise CheckpointError(f"array {name!r}: ends after {filled} of {nbytes} bytes")
+        filled += n
+    if member.read(1):  # the end of the member: zipfile checks the CRC-32 here
+        raise CheckpointError(f"array {name!r}: more bytes than its header accounts for")
+    return out.reshape(shape, order="F" if fortran_order else "C")
 
 
 def _read_npz(f) -> dict[str, np.ndarray]:
@@ -213,7 +230,7 @@ def _read_npz(f) -> dict[str, np.ndarray]:
             if name in arrays:
                 raise CheckpointError(f"array {name!r} appears twice")
             with zf.open(info) as member:
-                arrays[name] = _read_member(member, name)
+                arrays[name] = _read_member(member, info, name)
     return arrays
 
 
@@ -224,6 +241,8 @@ def _parse_meta(raw: np.ndarray) -> dict:
         meta = json.loads(raw.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{META_KEY} is not valid UTF-8 JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{META_KEY} nests deeper than JSON metadata can") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{META_KEY} must hold a JSON object, got {type(meta).__name__}")
     version = meta.get("format_version")

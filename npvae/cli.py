@@ -188,7 +188,7 @@ def _resume_dir(args) -> Path:
 def cmd_train(args) -> int:
     from .checkpoint import load_checkpoint
     from .models import load_model
-    from .train import TrainConfig, Trainer
+    from .train import TrainConfig, Trainer, check_run_meta
 
     if args.backend:
         backend.set_backend(args.backend)
@@ -198,6 +198,7 @@ def cmd_train(args) -> int:
         if not (out / "checkpoint.npz").exists():
             raise CLIError(f"--resume: no checkpoint at {out / 'checkpoint.npz'}")
         _, run = load_checkpoint(out / "checkpoint.npz")
+        check_run_meta(run, out / "checkpoint.npz")
         settings, changed = _resume_settings(args, run, getattr(args, "explicit", set()))
         try:
             config = TrainConfig(**settings)
@@ -236,6 +237,15 @@ def cmd_train(args) -> int:
     print(f"{split}: negative ELBO {test['loss']:.2f} nats/image (recon {test['recon']:.2f}, kl {test['kl']:.2f})")
     print(f"wrote {out}/checkpoint.npz, best.npz, log.jsonl" + ("" if args.no_pictures else ", reconstructions.png, samples.png"))
     return 0
+
+
+def _load_model(path):
+    """A saved model and its run's metadata, the metadata's types checked (one CheckpointError if not)."""
+    from .models import load_model
+    from .train import check_run_meta
+
+    model, meta = load_model(path)
+    return model, check_run_meta(meta, path, training=False)
 
 
 def _prepare(images, model, binarize, seed):
@@ -307,7 +317,7 @@ def cmd_evaluate(args) -> int:
 
     from .models import Conditional, GaussianLatent, StandardNormalPrior, load_model
 
-    model, meta = load_model(args.checkpoint)
+    model, meta = _load_model(args.checkpoint)
     if args.iw_samples is not None:
         if args.iw_samples < 1:
             raise CLIError(f"--iw-samples must be at least 1, got {args.iw_samples}")
@@ -344,7 +354,7 @@ def cmd_sample(args) -> int:
     from .models import Conditional, load_model
     from .viz import figures
 
-    model, meta = load_model(args.checkpoint)
+    model, meta = _load_model(args.checkpoint)
     rng = np.random.default_rng(args.seed)
     if args.label is not None:
         if not isinstance(model, Conditional):
@@ -362,7 +372,7 @@ def cmd_reconstruct(args) -> int:
     from .models import load_model
     from .viz import figures
 
-    model, meta = load_model(args.checkpoint)
+    model, meta = _load_model(args.checkpoint)
     dataset = _dataset_for(args, meta)
     tc = meta.get("train_config", {})
     x = _prepare(dataset.test_x[: args.n], model, tc.get("binarize", "none"), tc.get("seed", 0))
@@ -410,7 +420,7 @@ def cmd_plot(args) -> int:
     if what == "grad-norms":
         print(f"wrote {figures.grad_norms(_run_log(args.checkpoint), out)}")
         return 0
-    model, meta = load_model(args.checkpoint)
+    model, meta = _load_model(args.checkpoint)
     conditional = isinstance(model, Conditional)
     if args.label is not None and what not in ("samples", "manifold"):
         raise CLIError(f"--label applies to samples and manifold, not {what}")
@@ -454,7 +464,7 @@ def cmd_grads(args) -> int:
     from .study import gradflow
     from .viz import figures
 
-    model, meta = load_model(args.checkpoint)
+    model, meta = _load_model(args.checkpoint)
     if not isinstance(model, GaussianLatent):
         raise CLIError(f"grads studies a VAE's gradients; {args.checkpoint} holds a {model.kind}")
     if args.draws < 2 or args.examples < 1:

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from . import backend, data as datasets
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .models import GaussianLatent, Model
 from .models.saving import model_meta, model_state, save_model
 from .optim import clip_grad_norm, make_optimizer
@@ -152,6 +152,70 @@ def _restore_rng(state: dict) -> np.random.Generator:
     return rng
 
 
+def check_run_meta(meta: dict, path, training: bool = True) -> dict:
+    """Check the types of a run's metadata before anything reads it; return ``meta``.
+
+    A checkpoint is data from disk: a list where an object belongs, a short list, a string where a
+    number belongs must be one :class:`CheckpointError`, never an AttributeError deep in the trainer.
+    ``training`` adds the fields a resume needs (position, RNG state, history, running sums).
+    """
+
+    def bad(key, expected):
+        raise CheckpointError(f"{path}: metadata {key!r} should be {expected}, got {meta.get(key)!r:.80}")
+
+    def is_int(v, lo=0):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    def is_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    for key in ("train_config", "data_source"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            bad(key, "an object")
+    if meta.get("train_config") is None and "train_config" in meta:
+        del meta["train_config"]  # readers default a missing one
+    config = meta.get("train_config") or {}
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise CheckpointError(f"{path}: metadata 'train_config' has unknown settings {', '.join(unknown)}")
+    try:
+        TrainConfig(**{**dataclasses.asdict(TrainConfig()), **config}).validate()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: metadata 'train_config' is not usable: {exc}") from None
+    source = meta.get("data_source") or {}
+    if source and source.get("kind") not in ("builtin", "path"):
+        raise CheckpointError(f"{path}: metadata 'data_source' has kind {source.get('kind')!r:.40}, expected "
+                              "'builtin' or 'path'")
+    for key in ("name", "path", "target", "data_dir"):
+        if source.get(key) is not None and not isinstance(source[key], str):
+            raise CheckpointError(f"{path}: metadata 'data_source' field {key!r} should be a string")
+    if meta.get("dataset") is not None and not isinstance(meta["dataset"], str):
+        bad("dataset", "a string")
+    if meta.get("epoch") is not None and not is_int(meta["epoch"]):
+        bad("epoch", "an integer >= 0")
+    if not training:
+        return meta
+    for key in ("epoch", "batch", "step"):
+        if not is_int(meta.get(key)):
+            bad(key, "an integer >= 0")
+    for key in ("bad_epochs", "epoch_seen"):
+        if key in meta and not is_int(meta[key]):
+            bad(key, "an integer >= 0")
+    if not isinstance(meta.get("rng_state"), dict):
+        bad("rng_state", "an object")
+    history = meta.get("history", [])
+    if not (isinstance(history, list) and all(isinstance(r, dict) for r in history)):
+        bad("history", "a list of objects")
+    if meta.get("best_val_loss") is not None and not is_number(meta["best_val_loss"]):
+        bad("best_val_loss", "a number or null")
+    sums = meta.get("epoch_sums", [0.0, 0.0, 0.0])
+    if not (isinstance(sums, list) and len(sums) == 3 and all(is_number(v) for v in sums)):
+        bad("epoch_sums", "a list of 3 numbers")
+    if not isinstance(meta.get("optimizer_scalars", {}), dict):
+        bad("optimizer_scalars", "an object")
+    return meta
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -262,18 +326,25 @@ class Trainer:
     def restore(self, path) -> None:
         """Continue from a training checkpoint: parameters, optimizer, position and noise state."""
         arrays, meta = load_checkpoint(path)
+        check_run_meta(meta, path)
         ours = json.loads(json.dumps(model_meta(self.model)))
         same = (meta.get("model_spec") == ours["model_spec"] if "model_spec" in meta
                 else (meta.get("model"), meta.get("model_config")) == (ours["model"], ours["model_config"]))
         if not same:
-            raise ValueError(f"{path}: checkpoint is for {meta.get('model')} {meta.get('model_config')}, "
+            raise CheckpointError(f"{path}: checkpoint is for {meta.get('model')} {meta.get('model_config')}, "
                              f"not this {self.model!r}; resume with the same model options")
         self.model.load_state_dict(model_state(arrays, meta))
         optim = {k[6:]: v for k, v in arrays.items() if k.startswith("optim/")}
         optim.update(meta.get("optimizer_scalars", {}))
-        self.optimizer.load_state_dict(optim)
+        try:
+            self.optimizer.load_state_dict(optim)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: optimizer state does not fit: {exc}") from None
         self.epoch, self.batch, self.step = int(meta["epoch"]), int(meta["batch"]), int(meta["step"])
-        self.rng = _restore_rng(meta["rng_state"])
+        try:
+            self.rng = _restore_rng(meta["rng_state"])
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise CheckpointError(f"{path}: metadata 'rng_state' is not a NumPy generator state: {exc}") from None
         self.history = list(meta.get("history", []))
         best = meta.get("best_val_loss")
         self.best_val = math.inf if best is None else float(best)

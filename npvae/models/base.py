@@ -168,6 +168,11 @@ class Model:
                 raise TypeError(f"{key}: expected a float array, got dtype {array.dtype}")
             if not np.isfinite(array).all():
                 raise ValueError(f"{key}: contains NaN or Inf")
+            if array.dtype.itemsize > self.dtype.itemsize and array.size:
+                largest = float(np.abs(array).max())
+                if largest > np.finfo(self.dtype).max:
+                    raise ValueError(f"{key}: holds {largest:.3g}, beyond {self.dtype.name}'s range: it would "
+                                     "load as Inf")
         for key, value, _ in self._exported:
             value[...] = arrays[key]
 

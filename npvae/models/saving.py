@@ -15,6 +15,10 @@ from .registry import MODELS, build_model, from_spec
 
 MODEL_FORMAT = 2
 
+# What building from a crafted description can raise: wrong JSON types (a list where an object belongs,
+# a short list, a dict where a number belongs), absurd numbers, deep nesting.
+_MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, OverflowError)
+
 
 def model_meta(model: Model) -> dict:
     """The metadata that rebuilds ``model``: its spec, plus the preset name and config for people reading it."""
@@ -49,15 +53,15 @@ def model_from_meta(meta: dict, path="checkpoint") -> Model:
     if version >= 2:
         try:
             return from_spec(meta.get("model_spec"))
-        except ValueError as exc:
-            raise CheckpointError(f"{path}: {exc}") from None
+        except _MALFORMED as exc:
+            raise CheckpointError(f"{path}: malformed model description: {type(exc).__name__}: {exc}") from None
     kind = meta.get("model")
     if kind not in MODELS:
         raise CheckpointError(f"{path}: checkpoint names model {kind!r}, expected one of {', '.join(MODELS)}")
     try:
         return build_model(kind, meta.get("model_config", {}), dtype=np.dtype(meta.get("dtype", "float32")))
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+    except _MALFORMED as exc:
+        raise CheckpointError(f"{path}: malformed model description: {type(exc).__name__}: {exc}") from None
 
 
 def model_state(arrays: dict, meta: dict) -> dict:
@@ -82,5 +86,5 @@ def load_model(path) -> tuple[Model, dict]:
     try:
         model.load_state_dict(model_state(arrays, meta))
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise CheckpointError(f"{path}: {exc}") from None
     return model, meta
