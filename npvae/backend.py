@@ -132,4 +132,11 @@ def kernel(twin: Callable) -> Callable[[Callable], Kernel]:
 _env = os.environ.get("NPVAE_BACKEND", "auto").strip().lower() or "auto"
 if _env not in _CHOICES:
     raise ValueError(f"NPVAE_BACKEND={_env!r} is not a backend: expected one of {', '.join(_CHOICES)}")
-set_backend("numpy" if _env == "numba" and not numba_available() else _env)
+if _env == "numba" and not numba_available():
+    import warnings
+
+    warnings.warn("NPVAE_BACKEND=numba, but Numba is not installed: npvae runs its NumPy kernels (slower). "
+                  "pip install 'npvae[fast]' for the compiled ones, or set NPVAE_BACKEND=numpy to silence this.",
+                  RuntimeWarning, stacklevel=2)
+    _env = "numpy"
+set_backend(_env)

@@ -294,8 +294,6 @@ def _split_data(args, model, meta, n: int | None = None, fresh_binarization: boo
     tc = meta.get("train_config", {})
     images, labels = (dataset.test_x, dataset.test_y) if args.split == "test" else (dataset.val_x, dataset.val_y)
     if n is not None:
-        if n < 1:
-            raise CLIError(f"--n must be at least 1, got {n}")
         images, labels = images[:n], None if labels is None else labels[:n]
     binarize = tc.get("binarize", "none")
     note = None
@@ -319,8 +317,6 @@ def cmd_evaluate(args) -> int:
 
     model, meta = _load_model(args.checkpoint)
     if args.iw_samples is not None:
-        if args.iw_samples < 1:
-            raise CLIError(f"--iw-samples must be at least 1, got {args.iw_samples}")
         if not (isinstance(model, GaussianLatent) and isinstance(model, StandardNormalPrior)):
             raise CLIError(f"--iw-samples estimates log p(x) of an unconditional VAE; {args.checkpoint} holds a "
                            f"{model.kind}" + (" (its bound would need the learned prior p(z|y))"
@@ -427,6 +423,11 @@ def cmd_plot(args) -> int:
     if args.label is not None and not conditional:
         raise CLIError(f"--label needs a conditional model (cvae); {args.checkpoint} holds a {model.kind}")
     n = args.n if args.n is not None else _PLOT_DEFAULT_N.get(what)
+    images = {"manifold": (n or 0) ** 2, "interpolation": (n or 0) * args.steps, "reconstructions": 2 * (n or 0),
+              "classes": (n or 0) * getattr(model, "num_classes", 1)}.get(what, n or 0)
+    if images > MAX_PICTURE_IMAGES:
+        raise CLIError(f"{what} with --n {n} would draw {images:,} images; one picture holds at most "
+                       f"{MAX_PICTURE_IMAGES:,}")
     rng = np.random.default_rng(args.seed)
     if what == "samples":
         path = figures.samples(model, out, rng, n=n, label=args.label)
@@ -467,8 +468,6 @@ def cmd_grads(args) -> int:
     model, meta = _load_model(args.checkpoint)
     if not isinstance(model, GaussianLatent):
         raise CLIError(f"grads studies a VAE's gradients; {args.checkpoint} holds a {model.kind}")
-    if args.draws < 2 or args.examples < 1:
-        raise CLIError(f"expected --draws >= 2 and --examples >= 1, got {args.draws} and {args.examples}")
     dataset, x, y, _ = _split_data(args, model, meta, args.n)
     labels = model.check_labels(None if y is None else y.astype(np.int64), len(x))
     rng = np.random.default_rng(args.seed)
@@ -502,6 +501,36 @@ def cmd_grads(args) -> int:
 
 # ----------------------------------------------------------------------------- parser
 
+MAX_PICTURE_IMAGES = 10_000  # images in one picture: a 100 x 100 grid, a few MB of PNG
+
+
+def _count(lo: int, hi: int):
+    """An argparse type: a whole number in [lo, hi], so that a typo cannot ask for a negative count
+    (which slicing would quietly turn into "all but the last few") or exhaust memory."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {lo:,} to {hi:,}, got {value:,}")
+        return value
+
+    return count
+
+
+def _number(text: str) -> float:
+    """An argparse type: a finite float (NaN and infinities are refused with the flag's name)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
 
 def _add_data_args(p, default_dataset=None):
     p.add_argument("--dataset", choices=DATASET_CHOICES, default=default_dataset,
@@ -526,27 +555,27 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=MODEL_CHOICES, default="vae")
     _add_data_args(p)
-    p.add_argument("--epochs", type=int, default=None, help="default: 10, or 50 on the demo digits")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=_count(1, 1_000_000), default=None, help="default: 10, or 50 on the demo digits")
+    p.add_argument("--batch-size", type=_count(1, 1_000_000), default=128)
+    p.add_argument("--lr", type=_number, default=1e-3)
     p.add_argument("--optimizer", choices=("sgd", "rmsprop", "adam", "adamw"), default="adam")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--momentum", type=float, default=0.0, help="for sgd and rmsprop")
-    p.add_argument("--clip-grad-norm", type=float, default=None)
-    p.add_argument("--latent-dim", type=int, default=None, help="default: the model's (vae 20, ae 3)")
-    p.add_argument("--hidden", type=int, nargs="+", default=None, help="encoder widths, e.g. --hidden 512 256")
+    p.add_argument("--weight-decay", type=_number, default=0.0)
+    p.add_argument("--momentum", type=_number, default=0.0, help="for sgd and rmsprop")
+    p.add_argument("--clip-grad-norm", type=_number, default=None)
+    p.add_argument("--latent-dim", type=_count(1, 65_536), default=None, help="default: the model's (vae 20, ae 3)")
+    p.add_argument("--hidden", type=_count(1, 65_536), nargs="+", default=None, help="encoder widths, e.g. --hidden 512 256")
     p.add_argument("--activation", default=None, help="relu, leaky_relu, tanh, sigmoid, softplus")
     p.add_argument("--likelihood", choices=("bernoulli", "gaussian", "continuous_bernoulli"), default="bernoulli")
-    p.add_argument("--beta", type=float, default=1.0, help="KL weight")
-    p.add_argument("--logvar-bounds", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+    p.add_argument("--beta", type=_number, default=1.0, help="KL weight")
+    p.add_argument("--logvar-bounds", type=_number, nargs=2, metavar=("LO", "HI"), default=None,
                    help="vae: clamp the encoder's logvar into [LO, HI] (its gradient is 0 outside)")
-    p.add_argument("--kl-warmup", type=float, default=0.0, help="epochs over which the KL weight rises to beta")
+    p.add_argument("--kl-warmup", type=_number, default=0.0, help="epochs over which the KL weight rises to beta")
     p.add_argument("--fixed-prior", action="store_true", help="cvae: use N(0, I) instead of the learned prior p(z|y)")
     p.add_argument("--noise", choices=("salt_pepper", "gaussian"), default="salt_pepper", help="dae corruption")
-    p.add_argument("--noise-level", type=float, default=0.2, help="dae corruption strength")
+    p.add_argument("--noise-level", type=_number, default=0.2, help="dae corruption strength")
     p.add_argument("--binarize", choices=("none", "static", "dynamic"), default="none")
-    p.add_argument("--patience", type=int, default=5, help="early stopping patience in epochs (0: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patience", type=_count(0, 1_000_000), default=5, help="early stopping patience in epochs (0: off)")
+    p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--backend", choices=("auto", "numba", "numpy"), default=None)
     p.add_argument("--out", help="output directory (default: runs/MODEL-DATASET)")
@@ -560,12 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     _add_data_args(p)
     p.add_argument("--split", choices=("test", "val"), default="test")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0)
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
-    p.add_argument("--iw-samples", type=int, default=None, metavar="K",
+    p.add_argument("--iw-samples", type=_count(1, 1_000_000), default=None, metavar="K",
                    help="also estimate -log p(x) by importance weighting with K samples per image (the IWAE "
                         "bound; papers use K = 5000): tighter than the ELBO, and the number papers report")
-    p.add_argument("--n", type=int, default=None, help="evaluate the first N images of the split (default: all)")
+    p.add_argument("--n", type=_count(1, 10_000_000), default=None, help="evaluate the first N images of the split (default: all)")
     p.add_argument("--fresh-binarization", action="store_true",
                    help="for runs trained on binarized digits: evaluate on a new Bernoulli draw of the images "
                         "from --seed, instead of the run's own fixed draw")
@@ -573,16 +602,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="decode samples from the prior into a PNG grid")
     p.add_argument("checkpoint")
-    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--n", type=_count(1, MAX_PICTURE_IMAGES), default=64)
     p.add_argument("--label", type=int, default=None, help="cvae: the class to generate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0)
     p.add_argument("--out", default="samples.png")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("reconstruct", help="test images above their reconstructions, as a PNG")
     p.add_argument("checkpoint")
     _add_data_args(p)
-    p.add_argument("--n", type=int, default=10)
+    p.add_argument("--n", type=_count(1, MAX_PICTURE_IMAGES // 2), default=10)
     p.add_argument("--out", default="reconstructions.png")
     p.set_defaults(func=cmd_reconstruct)
 
@@ -594,11 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG to write (default: WHAT.png)")
     _add_data_args(p)
     p.add_argument("--split", choices=("test", "val"), default="test", help="images for the test-set pictures")
-    p.add_argument("--n", type=int, default=None, help="how many (see below)")
-    p.add_argument("--steps", type=int, default=10, help="interpolation: images per row, endpoints included")
+    p.add_argument("--n", type=_count(1, MAX_PICTURE_IMAGES), default=None, help="how many (see below)")
+    p.add_argument("--steps", type=_count(2, 1_000), default=10, help="interpolation: images per row, endpoints included")
     p.add_argument("--label", type=int, default=None, help="cvae: the class for samples and manifold")
-    p.add_argument("--threshold", type=float, default=0.01, help="kl: nats above which a unit counts as active")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threshold", type=_number, default=0.01, help="kl: nats above which a unit counts as active")
+    p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0)
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("grads", help="where the gradient comes from, and how noisy its estimators are",
@@ -611,14 +640,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     _add_data_args(p)
     p.add_argument("--split", choices=("test", "val"), default="test")
-    p.add_argument("--n", type=int, default=64, help="images in the batch for the decomposition")
-    p.add_argument("--draws", type=int, default=1000, help="draws of z per image for the estimators")
-    p.add_argument("--examples", type=int, default=2, help="images whose estimator gradients are compared")
-    p.add_argument("--dims", type=int, default=3, help="latent dimensions shown (those with the largest KL)")
+    p.add_argument("--n", type=_count(1, 10_000), default=64, help="images in the batch for the decomposition")
+    p.add_argument("--draws", type=_count(2, 100_000), default=1000, help="draws of z per image for the estimators")
+    p.add_argument("--examples", type=_count(1, 1_000), default=2, help="images whose estimator gradients are compared")
+    p.add_argument("--dims", type=_count(1, 65_536), default=3, help="latent dimensions shown (those with the largest KL)")
     p.add_argument("--estimators", type=lambda s: [n.strip() for n in s.split(",") if n.strip()], default=None,
                    help="comma-separated estimators to compare, the first the reference of the variance ratios "
                         "(default: all of npvae.study.estimators.ESTIMATORS: reparam,score,baseline)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0)
     p.add_argument("--out", default="grads", help="directory for decomposition.png and estimators.png")
     p.set_defaults(func=cmd_grads)
     return parser
@@ -642,7 +671,10 @@ def _explicit_dests(argv) -> set[str]:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse has printed
+        return exc.code if isinstance(exc.code, int) else 2
     args.explicit = _explicit_dests(argv)
     from .checkpoint import CheckpointError
     from .data import DownloadError, IDXFormatError

@@ -42,6 +42,14 @@ def test_an_unknown_backend_is_named():
     assert result.returncode != 0 and "NPVAE_BACKEND='fortran'" in result.stderr
 
 
+def test_asking_for_numba_without_numba_says_so():
+    code = "import sys; sys.modules['numba'] = None; import npvae; print(npvae.get_backend())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "NPVAE_BACKEND": "numba"})
+    assert result.returncode == 0 and result.stdout.strip() == "numpy"
+    assert "NPVAE_BACKEND=numba, but Numba is not installed" in result.stderr
+
+
 def test_use_backend_restores_the_previous_one():
     before = npvae.get_backend()
     with npvae.use_backend("numpy"):

@@ -308,20 +308,40 @@ def test_resume_without_out_finds_the_default_run_or_says_where_it_looked(tmp_pa
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--kl-warmup", "nan"], "kl_warmup_epochs a finite number >= 0"),
+    (["--kl-warmup", "nan"], "argument --kl-warmup: expected a finite number, got nan"),
     (["--kl-warmup", "-1"], "kl_warmup_epochs a finite number >= 0"),
-    (["--lr", "inf"], "lr a positive finite number"),
-    (["--weight-decay", "nan"], "weight_decay"),
-    (["--momentum", "-0.5"], "momentum"),
-    (["--clip-grad-norm", "nan"], "clip_grad_norm"),
-    (["--epochs", "0"], "epochs an integer >= 1"),
-    (["--batch-size", "-3"], "batch_size an integer >= 1"),
+    (["--lr", "inf"], "argument --lr: expected a finite number"),
+    (["--lr", "0"], "lr a positive finite number"),
+    (["--weight-decay", "nan"], "--weight-decay: expected a finite number"),
+    (["--momentum", "-0.5"], "momentum a finite number >= 0"),
+    (["--clip-grad-norm", "-1"], "clip_grad_norm a positive finite number"),
+    (["--epochs", "0"], "--epochs: expected a whole number from 1"),
+    (["--batch-size", "-3"], "--batch-size: expected a whole number from 1"),
+    (["--latent-dim", "1.7"], "--latent-dim: expected a whole number, got '1.7'"),
+    (["--hidden", "100000000"], "--hidden: expected a whole number from 1 to 65,536"),
 ])
 def test_bad_training_settings_fail_before_loading_data(tmp_path, capsys, flags, message):
     assert main(["train", "--dataset", "demo", *flags, "--out", str(tmp_path / "run")]) == 2
     captured = capsys.readouterr()
     assert message in captured.err and "data:" not in captured.out
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["reconstruct", "CKPT", "--n", "-3"], "--n: expected a whole number from 1"),
+    (["sample", "CKPT", "--n", "100000000"], "--n: expected a whole number from 1 to 10,000"),
+    (["plot", "CKPT", "manifold", "--n", "1000"], "manifold with --n 1000 would draw 1,000,000 images"),
+    (["plot", "CKPT", "interpolation", "--n", "500", "--steps", "100"], "would draw 50,000 images"),
+    (["grads", "CKPT", "--draws", "10000000"], "--draws: expected a whole number from 2 to 100,000"),
+    (["evaluate", "CKPT", "--iw-samples", "0"], "--iw-samples: expected a whole number from 1"),
+    (["sample", "CKPT", "--seed", "-1"], "--seed: expected a whole number from 0"),
+])
+def test_counts_from_the_command_line_are_bounded(trained_run, tmp_path, capsys, argv, message):
+    argv = [str(trained_run / "best.npz") if a == "CKPT" else a for a in argv]
+    assert main([*argv, "--out", str(tmp_path / "x.png")] if argv[0] in ("sample", "reconstruct", "plot")
+                else argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
 
 
 # ----------------------------------------------------------------------------- crafted checkpoints
@@ -441,3 +461,10 @@ def test_float64_values_beyond_float32_are_refused_not_loaded_as_inf(trained_run
     save_checkpoint(tmp_path / "huge.npz", arrays, meta)
     with pytest.raises(CheckpointError, match="beyond float32's range"):
         load_model(tmp_path / "huge.npz")
+
+
+def test_a_picture_path_without_suffix_is_written_and_reported_as_png(trained_run, tmp_path, capsys):
+    assert main(["sample", str(trained_run / "best.npz"), "--n", "4", "--out", str(tmp_path / "noext")]) == 0
+    assert f"wrote {tmp_path / 'noext.png'}" in capsys.readouterr().out
+    assert (tmp_path / "noext.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["noext.png"]  # no temporary file left

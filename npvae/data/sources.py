@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import math
 import os
 import socket
 import tempfile
@@ -230,9 +231,11 @@ class _FetchFailed(Exception):
         self.reached = reached  # the server answered, so the machine is online
 
 
-def _fetch(url: str, target: Path, md5: str, timeout: float, max_bytes: int) -> None:
+def _fetch(url: str, target: Path, md5: str, timeout: float, max_bytes: int, deadline: float = math.inf) -> None:
     """Stream ``url`` to a temporary file beside ``target``; move it into place only if complete
-    and its md5 matches. Nothing is left behind on failure."""
+    and its md5 matches, within ``deadline`` seconds in all. Nothing is left behind on failure or
+    interrupt."""
+    give_up = time.monotonic() + deadline
     request = urllib.request.Request(url, headers={"User-Agent": "npvae (python urllib)"})
     tmp, answered = None, False
     try:
@@ -257,7 +260,12 @@ def _fetch(url: str, target: Path, md5: str, timeout: float, max_bytes: int) -> 
             h = hashlib.md5(usedforsecurity=False)
             received = 0
             with os.fdopen(fd, "wb") as out:
-                while chunk := response.read(1 << 16):
+                # read1 returns what one recv brings, so a server trickling bytes (each read within the
+                # socket timeout) still meets the overall deadline
+                while chunk := response.read1(1 << 16):
+                    if time.monotonic() > give_up:
+                        raise _FetchFailed(f"gave up after {deadline:g} s with {received + len(chunk)} bytes: the "
+                                           "server is too slow", retry=False, reached=True)
                     received += len(chunk)
                     if received > max_bytes:
                         raise _FetchFailed(f"server sent more than {max_bytes} bytes", retry=False, reached=True)
@@ -285,6 +293,29 @@ def _fetch(url: str, target: Path, md5: str, timeout: float, max_bytes: int) -> 
                 pass
 
 
+def _explain_folder(spec: DatasetSpec, data_dir, roles: list[str], verify: bool) -> str | None:
+    """What a given data folder lacks or holds wrongly for ``roles`` (None without a data_dir)."""
+    if data_dir is None:
+        return None
+    root = Path(data_dir).expanduser()
+    names = [spec.files[r].filename for r in roles]
+    if not root.is_dir():
+        return f"{root} is not a folder"
+    for folder in (root / spec.name, root):
+        found = {role: _locate(folder, spec.files[role]) for role in roles}
+        if not any(found.values()):
+            continue
+        missing = [spec.files[r].filename for r in roles if found[r] is None]
+        rejected = [str(found[r]) for r in roles if found[r] is not None and r.endswith("labels") and verify
+                    and not _contents_match(found[r], spec.files[r])]
+        parts = [f"{folder} lacks {', '.join(missing)}"] if missing else []
+        if rejected:
+            parts.append(f"{', '.join(rejected)} {'does' if len(rejected) == 1 else 'do'} not hold {spec.title}'s "
+                         "labels (another dataset?)")
+        return "; ".join(parts) or None
+    return f"{root} holds none of {', '.join(names)} (directly or in a '{spec.name}/' sub-folder)"
+
+
 def _offline_hint(name: str) -> str:
     return (f"If you already have the files, put them in a folder (directly or in a '{name}/' "
             f"sub-folder) and pass --data-dir DIR or set NPVAE_DATA_DIR=DIR. Without a dataset "
@@ -308,7 +339,7 @@ def _reachable(urls: Sequence[str], timeout: float = 2.0) -> bool:
 
 def download(name: str, dest_dir, mirrors: Sequence[str] | None = None, retries: int = 3,
              timeout: float = 30, *, splits: str | Sequence[str] = SPLITS, backoff: float = 1.0,
-             max_bytes: int = 64 * 1024**2) -> list[Path]:
+             max_bytes: int = 64 * 1024**2, deadline: float = 900) -> list[Path]:
     """Download the files of ``name`` into ``dest_dir``, verified and atomically.
 
     Each file goes to a temporary file in ``dest_dir``, is checked against its md5 (and, when the
@@ -335,6 +366,9 @@ def download(name: str, dest_dir, mirrors: Sequence[str] | None = None, retries:
         First backoff delay in seconds.
     max_bytes : int
         Largest response accepted for one file.
+    deadline : float
+        Seconds one transfer may take in all (a server that trickles bytes is given up on, and
+        the next mirror tried); the socket ``timeout`` bounds each wait within it.
 
     Returns
     -------
@@ -362,7 +396,7 @@ def download(name: str, dest_dir, mirrors: Sequence[str] | None = None, retries:
             spec_file = spec.files[role]
             target = dest / spec_file.filename
             if not (target.is_file() and (_md5_file(target) == spec_file.md5 or _contents_match(target, spec_file))):
-                _download_file(spec, spec_file, target, mirrors, retries, timeout, backoff, max_bytes)
+                _download_file(spec, spec_file, target, mirrors, retries, timeout, backoff, max_bytes, deadline)
             paths.append(target)
     except DownloadError:
         if created and not any(dest.iterdir()):
@@ -372,7 +406,7 @@ def download(name: str, dest_dir, mirrors: Sequence[str] | None = None, retries:
 
 
 def _download_file(spec: DatasetSpec, spec_file: IDXFile, target: Path, mirrors, retries: int,
-                   timeout: float, backoff: float, max_bytes: int) -> None:
+                   timeout: float, backoff: float, max_bytes: int, deadline: float) -> None:
     failures, reached = [], False
     for mirror in mirrors:
         url = (mirror if mirror.endswith("/") else mirror + "/") + spec_file.filename
@@ -380,7 +414,7 @@ def _download_file(spec: DatasetSpec, spec_file: IDXFile, target: Path, mirrors,
             if attempt:
                 time.sleep(backoff * 2 ** (attempt - 1))
             try:
-                _fetch(url, target, spec_file.md5, timeout, max_bytes)
+                _fetch(url, target, spec_file.md5, timeout, max_bytes, deadline)
                 return
             except _FetchFailed as exc:
                 failures.append(f"{url} (attempt {attempt + 1}/{retries}): {exc}")
@@ -420,11 +454,19 @@ def _load_split(spec: DatasetSpec, split: str, data_dir, allow_download: bool,
             rejected = [str(f) for f, ok in _candidates(spec, data_dir, roles, verify) if not ok]
             why = (f" ({', '.join(rejected)} has files of these names, but their labels are not "
                    f"{spec.title}'s: another dataset? pass verify=False to use them anyway)") if rejected else ""
+            problem = _explain_folder(spec, data_dir, roles, verify)
+            why += f" ({problem})" if problem and not rejected else ""
             raise FileNotFoundError(
                 f"{spec.title} {split} files ({names}, gzipped or not) not found in any of: {searched}{why}. "
                 f"Allow downloading, or: {_offline_hint(spec.name)}")
         folder = _download_root(spec.name, data_dir)
-        download(spec.name, folder, splits=split)
+        try:
+            download(spec.name, folder, splits=split)
+        except DownloadError as exc:
+            problem = _explain_folder(spec, data_dir, roles, verify)
+            if problem is None:
+                raise
+            raise DownloadError(f"{spec.title} {split} files: {problem}, and fetching them failed: {exc}") from None
     images_file, labels_file = (spec.files[r] for r in roles)
     images_path, labels_path = _locate(folder, images_file), _locate(folder, labels_file)
     images = _read_checked(images_path, images_file, verify)

@@ -91,13 +91,25 @@ def _new_figure(figsize: tuple[float, float], ncols: int = 1, **subplot_kw: Any)
 
 
 def _save(fig, path: PathLike) -> Path:
-    """Write ``fig`` to ``path`` (parents created) and release it. Returns the path as a Path."""
+    """Write ``fig`` to ``path`` (parents created; ``.png`` added when it has no suffix) atomically, and
+    release it. Returns the path written.
+
+    The picture goes to a temporary file beside ``path`` and is renamed over it, so a full disk or a
+    kill leaves the previous picture or none, never a truncated one.
+    """
     path = Path(path)
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI, facecolor="white")
-    # Figures made without pyplot are not registered anywhere; clearing drops the artists now
-    # rather than whenever the garbage collector gets to them.
-    fig.clear()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=_DPI, facecolor="white", format=path.suffix[1:].lower())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        # Figures made without pyplot are not registered anywhere; clearing drops the artists now
+        # rather than whenever the garbage collector gets to them.
+        fig.clear()
     return path
 
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +30,8 @@ from npvae.data import sources
 from npvae.data import (DATASETS, Dataset, DatasetSpec, DownloadError, IDXFile, IDXFormatError, batch_indices,
                         binarize_dynamic, binarize_static, download, epoch_permutation, find_dataset_dir,
                         load_dataset, load_demo, load_mnist_like, read_idx, to_float)
+
+REPO = Path(__file__).resolve().parents[2]
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
@@ -671,3 +677,92 @@ def test_batch_indices_validate_eagerly():
         batch_indices(10, 0)
     with pytest.raises(ValueError, match=r"expected perm an integer array of shape \(10,\)"):
         batch_indices(10, 2, np.arange(9))
+
+
+# ----------------------------------------------------------------------------- slow servers, partial folders
+
+
+@pytest.fixture
+def trickle_server():
+    """A server that announces a file and sends it one byte every 0.2 s (each read within any timeout)."""
+    stop = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            while not stop.is_set():
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    stop.set()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_trickling_server_meets_the_overall_deadline(tmp_path, trickle_server):
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="gave up after 1.5 s"):
+        download("mnist", tmp_path, mirrors=[trickle_server], retries=3, timeout=5, backoff=0, splits="test",
+                 deadline=1.5)
+    assert time.monotonic() - start < 10  # one attempt (slowness is not retried), bounded by the deadline
+    assert list(tmp_path.iterdir()) == []
+
+
+TRICKLE_CLIENT = """
+import sys
+from npvae.data import download
+from npvae.train import raise_on_sigterm
+import signal
+signal.signal(signal.SIGTERM, raise_on_sigterm)
+print("start", flush=True)
+download("mnist", sys.argv[1], mirrors=[sys.argv[2]], timeout=5, splits="test")
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_download_leaves_no_partial_file(tmp_path, trickle_server, signum):
+    proc = subprocess.Popen([sys.executable, "-c", TRICKLE_CLIENT, str(tmp_path), trickle_server],
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdout.readline() == b"start\n"
+        deadline = time.monotonic() + 30
+        while not any(p.name.endswith(".part") for p in tmp_path.iterdir()):  # mid-transfer
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_incomplete_data_dir_is_named_not_called_offline(tmp_path, monkeypatch, synth):
+    s = synth["mnist"]
+    s.write(tmp_path / "mnist")
+    (tmp_path / "mnist" / "train-images-idx3-ubyte.gz").unlink()
+    monkeypatch.setitem(sources.DATASETS, "mnist", dataclasses.replace(s.spec, mirrors=(closed_port_url(),)))
+    with pytest.raises(DownloadError) as info:
+        load_mnist_like("mnist", "train", data_dir=tmp_path)
+    message = str(info.value)
+    assert f"{tmp_path / 'mnist'} lacks train-images-idx3-ubyte.gz" in message
+    # labels of another dataset under the right names are named as such
+    f = synth["fashion-mnist"]
+    f.write(tmp_path / "other" / "mnist")
+    with pytest.raises(DownloadError, match="do not hold MNIST's labels|does not hold MNIST's labels"):
+        load_mnist_like("mnist", "test", data_dir=tmp_path / "other")
