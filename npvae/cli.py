@@ -137,6 +137,11 @@ def _load_data(args, seed: int, source: dict | None = None):
     remembered = source if isinstance(source, dict) and source.get("kind") == "builtin" else {}
     name = args.dataset or remembered.get("name")
     data_dir = args.data_dir or (remembered.get("data_dir") if name == remembered.get("name") else None)
+    if data_dir is not None and not args.data_dir and name in data.DATASETS:
+        # The run's folder, remembered: when it has moved, say where npvae looked rather than download.
+        if data.find_dataset_dir(name, data_dir) is None:
+            raise CLIError(f"the run's {data.DATASETS[name].title} files are no longer in {data_dir} (nor in "
+                           f"$NPVAE_DATA_DIR or {data.cache_dir()}); pass --data-dir DIR to point to where they are now")
     return data.load_dataset(name, data_dir=data_dir, seed=seed)
 
 
