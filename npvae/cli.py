@@ -67,7 +67,7 @@ def build_model_from_args(args, input_shape: tuple[int, ...], num_classes: int):
 
 def cmd_train(args) -> int:
     from .models import load_model
-    from .train import TrainConfig, Trainer
+    from .train import BEST, CHECKPOINT, LOG, TrainConfig, Trainer
 
     if args.backend:
         backend.set_backend(args.backend)
@@ -109,7 +109,8 @@ def cmd_train(args) -> int:
         )
         split = "validation (this data has no separate test split)" if dataset.is_demo or dataset.test_x is dataset.val_x else "test"
         print(f"{split}: negative ELBO {test['loss']:.2f} nats/image (recon {test['recon']:.2f}, kl {test['kl']:.2f})")
-        print(f"wrote {out}/checkpoint.npz, best.npz, log.jsonl" + ("" if args.no_pictures else ", reconstructions.png, samples.png"))
+        written = [name for name in (CHECKPOINT, BEST, LOG) if (out / name).exists()]
+        print(f"wrote {out}/" + ", ".join(written + [p.name for p in trainer.pictures_written]))
     return 130 if result.stopped == "interrupted" else 0
 
 
@@ -333,6 +334,7 @@ def cmd_grads(args) -> int:
     from .models import GaussianLatent, load_model
     from .study import gradflow
     from .viz import figures
+    from .viz.plots import MatplotlibMissing
 
     model, meta = load_model(args.checkpoint)
     if not isinstance(model, GaussianLatent):
@@ -343,14 +345,12 @@ def cmd_grads(args) -> int:
     labels = model.check_labels(None if y is None else y.astype(np.int64), len(x))
     rng = np.random.default_rng(args.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     eps = rng.standard_normal((len(x), model.config.latent_dim), dtype=model.dtype)
     rows = gradflow.decomposition_rows(gradflow.decompose_gradients(model, x, eps, y=labels))
     print(f"gradient of the negative ELBO (recon + beta KL, beta = {model.kl_weight:g}) on {len(x)} {args.split} "
           "images, split exactly into its reconstruction and KL parts:")
     print(gradflow.decomposition_text(rows))
-    print(f"wrote {figures.gradient_decomposition(rows, out / 'decomposition.png', n=len(x))}")
 
     k = min(args.examples, len(x))
     table = gradflow.compare_estimators(model, x[:k], args.draws, rng, y=None if labels is None else labels[:k],
@@ -366,7 +366,11 @@ def cmd_grads(args) -> int:
         ratio = np.divide(table[f"{name}_var"], table[f"{first}_var"])
         print(f"{labels_of[name]} variance / {labels_of[first]} variance: median {np.median(ratio):.3g}, "
               f"range {ratio.min():.3g} to {ratio.max():.3g}")
-    print(f"wrote {figures.estimator_comparison(table, out / 'estimators.png')}")
+    try:  # the tables above are the result; the pictures, with axes, need matplotlib
+        print(f"wrote {figures.gradient_decomposition(rows, out / 'decomposition.png', n=len(x))}")
+        print(f"wrote {figures.estimator_comparison(table, out / 'estimators.png')}")
+    except MatplotlibMissing as exc:
+        print(f"pictures skipped: {exc}", file=sys.stderr)
     return 0
 
 
