@@ -1,6 +1,10 @@
 """NumPy alone draws the image grids: the CLI run in a subprocess where ``import matplotlib`` fails
 trains, samples, reconstructs and plots grids as PNGs written by npvae.data.png; the plots with axes
-say once that they need matplotlib; "wrote ..." lines name the files written and no others."""
+say once that they need matplotlib; "wrote ..." lines name the files written and no others.
+
+The training run goes further: an interpreter without site-packages (``python -S``) that sees only
+NumPy and npvae, as after ``pip install .`` in a fresh virtualenv.
+"""
 
 from __future__ import annotations
 
@@ -19,10 +23,13 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def npvae(*argv, blocker: Path) -> subprocess.CompletedProcess:
-    """``npvae ARGV`` in a fresh interpreter whose ``import matplotlib`` raises ImportError."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)]), "NPVAE_BACKEND": "numpy"}
-    return subprocess.run([sys.executable, "-m", "npvae.cli", *map(str, argv)], capture_output=True, text=True,
+def npvae(*argv, blocker: Path, numpy_only: Path | None = None) -> subprocess.CompletedProcess:
+    """``npvae ARGV`` in a fresh interpreter whose ``import matplotlib`` raises ImportError; with
+    ``numpy_only``, one without site-packages that sees that folder (NumPy) and npvae only."""
+    path = [str(blocker), str(REPO)] if numpy_only is None else [str(numpy_only), str(REPO)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "NPVAE_BACKEND": "numpy"}
+    flags = [] if numpy_only is None else ["-S"]
+    return subprocess.run([sys.executable, *flags, "-m", "npvae.cli", *map(str, argv)], capture_output=True, text=True,
                           env=env, cwd=blocker.parent, timeout=300)
 
 
@@ -35,12 +42,31 @@ def blocker(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(blocker):
+def numpy_only(tmp_path_factory) -> Path:
+    """A folder holding NumPy (links to the installed one) and nothing else."""
+    site = Path(np.__file__).parent.parent
+    root = tmp_path_factory.mktemp("numpy-only")
+    for name in ("numpy", "numpy.libs"):  # numpy.libs: the wheel's bundled BLAS, where there is one
+        if (site / name).exists():
+            (root / name).symlink_to(site / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(blocker, numpy_only):
     out = blocker.parent / "run"
     result = npvae("train", "--dataset", "demo", "--epochs", "1", "--hidden", "16", "--latent-dim", "2",
-                   "--no-progress", "--backend", "numpy", "--out", out, blocker=blocker)
+                   "--no-progress", "--out", out, blocker=blocker, numpy_only=numpy_only)
     assert result.returncode == 0, result.stderr
     return out, result
+
+
+def test_the_numpy_only_interpreter_has_numpy_alone(blocker, numpy_only):
+    code = ("import importlib.util as u; print([m for m in ('numpy', 'npvae', 'matplotlib', 'numba', 'torch', 'tqdm', "
+            "'PIL') if u.find_spec(m)])")
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=blocker.parent,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(numpy_only), str(REPO)])})
+    assert result.stdout.strip() == "['numpy', 'npvae']", result.stderr
 
 
 def test_the_blocker_blocks(blocker):
@@ -64,6 +90,13 @@ def test_training_writes_grids_and_says_which(run):
     assert grid(out / "samples.png").shape == (8 * 58 - 2, 8 * 58 - 2)  # 64 samples, 8 x 8
     assert grid(out / "reconstructions.png").shape == (2 * 58 - 2, 10 * 58 - 2)  # 10 inputs over their reconstructions
     assert read_png(out / "pictures" / "samples_e001.png").shape == read_png(out / "samples.png").shape
+
+
+def test_sampling_with_numpy_alone(run, blocker, numpy_only):
+    out, _ = run
+    result = npvae("sample", out / "best.npz", "--out", "alone.png", blocker=blocker, numpy_only=numpy_only)
+    assert result.returncode == 0 and result.stdout.strip() == "wrote alone.png", result.stderr
+    grid(blocker.parent / "alone.png")
 
 
 @pytest.mark.parametrize("argv, shape", [
