@@ -126,9 +126,15 @@ _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "tru
 
 
 def _fits(value, hint) -> bool:
+    """Whether a JSON value has the type of a TrainConfig field (true is no number; 1 is a float)."""
     for t in typing.get_args(hint) or (hint,):
-        if (value is None if t is type(None) else isinstance(value, t) and (t is bool or not isinstance(value, bool))
-                or (t is float and isinstance(value, int) and not isinstance(value, bool))):
+        if t is type(None):
+            ok = value is None
+        elif t is bool:
+            ok = isinstance(value, bool)
+        else:
+            ok = isinstance(value, (int, float) if t is float else t) and not isinstance(value, bool)
+        if ok:
             return True
     return False
 

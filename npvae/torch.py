@@ -1,8 +1,10 @@
 """npvae models as PyTorch modules and back: train here on a CPU, continue in PyTorch on a GPU (and the reverse).
 
->>> module = to_torch(model)                 # an nn.Module: same layers, same state-dict keys, same forward
->>> module.to("cuda")                        # ... train it with any torch optimizer ...
->>> model = from_torch(module)               # an npvae model again, on the CPU, with the trained weights
+::
+
+    module = to_torch(model).to("cuda")      # an nn.Module: same layers, same state-dict keys, same forward
+    ...                                      # train it with any torch optimizer
+    model = from_torch(module)               # an npvae model again, on the CPU, with the trained weights
 
 :func:`to_torch` returns a :class:`NpvaeModule` whose parts are ``nn.Sequential`` stacks named as
 npvae names them (``encoder``, ``decoder``, ``prior``) and whose Gaussian heads are ``nn.Linear``
@@ -53,20 +55,21 @@ LOG_2PI = math.log(2 * math.pi)
 # ----------------------------------------------------------------------------- torch modules of npvae layers
 
 
-def activation_fn(name: str, alpha: float = 0.01) -> Callable[[Tensor], Tensor]:
-    """The torch function of an npvae activation (:data:`npvae.ops.ACTIVATIONS`)."""
-    functions = {
-        "identity": lambda a: a,
-        "relu": torch.relu,
-        "leaky_relu": lambda a: F.leaky_relu(a, alpha),
-        "sigmoid": torch.sigmoid,
-        "tanh": torch.tanh,
-        # Not F.softplus: above its threshold (20) it returns a itself, 2e-9 off npvae's log(1 + e^a).
-        "softplus": lambda a: torch.logaddexp(a, torch.zeros_like(a)),
-    }
-    if name not in functions:
-        raise ValueError(f"unknown activation {name!r}: expected one of {', '.join(functions)}")
-    return functions[name]
+ACTIVATIONS = {
+    "identity": lambda a, alpha: a,
+    "relu": lambda a, alpha: torch.relu(a),
+    "leaky_relu": lambda a, alpha: F.leaky_relu(a, alpha),
+    "sigmoid": lambda a, alpha: torch.sigmoid(a),
+    "tanh": lambda a, alpha: torch.tanh(a),
+    # Not F.softplus: above its threshold (20) it returns a itself, 2e-9 off npvae's log(1 + e^a).
+    "softplus": lambda a, alpha: torch.logaddexp(a, torch.zeros_like(a)),
+}
+
+
+def _check_activation(name: str) -> str:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}: expected one of {', '.join(ACTIVATIONS)}")
+    return name
 
 
 class Dense(nn.Linear):
@@ -75,11 +78,10 @@ class Dense(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, activation: str = "identity", alpha: float = 0.01, **kw):
         super().__init__(in_features, out_features, **kw)
-        self.activation, self.alpha = activation, float(alpha)
-        self._act = activation_fn(activation, alpha)
+        self.activation, self.alpha = _check_activation(activation), float(alpha)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._act(super().forward(x))
+        return ACTIVATIONS[self.activation](super().forward(x), self.alpha)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.activation == "identity" else f", activation={self.activation}")
@@ -90,11 +92,10 @@ class Activation(nn.Module):
 
     def __init__(self, name: str, alpha: float = 0.01):
         super().__init__()
-        self.name, self.alpha = name, float(alpha)
-        self._act = activation_fn(name, alpha)
+        self.name, self.alpha = _check_activation(name), float(alpha)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._act(x)
+        return ACTIVATIONS[self.name](x, self.alpha)
 
     def extra_repr(self) -> str:
         return repr(self.name) + (f", alpha={self.alpha:g}" if self.name == "leaky_relu" else "")
@@ -317,8 +318,7 @@ class VAEModule(NpvaeModule):
     def __init__(self, spec, parts):
         super().__init__(spec, parts)
         c = spec["config"]
-        self.latent_dim, self.kl_weight = int(c["latent_dim"]), float(c["beta"])
-        self.nll, self.mean = LIKELIHOODS[c["likelihood"]]
+        self.latent_dim, self.kl_weight, self.likelihood = int(c["latent_dim"]), float(c["beta"]), c["likelihood"]
         bounds = c.get("logvar_bounds")
         self.logvar_bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
 
@@ -342,7 +342,7 @@ class VAEModule(NpvaeModule):
     def decode(self, z: Tensor, y: Tensor | None = None) -> Tensor:
         """The mean of p(x | z) (B, *input_shape), as npvae's ``decode``."""
         out = self.decoder_output(z, y)
-        return self.mean(out.flatten(1)).reshape(out.shape)
+        return LIKELIHOODS[self.likelihood][1](out.flatten(1)).reshape(out.shape)
 
     def prior_params(self, n: int, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """mu_p (n, Z), logvar_p (n, Z) of p(z): zeros for N(0, I). (npvae's ``model.prior``; here
@@ -362,7 +362,7 @@ class VAEModule(NpvaeModule):
         z = mu + torch.exp(0.5 * logvar) * self._noise(mu, eps)
         out = self.decoder_output(z, y).flatten(1)
         target = x if target is None else target
-        return self.nll(out, target.flatten(1)), self.kl(mu, logvar, y)
+        return LIKELIHOODS[self.likelihood][0](out, target.flatten(1)), self.kl(mu, logvar, y)
 
     def sample(self, n: int, y: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Decode ``n`` draws from the prior: (n, *input_shape)."""

@@ -9,6 +9,7 @@ reference models of tests/torch_models.py, written from the math without npvae.t
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -120,6 +121,8 @@ def test_the_round_trip_keeps_spec_weights_and_inference(name):
     assert np.allclose(back.decode(codes, y), model.decode(codes, y), rtol=0, atol=1e-14)
     ours = module.decode(t(codes), t(y)).detach().numpy()
     assert np.allclose(ours, model.decode(codes, y), rtol=0, atol=1e-12)  # decode means the same in both
+    copy = pickle.loads(pickle.dumps(module))  # torch.save(module) pickles it
+    assert from_torch(copy).spec() == model.spec()
     encoded = module.encode(t(x), t(y))
     encoded = encoded[0] if isinstance(encoded, tuple) else encoded
     assert np.allclose(encoded.detach().numpy(), codes, rtol=0, atol=1e-12)
