@@ -13,9 +13,9 @@ Design:
   image pixel drawn as a square of :data:`PNG_SCALE` pixels) by :func:`npvae.data.png.write_png`;
   the plots with axes raise :class:`MatplotlibMissing`, an ``ImportError`` that says so.
 - Every file is written atomically (a temporary file renamed over the target): a reader sees the
-  previous picture or the new one, never half of one. The pure NumPy helpers (:func:`tile_images`, :func:`pca_2d`,
-  :func:`norm_ppf`, :func:`manifold_grid`, :func:`active_units`, :func:`active_units_cov`) work
-  without matplotlib.
+  previous picture or the new one, never half of one.
+- The pure NumPy helpers (:func:`tile_images`, :func:`pca_2d`, :func:`norm_ppf`,
+  :func:`manifold_grid`, :func:`active_units`, :func:`active_units_cov`) work without matplotlib.
 - Images are ``(N, 784)`` rows (any square ``D = side * side`` works), ``(N, H, W)`` gray or
   ``(N, H, W, 3)`` RGB, with values in ``value_range`` (``(0, 1)`` by default; ``(-1, 1)`` for
   tanh outputs). Gray ones are drawn in a gray colormap, 1 = white; RGB ones in colour; no
@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from ..checkpoint import atomic_write
+from ..data.png import write_png
 
 __all__ = [
     "FASHION_CLASSES",
@@ -105,8 +108,6 @@ def _new_figure(figsize: tuple[float, float], ncols: int = 1, **subplot_kw: Any)
 
 def _save(fig, path: PathLike) -> Path:
     """Write ``fig`` to ``path`` (parents created; atomically) and release it. Returns the path as a Path."""
-    from ..checkpoint import atomic_write
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix[1:].lower() or "png"
@@ -330,8 +331,6 @@ def _save_grid(grid: np.ndarray, path: PathLike, title: Any, *, gutter: int = 1,
         if path.suffix.lower() != ".png":
             raise MatplotlibMissing(f"writing {path.name} needs matplotlib: pip install 'npvae[plot]', or "
                                     "ask for a .png, which npvae writes without it") from None
-        from ..data.png import write_png
-
         mosaic = _tile(grid, gutter, _GUTTER_FILL, _EMPTY_FILL)
         mosaic = np.repeat(np.repeat(mosaic, PNG_SCALE, axis=0), PNG_SCALE, axis=1)
         return write_png(path, np.rint(255 * mosaic).astype(np.uint8))
