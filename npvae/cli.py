@@ -335,9 +335,13 @@ def _source_text(meta: dict) -> str:
     """Where a run's data came from, in words."""
     if meta.get("dataset_description"):
         return meta["dataset_description"]
+    from .data import DATASETS
+
     source = meta.get("data_source") or {}
     if source.get("kind") == "builtin":
-        return source.get("name", "?") + (f" from {source['data_dir']}" if source.get("data_dir") else "")
+        name = source.get("name")
+        title = DATASETS[name].title if name in DATASETS else "the demo digits" if name == "demo" else str(name)
+        return title + (f" from {source['data_dir']}" if source.get("data_dir") else "")
     if source.get("kind") == "path":
         return source.get("path", "?") + (f" (targets {source['target']})" if source.get("target") else "")
     return meta.get("dataset") or "not recorded"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from npvae.checkpoint import load_checkpoint
@@ -85,3 +86,19 @@ def test_a_moved_folder_is_one_line_naming_where_npvae_looked(fm_run, isolated, 
         assert main(["sample", str(run / "best.npz"), "--n", "4", "--out", str(tmp_path / "s.png")]) == 0  # no data needed
     finally:
         moved.rename(folder)
+
+
+def test_a_moved_data_file_is_one_line_too(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "mine.npz"
+    np.savez(data, x=rng.integers(0, 256, (300, 6, 6), dtype=np.uint8), y=rng.integers(0, 3, 300))
+    assert main(["train", "--data", str(data), "--epochs", "1", "--hidden", "8", "--latent-dim", "2", "--no-progress",
+                 "--no-pictures", "--out", str(tmp_path / "run")]) == 0
+    best = str(tmp_path / "run" / "best.npz")
+    assert main(["evaluate", best]) == 0  # remembered
+    moved = data.rename(tmp_path / "elsewhere.npz")
+    capsys.readouterr()
+    assert main(["evaluate", best]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(data) in err and "pass --data PATH to point elsewhere" in err, err
+    assert main(["evaluate", best, "--data", str(moved)]) == 0
