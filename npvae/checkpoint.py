@@ -29,7 +29,7 @@ import tokenize
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -159,20 +159,37 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], m
     path = Path(path)
     payload = _checked_arrays(arrays)
     payload[META_KEY] = _meta_bytes(meta)
-    directory = path.parent
-    if not directory.is_dir():
-        raise FileNotFoundError(f"cannot save {path}: directory {directory} does not exist")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot save {path}: directory {path.parent} does not exist")
+    return atomic_write(path, lambda f: _write_npz(f, payload))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], durable: bool = True) -> Path:
+    """Write a file so that ``path`` holds either its old contents or all of the new ones, never a part.
+
+    ``write(f)`` fills a binary file object: a temporary file beside ``path``, renamed over it with
+    :func:`os.replace` once complete (and, when ``durable``, fsynced with its directory). Used for
+    checkpoints and every picture npvae writes.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    path = Path(path)
     fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            _write_npz(f, payload)
-            f.flush()
-            os.fsync(f.fileno())
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_directory(directory)
+    if durable:
+        fsync_directory(path.parent)
     return path
 
 

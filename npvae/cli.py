@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from . import backend
 
 MODEL_CHOICES = ("vae", "ae", "dae", "poor", "cvae")
 DATASET_CHOICES = ("mnist", "fashion-mnist", "demo")
+OPTIMIZERS = ("sgd", "rmsprop", "adam", "adamw")
 
 
 class CLIError(Exception):
@@ -86,7 +88,7 @@ _MODEL_FLAGS = {
 }
 
 
-def _train_config(args):
+def _train_config(args, extra: dict | None = None):
     from .train import TrainConfig
 
     values = {}
@@ -95,7 +97,7 @@ def _train_config(args):
         values[field] = convert(value) if convert else value
     if values["epochs"] is None:  # set once the data is known (the demo digits get more passes)
         values["epochs"] = 10
-    return TrainConfig(**values)
+    return TrainConfig(**values, **(extra or {}))
 
 
 def _flag(dest: str) -> str:
@@ -188,8 +190,11 @@ def _resume_dir(args) -> Path:
 def cmd_train(args) -> int:
     from .checkpoint import load_checkpoint
     from .models import load_model
-    from .train import TrainConfig, Trainer, check_run_meta
+    from .train import BEST, CHECKPOINT, LOG, TrainConfig, Trainer, check_run_meta
 
+    if args.config and args.resume:
+        raise CLIError("--config sets up a new run; --resume continues a run with the settings it saved")
+    extra = _apply_config(args) if args.config else {}
     if args.backend:
         backend.set_backend(args.backend)
     run, changed = None, {}
@@ -207,7 +212,7 @@ def cmd_train(args) -> int:
             raise CLIError(f"{out / 'checkpoint.npz'}: its training settings cannot be used: {exc}") from None
         dataset = _load_data(args, seed=config.seed, source=run.get("data_source"))
     else:
-        config = _train_config(args)
+        config = _train_config(args, extra)
         config.validate()
         dataset = _load_data(args, seed=args.seed)
     print(f"data: {dataset.description}")
@@ -235,7 +240,8 @@ def cmd_train(args) -> int:
     )
     split = "validation (this data has no separate test split)" if dataset.is_demo or dataset.test_x is dataset.val_x else "test"
     print(f"{split}: negative ELBO {test['loss']:.2f} nats/image (recon {test['recon']:.2f}, kl {test['kl']:.2f})")
-    print(f"wrote {out}/checkpoint.npz, best.npz, log.jsonl" + ("" if args.no_pictures else ", reconstructions.png, samples.png"))
+    written = [name for name in (CHECKPOINT, BEST, LOG) if (out / name).exists()]
+    print(f"wrote {out}/" + ", ".join(written + [p.name for p in trainer.pictures_written]))
     return 0
 
 
@@ -246,6 +252,73 @@ def _load_model(path):
 
     model, meta = load_model(path)
     return model, check_run_meta(meta, path, training=False)
+
+
+# TrainConfig field -> the train option that sets it (fields without one are read from --config only)
+_CONFIG_OPTIONS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer",
+                   "weight_decay": "weight_decay", "momentum": "momentum", "clip_grad_norm": "clip_grad_norm",
+                   "binarize": "binarize", "kl_warmup_epochs": "kl_warmup", "patience": "patience", "seed": "seed",
+                   "pictures": "no_pictures", "log_grad_norms": "log_grad_norms"}
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def _fits(value, hint) -> bool:
+    """Whether a JSON value has the type of a TrainConfig field (true is no number; 1 is a float)."""
+    for t in typing.get_args(hint) or (hint,):
+        if t is type(None):
+            ok = value is None
+        elif t is bool:
+            ok = isinstance(value, bool)
+        else:
+            ok = isinstance(value, (int, float) if t is float else t) and not isinstance(value, bool)
+        if ok:
+            return True
+    return False
+
+
+def read_train_settings(path) -> dict:
+    """The training settings in a JSON file: an object of :class:`npvae.TrainConfig` fields (a checkpoint's
+    ``train_config``), or an object holding one under ``"train_config"`` (``npvae info --json``'s).
+    Unknown names and wrong types are one-line errors."""
+    from .train import TrainConfig
+
+    try:
+        settings = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise CLIError(f"--config {path}: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CLIError(f"--config {path}: not valid JSON ({exc})") from None
+    if isinstance(settings, dict) and isinstance(settings.get("train_config"), dict):
+        settings = settings["train_config"]
+    if not isinstance(settings, dict):
+        raise CLIError(f"--config {path}: expected a JSON object of training settings, got {type(settings).__name__}")
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = [k for k in settings if k not in hints]
+    if unknown:
+        raise CLIError(f"--config {path}: unknown setting{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
+                       f"the settings are {', '.join(hints)}")
+    for key, value in settings.items():
+        if not _fits(value, hints[key]):
+            words = " or ".join(_TYPE_WORDS[t] for t in typing.get_args(hints[key]) or (hints[key],))
+            raise CLIError(f"--config {path}: {key} must be {words}, got {json.dumps(value)}")
+    if settings.get("optimizer", "adam") not in OPTIMIZERS:
+        raise CLIError(f"--config {path}: optimizer must be one of {', '.join(OPTIMIZERS)}, got {settings['optimizer']!r}")
+    return settings
+
+
+def _apply_config(args) -> dict:
+    """Set the train options ``--config`` holds, except those given on the command line; returns the
+    settings that have no option."""
+    settings = read_train_settings(args.config)
+    given = args.explicit
+    extra = {}
+    for key, value in settings.items():
+        dest = _CONFIG_OPTIONS.get(key)
+        if dest is None:
+            extra[key] = value
+        elif dest not in given:
+            setattr(args, dest, (not value) if key == "pictures" else (value or 0) if key == "patience" else value)
+    return extra
 
 
 def _prepare(images, model, binarize, seed):
@@ -272,6 +345,11 @@ def _load_data(args, seed: int, source: dict | None = None):
     remembered = source if isinstance(source, dict) and source.get("kind") == "builtin" else {}
     name = args.dataset or remembered.get("name")
     data_dir = args.data_dir or (remembered.get("data_dir") if name == remembered.get("name") else None)
+    if data_dir is not None and not args.data_dir and name in data.DATASETS:
+        # The run's folder, remembered: when it has moved, say where npvae looked rather than download.
+        if data.find_dataset_dir(name, data_dir) is None:
+            raise CLIError(f"the run's {data.DATASETS[name].title} files are no longer in {data_dir} (nor in "
+                           f"$NPVAE_DATA_DIR or {data.cache_dir()}); pass --data-dir DIR to point to where they are now")
     return data.load_dataset(name, data_dir=data_dir, seed=seed)
 
 
@@ -378,6 +456,64 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
+def _source_text(meta: dict) -> str:
+    """Where a run's data came from, in words."""
+    if meta.get("dataset_description"):
+        return meta["dataset_description"]
+    from .data import DATASETS
+
+    source = meta.get("data_source") or {}
+    if source.get("kind") == "builtin":
+        name = source.get("name")
+        title = DATASETS[name].title if name in DATASETS else "the demo digits" if name == "demo" else str(name)
+        return title + (f" from {source['data_dir']}" if source.get("data_dir") else "")
+    if source.get("kind") == "path":
+        return source.get("path", "?") + (f" (targets {source['target']})" if source.get("target") else "")
+    return meta.get("dataset") or "not recorded"
+
+
+def checkpoint_info(path) -> dict:
+    """What ``npvae info`` reports, as a JSON-able dict."""
+    from .models import load_model
+
+    model, meta = load_model(path)
+    history = [r for r in meta.get("history", []) if isinstance(r, dict) and "val_loss" in r]
+    best, best_epoch = meta.get("best_val_loss"), None
+    if history:
+        top = min(history, key=lambda r: r["val_loss"])
+        best, best_epoch = top["val_loss"], top.get("epoch")
+    elif meta.get("val_loss") is not None:  # best.npz: saved at its best epoch
+        best, best_epoch = meta["val_loss"], meta.get("epoch")
+    tc = meta.get("train_config") or None
+    return {"path": str(path), "model": meta.get("model"), "description": repr(model),
+            "parameters": model.num_parameters, "data": _source_text(meta), "data_source": meta.get("data_source"),
+            "train_config": tc, "epoch": meta.get("epoch"), "epochs": None if tc is None else tc.get("epochs"),
+            "step": meta.get("step"), "resumable": "rng_state" in meta, "best_val_loss": best, "best_epoch": best_epoch}
+
+
+def cmd_info(args) -> int:
+    info = checkpoint_info(args.checkpoint)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    kind = ("a training checkpoint (resumable with --resume)" if info["resumable"] else
+            "the best parameters of a run" if info["best_epoch"] is not None else "a saved model")
+    print(f"{info['path']}: {kind}")
+    print(f"model: {info['description']}")
+    print(f"data: {info['data']}")
+    tc = info["train_config"]
+    print("training: " + ("not recorded (saved with npvae.save_model)" if tc is None else
+                          " ".join(f"{k}={v}" for k, v in tc.items())))
+    if info["epoch"] is not None:
+        of = f" of {info['epochs']}" if info["epochs"] is not None else ""
+        step = f" (step {info['step']})" if info["step"] is not None else ""
+        print(f"epochs: {info['epoch']}{of} done{step}" if info["resumable"] else f"epoch: saved after epoch {info['epoch']}")
+    if info["best_val_loss"] is not None:
+        at = f" (epoch {info['best_epoch']})" if info["best_epoch"] is not None else ""
+        print(f"best validation loss: {info['best_val_loss']:.4f}{at}")
+    return 0
+
+
 PLOTS = ("reconstructions", "samples", "classes", "interpolation", "latent", "manifold", "curves", "kl", "grad-norms")
 PLOT_HELP = """what to draw:
   reconstructions  test images above their reconstructions (--n pairs, default 10)
@@ -464,6 +600,7 @@ def cmd_grads(args) -> int:
     from .models import GaussianLatent, load_model
     from .study import gradflow
     from .viz import figures
+    from .viz.plots import MatplotlibMissing
 
     model, meta = _load_model(args.checkpoint)
     if not isinstance(model, GaussianLatent):
@@ -472,14 +609,12 @@ def cmd_grads(args) -> int:
     labels = model.check_labels(None if y is None else y.astype(np.int64), len(x))
     rng = np.random.default_rng(args.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     eps = rng.standard_normal((len(x), model.config.latent_dim), dtype=model.dtype)
     rows = gradflow.decomposition_rows(gradflow.decompose_gradients(model, x, eps, y=labels))
     print(f"gradient of the negative ELBO (recon + beta KL, beta = {model.kl_weight:g}) on {len(x)} {args.split} "
           "images, split exactly into its reconstruction and KL parts:")
     print(gradflow.decomposition_text(rows))
-    print(f"wrote {figures.gradient_decomposition(rows, out / 'decomposition.png', n=len(x))}")
 
     k = min(args.examples, len(x))
     table = gradflow.compare_estimators(model, x[:k], args.draws, rng, y=None if labels is None else labels[:k],
@@ -495,7 +630,11 @@ def cmd_grads(args) -> int:
         ratio = np.divide(table[f"{name}_var"], table[f"{first}_var"])
         print(f"{labels_of[name]} variance / {labels_of[first]} variance: median {np.median(ratio):.3g}, "
               f"range {ratio.min():.3g} to {ratio.max():.3g}")
-    print(f"wrote {figures.estimator_comparison(table, out / 'estimators.png')}")
+    try:  # the tables above are the result; the pictures, with axes, need matplotlib
+        print(f"wrote {figures.gradient_decomposition(rows, out / 'decomposition.png', n=len(x))}")
+        print(f"wrote {figures.estimator_comparison(table, out / 'estimators.png')}")
+    except MatplotlibMissing as exc:
+        print(f"pictures skipped: {exc}", file=sys.stderr)
     return 0
 
 
@@ -532,10 +671,32 @@ def _number(text: str) -> float:
 
 
 
+class _Help(argparse.HelpFormatter):
+    """Each option's default shown once: added as "(default: X)" unless its help already says it
+    (or there is nothing to show: None, a switch's False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class _RawHelp(_Help, argparse.RawDescriptionHelpFormatter):
+    """:class:`_Help`, with the description and epilog printed as written (tables)."""
+
+
+def _command(sub, name: str, summary: str, description: str, **kw) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=description, formatter_class=kw.pop("formatter_class", _Help),
+                          **kw)
+
+
 def _add_data_args(p, default_dataset=None):
     p.add_argument("--dataset", choices=DATASET_CHOICES, default=default_dataset,
                    help="mnist, fashion-mnist, or the 5,000 demo digits shipped with npvae "
-                        "(default: full MNIST if on disk or downloadable, else the demo digits)")
+                        "(default: full MNIST if on disk or downloadable, else the demo digits; "
+                        "for a checkpoint, the data it was trained on)")
     p.add_argument("--data", metavar="PATH",
                    help="your own data instead: a .npy (N, ...) array, an .npz with arrays x and optional y "
                         "(labels) and target, or a folder of PNG/JPEG images of one size; uint8 pixels or "
@@ -543,53 +704,79 @@ def _add_data_args(p, default_dataset=None):
     p.add_argument("--target", metavar="DIR",
                    help="with --data DIR: a folder of target images matched by file name (input -> target "
                         "training, e.g. noisy -> clean scans)")
-    p.add_argument("--data-dir", help="directory holding the IDX files (else $NPVAE_DATA_DIR, the cache, "
-                                      "/usr/share/datasets/fashion-mnist, then download)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="folder holding the MNIST or Fashion-MNIST files (default: for a checkpoint, the folder "
+                        "its run read; else $NPVAE_DATA_DIR, the cache, /usr/share/datasets/fashion-mnist, then "
+                        "download)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="npvae", description="Variational autoencoders in NumPy, trained on your CPU.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
 
-    p = sub.add_parser("train", help="train a model and write checkpoints, a log and pictures",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", choices=MODEL_CHOICES, default="vae")
+    parser = argparse.ArgumentParser(prog="npvae", description="Variational autoencoders in NumPy, trained on your "
+                                     "CPU. Run 'npvae COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _command(sub, "train", "train a model and write checkpoints, a log and pictures",
+                 "Train a model on a built-in dataset or your own data. Writes checkpoint.npz (resumable), "
+                 "best.npz (best validation loss), log.jsonl and, each epoch, reconstructions.png and samples.png "
+                 "(classes.png for a cvae) to --out.")
+    p.add_argument("--config", metavar="FILE.json",
+                   help="training settings as JSON: the train_config object a checkpoint stores (npvae info CKPT "
+                        "--json prints it), keys as in npvae.TrainConfig; options given here override it")
+    p.add_argument("--model", choices=MODEL_CHOICES, default="vae",
+                   help="vae (Gaussian VAE), ae (autoencoder), dae (denoising autoencoder), poor (poor man's VAE), "
+                        "cvae (conditional VAE)")
     _add_data_args(p)
-    p.add_argument("--epochs", type=_count(1, 1_000_000), default=None, help="default: 10, or 50 on the demo digits")
-    p.add_argument("--batch-size", type=_count(1, 1_000_000), default=128)
-    p.add_argument("--lr", type=_number, default=1e-3)
-    p.add_argument("--optimizer", choices=("sgd", "rmsprop", "adam", "adamw"), default="adam")
-    p.add_argument("--weight-decay", type=_number, default=0.0)
-    p.add_argument("--momentum", type=_number, default=0.0, help="for sgd and rmsprop")
-    p.add_argument("--clip-grad-norm", type=_number, default=None)
-    p.add_argument("--latent-dim", type=_count(1, 65_536), default=None, help="default: the model's (vae 20, ae 3)")
-    p.add_argument("--hidden", type=_count(1, 65_536), nargs="+", default=None, help="encoder widths, e.g. --hidden 512 256")
-    p.add_argument("--activation", default=None, help="relu, leaky_relu, tanh, sigmoid, softplus")
-    p.add_argument("--likelihood", choices=("bernoulli", "gaussian", "continuous_bernoulli"), default="bernoulli")
-    p.add_argument("--beta", type=_number, default=1.0, help="KL weight")
+    p.add_argument("--epochs", type=_count(1, 1_000_000), default=None, help="passes over the training set (default: 10, or 50 "
+                                                             "on the demo digits)")
+    p.add_argument("--batch-size", type=_count(1, 1_000_000), default=128, help="examples per step")
+    p.add_argument("--lr", type=_number, default=1e-3, help="learning rate")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="optimizer")
+    p.add_argument("--weight-decay", type=_number, default=0.0,
+                   help="L2 penalty (adam, sgd, rmsprop) or decoupled weight decay (adamw)")
+    p.add_argument("--momentum", type=_number, default=0.0, help="momentum, for sgd and rmsprop")
+    p.add_argument("--clip-grad-norm", type=_number, default=None, metavar="MAX",
+                   help="clip the global gradient norm to MAX (default: no clipping)")
+    p.add_argument("--latent-dim", type=_count(1, 65_536), default=None, help="latent size Z (default: the model's: vae 20, ae 3)")
+    p.add_argument("--hidden", type=_count(1, 65_536), nargs="+", default=None,
+                   help="encoder widths, e.g. --hidden 512 256; the decoder mirrors them (default: the model's)")
+    p.add_argument("--activation", default=None,
+                   help="hidden activation: relu, leaky_relu, tanh, sigmoid, softplus (default: the model's)")
+    p.add_argument("--likelihood", choices=("bernoulli", "gaussian", "continuous_bernoulli"), default="bernoulli",
+                   help="vae, cvae: the decoder's p(x|z)")
+    p.add_argument("--beta", type=_number, default=1.0, help="vae, cvae: KL weight (1 gives the ELBO)")
     p.add_argument("--logvar-bounds", type=_number, nargs=2, metavar=("LO", "HI"), default=None,
                    help="vae: clamp the encoder's logvar into [LO, HI] (its gradient is 0 outside)")
-    p.add_argument("--kl-warmup", type=_number, default=0.0, help="epochs over which the KL weight rises to beta")
+    p.add_argument("--kl-warmup", type=_number, default=0.0, metavar="EPOCHS",
+                   help="epochs over which the KL weight rises from 0 to beta")
     p.add_argument("--fixed-prior", action="store_true", help="cvae: use N(0, I) instead of the learned prior p(z|y)")
-    p.add_argument("--noise", choices=("salt_pepper", "gaussian"), default="salt_pepper", help="dae corruption")
-    p.add_argument("--noise-level", type=_number, default=0.2, help="dae corruption strength")
-    p.add_argument("--binarize", choices=("none", "static", "dynamic"), default="none")
+    p.add_argument("--noise", choices=("salt_pepper", "gaussian"), default="salt_pepper", help="dae: corruption")
+    p.add_argument("--noise-level", type=_number, default=0.2,
+                   help="dae: fraction of pixels hit (salt_pepper) or noise std (gaussian)")
+    p.add_argument("--binarize", choices=("none", "static", "dynamic"), default="none",
+                   help="binarize the images: one fixed Bernoulli draw (static) or a fresh one per batch (dynamic)")
     p.add_argument("--patience", type=_count(0, 1_000_000), default=5, help="early stopping patience in epochs (0: off)")
-    p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0)
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--backend", choices=("auto", "numba", "numpy"), default=None)
-    p.add_argument("--out", help="output directory (default: runs/MODEL-DATASET)")
+    p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0, help="seeds the initialisation, the split, the batches and the noise")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="parameter dtype")
+    p.add_argument("--backend", choices=("auto", "numba", "numpy"), default=None,
+                   help="kernels: numba (compiled) or numpy (default: $NPVAE_BACKEND, else numba when installed)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: runs/MODEL-DATASET)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-pictures", action="store_true", help="no pictures each epoch")
-    p.add_argument("--log-grad-norms", action="store_true", help="log per-layer gradient norms")
+    p.add_argument("--log-grad-norms", action="store_true", help="log per-layer gradient norms to log.jsonl")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="negative ELBO, reconstruction and KL on the test split")
-    p.add_argument("checkpoint")
+    p = _command(sub, "evaluate", "the loss and its parts on the test split",
+                 "Evaluate a checkpoint on its data's test split (or validation split): the negative ELBO and "
+                 "its reconstruction and KL parts per image, and with --iw-samples the importance-weighted "
+                 "estimate of -log p(x). The run's own data is found again without --data-dir.")
+    p.add_argument("checkpoint", help="a checkpoint.npz or best.npz")
     _add_data_args(p)
-    p.add_argument("--split", choices=("test", "val"), default="test")
-    p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0)
+    p.add_argument("--split", choices=("test", "val"), default="test", help="the images to evaluate")
+    p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0, help="seeds the noise draws")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
     p.add_argument("--iw-samples", type=_count(1, 1_000_000), default=None, metavar="K",
                    help="also estimate -log p(x) by importance weighting with K samples per image (the IWAE "
@@ -600,46 +787,49 @@ def build_parser() -> argparse.ArgumentParser:
                         "from --seed, instead of the run's own fixed draw")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("sample", help="decode samples from the prior into a PNG grid")
-    p.add_argument("checkpoint")
-    p.add_argument("--n", type=_count(1, MAX_PICTURE_IMAGES), default=64)
-    p.add_argument("--label", type=int, default=None, help="cvae: the class to generate")
-    p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0)
-    p.add_argument("--out", default="samples.png")
+    p = _command(sub, "sample", "decode samples from the prior into a PNG grid",
+                 "Draw codes from the model's prior, decode them and write the images as one grid (a cvae "
+                 "cycles through its classes, or draws --label's).")
+    p.add_argument("checkpoint", help="a checkpoint.npz or best.npz")
+    p.add_argument("--n", type=_count(1, MAX_PICTURE_IMAGES), default=64, help="how many samples")
+    p.add_argument("--label", type=int, default=None, help="cvae: the class to generate (default: every class in turn)")
+    p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0, help="seeds the draws")
+    p.add_argument("--out", default="samples.png", help="picture to write")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("reconstruct", help="test images above their reconstructions, as a PNG")
-    p.add_argument("checkpoint")
+    p = _command(sub, "reconstruct", "test images above their reconstructions, as a PNG",
+                 "Encode the first --n test images of the checkpoint's data and decode their codes: inputs in one "
+                 "row, reconstructions in the row below.")
+    p.add_argument("checkpoint", help="a checkpoint.npz or best.npz")
     _add_data_args(p)
-    p.add_argument("--n", type=_count(1, MAX_PICTURE_IMAGES // 2), default=10)
-    p.add_argument("--out", default="reconstructions.png")
+    p.add_argument("--n", type=_count(1, MAX_PICTURE_IMAGES // 2), default=10, help="how many test images")
+    p.add_argument("--out", default="reconstructions.png", help="picture to write")
     p.set_defaults(func=cmd_reconstruct)
 
-    p = sub.add_parser("plot", help="draw one picture of a trained model or its run as a PNG",
-                       description="Draw one picture of a trained model (or of its run's log) as a PNG.",
-                       epilog=PLOT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
+    p = _command(sub, "plot", "draw one picture of a trained model or its run as a PNG",
+                 "Draw one picture of a trained model (or of its run's log) as a PNG.",
+                 epilog=PLOT_HELP, formatter_class=_RawHelp)
+    p.add_argument("checkpoint", help="a checkpoint.npz or best.npz")
     p.add_argument("what", choices=PLOTS, metavar="WHAT", help="one of: " + ", ".join(PLOTS) + " (see below)")
-    p.add_argument("--out", help="PNG to write (default: WHAT.png)")
+    p.add_argument("--out", help="picture to write (default: WHAT.png)")
     _add_data_args(p)
     p.add_argument("--split", choices=("test", "val"), default="test", help="images for the test-set pictures")
-    p.add_argument("--n", type=_count(1, MAX_PICTURE_IMAGES), default=None, help="how many (see below)")
+    p.add_argument("--n", type=_count(1, MAX_PICTURE_IMAGES), default=None, help="how many (default: see below)")
     p.add_argument("--steps", type=_count(2, 1_000), default=10, help="interpolation: images per row, endpoints included")
     p.add_argument("--label", type=int, default=None, help="cvae: the class for samples and manifold")
     p.add_argument("--threshold", type=_number, default=0.01, help="kl: nats above which a unit counts as active")
-    p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0)
+    p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0, help="seeds the draws")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("grads", help="where the gradient comes from, and how noisy its estimators are",
-                       description="Split the negative ELBO's gradient on a batch of test images exactly into "
-                                   "its reconstruction and KL parts (printed per parameter, decomposition.png), "
-                                   "and compare the registered estimators (reparameterization, score function "
-                                   "with and without a leave-one-out baseline) of the gradient of E_q[log p(x|z)] w.r.t. q's mean and "
-                                   "log-variance (estimators.png).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint")
+    p = _command(sub, "grads", "where the gradient comes from, and how noisy its estimators are",
+                 "Split the negative ELBO's gradient on a batch of test images exactly into its reconstruction "
+                 "and KL parts (printed per parameter, decomposition.png), and compare the registered estimators "
+                 "(reparameterization, score function with and without a leave-one-out baseline) of the gradient "
+                 "of E_q[log p(x|z)] w.r.t. q's mean and log-variance (estimators.png). Every table is printed "
+                 "before anything is drawn.")
+    p.add_argument("checkpoint", help="a checkpoint.npz or best.npz of a vae or cvae")
     _add_data_args(p)
-    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="the images to study")
     p.add_argument("--n", type=_count(1, 10_000), default=64, help="images in the batch for the decomposition")
     p.add_argument("--draws", type=_count(2, 100_000), default=1000, help="draws of z per image for the estimators")
     p.add_argument("--examples", type=_count(1, 1_000), default=2, help="images whose estimator gradients are compared")
@@ -647,9 +837,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimators", type=lambda s: [n.strip() for n in s.split(",") if n.strip()], default=None,
                    help="comma-separated estimators to compare, the first the reference of the variance ratios "
                         "(default: all of npvae.study.estimators.ESTIMATORS: reparam,score,baseline)")
-    p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0)
-    p.add_argument("--out", default="grads", help="directory for decomposition.png and estimators.png")
+    p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0, help="seeds the draws")
+    p.add_argument("--out", default="grads", help="folder for decomposition.png and estimators.png")
     p.set_defaults(func=cmd_grads)
+
+    p = _command(sub, "info", "what a checkpoint holds: model, data, settings, progress",
+                 "Describe a checkpoint without running it: the model, the data it was trained on, the training "
+                 "settings, the epochs done and the best validation loss.")
+    p.add_argument("checkpoint", help="a checkpoint.npz, best.npz or a file written by npvae.save_model")
+    p.add_argument("--json", action="store_true",
+                   help="print it as JSON (its train_config is what train --config reads)")
+    p.set_defaults(func=cmd_info)
     return parser
 
 

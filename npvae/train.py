@@ -277,6 +277,7 @@ class Trainer:
         self._saved_epoch = 0
         self.resumed_changes: dict = {}  # settings a resumed run changed ({name: [old, new]}), logged
         self._warned_pictures = False
+        self.pictures_written: list[Path] = []  # the pictures of the last epoch that drew them
         self._batch_buf: dict[tuple, np.ndarray] = {}
 
     def _prepare_target(self, target, seed: int):
@@ -508,8 +509,8 @@ class Trainer:
         from .viz import figures
 
         try:
-            figures.epoch_pictures(self.model, self.val_x, self.val_labels, self.out_dir, epoch, seed=self.config.seed,
-                                   dataset_name=self.dataset.name)
+            self.pictures_written = figures.epoch_pictures(self.model, self.val_x, self.val_labels, self.out_dir, epoch,
+                                                           seed=self.config.seed, dataset_name=self.dataset.name)
         except (ImportError, OSError) as exc:  # matplotlib is an optional extra; a full disk spares the checkpoint
             if not self._warned_pictures:
                 self.echo(f"pictures skipped: {exc}")

@@ -23,7 +23,7 @@ Everything public is importable from here: ``from npvae import data; data.load_d
 from .datasets import DEMO_SIZE, Dataset, load_dataset, load_demo
 from .files import IMAGE_SUFFIXES, DataFileError, load_path
 from .idx import IDX_DTYPES, MAX_IDX_BYTES, IDXFormatError, read_idx
-from .png import PNGFormatError, read_png
+from .png import PNGFormatError, read_png, write_png
 from .preprocess import (batch_indices, binarize_dynamic, binarize_static, epoch_permutation, to_float,
                          to_model_range)
 from .sources import (DATASETS, SPLITS, SYSTEM_DATA_DIRS, DatasetSpec, DownloadError, IDXFile, cache_dir, download,
@@ -31,7 +31,7 @@ from .sources import (DATASETS, SPLITS, SYSTEM_DATA_DIRS, DatasetSpec, DownloadE
 
 __all__ = [
     "IDXFormatError", "DownloadError", "DataFileError", "PNGFormatError", "IDXFile", "DatasetSpec", "DATASETS",
-    "Dataset", "read_idx", "read_png", "cache_dir", "find_dataset_dir", "download", "load_mnist_like", "load_demo",
+    "Dataset", "read_idx", "read_png", "write_png", "cache_dir", "find_dataset_dir", "download", "load_mnist_like", "load_demo",
     "load_dataset", "load_path", "to_model_range", "to_float", "binarize_static", "binarize_dynamic",
     "epoch_permutation", "batch_indices",
     # constants callers read (and tests patch in the module that owns them)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import ops
+from ..checkpoint import atomic_write
 from ..models import Conditional, GaussianLatent, StandardNormalPrior
 from . import plots
 
@@ -57,7 +58,7 @@ def class_grid(model, path, rng: np.random.Generator, n_per_class: int = 10, nam
 def epoch_pictures(model, val_x, val_y, out_dir, epoch: int, seed: int = 0, dataset_name: str | None = None) -> list[Path]:
     """The pictures written after each training epoch: under ``out_dir/pictures/`` with the epoch
     number, and the latest copy at the top of ``out_dir`` (``reconstructions.png``, ``samples.png``,
-    and ``classes.png`` for conditional models)."""
+    and ``classes.png`` for conditional models). Returns those latest copies."""
     out_dir = Path(out_dir)
     written = []
     for name in _names(model):
@@ -70,7 +71,8 @@ def epoch_pictures(model, val_x, val_y, out_dir, epoch: int, seed: int = 0, data
         else:
             class_grid(model, path, rng, names=class_names(dataset_name, model.num_classes))
         latest = out_dir / f"{name}.png"
-        latest.write_bytes(path.read_bytes())
+        blob = path.read_bytes()
+        atomic_write(latest, lambda f: f.write(blob), durable=False)
         written.append(latest)
     return written
 

@@ -8,9 +8,14 @@ Design:
 - matplotlib is an optional extra (``pip install 'npvae[plot]'``). It is imported lazily inside the
   functions that draw, and only its object-oriented API is used (``Figure`` + ``FigureCanvasAgg``):
   no pyplot, no global figure registry, no backend switch, so nothing leaks between calls or threads
-  and no display is ever needed. The pure NumPy helpers (:func:`tile_images`, :func:`pca_2d`,
-  :func:`norm_ppf`, :func:`manifold_grid`, :func:`active_units`, :func:`active_units_cov`) work
-  without matplotlib.
+  and no display is ever needed. Without it, the image grids (samples, reconstructions,
+  interpolation, class grid, manifold) are written as bare PNG mosaics (no title or labels, each
+  image pixel drawn as a square of :data:`PNG_SCALE` pixels) by :func:`npvae.data.png.write_png`;
+  the plots with axes raise :class:`MatplotlibMissing`, an ``ImportError`` that says so.
+- Every file is written atomically (a temporary file renamed over the target): a reader sees the
+  previous picture or the new one, never half of one.
+- The pure NumPy helpers (:func:`tile_images`, :func:`pca_2d`, :func:`norm_ppf`,
+  :func:`manifold_grid`, :func:`active_units`, :func:`active_units_cov`) work without matplotlib.
 - Images are ``(N, 784)`` rows (any square ``D = side * side`` works), ``(N, H, W)`` gray or
   ``(N, H, W, 3)`` RGB, with values in ``value_range`` (``(0, 1)`` by default; ``(-1, 1)`` for
   tanh outputs). Gray ones are drawn in a gray colormap, 1 = white; RGB ones in colour; no
@@ -27,8 +32,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..checkpoint import atomic_write
+from ..data.png import write_png
+
 __all__ = [
     "FASHION_CLASSES",
+    "MatplotlibMissing",
     "MNIST_CLASSES",
     "active_units",
     "active_units_cov",
@@ -64,7 +73,13 @@ _GUTTER_FILL = 0.5      # mid-gray: visible between black MNIST backgrounds, dis
 _EMPTY_FILL = 1.0       # white: unused trailing cells blend into the page
 _OUT_OF_RANGE_TOL = 0.01  # fraction of the value range an image may overshoot before we refuse it
 
+PNG_SCALE = 2           # without matplotlib: screen pixels per image pixel, so 28x28 digits stay legible
+
 PathLike = str | os.PathLike
+
+
+class MatplotlibMissing(ImportError):
+    """A picture needs matplotlib, which is not installed."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,7 +98,8 @@ def _new_figure(figsize: tuple[float, float], ncols: int = 1, **subplot_kw: Any)
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise ImportError("plotting needs matplotlib: pip install 'npvae[plot]'") from exc
+        raise MatplotlibMissing("plots with axes need matplotlib: pip install 'npvae[plot]' (image grids are "
+                                "written without it)") from exc
     fig = Figure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, ncols, squeeze=True, **subplot_kw)
@@ -91,25 +107,16 @@ def _new_figure(figsize: tuple[float, float], ncols: int = 1, **subplot_kw: Any)
 
 
 def _save(fig, path: PathLike) -> Path:
-    """Write ``fig`` to ``path`` (parents created; ``.png`` added when it has no suffix) atomically, and
-    release it. Returns the path written.
-
-    The picture goes to a temporary file beside ``path`` and is renamed over it, so a full disk or a
-    kill leaves the previous picture or none, never a truncated one.
-    """
+    """Write ``fig`` to ``path`` (parents created; atomically) and release it. Returns the path as a Path."""
     path = Path(path)
     if not path.suffix:
         path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, dpi=_DPI, facecolor="white", format=path.suffix[1:].lower())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        # Figures made without pyplot are not registered anywhere; clearing drops the artists now
-        # rather than whenever the garbage collector gets to them.
-        fig.clear()
+    fmt = path.suffix[1:].lower() or "png"
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=_DPI, facecolor="white"), durable=False)
+    # Figures made without pyplot are not registered anywhere; clearing drops the artists now
+    # rather than whenever the garbage collector gets to them.
+    fig.clear()
     return path
 
 
@@ -272,7 +279,7 @@ def tile_images(images: Any, ncols: int | None = None, gutter: int = 1,
 
 
 def _draw_grid(grid: np.ndarray, title: Any, *, gutter: int = 1,
-               row_labels: Sequence[str] | None = None,
+               row_labels: Sequence[str] | Mapping[int, str] | None = None,
                col_labels: Mapping[int, str] | None = None, xlabel: str | None = None,
                ylabel: str | None = None, cell_inches: float = _CELL_INCHES):
     """Tile a ``(R, C, h, w)`` grid of [0, 1] images (NaN cells empty) and show it in gray (or a
@@ -287,7 +294,7 @@ def _draw_grid(grid: np.ndarray, title: Any, *, gutter: int = 1,
     scale = width_in / width_px
     height_in = min(height_px * scale, 18.0)
     # Room for what sits beside the image, so the fixed-aspect image fills the figure.
-    extra_w = 1.2 if row_labels else (0.75 if ylabel else 0.0)
+    extra_w = 0.75 if ylabel else (1.2 if row_labels else 0.0)
     extra_h = (0.45 if title else 0.0) + (0.35 if (col_labels or xlabel) else 0.0)
     fig, ax = _new_figure((width_in + extra_w, height_in + extra_h))
     if mosaic.ndim == 3:  # RGB floats in [0, 1] are shown as they are
@@ -299,8 +306,8 @@ def _draw_grid(grid: np.ndarray, title: Any, *, gutter: int = 1,
     for side in ax.spines.values():
         side.set_visible(False)
     if row_labels:
-        ax.set_yticks([i * (h + gutter) + (h - 1) / 2 for i in range(len(row_labels))],
-                      list(row_labels))
+        rows = row_labels if isinstance(row_labels, Mapping) else dict(enumerate(row_labels))
+        ax.set_yticks([i * (h + gutter) + (h - 1) / 2 for i in rows], list(rows.values()))
     if col_labels:
         ax.set_xticks([j * (w + gutter) + (w - 1) / 2 for j in col_labels],
                       list(col_labels.values()))
@@ -313,6 +320,23 @@ def _draw_grid(grid: np.ndarray, title: Any, *, gutter: int = 1,
         # Long titles on narrow grids wrap rather than getting clipped.
         ax.set_title(title, fontsize=11, wrap=True)
     return fig, ax
+
+
+def _save_grid(grid: np.ndarray, path: PathLike, title: Any, *, gutter: int = 1, **labels) -> Path:
+    """Draw a ``(R, C, h, w[, 3])`` grid of [0, 1] images with matplotlib (:func:`_draw_grid`), or,
+    without matplotlib, write the bare mosaic as a PNG (no title or labels), each pixel a
+    ``PNG_SCALE`` square."""
+    try:
+        fig, _ = _draw_grid(grid, title, gutter=gutter, **labels)
+    except MatplotlibMissing:
+        path = Path(path)
+        if path.suffix.lower() != ".png":
+            raise MatplotlibMissing(f"writing {path.name} needs matplotlib: pip install 'npvae[plot]', or "
+                                    "ask for a .png, which npvae writes without it") from None
+        mosaic = _tile(grid, gutter, _GUTTER_FILL, _EMPTY_FILL)
+        mosaic = np.repeat(np.repeat(mosaic, PNG_SCALE, axis=0), PNG_SCALE, axis=1)
+        return write_png(path, np.rint(255 * mosaic).astype(np.uint8))
+    return _save(fig, path)
 
 
 def _check_labels_list(labels: Any, n: int, name: str, what: str) -> list[str] | None:
@@ -353,8 +377,7 @@ def image_grid(images: Any, path: PathLike, ncols: int | None = None, title: str
     ncols = _check_ncols(ncols, imgs.shape[0])
     grid = _pad_to_grid(imgs, ncols)
     row_labels = _check_labels_list(row_labels, grid.shape[0], "row_labels", "rows")
-    fig, _ = _draw_grid(grid, title, row_labels=row_labels)
-    return _save(fig, path)
+    return _save_grid(grid, path, title, row_labels=row_labels)
 
 
 def plot_samples(images: Any, path: PathLike, title: str = "Samples from the prior",
@@ -410,8 +433,7 @@ def plot_reconstructions(originals: Any, reconstructions: Any, path: PathLike,
     gx, gr = _pad_to_grid(x, ncols), _pad_to_grid(r, ncols)
     grid = np.stack([gx, gr], axis=1).reshape(-1, *gx.shape[1:])  # (2R, C, h, w), interleaved
     labels = ["input", "reconstruction"] * gx.shape[0]
-    fig, _ = _draw_grid(grid, title, row_labels=labels)
-    return _save(fig, path)
+    return _save_grid(grid, path, title, row_labels=labels)
 
 
 def plot_interpolation(paths: Any, path: PathLike,
@@ -436,9 +458,8 @@ def plot_interpolation(paths: Any, path: PathLike,
     k = imgs.shape[1]
     if k < 2:
         raise ValueError(f"each interpolation path needs K >= 2 steps (both endpoints), got K={k}")
-    fig, _ = _draw_grid(imgs, title, col_labels={0: "A", k - 1: "B"},
-                        xlabel=f"{k} evenly spaced steps, endpoints included")
-    return _save(fig, path)
+    return _save_grid(imgs, path, title, col_labels={0: "A", k - 1: "B"},
+                      xlabel=f"{k} evenly spaced steps, endpoints included")
 
 
 def plot_class_grid(images_per_class: Any, path: PathLike,
@@ -465,8 +486,7 @@ def plot_class_grid(images_per_class: Any, path: PathLike,
     c = imgs.shape[0]
     names = (_check_labels_list(class_names, c, "class_names", "classes")
              or [str(i) for i in range(c)])
-    fig, _ = _draw_grid(imgs, title, row_labels=names)
-    return _save(fig, path)
+    return _save_grid(imgs, path, title, row_labels=names)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -633,13 +653,10 @@ def plot_manifold(decode: Callable[[np.ndarray], Any], path: PathLike, n: int = 
     mid = (n - 1) // 2
     cols = {j: _fmt_code(v[j]) for j in sorted({0, mid, n - 1})}
     grid = imgs.reshape(n, n, *imgs.shape[1:])
+    rows = {i: _fmt_code(z[i * n, 1]) for i in sorted({0, mid, n - 1})}
     # No gutters: neighbouring cells are neighbouring codes, and the picture reads as one surface.
-    fig, ax = _draw_grid(grid, title, gutter=0, col_labels=cols, xlabel="z[0]  (left to right)",
-                         ylabel="z[1]  (bottom to top)")
-    h = imgs.shape[1]
-    rows = sorted({0, mid, n - 1})
-    ax.set_yticks([i * h + (h - 1) / 2 for i in rows], [_fmt_code(z[i * n, 1]) for i in rows])
-    return _save(fig, path)
+    return _save_grid(grid, path, title, gutter=0, row_labels=rows, col_labels=cols,
+                      xlabel="z[0]  (left to right)", ylabel="z[1]  (bottom to top)")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -270,3 +270,61 @@ def test_mutated_files_decode_or_raise_png_format_error(ops):
     except PNGFormatError:
         return
     assert out.dtype == np.uint8 and out.ndim in (2, 3)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(1, 40), w=st.integers(1, 40), rgb=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_written_pngs_decode_to_the_pixels_written(h, w, rgb, seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3) if rgb else (h, w), dtype=np.uint8)
+    assert np.array_equal(decode_png(png.encode_png(pixels)), pixels)
+
+
+@pytest.mark.parametrize("rgb", [False, True])
+def test_matplotlib_reads_written_pngs(rgb, tmp_path):
+    mpimg = pytest.importorskip("matplotlib.image")
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (17, 23, 3) if rgb else (17, 23), dtype=np.uint8)
+    pixels[0] = 0  # extremes, and a row equal to the next: the Up filter's zero and wrap-around
+    pixels[1] = 255
+    pixels[2] = pixels[3]
+    path = png.write_png(tmp_path / "sub" / "x.png", pixels)
+    read = np.rint(mpimg.imread(path) * 255).astype(np.uint8)  # matplotlib scales 8-bit PNGs to [0, 1]
+    assert np.array_equal(read, pixels) and np.array_equal(read_png(path), pixels)
+
+
+def test_bad_pixels_leave_the_old_picture(tmp_path):
+    path = tmp_path / "x.png"
+    old = np.full((4, 4), 7, np.uint8)
+    png.write_png(path, old)
+    with pytest.raises(TypeError, match="uint8"):
+        png.write_png(path, np.zeros((4, 4)))
+    assert np.array_equal(read_png(path), old) and [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
+    from npvae.checkpoint import atomic_write
+
+    path = tmp_path / "x.png"
+    path.write_bytes(b"old")
+
+    def fails(f):
+        f.write(b"half of the new")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, fails)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+@pytest.mark.parametrize("pixels, error, match", [
+    (np.zeros((3, 3), np.float32), TypeError, "uint8"),
+    (np.zeros((3, 3, 4), np.uint8), ValueError, r"\(H, W\) \(grayscale\) or \(H, W, 3\)"),
+    (np.zeros(9, np.uint8), ValueError, "shape"),
+    (np.zeros((0, 3), np.uint8), ValueError, "at least 1x1"),
+])
+def test_bad_pixels_are_named(pixels, error, match):
+    with pytest.raises(error, match=match):
+        png.encode_png(pixels)

@@ -106,10 +106,18 @@ def test_importing_plots_does_not_import_matplotlib():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO_ROOT)
 
 
-def test_missing_matplotlib_gives_install_hint(tmp_path, monkeypatch):
+def test_without_matplotlib_grids_are_bare_pngs_and_axes_give_the_install_hint(tmp_path, monkeypatch):
+    from npvae.data.png import read_png
+
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
-    with pytest.raises(ImportError, match=r"pip install 'npvae\[plot\]'"):
-        plots.plot_samples(digits(4), tmp_path / "x.png")
+    images = digits(5)
+    pixels = read_png(plots.plot_samples(images, tmp_path / "x.png", ncols=3))
+    mosaic = plots.tile_images(images, ncols=3, empty=1.0)  # (2 * 28 + 1, 3 * 28 + 2)
+    expected = np.rint(255 * np.kron(mosaic, np.ones((plots.PNG_SCALE, plots.PNG_SCALE)))).astype(np.uint8)
+    assert np.array_equal(pixels, expected)
+    with pytest.raises(plots.MatplotlibMissing, match=r"need matplotlib: pip install 'npvae\[plot\]'"):
+        plots.plot_kl_per_dim(np.array([0.5, 0.0]), tmp_path / "kl.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
 
 
 def test_value_range_minus_one_to_one(tmp_path):

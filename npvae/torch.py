@@ -1,0 +1,546 @@
+"""npvae models as PyTorch modules and back: train here on a CPU, continue in PyTorch on a GPU (and the reverse).
+
+::
+
+    module = to_torch(model).to("cuda")      # an nn.Module: same layers, same state-dict keys, same forward
+    ...                                      # train it with any torch optimizer
+    model = from_torch(module)               # an npvae model again, on the CPU, with the trained weights
+
+:func:`to_torch` returns a :class:`NpvaeModule` whose parts are ``nn.Sequential`` stacks named as
+npvae names them (``encoder``, ``decoder``, ``prior``) and whose Gaussian heads are ``nn.Linear``
+layers registered under their own names (``mu``, ``logvar``, ``prior_mu``, ``prior_logvar``), so
+``module.state_dict()`` has exactly the keys, order and shapes of ``model.state_dict()``. Its
+``forward(x, y=None, eps=None, target=None)`` returns the per-example terms ``(recon (B,), reg (B,))``
+of npvae's :meth:`~npvae.models.base.Model.forward` (noise drawn with torch when ``eps`` is not
+given), and ``loss(...)`` their batch means ``(total, recon, reg)``, ``total = recon + kl_weight * reg``,
+which is what :meth:`~npvae.models.base.Model.loss_and_grads` differentiates. ``encode``, ``decode``
+and ``sample`` match npvae's too.
+
+Layer-driven
+------------
+Nothing here knows a model's architecture: each part is translated layer by layer through
+:data:`LAYERS`, which maps an npvae layer type to a builder of its torch module and back
+(:class:`LayerBridge`). A new npvae layer needs one :func:`register_layer` call. Torch's own
+``nn.Linear``, ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.Sigmoid``, ``nn.Tanh``, ``nn.Softplus``,
+``nn.Identity``, ``nn.Flatten`` and ``nn.Unflatten`` are read back too, so a part replaced in torch by
+a stack of those comes back to npvae as a model with its own layers.
+
+Importing this module imports torch; ``import npvae`` never imports this module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+try:
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor, nn
+except ImportError as exc:  # pragma: no cover - exercised only where torch is missing
+    raise ImportError("npvae.torch needs PyTorch: pip install torch") from exc
+
+from . import layers as L
+from .models import from_spec
+from .models.base import Model
+
+__all__ = ["to_torch", "from_torch", "register_layer", "LAYERS", "LayerBridge", "NpvaeModule", "Dense", "Activation",
+           "Reshape", "GaussianHeads"]
+
+LOG_2PI = math.log(2 * math.pi)
+
+# ----------------------------------------------------------------------------- torch modules of npvae layers
+
+
+ACTIVATIONS = {
+    "identity": lambda a, alpha: a,
+    "relu": lambda a, alpha: torch.relu(a),
+    "leaky_relu": lambda a, alpha: F.leaky_relu(a, alpha),
+    "sigmoid": lambda a, alpha: torch.sigmoid(a),
+    "tanh": lambda a, alpha: torch.tanh(a),
+    # Not F.softplus: above its threshold (20) it returns a itself, 2e-9 off npvae's log(1 + e^a).
+    "softplus": lambda a, alpha: torch.logaddexp(a, torch.zeros_like(a)),
+}
+
+
+def _check_activation(name: str) -> str:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}: expected one of {', '.join(ACTIVATIONS)}")
+    return name
+
+
+class Dense(nn.Linear):
+    """npvae's :class:`~npvae.layers.Dense`: ``nn.Linear`` followed by its activation, one module, so the
+    state-dict keys are ``{i}.weight`` and ``{i}.bias`` as in npvae."""
+
+    def __init__(self, in_features: int, out_features: int, activation: str = "identity", alpha: float = 0.01, **kw):
+        super().__init__(in_features, out_features, **kw)
+        self.activation, self.alpha = _check_activation(activation), float(alpha)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ACTIVATIONS[self.activation](super().forward(x), self.alpha)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.activation == "identity" else f", activation={self.activation}")
+
+
+class Activation(nn.Module):
+    """npvae's :class:`~npvae.layers.Activation`: an elementwise activation by name."""
+
+    def __init__(self, name: str, alpha: float = 0.01):
+        super().__init__()
+        self.name, self.alpha = _check_activation(name), float(alpha)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ACTIVATIONS[self.name](x, self.alpha)
+
+    def extra_repr(self) -> str:
+        return repr(self.name) + (f", alpha={self.alpha:g}" if self.name == "leaky_relu" else "")
+
+
+class Reshape(nn.Module):
+    """npvae's :class:`~npvae.layers.Reshape`: (B, ...) -> (B, *shape)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], *self.shape)
+
+    def extra_repr(self) -> str:
+        return str(self.shape)
+
+
+class GaussianHeads(nn.Module):
+    """npvae's :class:`~npvae.layers.GaussianHeads`: two ``nn.Linear`` heads (mu, logvar) named ``names``.
+
+    :class:`NpvaeModule` registers the two linears under those names (npvae's state-dict keys
+    ``mu.weight``, ...), not under the part's name.
+    """
+
+    def __init__(self, in_features: int, latent_dim: int, names=("mu", "logvar")):
+        super().__init__()
+        self.in_features, self.latent_dim, self.names = int(in_features), int(latent_dim), tuple(names)
+        for name in self.names:
+            self.add_module(name, nn.Linear(self.in_features, self.latent_dim))
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """h (B, H) -> mu (B, Z), logvar (B, Z)."""
+        return tuple(getattr(self, name)(h) for name in self.names)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class LayerBridge:
+    """How one npvae layer type crosses to torch and back.
+
+    to_torch : npvae layer -> nn.Module (the architecture; weights travel through the state dict)
+    from_torch : nn.Module -> npvae layer
+    torch_types : the torch module classes ``from_torch`` reads
+    """
+
+    to_torch: Callable[[L.Layer], nn.Module]
+    from_torch: Callable[[nn.Module], L.Layer]
+    torch_types: tuple[type, ...]
+
+
+#: npvae layer type -> its :class:`LayerBridge`.
+LAYERS: dict[type, LayerBridge] = {}
+
+
+def register_layer(layer_type: type, to_torch: Callable, from_torch: Callable, torch_types) -> None:
+    """Teach :func:`to_torch` and :func:`from_torch` one npvae layer type.
+
+    Parameters
+    ----------
+    layer_type : an npvae layer class (a subclass of :class:`npvae.layers.Layer`)
+    to_torch : callable, layer -> nn.Module whose parameters are named as the layer's
+        :meth:`~npvae.layers.Layer.param_shapes` (``weight``, ``bias``) with the same shapes
+    from_torch : callable, nn.Module -> layer
+    torch_types : class or tuple of classes, the torch modules ``from_torch`` reads
+    """
+    types = tuple(torch_types) if isinstance(torch_types, (tuple, list)) else (torch_types,)
+    LAYERS[layer_type] = LayerBridge(to_torch, from_torch, types)
+
+
+def _linear_from_torch(module: nn.Linear) -> L.Dense:
+    if module.bias is None:
+        raise ValueError(f"{module} has no bias; npvae's Dense layers have one (nn.Linear(..., bias=True))")
+    return L.Dense(module.in_features, module.out_features, getattr(module, "activation", "identity"),
+                   getattr(module, "alpha", 0.01))
+
+
+_TORCH_ACTIVATIONS = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Identity: "identity"}
+
+
+def _activation_from_torch(module: nn.Module) -> L.Activation:
+    if isinstance(module, Activation):
+        return L.Activation(module.name, module.alpha)
+    if isinstance(module, nn.LeakyReLU):
+        return L.Activation("leaky_relu", module.negative_slope)
+    if isinstance(module, nn.Softplus):
+        if module.beta != 1:
+            raise ValueError(f"{module}: npvae's softplus has beta = 1")
+        return L.Activation("softplus")
+    return L.Activation(_TORCH_ACTIVATIONS[type(module)])
+
+
+def _flatten_from_torch(module: nn.Flatten) -> L.Flatten:
+    if module.start_dim != 1 or module.end_dim != -1:
+        raise ValueError(f"{module}: npvae's Flatten keeps the batch axis and flattens the rest "
+                         "(nn.Flatten(start_dim=1, end_dim=-1))")
+    return L.Flatten()
+
+
+def _reshape_from_torch(module: nn.Module) -> L.Reshape:
+    if isinstance(module, nn.Unflatten) and module.dim != 1:
+        raise ValueError(f"{module}: npvae's Reshape unflattens the axis after the batch (nn.Unflatten(1, shape))")
+    return L.Reshape(module.shape if isinstance(module, Reshape) else module.unflattened_size)
+
+
+def _sequential_from_torch(module: nn.Sequential) -> L.Sequential:
+    return L.Sequential([layer_from_torch(child, name) for name, child in module.named_children()])
+
+
+register_layer(L.Dense, lambda l: Dense(l.in_dim, l.out_dim, l.activation, l.alpha), _linear_from_torch,
+               (Dense, nn.Linear))
+register_layer(L.GaussianHeads, lambda l: GaussianHeads(l.in_dim, l.latent_dim, l.names),
+               lambda m: L.GaussianHeads(m.in_features, m.latent_dim, m.names), GaussianHeads)
+register_layer(L.Activation, lambda l: Activation(l.name, l.alpha), _activation_from_torch,
+               (Activation, nn.LeakyReLU, nn.Softplus, *_TORCH_ACTIVATIONS))
+register_layer(L.Flatten, lambda l: nn.Flatten(), _flatten_from_torch, nn.Flatten)
+register_layer(L.Reshape, lambda l: Reshape(l.shape), _reshape_from_torch, (Reshape, nn.Unflatten))
+register_layer(L.Sequential, lambda l: nn.Sequential(*(layer_to_torch(child) for child in l)), _sequential_from_torch,
+               nn.Sequential)
+
+
+def layer_to_torch(layer: L.Layer) -> nn.Module:
+    """The torch module of an npvae layer (the most specific registered type wins)."""
+    for cls in type(layer).__mro__:
+        if cls in LAYERS:
+            return LAYERS[cls].to_torch(layer)
+    raise TypeError(f"npvae.torch has no torch module for {type(layer).__name__}: register one with "
+                    "npvae.torch.register_layer")
+
+
+def layer_from_torch(module: nn.Module, path: str = "module") -> L.Layer:
+    """The npvae layer of a torch module (the most specific registered torch type wins); ``path`` names
+    it in errors."""
+    readers = {t: bridge for bridge in LAYERS.values() for t in bridge.torch_types}
+    for cls in type(module).__mro__:
+        if cls in readers:
+            if cls is nn.Sequential:
+                return L.Sequential([layer_from_torch(child, f"{path}.{name}") for name, child in module.named_children()])
+            return readers[cls].from_torch(module)
+    known = sorted({t.__name__ for t in readers})
+    raise TypeError(f"{path} is a torch {type(module).__name__}, which npvae has no layer for (it reads "
+                    f"{', '.join(known)}; npvae.torch.register_layer adds one)")
+
+
+# ----------------------------------------------------------------------------- the models
+
+
+def _bernoulli_nll(out: Tensor, x: Tensor) -> Tensor:
+    return F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(1)
+
+
+def _cb_log_norm(logits: Tensor) -> Tensor:
+    """log C(l) = log(l / tanh(l / 2)); its series log 2 + l^2 / 12 below |l| < 1e-4, where the closed
+    form (and its autograd derivative) cancels."""
+    small = logits.abs() < 1e-4
+    safe = torch.where(small, torch.ones_like(logits), logits)
+    return torch.where(small, math.log(2) + logits**2 / 12, torch.log(safe / torch.tanh(safe / 2)))
+
+
+def _cb_mean(logits: Tensor) -> Tensor:
+    small = logits.abs() < 0.1
+    safe = torch.where(small, torch.ones_like(logits), logits)
+    l2 = logits * logits
+    series = 0.5 + logits * (1 / 12 + l2 * (-1 / 720 + l2 * (1 / 30240 - l2 / 1209600)))
+    return torch.where(small, series, torch.sigmoid(safe) / torch.tanh(safe / 2) - 1 / safe)
+
+
+# likelihood -> (-log p(x | out) per example (B, D) -> (B,), the mean of p(x | out))
+LIKELIHOODS = {
+    "bernoulli": (_bernoulli_nll, torch.sigmoid),
+    "continuous_bernoulli": (lambda out, x: _bernoulli_nll(out, x) - _cb_log_norm(out).sum(1), _cb_mean),
+    "gaussian": (lambda out, x: 0.5 * ((out - x) ** 2).sum(1) + 0.5 * x.shape[1] * LOG_2PI, lambda out: out),
+}
+
+
+class NpvaeModule(nn.Module):
+    """What every translated model shares: its parts, registered in npvae's order, and its spec.
+
+    ``spec`` is the npvae model's :meth:`~npvae.models.base.Model.spec` without its parts (those are
+    read back from the modules by :func:`from_torch`).
+    """
+
+    def __init__(self, spec: dict, parts: dict[str, nn.Module]):
+        super().__init__()
+        self.spec = spec
+        self.part_names = list(parts)
+        self.input_shape = tuple(spec["input_shape"])
+        self._heads: dict[str, GaussianHeads] = {}
+        for name, module in parts.items():
+            if isinstance(module, GaussianHeads):
+                self._heads[name] = module
+                for head in module.names:  # npvae's keys: mu.weight, not heads.mu.weight
+                    self.add_module(head, getattr(module, head))
+            else:
+                self.add_module(name, module)
+
+    def part(self, name: str) -> nn.Module:
+        """The module of npvae's part ``name`` (``encoder``, ``heads``, ...)."""
+        return self._heads[name] if name in self._heads else getattr(self, name)
+
+    def _noise(self, like: Tensor, eps: Tensor | None) -> Tensor:
+        return torch.randn_like(like) if eps is None else eps
+
+    def loss(self, x: Tensor, y: Tensor | None = None, eps: Tensor | None = None, target: Tensor | None = None,
+             **kw) -> tuple[Tensor, Tensor, Tensor]:
+        """Batch means ``(recon + kl_weight * reg, recon, reg)``: what npvae's ``loss_and_grads`` differentiates."""
+        recon, reg = self(x, y, eps, target, **kw)
+        return recon.mean() + self.kl_weight * reg.mean(), recon.mean(), reg.mean()
+
+    def extra_repr(self) -> str:
+        return f"npvae {self.spec['class']}, input_shape={self.input_shape}"
+
+
+class VAEModule(NpvaeModule):
+    """A Gaussian VAE: ``z = mu + exp(logvar / 2) * eps``, ``recon = -log p(x | z)``, ``reg = KL(q || N(0, I))``."""
+
+    def __init__(self, spec, parts):
+        super().__init__(spec, parts)
+        c = spec["config"]
+        self.latent_dim, self.kl_weight, self.likelihood = int(c["latent_dim"]), float(c["beta"]), c["likelihood"]
+        bounds = c.get("logvar_bounds")
+        self.logvar_bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
+
+    def _encoder_input(self, x: Tensor, y) -> Tensor:
+        return x
+
+    def _decoder_input(self, z: Tensor, y) -> Tensor:
+        return z
+
+    def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, *input_shape) -> mu (B, Z), logvar (B, Z)."""
+        mu, logvar = self.part("heads")(self.encoder(self._encoder_input(x, y)))
+        if self.logvar_bounds is not None:
+            logvar = torch.clamp(logvar, *self.logvar_bounds)
+        return mu, logvar
+
+    def decoder_output(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """z (B, Z) -> the likelihood's parameters (B, *input_shape): logits, or the Gaussian's mean."""
+        return self.decoder(self._decoder_input(z, y))
+
+    def decode(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """The mean of p(x | z) (B, *input_shape), as npvae's ``decode``."""
+        out = self.decoder_output(z, y)
+        return LIKELIHOODS[self.likelihood][1](out.flatten(1)).reshape(out.shape)
+
+    def prior_params(self, n: int, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """mu_p (n, Z), logvar_p (n, Z) of p(z): zeros for N(0, I). (npvae's ``model.prior``; here
+        ``prior`` is the CVAE's prior network, as in the state dict.)"""
+        p = next(self.parameters())
+        zeros = torch.zeros(n, self.latent_dim, dtype=p.dtype, device=p.device)
+        return zeros, zeros
+
+    def kl(self, mu: Tensor, logvar: Tensor, y: Tensor | None = None) -> Tensor:
+        """KL(q(z|x) || p(z)) per example (B,)."""
+        return 0.5 * (mu**2 + torch.exp(logvar) - 1 - logvar).sum(1)
+
+    def forward(self, x: Tensor, y: Tensor | None = None, eps: Tensor | None = None,
+                target: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per-example ``-log p(target | z)`` (B,) and ``KL`` (B,) for one draw ``eps`` (B, Z) (drawn when None)."""
+        mu, logvar = self.encode(x, y)
+        z = mu + torch.exp(0.5 * logvar) * self._noise(mu, eps)
+        out = self.decoder_output(z, y).flatten(1)
+        target = x if target is None else target
+        return LIKELIHOODS[self.likelihood][0](out, target.flatten(1)), self.kl(mu, logvar, y)
+
+    def sample(self, n: int, y: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Decode ``n`` draws from the prior: (n, *input_shape)."""
+        mu_p, logvar_p = self.prior_params(n, y)
+        eps = torch.randn(mu_p.shape, dtype=mu_p.dtype, device=mu_p.device, generator=generator)
+        return self.decode(mu_p + torch.exp(0.5 * logvar_p) * eps, y)
+
+
+class CVAEModule(VAEModule):
+    """The conditional VAE: encoder over ``[x, onehot(y)]``, decoder over ``[z, onehot(y)]``, and with a
+    learned prior, ``p(z | y)`` from a network over ``onehot(y)``."""
+
+    def __init__(self, spec, parts):
+        super().__init__(spec, parts)
+        self.num_classes, self.learned_prior = int(spec["config"]["num_classes"]), bool(spec["config"]["learned_prior"])
+
+    def _onehot(self, y: Tensor | None, like: Tensor) -> Tensor:
+        if y is None:
+            raise ValueError("a CVAE is conditional: pass its labels y, an integer tensor (B,)")
+        return F.one_hot(y.long(), self.num_classes).to(like.dtype)
+
+    def _encoder_input(self, x, y):
+        return torch.cat([x.flatten(1), self._onehot(y, x)], 1)
+
+    def _decoder_input(self, z, y):
+        return torch.cat([z, self._onehot(y, z)], 1)
+
+    def prior_params(self, n, y=None):
+        if not self.learned_prior:
+            return super().prior_params(n)
+        onehot = self._onehot(y, next(self.parameters()))
+        return self.part("prior_heads")(self.part("prior")(onehot))
+
+    def kl(self, mu, logvar, y=None):
+        if not self.learned_prior:
+            return super().kl(mu, logvar)
+        mu_p, logvar_p = self.prior_params(len(mu), y)
+        delta = logvar - logvar_p
+        return 0.5 * (torch.exp(delta) - 1 - delta + (mu - mu_p) ** 2 * torch.exp(-logvar_p)).sum(1)
+
+
+class AutoencoderModule(NpvaeModule):
+    """A deterministic autoencoder: ``recon = sum_j (decoder(encoder(x))_j - target_j)^2``, ``reg = 0``."""
+
+    kl_weight = 1.0
+
+    def encode(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """x (B, *input_shape) -> the code (B, Z)."""
+        return self.encoder(x)
+
+    def decode(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """z (B, Z) -> the decoder's output (B, *input_shape)."""
+        return self.decoder(z)
+
+    def _code(self, x: Tensor, eps: Tensor | None) -> tuple[Tensor, Tensor]:
+        code = self.encode(x)
+        return code, torch.zeros(code.shape[0], dtype=code.dtype, device=code.device)
+
+    def forward(self, x: Tensor, y: Tensor | None = None, eps: Tensor | None = None,
+                target: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per-example squared error (B,) and regulariser (B,)."""
+        code, reg = self._code(x, eps)
+        target = x if target is None else target
+        return ((self.decode(code) - target) ** 2).flatten(1).sum(1), reg
+
+
+class DenoisingAutoencoderModule(AutoencoderModule):
+    """The denoising autoencoder: the encoder reads a corrupted copy of x, the loss compares with x.
+
+    ``forward(..., corrupted=None)`` corrupts with torch's generator; pass ``corrupted`` to use a given
+    corruption (npvae's ``model.corrupt(x, rng)``, to compare the two).
+    """
+
+    def __init__(self, spec, parts):
+        super().__init__(spec, parts)
+        c = spec["config"]
+        self.noise, self.noise_level, self.value_range = c["noise"], float(c["noise_level"]), tuple(c["value_range"])
+
+    def corrupt(self, x: Tensor) -> Tensor:
+        lo, hi = self.value_range
+        if self.noise == "gaussian":
+            return torch.clamp(x + torch.randn_like(x) * self.noise_level, lo, hi)
+        hit, salt = torch.rand_like(x) < self.noise_level, torch.rand_like(x) < 0.5
+        return torch.where(hit, torch.where(salt, torch.full_like(x, hi), torch.full_like(x, lo)), x)
+
+    def forward(self, x, y=None, eps=None, target=None, corrupted: Tensor | None = None):
+        code, reg = self._code(self.corrupt(x) if corrupted is None else corrupted, eps)
+        target = x if target is None else target
+        return ((self.decode(code) - target) ** 2).flatten(1).sum(1), reg
+
+
+class PoorMansVAEModule(AutoencoderModule):
+    """The poor man's VAE: ``z = encoder(x) + noise_std * eps``, ``reg = ||z||_2``."""
+
+    def __init__(self, spec, parts):
+        super().__init__(spec, parts)
+        self.noise_std = float(spec["config"]["noise_std"])
+
+    def _code(self, x, eps):
+        h = self.encode(x)
+        z = h + self.noise_std * self._noise(h, eps)
+        return z, torch.linalg.vector_norm(z, dim=1)
+
+
+#: npvae model class name -> the module class that mirrors it.
+MODEL_MODULES: dict[str, type[NpvaeModule]] = {
+    "VAE": VAEModule, "CVAE": CVAEModule, "Autoencoder": AutoencoderModule,
+    "DenoisingAutoencoder": DenoisingAutoencoderModule, "PoorMansVAE": PoorMansVAEModule,
+}
+
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+
+# ----------------------------------------------------------------------------- the two directions
+
+
+def to_torch(model: Model, dtype: torch.dtype | None = None, device=None) -> NpvaeModule:
+    """An ``nn.Module`` with ``model``'s layers, weights (copied) and forward.
+
+    Parameters
+    ----------
+    model : an npvae model (any preset, or one built from your own layers)
+    dtype : torch.dtype, optional
+        Default: the model's (float32 or float64).
+    device : torch.device or str, optional
+        Default: the CPU.
+
+    Returns
+    -------
+    NpvaeModule
+        ``module.state_dict()`` has the keys, order and shapes of ``model.state_dict()``.
+    """
+    if not isinstance(model, Model):
+        raise TypeError(f"to_torch expects an npvae model, got {type(model).__name__}")
+    spec = model.spec()
+    cls = MODEL_MODULES.get(spec["class"])
+    if cls is None:
+        raise TypeError(f"npvae.torch has no module for {spec['class']}: add it to npvae.torch.MODEL_MODULES")
+    parts = {name: layer_to_torch(part) for name, part in model.parts.items()}
+    module = cls({k: v for k, v in spec.items() if k != "parts"}, parts)
+    module.to(dtype=dtype or _TORCH_DTYPES[model.dtype], device=device)
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()}, strict=True)
+    return module
+
+
+def from_torch(module: NpvaeModule, dtype=None) -> Model:
+    """The npvae model of a module built by :func:`to_torch` (trained, moved, cast: all fine), with its
+    weights copied to the CPU.
+
+    Its parts are read back layer by layer; when they are no longer the preset's (a part replaced
+    in torch by other registered layers), the model is rebuilt from those layers (``hidden=None``).
+
+    Parameters
+    ----------
+    module : NpvaeModule
+    dtype : float32 or float64, optional
+        Default: float64 when the module's parameters are float64, else float32.
+
+    Returns
+    -------
+    Model
+    """
+    if not isinstance(module, NpvaeModule):
+        raise TypeError(f"from_torch reads the modules npvae.torch.to_torch builds (they carry the npvae spec), "
+                        f"got a {type(module).__name__}; for your own module with npvae's state-dict keys, use "
+                        "model.load_state_dict({k: v.detach().cpu().numpy() for k, v in module.state_dict().items()})")
+    if dtype is None:
+        dtype = np.float64 if next(module.parameters()).dtype == torch.float64 else np.float32
+    parts = {name: L.layer_spec(layer_from_torch(module.part(name), name)) for name in module.part_names}
+    spec = {**module.spec, "parts": parts}
+    model = from_spec(spec, dtype=dtype)
+    if model.spec()["parts"] != parts and spec["config"].get("hidden") is not None:
+        model = from_spec({**spec, "config": {**spec["config"], "hidden": None}}, dtype=dtype)
+    built = model.spec()["parts"]
+    for name in parts:
+        if built.get(name) != parts[name]:
+            raise ValueError(f"the module's {name} is {L.layer_from_spec(parts[name])!r}, but a {spec['class']} with "
+                             f"these other parts has {model.parts[name]!r} there (npvae builds it from the config)")
+    state = {k: v.detach().to("cpu", torch.float64).numpy() for k, v in module.state_dict().items()}
+    model.load_state_dict(state)
+    return model

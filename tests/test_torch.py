@@ -1,0 +1,231 @@
+"""npvae.torch: every preset crosses to PyTorch and back with the same forward, the same gradients
+(float64) and the same weights; parts replaced in torch come back as npvae layers; the README's
+round trip runs as written.
+
+Two independent witnesses: npvae's own forward and gradients, and (for the presets they cover) the
+reference models of tests/torch_models.py, written from the math without npvae.torch.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import npvae
+from npvae import layers as L
+
+torch = pytest.importorskip("torch")
+from npvae.torch import LAYERS, NpvaeModule, from_torch, to_torch  # noqa: E402
+from tests.torch_models import gradient_errors, gradients, reference_for, rel_error  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+F64 = np.float64
+PRESETS = {
+    "vae": lambda: npvae.VAE(12, (7, 5), 3, dtype=F64),
+    "vae-gaussian-tanh": lambda: npvae.VAE(12, (7,), 3, "tanh", "gaussian", beta=0.5, dtype=F64),
+    "vae-cb-softplus": lambda: npvae.VAE(12, (7,), 3, "softplus", "continuous_bernoulli", dtype=F64),
+    "vae-bounds-leaky": lambda: npvae.VAE(12, (7,), 3, "leaky_relu", alpha=0.2, logvar_bounds=(-1.0, 0.5), dtype=F64),
+    "vae-images": lambda: npvae.VAE(hidden=(7,), latent_dim=2, input_shape=(3, 4), dtype=F64),
+    "cvae": lambda: npvae.CVAE(12, 4, (7,), 3, prior_hidden=(5,), dtype=F64),
+    "cvae-fixed-prior": lambda: npvae.CVAE(12, 4, (7,), 3, learned_prior=False, dtype=F64),
+    "cvae-linear-prior": lambda: npvae.CVAE(12, 4, (7,), 3, prior_hidden=(), beta=2.0, dtype=F64),
+    "ae": lambda: npvae.Autoencoder(12, (7, 5), 2, dtype=F64),
+    "dae": lambda: npvae.DenoisingAutoencoder(12, (7,), 2, dtype=F64),
+    "dae-gaussian": lambda: npvae.DenoisingAutoencoder(12, (7,), 2, noise="gaussian", noise_level=0.3, dtype=F64),
+    "poor": lambda: npvae.PoorMansVAE(12, (7,), 3, dtype=F64),
+    "own-layers": lambda: npvae.VAE(
+        encoder=L.Sequential(L.Flatten(), L.Dense(12, 6), L.Activation("tanh"), L.Dense(6, 5, "sigmoid")),
+        decoder=L.Sequential(L.Dense(2, 6, "relu"), L.Dense(6, 12), L.Reshape((3, 4))),
+        latent_dim=2, input_shape=(3, 4), dtype=F64),
+}
+examples = settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def batch(model, b: int, seed: int):
+    """x (B, *input_shape) in the model's range, labels (or None), eps (or None): one draw from ``seed``."""
+    rng = np.random.default_rng(seed)
+    lo, hi = model.value_range
+    x = lo + (hi - lo) * rng.random((b, *model.input_shape))
+    y = rng.integers(0, model.num_classes, b) if isinstance(model, npvae.Conditional) else None
+    eps = rng.standard_normal((b, model.config.latent_dim)) if model.needs_noise else None
+    return x, y, eps
+
+
+def t(a):
+    return None if a is None else torch.from_numpy(np.asarray(a))
+
+
+def run_torch(module, model, x, y, eps, seed):
+    """The module's per-example terms and its gradients of the batch-mean loss."""
+    kw = {}
+    if isinstance(model, npvae.DenoisingAutoencoder):  # the corruption npvae draws from rng(seed)
+        kw["corrupted"] = t(model.corrupt(x, np.random.default_rng(seed)))
+    module.zero_grad()
+    recon, reg = module(t(x), t(y), t(eps), **kw)
+    total = recon.mean() + module.kl_weight * reg.mean()
+    total.backward()
+    return recon.detach().numpy(), reg.detach().numpy(), gradients(module)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@examples
+@given(b=st.integers(1, 9), seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([1.0, 3.0]))
+def test_forward_and_gradients_match_npvae(name, b, seed, scale):
+    model = PRESETS[name]()
+    for p in model.parameters().values():
+        p *= scale  # larger weights reach the activations' tails
+    x, y, eps = batch(model, b, seed)
+    module = to_torch(model)
+    assert list(module.state_dict()) == list(model.state_dict())
+    recon, reg, grads = run_torch(module, model, x, y, eps, seed)
+    rng = np.random.default_rng(seed)
+    terms, ours = model.loss_and_grads(x, y, eps=eps, rng=rng)
+    ours = {k: v.copy() for k, v in ours.items()}
+    ours_recon, ours_reg = model.forward(x, y, eps=eps, rng=np.random.default_rng(seed))
+    assert rel_error(ours_recon, recon, 1.0) < 1e-12 and rel_error(ours_reg, reg, 1.0) < 1e-12
+    assert terms.total == pytest.approx(recon.mean() + module.kl_weight * reg.mean(), rel=1e-12, abs=1e-12)
+    errors = gradient_errors(ours, grads)
+    assert max(errors.values()) < 1e-9, errors
+
+
+@pytest.mark.parametrize("name", ["vae", "vae-gaussian-tanh", "vae-cb-softplus", "vae-bounds-leaky", "ae", "poor"])
+def test_the_module_computes_what_the_reference_written_from_the_math_computes(name):
+    model = PRESETS[name]()
+    x, _, eps = batch(model, 6, 3)
+    ref = reference_for(model)
+    theirs = ref(t(x), t(eps)) if isinstance(model, npvae.VAE) else ref(t(x), t(x), t(eps))
+    ours = to_torch(model)(t(x), eps=t(eps))
+    for a, b in zip(ours, theirs):
+        assert rel_error(a.detach().numpy(), b.detach().numpy(), 1.0) < 1e-12
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_the_round_trip_keeps_spec_weights_and_inference(name):
+    model = PRESETS[name]()
+    module = to_torch(model)
+    back = from_torch(module)
+    assert type(back) is type(model) and back.spec() == model.spec() and back.dtype == model.dtype
+    for key, value in model.state_dict().items():
+        assert np.array_equal(back.state_dict()[key], value), key
+    x, y, _ = batch(model, 5, 1)
+    codes = model.codes(x, y)
+    assert np.allclose(back.decode(codes, y), model.decode(codes, y), rtol=0, atol=1e-14)
+    ours = module.decode(t(codes), t(y)).detach().numpy()
+    assert np.allclose(ours, model.decode(codes, y), rtol=0, atol=1e-12)  # decode means the same in both
+    copy = pickle.loads(pickle.dumps(module))  # torch.save(module) pickles it
+    assert from_torch(copy).spec() == model.spec()
+    encoded = module.encode(t(x), t(y))
+    encoded = encoded[0] if isinstance(encoded, tuple) else encoded
+    assert np.allclose(encoded.detach().numpy(), codes, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["vae", "cvae", "dae", "poor"])
+def test_weights_trained_in_torch_come_back(name):
+    model = PRESETS[name]()
+    module = to_torch(model, dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
+    x, y, eps = batch(model, 8, 0)
+    for _ in range(3):
+        opt.zero_grad()
+        module.loss(t(x).float(), t(y), None if eps is None else t(eps).float())[0].backward()
+        opt.step()
+    back = from_torch(module)
+    assert back.dtype == np.float32
+    for key, p in module.state_dict().items():
+        assert np.array_equal(back.state_dict()[key], p.numpy()), key
+    assert not np.allclose(back.state_dict()["decoder.0.weight"], model.state_dict()["decoder.0.weight"])
+    assert from_torch(module, dtype=np.float64).dtype == np.float64
+
+
+def test_samples_follow_the_prior_and_the_labels():
+    model = PRESETS["cvae"]()
+    module = to_torch(model)
+    images = module.sample(6, t(np.arange(6) % 4), generator=torch.Generator().manual_seed(0))
+    assert images.shape == (6, 12) and ((images >= 0) & (images <= 1)).all()
+    with pytest.raises(ValueError, match="pass its labels y"):
+        module.sample(2)
+
+
+def test_a_part_replaced_in_torch_comes_back_as_npvae_layers():
+    model = PRESETS["vae"]()
+    module = to_torch(model)
+    module.encoder = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.LeakyReLU(0.1), torch.nn.Linear(9, 5),
+                                         torch.nn.Softplus()).double()
+    back = from_torch(module)
+    assert back.config.hidden is None
+    assert repr(back.parts["encoder"]) == ("Sequential(Dense(12 -> 9), Activation('leaky_relu', alpha=0.1), "
+                                           "Dense(9 -> 5), Activation('softplus'))")
+    x, _, eps = batch(back, 5, 2)
+    with torch.no_grad():
+        theirs = [a.numpy() for a in module(t(x), eps=t(eps))]
+    ours = back.forward(x, eps=eps)
+    assert all(rel_error(a, b, 1.0) < 1e-12 for a, b in zip(ours, theirs))
+    assert from_torch(to_torch(back)).spec() == back.spec()  # own layers cross again
+
+
+def test_what_cannot_cross_is_named():
+    with pytest.raises(TypeError, match="from_torch reads the modules npvae.torch.to_torch builds"):
+        from_torch(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="to_torch expects an npvae model"):
+        to_torch(torch.nn.Linear(2, 2))
+    module = to_torch(PRESETS["vae"]())
+    module.encoder.append(torch.nn.Dropout(0.1))
+    with pytest.raises(TypeError, match=r"encoder\.2 is a torch Dropout, which npvae has no layer for"):
+        from_torch(module)
+    module = to_torch(PRESETS["vae"]())
+    module.encoder = torch.nn.Sequential(torch.nn.Linear(12, 4)).double()  # the heads read 5 features
+    with pytest.raises(ValueError, match=r"the module.s heads is GaussianHeads\(5 -> 2 x 3\), but a VAE with these other parts has GaussianHeads\(4 -> 2 x 3\)"):
+        from_torch(module)
+    module = to_torch(PRESETS["vae"]())
+    module.encoder[0] = torch.nn.Linear(12, 7, bias=False).double()
+    with pytest.raises(ValueError, match="has no bias"):
+        from_torch(module)
+
+    class Negate(L.Layer):
+        pass
+
+    with pytest.raises(TypeError, match="no torch module for Negate: register one with npvae.torch.register_layer"):
+        npvae.torch.layer_to_torch(Negate())
+
+
+def test_every_npvae_layer_type_is_registered():
+    assert set(L.LAYER_TYPES.values()) | {L.Sequential} <= set(LAYERS)
+
+
+def test_importing_npvae_never_imports_torch():
+    code = "import sys, npvae, npvae.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def readme_section(title: str) -> list[str]:
+    """The ```python blocks of the README section under ``## title``."""
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return re.findall(r"```python\n(.*?)```", text[start:end if end > 0 else None], re.S)
+
+
+@pytest.mark.slow
+def test_the_readme_round_trip_runs_as_written(tmp_path, monkeypatch):
+    blocks = readme_section("Train here on a CPU, continue in PyTorch on a GPU")
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for code in blocks:  # the second block continues the first
+        exec(compile(code, "README.md", "exec"), namespace)
+    assert isinstance(namespace["module"], NpvaeModule) and isinstance(namespace["model"], npvae.CVAE)
+    assert namespace["sevens"].shape == (8, 28, 28)
+    model, _ = npvae.load_model(tmp_path / "vae.npz")
+    assert model.spec() == npvae.VAE(input_shape=(28, 28), hidden=(400,), latent_dim=20).spec()
