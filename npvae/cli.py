@@ -239,7 +239,7 @@ def cmd_train(args) -> int:
         None if test_target is None else _prepare(test_target, model, config.binarize, config.seed),
     )
     split = "validation (this data has no separate test split)" if dataset.is_demo or dataset.test_x is dataset.val_x else "test"
-    print(f"{split}: negative ELBO {test['loss']:.2f} nats/image (recon {test['recon']:.2f}, kl {test['kl']:.2f})")
+    print(f"{split}: {model.loss_names.format(test['loss'], test['recon'], test['kl'])} per image")
     written = [name for name in (CHECKPOINT, BEST, LOG) if (out / name).exists()]
     print(f"wrote {out}/" + ", ".join(written + [p.name for p in trainer.pictures_written]))
     return 0
@@ -402,15 +402,14 @@ def cmd_evaluate(args) -> int:
     dataset, x, labels, note = _split_data(args, model, meta, args.n, args.fresh_binarization)
     rng = np.random.default_rng(args.seed)
     terms = model.evaluate(x, model.check_labels(labels, len(x)), rng=rng)
-    result = {"dataset": dataset.name, "split": args.split, "examples": len(x),
-              "negative_elbo": terms.total, "recon": terms.recon, "kl": terms.kl}
-    what = ("negative conditional ELBO" if isinstance(model, Conditional) else
-            "negative ELBO" if isinstance(model, GaussianLatent) else "loss")
+    names = model.loss_names
+    result = {"dataset": dataset.name, "split": args.split, "examples": len(x), "loss_name": names.total,
+              "unit": names.unit, "loss": terms.total, "recon": terms.recon, "kl": terms.kl}
     print(f"{dataset.description}")
     if note:
         print(f"binarization: {note}")
         result["binarization"] = note
-    print(f"{args.split}: {what} {terms.total:.3f} (recon {terms.recon:.3f}, kl {terms.kl:.3f}) per image, {len(x)} images")
+    print(f"{args.split}: {names.format(terms.total, terms.recon, terms.kl, digits=3)} per image, {len(x)} images")
     if args.iw_samples is not None:
         from .study.likelihood import iwae_log_likelihood
 
@@ -451,7 +450,8 @@ def cmd_reconstruct(args) -> int:
     tc = meta.get("train_config", {})
     x = _prepare(dataset.test_x[: args.n], model, tc.get("binarize", "none"), tc.get("seed", 0))
     labels = None if dataset.test_y is None else dataset.test_y[: args.n]
-    path = figures.reconstructions(model, x, args.out, model.check_labels(labels, len(x)), n=args.n)
+    target = None if dataset.test_target is None else _prepare(dataset.test_target[: args.n], model, "none", 0)
+    path = figures.reconstructions(model, x, args.out, model.check_labels(labels, len(x)), n=args.n, target=target)
     print(f"wrote {path}")
     return 0
 
@@ -516,7 +516,8 @@ def cmd_info(args) -> int:
 
 PLOTS = ("reconstructions", "samples", "classes", "interpolation", "latent", "manifold", "curves", "kl", "grad-norms")
 PLOT_HELP = """what to draw:
-  reconstructions  test images above their reconstructions (--n pairs, default 10)
+  reconstructions  test images above their reconstructions (--n pairs, default 10); a denoising
+                   model's: corrupted input, output and clean original, row under row
   samples          decoded draws from the prior (--n, default 64; --label for a cvae)
   classes          cvae: one row of samples per class, drawn from each class's prior (--n per row, default 10)
   interpolation    decoded straight lines between two test images' posterior means
@@ -547,7 +548,8 @@ def cmd_plot(args) -> int:
     what = args.what
     out = Path(args.out or f"{what}.png")
     if what == "curves":
-        print(f"wrote {figures.training_curves(_run_log(args.checkpoint), out)}")
+        names = load_model(args.checkpoint)[0].loss_names
+        print(f"wrote {figures.training_curves(_run_log(args.checkpoint), out, names)}")
         return 0
     if what == "grad-norms":
         print(f"wrote {figures.grad_norms(_run_log(args.checkpoint), out)}")
@@ -578,7 +580,7 @@ def cmd_plot(args) -> int:
         dataset, x, y, _ = _split_data(args, model, meta)
         names = figures.class_names(dataset.name, dataset.num_classes) if dataset.has_labels else None
         if what == "reconstructions":
-            path = figures.reconstructions(model, x, out, y, n=n)
+            path = figures.reconstructions(model, x, out, y, n=n, rng=rng)
         elif what == "interpolation":
             path = figures.interpolation(model, x, out, y, rows=n, steps=args.steps)
         elif what == "latent":
@@ -769,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-grad-norms", action="store_true", help="log per-layer gradient norms to log.jsonl")
     p.set_defaults(func=cmd_train)
 
-    p = _command(sub, "evaluate", "the loss and its parts on the test split",
+    p = _command(sub, "evaluate", "the model's loss and its terms on the test split (a VAE's negative ELBO, reconstruction and KL in nats)",
                  "Evaluate a checkpoint on its data's test split (or validation split): the negative ELBO and "
                  "its reconstruction and KL parts per image, and with --iw-samples the importance-weighted "
                  "estimate of -log p(x). The run's own data is found again without --data-dir.")
@@ -799,7 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "reconstruct", "test images above their reconstructions, as a PNG",
                  "Encode the first --n test images of the checkpoint's data and decode their codes: inputs in one "
-                 "row, reconstructions in the row below.")
+                 "row, reconstructions in the row below (a denoiser's: corrupted input, output, clean original).")
     p.add_argument("checkpoint", help="a checkpoint.npz or best.npz")
     _add_data_args(p)
     p.add_argument("--n", type=_count(1, MAX_PICTURE_IMAGES // 2), default=10, help="how many test images")

@@ -510,7 +510,8 @@ class Trainer:
 
         try:
             self.pictures_written = figures.epoch_pictures(self.model, self.val_x, self.val_labels, self.out_dir, epoch,
-                                                           seed=self.config.seed, dataset_name=self.dataset.name)
+                                                           seed=self.config.seed, dataset_name=self.dataset.name,
+                                                           val_target=self.val_target)
         except (ImportError, OSError) as exc:  # matplotlib is an optional extra; a full disk spares the checkpoint
             if not self._warned_pictures:
                 self.echo(f"pictures skipped: {exc}")
@@ -580,7 +581,7 @@ class Trainer:
                     }, what=BEST)
                 self._save_checkpoint()
                 self._log(record)  # after the checkpoint: the log never runs ahead of it
-                self.echo(_epoch_line(record, cfg.epochs))
+                self.echo(_epoch_line(record, cfg.epochs, self.model.loss_names))
                 if cfg.pictures:
                     self._pictures(self.epoch)
                 if cfg.patience is not None and self.bad_epochs >= cfg.patience:
@@ -634,9 +635,12 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _epoch_line(r: dict, epochs: int) -> str:
-    return (f"epoch {r['epoch']}/{epochs}  train {r['train_loss']:.2f} (recon {r['train_recon']:.2f}, kl {r['train_kl']:.2f})"
-            f"  val {r['val_loss']:.2f} (recon {r['val_recon']:.2f}, kl {r['val_kl']:.2f})"
+def _epoch_line(r: dict, epochs: int, names) -> str:
+    """E.g. ``epoch 3/10  negative ELBO (nats): train 250.12 (recon 230.00, KL 20.12)  val ...``, in the
+    model's own names (``names``, a :class:`~npvae.models.LossNames`)."""
+    unit = f" ({names.unit})" if names.unit else ""
+    return (f"epoch {r['epoch']}/{epochs}  {names.total}{unit}: train {r['train_loss']:.2f}"
+            f"{names.parts(r['train_recon'], r['train_kl'])}  val {r['val_loss']:.2f}{names.parts(r['val_recon'], r['val_kl'])}"
             f"  {r['seconds']:.1f}s, {r['images_per_second']:,.0f} img/s")
 
 

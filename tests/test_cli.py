@@ -54,8 +54,9 @@ def test_evaluate_prints_the_elbo_and_its_parts(vae_run, capsys):
     assert main(["evaluate", str(vae_run / "checkpoint.npz"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["dataset"] == "demo" and result["examples"] == 500
-    assert result["negative_elbo"] == pytest.approx(result["recon"] + result["kl"])
-    assert 50 < result["negative_elbo"] < 400
+    assert result["loss_name"] == "negative ELBO" and result["unit"] == "nats"
+    assert result["loss"] == pytest.approx(result["recon"] + result["kl"])
+    assert 50 < result["loss"] < 400
 
 
 def test_sample_and_reconstruct_write_pngs(vae_run, tmp_path):

@@ -9,7 +9,7 @@
 """
 
 from .autoencoders import Autoencoder, DenoisingAutoencoder, PoorMansVAE
-from .base import Conditional, GaussianLatent, LossTerms, Model, StandardNormalPrior
+from .base import Conditional, Denoising, GaussianLatent, LossNames, LossTerms, Model, StandardNormalPrior
 from .cvae import CVAE
 from .likelihoods import LIKELIHOODS
 from .registry import MODEL_CLASSES, MODELS, build_model, from_spec
@@ -17,7 +17,7 @@ from .saving import load_model, save_model
 from .vae import VAE
 
 __all__ = [
-    "Model", "LossTerms", "GaussianLatent", "StandardNormalPrior", "Conditional",
+    "Model", "LossTerms", "LossNames", "GaussianLatent", "StandardNormalPrior", "Conditional", "Denoising",
     "VAE", "CVAE", "Autoencoder", "DenoisingAutoencoder", "PoorMansVAE",
     "LIKELIHOODS", "MODELS", "MODEL_CLASSES", "build_model", "from_spec", "load_model", "save_model",
 ]

@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import ops
 from ..layers import Sequential, mlp
-from .base import Model, check_generator
+from .base import Denoising, LossNames, Model, check_generator
 from .likelihoods import SquaredError
 from .vae import _positive, _sizes, check_stack, input_layers, output_layers, resolve_input_shape
 
@@ -39,6 +39,7 @@ class Autoencoder(Model):
     """
 
     kind = "ae"
+    loss_names = LossNames("squared error", "squared error")  # summed over pixels; an error, not a density
 
     def __init__(self, input_dim=784, hidden=(128, 64, 12), latent_dim=3, activation="relu", output_activation="tanh",
                  value_range=(-1.0, 1.0), alpha=0.01, dtype=np.float32, seed=0, *, encoder=None, decoder=None,
@@ -137,7 +138,7 @@ class DenoisingAutoencoderConfig(AutoencoderConfig):
     noise_level: float = 0.2  # salt_pepper: fraction of pixels hit; gaussian: noise std
 
 
-class DenoisingAutoencoder(Autoencoder):
+class DenoisingAutoencoder(Autoencoder, Denoising):
     """Autoencoder trained to undo corruption: each batch is corrupted afresh, the loss compares
     the reconstruction of the corrupted input with the clean input."""
 
@@ -192,7 +193,7 @@ class PoorMansVAE(Autoencoder):
 
     kind = "poor"
     needs_noise = True
-    reg_name = "norm"
+    loss_names = LossNames("squared error + code norm", "squared error", "code norm")
 
     def __init__(self, input_dim=784, hidden=(392,), latent_dim=20, activation="sigmoid", output_activation="sigmoid",
                  value_range=(0.0, 1.0), alpha=0.01, noise_std=1.0, dtype=np.float32, seed=0, **kwargs):

@@ -24,6 +24,10 @@ Capabilities, checked with ``isinstance``
 - :class:`StandardNormalPrior`: the prior is the fixed N(0, I), so log p(z) needs no labels
   (importance-weighted likelihoods).
 - :class:`Conditional`: a model of p(x | y) with class labels y in [0, C).
+- :class:`Denoising`: the model corrupts its input (``corrupt(x, rng)``) and reconstructs the clean one.
+
+What a model's loss is called, and its unit, is the model's own :attr:`Model.loss_names` (a
+:class:`LossNames`); reports read it and never branch on the kind of model.
 """
 
 from __future__ import annotations
@@ -46,6 +50,27 @@ class LossTerms:
     total: float  # the training objective (negative ELBO for VAEs), per example
     recon: float  # reconstruction term: negative log-likelihood (or squared error), per example
     kl: float  # KL(q(z|x) || p(z)) for VAEs; the poor man's VAE puts its ||z|| penalty here; 0 for AEs
+
+
+@dataclass(frozen=True)
+class LossNames:
+    """What a model's loss and its two terms are called in every report (training lines, ``evaluate``,
+    the training curves), and their unit: each model declares its own (:attr:`Model.loss_names`), so an
+    autoencoder's squared error is never printed as a negative ELBO in nats."""
+
+    total: str  # the objective, LossTerms.total: "negative ELBO", "squared error", ...
+    recon: str  # the reconstruction term, LossTerms.recon
+    reg: str | None = None  # the second term, LossTerms.kl ("KL", "code norm"); None: the model has none (always 0)
+    unit: str | None = None  # "nats" for negative log-likelihoods; None for errors, which carry no unit
+
+    def format(self, total: float, recon: float, reg: float, digits: int = 2) -> str:
+        """E.g. ``negative ELBO 248.20 nats (recon 230.10, KL 18.10)``, or ``squared error 41.30``."""
+        unit = f" {self.unit}" if self.unit else ""
+        return f"{self.total} {total:.{digits}f}{unit}" + self.parts(recon, reg, digits)
+
+    def parts(self, recon: float, reg: float, digits: int = 2) -> str:
+        """`` (recon 230.10, KL 18.10)``; empty for a model whose loss is its reconstruction term alone."""
+        return "" if self.reg is None else f" ({self.recon} {recon:.{digits}f}, {self.reg} {reg:.{digits}f})"
 
 
 _PARAMETER_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("parameter_limit", default=None)
@@ -85,7 +110,7 @@ class Model:
 
     kind = "model"  # the CLI preset's name, for messages and checkpoints
     value_range = (0.0, 1.0)
-    reg_name = "regulariser"  # what the second loss term is called in reports
+    loss_names = LossNames("loss", "recon", "regulariser")  # how reports name the loss, its terms and unit
     kl_weight = 1.0  # weight of the second term in the training loss
     eval_weight = 1.0  # weight of the second term in evaluate's total
     needs_noise = False  # True when forward draws noise (eps), so loss_and_grads needs eps or rng
@@ -383,11 +408,15 @@ class GaussianLatent:
     KL(q(z|x) || p(z)): ``encode`` returns ``(mu, logvar)``, ``prior(n, y)`` the prior's parameters,
     and ``kl_weight`` (beta, annealed by KL warm-up) weights the KL in training."""
 
-    reg_name = "kl"
-
 
 class StandardNormalPrior:
     """The prior p(z) is the fixed N(0, I): log p(z) needs nothing but z."""
+
+
+class Denoising:
+    """A model that corrupts its input before encoding it and learns to reconstruct the clean input:
+    ``corrupt(x, rng)`` returns the corrupted copy (B, *input_shape) that it encodes in training. Its
+    pictures show the corrupted input, the output and the clean original."""
 
 
 class Conditional:

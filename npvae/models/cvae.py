@@ -80,6 +80,7 @@ class CVAE(GaussianVAE, Conditional):
     """
 
     kind = "cvae"
+    objective = "negative conditional ELBO"
 
     def __init__(self, input_dim: int = 784, num_classes: int = 10, hidden=(400,), latent_dim: int = 20,
                  activation: str = "relu", likelihood: str = "bernoulli", beta: float = 1.0, alpha: float = 0.01,

@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import ops
 from ..layers import Flatten, GaussianHeads, Reshape, Sequential, mlp
-from .base import GaussianLatent, Model, StandardNormalPrior
+from .base import GaussianLatent, LossNames, Model, StandardNormalPrior
 from .likelihoods import LIKELIHOODS, likelihood as make_likelihood
 
 
@@ -82,6 +82,7 @@ class GaussianVAE(Model, GaussianLatent):
 
     kind = "vae"
     needs_noise = True
+    objective = "negative ELBO"  # what recon + KL is, at beta = 1
 
     def __init__(self, input_dim: int = 784, hidden=(400,), latent_dim: int = 20, activation: str = "relu",
                  likelihood: str = "bernoulli", beta: float = 1.0, alpha: float = 0.01,
@@ -156,6 +157,13 @@ class GaussianVAE(Model, GaussianLatent):
     @property
     def eval_weight(self) -> float:
         return self.config.beta
+
+    @property
+    def loss_names(self) -> LossNames:
+        """``negative ELBO`` in nats (a likelihood's negative log-density); ``recon + beta KL`` for beta != 1."""
+        beta = self.config.beta
+        total = self.objective if beta == 1 else f"recon + {beta:g} KL"
+        return LossNames(total, "recon", "KL", "nats" if self.likelihood.is_density else None)
 
     # -- the pieces of the reparameterization path
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import ops
 from ..checkpoint import atomic_write
-from ..models import Conditional, GaussianLatent, StandardNormalPrior
+from ..models import Conditional, Denoising, GaussianLatent, LossNames, StandardNormalPrior
 from . import plots
 
 
@@ -30,12 +30,51 @@ def class_names(dataset_name: str | None, num_classes: int) -> list[str]:
     return [str(c) for c in range(num_classes)]
 
 
-def reconstructions(model, x, path, y=None, n: int = 10, title: str | None = None) -> Path:
-    """Originals above their reconstructions (the posterior mean decoded)."""
+def _reconstruction_rows(model, paired: bool) -> tuple[tuple[str, ...], str]:
+    """The row labels of one block of the reconstruction picture, and what the picture shows."""
+    if isinstance(model, Denoising):
+        return ("corrupted input", "output", "clean " + ("target" if paired else "original")), \
+            "inputs corrupted as in training, the model's outputs, and the clean " + ("targets" if paired else "originals")
+    if paired:
+        return ("input", "output", "target"), "inputs, the model's outputs, and their targets"
+    return ("input", "reconstruction"), "inputs and their reconstructions"
+
+
+def reconstructions(model, x, path, y=None, n: int = 10, title: str | None = None, *, target=None,
+                    rng: np.random.Generator | None = None, where: str = "") -> Path:
+    """Inputs above their reconstructions (the code, e.g. the posterior mean, decoded).
+
+    A :class:`~npvae.models.Denoising` model shows what it exists for: rows of corrupted inputs
+    (``model.corrupt(x, rng)``, as in training), its outputs, and the clean originals. Paired data
+    (``target``, e.g. noisy -> clean scans) adds the targets as a third row.
+
+    Parameters
+    ----------
+    x : (N, *input_shape) array in the model's range; the first ``n`` are drawn
+    y : (N,) labels, for conditional models
+    target : (N, *input_shape) array, optional
+        What each output should be, when it is not the input itself.
+    rng : np.random.Generator, optional
+        Draws a denoiser's corruption; default ``np.random.default_rng(0)`` (the same picture each call).
+    where : str
+        Prefix of the default title naming the images, e.g. ``"Validation"``.
+    """
     x = x[:n]
-    recon = model.reconstruct(x, None if y is None else y[:n])
-    return plots.plot_reconstructions(x, _clip(recon, model), path, value_range=_value_range(model),
-                                      **({"title": title} if title else {}))
+    y = None if y is None else y[:n]
+    target = None if target is None else target[:n]
+    labels, shows = _reconstruction_rows(model, target is not None)
+    clean = None
+    if isinstance(model, Denoising):
+        clean = x if target is None else target
+        x = model.corrupt(x, np.random.default_rng(0) if rng is None else rng)
+    elif target is not None:
+        clean = target
+    recon = model.reconstruct(x, y)
+    if title is None:
+        title = f"{where} {shows}".strip()
+        title = title[0].upper() + title[1:]
+    return plots.plot_reconstructions(x, _clip(recon, model), path, title=title, value_range=_value_range(model),
+                                      targets=clean, row_labels=labels)
 
 
 def samples(model, path, rng: np.random.Generator, n: int = 64, label: int | None = None,
@@ -55,17 +94,21 @@ def class_grid(model, path, rng: np.random.Generator, n_per_class: int = 10, nam
     return plots.plot_class_grid(_clip(images, model), path, class_names=names, value_range=_value_range(model))
 
 
-def epoch_pictures(model, val_x, val_y, out_dir, epoch: int, seed: int = 0, dataset_name: str | None = None) -> list[Path]:
+def epoch_pictures(model, val_x, val_y, out_dir, epoch: int, seed: int = 0, dataset_name: str | None = None,
+                   val_target=None) -> list[Path]:
     """The pictures written after each training epoch: under ``out_dir/pictures/`` with the epoch
     number, and the latest copy at the top of ``out_dir`` (``reconstructions.png``, ``samples.png``,
-    and ``classes.png`` for conditional models). Returns those latest copies."""
+    and ``classes.png`` for conditional models). ``val_target``: paired training's targets.
+    Returns those latest copies."""
     out_dir = Path(out_dir)
     written = []
     for name in _names(model):
         path = out_dir / "pictures" / f"{name}_e{epoch:03d}.png"
         rng = np.random.default_rng([seed, 99])  # the same latent draws every epoch: watch them sharpen
         if name == "reconstructions":
-            reconstructions(model, val_x, path, val_y, title=f"Validation inputs and reconstructions, epoch {epoch}")
+            shows = _reconstruction_rows(model, val_target is not None)[1]
+            reconstructions(model, val_x, path, val_y, title=f"Validation {shows}, epoch {epoch}", target=val_target,
+                            rng=np.random.default_rng([seed, 98]))  # the same corruption every epoch
         elif name == "samples":
             samples(model, path, rng, title=f"Samples from the prior, epoch {epoch}")
         else:
@@ -225,9 +268,16 @@ def kl_per_dim(model, x, path, y=None, threshold: float = 0.01) -> tuple[Path, n
     return plots.plot_kl_per_dim(kl, path, threshold=threshold, title=title), kl
 
 
-def training_curves(log_path, path) -> Path:
-    """Loss curves (total, reconstruction, KL; train and validation) from a run's ``log.jsonl``."""
-    return plots.plot_training_curves(log_path, path, title="Training curves (nats per image)")
+def training_curves(log_path, path, names: LossNames | None = None) -> Path:
+    """Loss curves (train and validation) from a run's ``log.jsonl``: the total, and its reconstruction
+    and second term for a model that has one, called by the model's ``loss_names``."""
+    if names is None:
+        return plots.plot_training_curves(log_path, path)
+    panels = [(names.total[0].upper() + names.total[1:], "loss")]
+    if names.reg is not None:
+        panels += [("Reconstruction term", "recon"), (f"{names.reg} term", "kl")]
+    per = f"{names.unit} per image" if names.unit else "per image"
+    return plots.plot_training_curves(log_path, path, title=f"Training curves ({per})", ylabel=per, panels=panels)
 
 
 def grad_norms(log_path, path) -> Path:

@@ -15,7 +15,8 @@ Design:
 - Every file is written atomically (a temporary file renamed over the target): a reader sees the
   previous picture or the new one, never half of one.
 - The pure NumPy helpers (:func:`tile_images`, :func:`pca_2d`, :func:`norm_ppf`,
-  :func:`manifold_grid`, :func:`active_units`, :func:`active_units_cov`) work without matplotlib.
+  :func:`manifold_grid`, :func:`active_units`, :func:`active_units_cov`, :func:`kl_axis`,
+  :func:`labelled_cells`) work without matplotlib.
 - Images are ``(N, 784)`` rows (any square ``D = side * side`` works), ``(N, H, W)`` gray or
   ``(N, H, W, 3)`` RGB, with values in ``value_range`` (``(0, 1)`` by default; ``(-1, 1)`` for
   tanh outputs). Gray ones are drawn in a gray colormap, 1 = white; RGB ones in colour; no
@@ -42,6 +43,8 @@ __all__ = [
     "active_units",
     "active_units_cov",
     "image_grid",
+    "kl_axis",
+    "labelled_cells",
     "manifold_grid",
     "norm_ppf",
     "pca_2d",
@@ -71,6 +74,7 @@ _DPI = 150
 _CELL_INCHES = 0.45     # on-page size of one 28x28 image in a grid
 _GUTTER_FILL = 0.5      # mid-gray: visible between black MNIST backgrounds, distinct from strokes
 _EMPTY_FILL = 1.0       # white: unused trailing cells blend into the page
+_PAD_INCHES = 0.04      # white margin around every picture (6 px at 150 dpi)
 _OUT_OF_RANGE_TOL = 0.01  # fraction of the value range an image may overshoot before we refuse it
 
 PNG_SCALE = 2           # without matplotlib: screen pixels per image pixel, so 28x28 digits stay legible
@@ -113,7 +117,10 @@ def _save(fig, path: PathLike) -> Path:
         path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix[1:].lower() or "png"
-    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=_DPI, facecolor="white"), durable=False)
+    # "tight": the canvas shrinks to what is drawn, so a fixed-aspect image grid whose figure size was
+    # only estimated leaves no blank band beside it (scripts/blank_bands.py measures the edges).
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=_DPI, facecolor="white", bbox_inches="tight",
+                                             pad_inches=_PAD_INCHES), durable=False)
     # Figures made without pyplot are not registered anywhere; clearing drops the artists now
     # rather than whenever the garbage collector gets to them.
     fig.clear()
@@ -322,12 +329,15 @@ def _draw_grid(grid: np.ndarray, title: Any, *, gutter: int = 1,
     return fig, ax
 
 
-def _save_grid(grid: np.ndarray, path: PathLike, title: Any, *, gutter: int = 1, **labels) -> Path:
-    """Draw a ``(R, C, h, w[, 3])`` grid of [0, 1] images with matplotlib (:func:`_draw_grid`), or,
-    without matplotlib, write the bare mosaic as a PNG (no title or labels), each pixel a
-    ``PNG_SCALE`` square."""
+def _save_grid(grid: np.ndarray, path: PathLike, title: Any, *, gutter: int = 1,
+               decorate: Callable | None = None, **labels) -> Path:
+    """Draw a ``(R, C, h, w[, 3])`` grid of [0, 1] images with matplotlib (:func:`_draw_grid`; then
+    ``decorate(ax)``, e.g. ticks), or, without matplotlib, write the bare mosaic as a PNG (no title or
+    labels), each pixel a ``PNG_SCALE`` square."""
     try:
-        fig, _ = _draw_grid(grid, title, gutter=gutter, **labels)
+        fig, ax = _draw_grid(grid, title, gutter=gutter, **labels)
+        if decorate is not None:
+            decorate(ax)
     except MatplotlibMissing:
         path = Path(path)
         if path.suffix.lower() != ".png":
@@ -401,39 +411,55 @@ def plot_samples(images: Any, path: PathLike, title: str = "Samples from the pri
 
 
 def plot_reconstructions(originals: Any, reconstructions: Any, path: PathLike,
-                         title: str = "Inputs and their reconstructions",
+                         title: str | None = None,
                          ncols: int | None = None,
-                         value_range: tuple[float, float] = (0, 1)) -> Path:
-    """Save inputs with each reconstruction directly below its input.
+                         value_range: tuple[float, float] = (0, 1),
+                         targets: Any = None,
+                         row_labels: Sequence[str] | None = None) -> Path:
+    """Save inputs with each reconstruction directly below its input (and, given ``targets``, the
+    target below that).
 
-    Rows alternate "input" / "reconstruction"; with more than ``ncols`` images the pair of rows
-    repeats.
+    Rows cycle "input" / "reconstruction" (/ "target"); with more than ``ncols`` images the block of
+    rows repeats. A denoiser's picture passes its corrupted inputs as ``originals``, the clean images
+    as ``targets`` and the labels ``("corrupted input", "output", "clean original")``.
 
     Parameters
     ----------
     originals : array_like, shape ``(N, 784)`` or ``(N, 28, 28)``
+        What the model was given.
     reconstructions : array_like, same shape as ``originals``
         E.g. the decoder's Bernoulli means ``sigmoid(logits)`` for the encoded inputs.
     path : str or PathLike
-    title : str
+    title : str, optional
+        Default ``"Inputs and their reconstructions"``, or ``"Inputs, outputs and targets"``.
     ncols : int, optional
-        Pairs per row; default ``min(N, 10)``.
+        Images per row; default ``min(N, 10)``.
     value_range : (lo, hi)
+    targets : array_like, same shape as ``originals``, optional
+        What each output should be, when that is not the input itself (denoising).
+    row_labels : sequence of 2 (3 with ``targets``) str, optional
+        The labels of the rows of one block; default ``("input", "reconstruction")``, or
+        ``("input", "output", "target")``.
 
     Returns
     -------
     path : Path
     """
-    x = _as_images(originals, "originals", value_range)
-    r = _as_images(reconstructions, "reconstructions", value_range)
-    if x.shape != r.shape:
-        raise ValueError(f"originals and reconstructions must have the same shape, got "
-                         f"{np.shape(originals)} and {np.shape(reconstructions)}")
-    ncols = _check_ncols(10 if ncols is None else ncols, x.shape[0])
-    gx, gr = _pad_to_grid(x, ncols), _pad_to_grid(r, ncols)
-    grid = np.stack([gx, gr], axis=1).reshape(-1, *gx.shape[1:])  # (2R, C, h, w), interleaved
-    labels = ["input", "reconstruction"] * gx.shape[0]
-    return _save_grid(grid, path, title, row_labels=labels)
+    rows = {"originals": originals, "reconstructions": reconstructions}
+    if targets is not None:
+        rows["targets"] = targets
+    images = [_as_images(a, name, value_range) for name, a in rows.items()]
+    if any(im.shape != images[0].shape for im in images):
+        raise ValueError(f"{', '.join(rows)} must have the same shape, got "
+                         + " and ".join(str(np.shape(a)) for a in rows.values()))
+    default = ("input", "reconstruction") if targets is None else ("input", "output", "target")
+    labels = _check_labels_list(row_labels, len(images), "row_labels", "rows per block") or list(default)
+    if title is None:
+        title = "Inputs and their reconstructions" if targets is None else "Inputs, outputs and targets"
+    ncols = _check_ncols(10 if ncols is None else ncols, images[0].shape[0])
+    grids = [_pad_to_grid(im, ncols) for im in images]
+    grid = np.stack(grids, axis=1).reshape(-1, *grids[0].shape[1:])  # (kR, C, h, w), interleaved
+    return _save_grid(grid, path, title, row_labels=labels * grids[0].shape[0])
 
 
 def plot_interpolation(paths: Any, path: PathLike,
@@ -611,6 +637,20 @@ def _fmt_code(v: float) -> str:
     return f"{v:.2f}" if abs(v) >= 0.005 else "0.00"
 
 
+_TICK_FONT = 8  # points
+
+
+def labelled_cells(n: int, cell_inches: float, label_inches: float) -> list[int]:
+    """Which of ``n`` cells of ``cell_inches`` each get a tick label ``label_inches`` wide (pure Python).
+
+    Every cell when the labels fit side by side; else evenly spaced cells, both ends included, at
+    least one label's width (plus a small gap) apart.
+    """
+    step = max(1, math.ceil((label_inches + 0.06) / cell_inches))
+    count = (n - 1) // step + 1
+    return sorted({int(round(v)) for v in np.linspace(0, n - 1, count)}) if count > 1 else [0]
+
+
 def plot_manifold(decode: Callable[[np.ndarray], Any], path: PathLike, n: int = 20,
                   latent_dim: int = 2, quantile_range: tuple[float, float] = (0.05, 0.95),
                   title: str = "The learned manifold: decoding a grid over the 2-D latent space",
@@ -649,14 +689,27 @@ def plot_manifold(decode: Callable[[np.ndarray], Any], path: PathLike, n: int = 
         raise ValueError(f"decode returned shape {out.shape} for {z.shape[0]} codes; "
                          f"expected ({z.shape[0]}, 784)")
     imgs = _as_images(out, "decode(z)", value_range)
-    v = z[:n, 0]  # column values, left to right
-    mid = (n - 1) // 2
-    cols = {j: _fmt_code(v[j]) for j in sorted({0, mid, n - 1})}
     grid = imgs.reshape(n, n, *imgs.shape[1:])
-    rows = {i: _fmt_code(z[i * n, 1]) for i in sorted({0, mid, n - 1})}
+    lo, hi = quantile_range
+    quantiles = f"at the standard-normal quantiles {100 * lo:g}% to {100 * hi:g}%"
     # No gutters: neighbouring cells are neighbouring codes, and the picture reads as one surface.
-    return _save_grid(grid, path, title, gutter=0, row_labels=rows, col_labels=cols,
-                      xlabel="z[0]  (left to right)", ylabel="z[1]  (bottom to top)")
+    h, w = imgs.shape[1:3]
+
+    def ticks(ax):
+        # Ticks label the grid itself: a mark at every cell's centre, the code of the cell under it on as
+        # many as fit (every cell at the default size).
+        cell = min(max(n * _CELL_INCHES, 1.5), 14.0) / n  # a cell's width on the page, as _draw_grid sizes it
+        label = _TICK_FONT / 72 * 0.62 * max(len(_fmt_code(v)) for v in z[:, 0])
+        cols = set(labelled_cells(n, cell, label))
+        rows = set(labelled_cells(n, cell * h / w, _TICK_FONT / 72))
+        ax.set_xticks([j * w + (w - 1) / 2 for j in range(n)],
+                      [_fmt_code(z[j, 0]) if j in cols else "" for j in range(n)])
+        ax.set_yticks([i * h + (h - 1) / 2 for i in range(n)],
+                      [_fmt_code(z[i * n, 1]) if i in rows else "" for i in range(n)])
+        ax.tick_params(length=3, labelsize=_TICK_FONT)
+
+    return _save_grid(grid, path, title, gutter=0, decorate=ticks, xlabel=f"z[0], left to right, {quantiles}",
+                      ylabel="z[1], bottom to top")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -801,7 +854,7 @@ def plot_latent_scatter(z: Any, labels: Any, path: PathLike,
                        c=point_colors)
             for c in present:  # legend proxies, one per class present
                 ax.scatter([], [], s=30, color=colors[c], label=names[c])
-            ax.legend(title="class", loc="center left", bbox_to_anchor=(1.01, 0.5),
+            ax.legend(title="class", loc="center left", bbox_to_anchor=(1.01, 0.5), borderpad=0.0,
                       frameon=False, fontsize=9, title_fontsize=9)
         if zdim == 2:
             ax.set_aspect("equal", adjustable="datalim")
@@ -869,15 +922,16 @@ def _series(rows: list[dict], key: str, xkey: str) -> tuple[list[float], list[fl
 
 
 _CURVE_PANELS = (
-    ("Total loss (negative ELBO)", "loss"),
+    ("Total loss", "loss"),
     ("Reconstruction term", "recon"),
-    ("KL term", "kl"),
+    ("Second term (KL for a VAE)", "kl"),
 )
 
 
 def plot_training_curves(records: Any, path: PathLike, title: str | None = "Training curves",
-                         logy: bool = False, ylabel: str = "nats per example") -> Path:
-    """Save loss curves per epoch: total, reconstruction and KL panels.
+                         logy: bool = False, ylabel: str = "loss per example",
+                         panels: Sequence[tuple[str, str]] | None = None) -> Path:
+    """Save loss curves per epoch, one panel per logged term (default: total, reconstruction, KL).
 
     Parameters
     ----------
@@ -892,6 +946,10 @@ def plot_training_curves(records: Any, path: PathLike, title: str | None = "Trai
         Log-scale the y axes (useful when the first epochs dwarf the rest).
     ylabel : str
         Units of the logged values, shown on the first panel.
+    panels : sequence of (title, key), optional
+        One panel per entry, drawing ``train_{key}`` and ``val_{key}``; default
+        ``(("Total loss", "loss"), ("Reconstruction term", "recon"), ("Second term (KL for a VAE)", "kl"))``.
+        A model whose loss has one term draws one panel.
 
     Returns
     -------
@@ -903,9 +961,13 @@ def plot_training_curves(records: Any, path: PathLike, title: str | None = "Trai
         If no record holds any of the six curves.
     """
     rows = _read_records(records, "epoch")
-    fig, axes = _new_figure((12.0, 3.8), ncols=3)
+    panels = list(_CURVE_PANELS if panels is None else panels)
+    if not panels or any(len(p) != 2 for p in panels):
+        raise ValueError(f"panels must be a non-empty sequence of (title, key) pairs, got {panels!r}")
+    fig, axes = _new_figure((4.0 * len(panels) + (1.0 if len(panels) == 1 else 0.0), 3.8), ncols=len(panels))
+    axes = np.atleast_1d(axes)
     drew = False
-    for ax, (panel_title, suffix) in zip(axes, _CURVE_PANELS):
+    for ax, (panel_title, suffix) in zip(axes, panels):
         for split, style in (("train", "-"), ("val", "--")):
             xs, ys = _series(rows, f"{split}_{suffix}", "epoch")
             if xs:
@@ -924,7 +986,7 @@ def plot_training_curves(records: Any, path: PathLike, title: str | None = "Trai
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes,
                     color="0.5")
     if not drew:
-        keys = ", ".join(f"{s}_{k}" for s in ("train", "val") for _, k in _CURVE_PANELS)
+        keys = ", ".join(f"{s}_{k}" for s in ("train", "val") for _, k in panels)
         raise ValueError(f"no epoch record holds any of {keys} ({len(rows)} epoch records read)")
     axes[0].set_ylabel(ylabel)
     if _check_title(title):
@@ -990,12 +1052,32 @@ def _check_kl(kl_per_dim: Any) -> np.ndarray:
     return kl
 
 
+def kl_axis(kl: np.ndarray, threshold: float) -> tuple[str, float, float]:
+    """The y axis that fits mean KLs per unit (Z,) (non-negative) and the activity threshold.
+
+    Every unit active and all within a factor 100 of each other: a linear axis from 0 to 1.15 x the
+    largest, so their differences read at a glance. Otherwise (a collapsed unit, or values spanning
+    decades) a log axis so collapsed units (KL ~ 1e-4) stay visible next to active ones (KL ~ 1): from
+    half the smaller of the smallest positive KL and the threshold up to twice the largest.
+
+    Returns
+    -------
+    scale : "linear" or "log"
+    bottom, top : float
+    """
+    positive = kl[kl > 0]
+    if kl.min() > threshold and kl.max() <= 100 * kl.min():
+        return "linear", 0.0, 1.15 * kl.max()
+    floor = 0.5 * min(threshold, positive.min() if positive.size else threshold)
+    return "log", floor, 2.0 * max(kl.max(), threshold)
+
+
 def plot_kl_per_dim(kl_per_dim: Any, path: PathLike, threshold: float = 0.01,
                     title: str | None = None) -> Path:
     """Bar chart of mean KL per latent unit, sorted descending, with the activity threshold.
 
-    The y axis is logarithmic so collapsed units (KL ~ 1e-4) stay visible next to active ones
-    (KL ~ 1); values below ``threshold / 1000`` (including exact zeros) are drawn at that floor.
+    The y axis fits the data (:func:`kl_axis`): linear when every unit is active and of one order of
+    magnitude, else logarithmic, where exact zeros (no height on a log axis) are marked "0" on the floor.
 
     Parameters
     ----------
@@ -1018,7 +1100,7 @@ def plot_kl_per_dim(kl_per_dim: Any, path: PathLike, threshold: float = 0.01,
     zdim = kl.size
     k = active_units(kl, threshold)
     order = np.argsort(-kl, kind="stable")
-    floor = threshold / 1000.0
+    scale, floor, top = kl_axis(kl, threshold)
     heights = np.maximum(kl[order], floor)
     active = kl[order] > threshold
 
@@ -1028,20 +1110,24 @@ def plot_kl_per_dim(kl_per_dim: Any, path: PathLike, threshold: float = 0.01,
            color=np.where(active, "C0", "0.65").tolist())
     ax.axhline(threshold, color="C3", linestyle="--", linewidth=1.2,
                label=f"threshold {threshold:g} nats")
-    ax.set_yscale("log")
-    ax.set_ylim(bottom=floor, top=max(heights.max(), threshold) * 2.0)
+    if scale == "log":
+        for j in np.flatnonzero(kl[order] == 0):
+            ax.text(x[j], floor, "0", ha="center", va="bottom", fontsize=7, color="0.4")
+    ax.set_yscale(scale)
+    ax.set_ylim(bottom=floor, top=top)
     labelsize = 8 if zdim <= 32 else 6
     if zdim <= 64:
         ax.set_xticks(x, [str(i) for i in order], fontsize=labelsize,
                       rotation=0 if zdim <= 20 else 90)
     ax.set_xlim(-0.6, zdim - 0.4)
     ax.set_xlabel("latent unit (sorted by KL)")
-    ax.set_ylabel("mean KL (nats, log scale)")
+    ax.set_ylabel("mean KL (nats, log scale)" if scale == "log" else "mean KL (nats)")
     ax.grid(axis="y", alpha=0.3, linewidth=0.5)
     from matplotlib.patches import Patch
 
     ax.legend(handles=[Patch(color="C0", label="active"), Patch(color="0.65", label="inactive"),
-                       ax.lines[0]], fontsize=8, frameon=False, loc="upper right")
+                       ax.lines[0]], fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderpad=0.0)  # beside the bars, never over them
     summary = f"{k} of {zdim} units active"
     title = _check_title(title)
     ax.set_title(f"{title}\n{summary}" if title else f"KL per latent unit: {summary}",
@@ -1092,7 +1178,7 @@ def plot_grad_norms(records: Any, path: PathLike,
     ax.set_xlabel("step")
     ax.set_ylabel("gradient norm (log scale)")
     ax.grid(alpha=0.3, linewidth=0.5, which="both")
-    ax.legend(title="layer", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
+    ax.legend(title="layer", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, borderpad=0.0,
               fontsize=8, title_fontsize=9)
     if _check_title(title):
         ax.set_title(title, fontsize=11)
