@@ -15,7 +15,7 @@ import numpy as np
 
 from . import backend
 
-MODEL_CHOICES = ("vae", "ae", "dae", "poor", "cvae")
+MODEL_CHOICES = ("vae", "ae", "dae", "poor", "cvae", "sparse-ae", "contractive-ae")
 DATASET_CHOICES = ("mnist", "fashion-mnist", "demo")
 
 
@@ -46,6 +46,16 @@ def _model_kwargs(args) -> dict:
         kw["noise_level"] = args.noise_level
     if args.model == "cvae":
         kw["learned_prior"] = not args.fixed_prior
+    penalty_flags = {"sparse-ae": ("sparsity_penalty", "sparsity_weight", "sparsity_target"),
+                     "contractive-ae": ("contraction_weight",)}
+    for model, names in penalty_flags.items():
+        for name in names:
+            value = getattr(args, name, None)
+            if value is None:
+                continue
+            if args.model != model:
+                raise CLIError(f"--{name.replace('_', '-')} applies to --model {model}")
+            kw[name] = value
     return kw
 
 
@@ -409,6 +419,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fixed-prior", action="store_true", help="cvae: use N(0, I) instead of the learned prior p(z|y)")
     p.add_argument("--noise", choices=("salt_pepper", "gaussian"), default="salt_pepper", help="dae corruption")
     p.add_argument("--noise-level", type=float, default=0.2, help="dae corruption strength")
+    p.add_argument("--sparsity-penalty", choices=("kl", "l1"), default=None,
+                   help="sparse-ae: kl (each code unit's mean activation over the batch pulled to --sparsity-target; "
+                        "sigmoid codes) or l1 (sum of |code| per image, Keras' activity_regularizer=l1) "
+                        "(default: kl)")
+    p.add_argument("--sparsity-weight", type=float, default=None,
+                   help="sparse-ae: the penalty's weight (default: 3 for kl, as beta in Ng's notes; 0.1 for l1)")
+    p.add_argument("--sparsity-target", type=float, default=None,
+                   help="sparse-ae, kl: the target mean activation rho of each code unit (default: 0.05)")
+    p.add_argument("--contraction-weight", type=float, default=None,
+                   help="contractive-ae: lambda, the weight of ||d code / d x||_F^2 per image (default: 0.1)")
     p.add_argument("--binarize", choices=("none", "static", "dynamic"), default="none")
     p.add_argument("--patience", type=int, default=5, help="early stopping patience in epochs (0: off)")
     p.add_argument("--seed", type=int, default=0)
