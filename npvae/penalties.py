@@ -165,8 +165,11 @@ def kl_sparsity_backward(dloss, cache, out=None):
     .. math:: dh_{ij} = \\frac{dL}{d\\Omega} \\frac{1}{B}
               \\left(\\frac{1 - \\rho}{1 - \\hat\\rho_j} - \\frac{\\rho}{\\hat\\rho_j}\\right)
               [\\epsilon \\le \\hat\\rho_j \\le 1 - \\epsilon]
+              = \\frac{dL}{d\\Omega} \\frac{1}{B} \\frac{\\hat\\rho_j - \\rho}{\\hat\\rho_j (1 - \\hat\\rho_j)}
+              [\\ldots]
 
-    The same for every example i (each contributes 1/B of the mean).
+    The same for every example i (each contributes 1/B of the mean). Computed in the second form,
+    which does not cancel when rho_hat is near rho (the first loses digits there).
 
     Parameters
     ----------
@@ -183,7 +186,7 @@ def kl_sparsity_backward(dloss, cache, out=None):
         raise ValueError(f"expected a scalar dloss (the KL sparsity penalty is one number per batch), got shape "
                          f"{np.shape(dloss)}")
     one = rho_hat.dtype.type(1)
-    col = ((one - target) / (one - rho_hat) - target / rho_hat) * (float(dloss) / batch)  # (H,)
+    col = (rho_hat - target) / (rho_hat * (one - rho_hat)) * (float(dloss) / batch)  # (H,)
     col[~inside] = 0
     out = _buffer(out, (batch, rho_hat.shape[0]), rho_hat.dtype, "out")
     out[...] = col
