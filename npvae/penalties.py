@@ -196,6 +196,18 @@ def kl_sparsity_backward(dloss, cache, out=None):
 # ----------------------------------------------------------------------------- contraction
 
 
+def _stacked(a, m):
+    """``a[b] @ m`` for every b: (B, n, k) @ (k, p) -> (B, n, p) as one matrix product (a broadcast
+    stacked matmul runs one small product per b, several times slower)."""
+    flat = np.ascontiguousarray(a).reshape(-1, a.shape[2])  # (B n, k)
+    return (flat @ m).reshape(a.shape[0], a.shape[1], m.shape[1])
+
+
+def _transposed(a):
+    """Each matrix of a stack (B, n, k) transposed: (B, k, n), contiguous."""
+    return np.ascontiguousarray(a.transpose(0, 2, 1))
+
+
 def _check_dense_caches(caches):
     """The layers of ``caches`` (from :func:`npvae.ops.dense_forward`) as (x, w, y, name, alpha)."""
     if not isinstance(caches, (list, tuple)) or not caches:
@@ -252,12 +264,12 @@ def contractive_penalty_forward(caches, reduction="none"):
     grams, ks = [], []  # S_l and K_l for the layers below the last
     k = None  # K_{l-1}; None stands for the identity K_0
     for (x, w, y, _, _), (d1, _) in zip(layers[:-1], derivs[:-1]):
-        s = w @ w.T if k is None else w @ k @ w.T  # (H, H) or (B, H, H)
+        s = w @ w.T if k is None else _stacked(_transposed(_stacked(k, w.T)), w.T)  # (H, H) or (B, H, H): W K W^T
         k = s * d1[:, :, None] * d1[:, None, :]  # (B, H, H)
         grams.append(s)
         ks.append(k)
     w_last, d_last = layers[-1][1], derivs[-1][0]
-    wk = None if k is None else w_last @ k  # (B, H_L, H_{L-1})
+    wk = None if k is None else _transposed(_stacked(k, w_last.T))  # (B, H_L, H_{L-1}): W_L K, K symmetric
     q = np.einsum("ij,ij->i", w_last, w_last) if k is None else np.einsum("bij,ij->bi", wk, w_last)  # (H_L,) or (B, H_L)
     rows = np.einsum("bj,bj->b", d_last * d_last, np.broadcast_to(q, d_last.shape))
     rows = rows.astype(d_last.dtype, copy=False)
@@ -324,7 +336,7 @@ def contractive_penalty_backward(dloss, cache, need_dx: bool = True):
         dws[-1] = 2 * qbar.sum(axis=0)[:, None] * w_last
     else:
         dws[-1] = 2 * np.einsum("bj,bjk->jk", qbar, wk)
-        kbar = (w_last.T * qbar[:, None, :]) @ w_last  # (B, H_{L-1}, H_{L-1})
+        kbar = _stacked(w_last.T * qbar[:, None, :], w_last)  # (B, H_{L-1}, H_{L-1})
         for l in range(n - 2, -1, -1):
             w, d1 = layers[l][1], derivs[l][0]
             sbar = kbar * d1[:, :, None] * d1[:, None, :]
@@ -332,8 +344,10 @@ def contractive_penalty_backward(dloss, cache, need_dx: bool = True):
             if l == 0:
                 dws[0] = 2 * sbar.sum(axis=0) @ w
             else:
-                dws[l] = 2 * np.einsum("bij,bjk->ik", sbar @ w, ks[l - 1])
-                kbar = np.swapaxes(w, 0, 1) @ sbar @ w
+                sw = _stacked(sbar, w)  # (B, H_l, H_{l-1}): Sbar W
+                k_below = ks[l - 1]
+                dws[l] = 2 * (sw.transpose(1, 0, 2).reshape(w.shape[0], -1) @ k_below.reshape(-1, w.shape[1]))
+                kbar = _stacked(_transposed(sw), w)  # W^T Sbar W = (Sbar W)^T W
 
     dbs = [None] * n
     g = None
