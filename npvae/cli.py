@@ -118,7 +118,11 @@ def cmd_train(args) -> int:
             None if test_target is None else _prepare(test_target, model, config.binarize, config.seed),
         )
         split = "validation (this data has no separate test split)" if dataset.is_demo or dataset.test_x is dataset.val_x else "test"
-        print(f"{split}: negative ELBO {test['loss']:.2f} nats/image (recon {test['recon']:.2f}, kl {test['kl']:.2f})")
+        from .models import GaussianLatent
+
+        what = "negative ELBO" if isinstance(model, GaussianLatent) else "loss"
+        print(f"{split}: {what} {test['loss']:.2f} per image (recon {test['recon']:.2f}, "
+              f"{model.reg_name} {test['kl']:.2f})")
         print(f"wrote {out}/checkpoint.npz, best.npz, log.jsonl" + ("" if args.no_pictures else ", reconstructions.png, samples.png"))
     return 130 if result.stopped == "interrupted" else 0
 
