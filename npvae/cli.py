@@ -18,7 +18,7 @@ import numpy as np
 
 from . import backend
 
-MODEL_CHOICES = ("vae", "ae", "dae", "poor", "cvae")
+MODEL_CHOICES = ("vae", "ae", "dae", "poor", "cvae", "sparse-ae", "contractive-ae")
 DATASET_CHOICES = ("mnist", "fashion-mnist", "demo")
 OPTIMIZERS = ("sgd", "rmsprop", "adam", "adamw")
 
@@ -50,6 +50,16 @@ def _model_kwargs(args) -> dict:
         kw["noise_level"] = args.noise_level
     if args.model == "cvae":
         kw["learned_prior"] = not args.fixed_prior
+    penalty_flags = {"sparse-ae": ("sparsity_penalty", "sparsity_weight", "sparsity_target"),
+                     "contractive-ae": ("contraction_weight",)}
+    for model, names in penalty_flags.items():
+        for name in names:
+            value = getattr(args, name, None)
+            if value is None:
+                continue
+            if args.model != model:
+                raise CLIError(f"--{name.replace('_', '-')} applies to --model {model}")
+            kw[name] = value
     return kw
 
 
@@ -85,6 +95,8 @@ _MODEL_FLAGS = {
     "hidden": ("hidden", list), "latent_dim": ("latent_dim", None), "activation": ("activation", None),
     "likelihood": ("likelihood", None), "beta": ("beta", float), "logvar_bounds": ("logvar_bounds", list),
     "noise": ("noise", None), "noise_level": ("noise_level", float), "fixed_prior": ("learned_prior", lambda v: not v),
+    "sparsity_penalty": ("sparsity_penalty", None), "sparsity_weight": ("sparsity_weight", float),
+    "sparsity_target": ("sparsity_target", float), "contraction_weight": ("contraction_weight", float),
 }
 
 
@@ -391,9 +403,10 @@ def _split_data(args, model, meta, n: int | None = None, fresh_binarization: boo
 
 def cmd_evaluate(args) -> int:
 
-    from .models import Conditional, GaussianLatent, StandardNormalPrior, load_model
+    from .models import Autoencoder, Conditional, GaussianLatent, StandardNormalPrior, load_model
 
     model, meta = _load_model(args.checkpoint)
+    _near_zero(args)
     if args.iw_samples is not None:
         if not (isinstance(model, GaussianLatent) and isinstance(model, StandardNormalPrior)):
             raise CLIError(f"--iw-samples estimates log p(x) of an unconditional VAE; {args.checkpoint} holds a "
@@ -410,6 +423,8 @@ def cmd_evaluate(args) -> int:
         print(f"binarization: {note}")
         result["binarization"] = note
     print(f"{args.split}: {names.format(terms.total, terms.recon, terms.kl, digits=3)} per image, {len(x)} images")
+    if isinstance(model, Autoencoder):
+        result.update(_code_report(model, x, args))
     if args.iw_samples is not None:
         from .study.likelihood import iwae_log_likelihood
 
@@ -421,6 +436,39 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def _near_zero(args) -> float:
+    from .study.regularity import NEAR_ZERO
+
+    value = NEAR_ZERO if args.near_zero is None else args.near_zero
+    if not value >= 0:
+        raise CLIError(f"--near-zero must be >= 0, got {value}")
+    return value
+
+
+def _sparsity_text(stats: dict) -> str:
+    return (f"mean activation {stats['mean_activation']:.4f}, mean |h| {stats['mean_abs']:.4f}, "
+            f"{100 * stats['near_zero']:.1f}% near zero (|h| <= {stats['threshold']:g})")
+
+
+def _code_report(model, x, args) -> dict:
+    """Print and return how sparse and how contractive an autoencoder's code is on ``x``."""
+    from .study import regularity
+
+    stats = regularity.code_sparsity(model.codes(x), _near_zero(args))
+    print(f"{args.split}: code sparsity over {model.config.latent_dim} units: {_sparsity_text(stats)}")
+    result = {"code_mean_activation": stats["mean_activation"], "code_mean_abs": stats["mean_abs"],
+              "code_near_zero": stats["near_zero"], "near_zero_threshold": stats["threshold"]}
+    try:
+        norms = regularity.contraction(model, x)
+    except ValueError as exc:  # an encoder of other layers than Dense: no exact Jacobian norm
+        print(f"{args.split}: contraction not measured: {exc}")
+        return result
+    print(f"{args.split}: contraction: mean ||d code / d x||_F {norms.mean():.4f} over {len(x)} images "
+          f"(median {np.median(norms):.4f})")
+    result["mean_jacobian_frobenius"] = float(norms.mean())
+    return result
 
 
 def cmd_sample(args) -> int:
@@ -514,7 +562,8 @@ def cmd_info(args) -> int:
     return 0
 
 
-PLOTS = ("reconstructions", "samples", "classes", "interpolation", "latent", "manifold", "curves", "kl", "grad-norms")
+PLOTS = ("reconstructions", "samples", "classes", "interpolation", "latent", "manifold", "curves", "kl", "grad-norms",
+         "filters", "code-histogram")
 PLOT_HELP = """what to draw:
   reconstructions  test images above their reconstructions (--n pairs, default 10); a denoising
                    model's: corrupted input, output and clean original, row under row
@@ -529,8 +578,13 @@ PLOT_HELP = """what to draw:
   kl               mean KL per latent unit over the test images and the number of active units
                    (KL > --threshold nats): the posterior-collapse diagnostic
   grad-norms       per-layer gradient norms over training, from log.jsonl (train with --log-grad-norms)
+  filters          the first layer's weights as 28x28 tiles, one per unit (--n units, default 100); an
+                   error for models whose first layer is not dense over 784 inputs
+  code-histogram   histogram of every code activation over the test images, the share with
+                   |h| <= --near-zero shaded (sparse autoencoders: most should sit near 0)
 """
-_PLOT_DEFAULT_N = {"reconstructions": 10, "samples": 64, "classes": 10, "interpolation": 5, "manifold": 20}
+_PLOT_DEFAULT_N = {"reconstructions": 10, "samples": 64, "classes": 10, "interpolation": 5, "manifold": 20,
+                   "filters": 100}
 
 
 def _run_log(checkpoint) -> Path:
@@ -576,6 +630,10 @@ def cmd_plot(args) -> int:
         path = figures.class_grid(model, out, rng, n_per_class=n, names=names)
     elif what == "manifold":
         path = figures.manifold(model, out, n=n, label=args.label)
+    elif what == "filters":
+        if n < 1:
+            raise CLIError(f"--n must be at least 1, got {n}")
+        path = figures.filters(model, out, n=n)
     else:
         dataset, x, y, _ = _split_data(args, model, meta)
         names = figures.class_names(dataset.name, dataset.num_classes) if dataset.has_labels else None
@@ -583,6 +641,9 @@ def cmd_plot(args) -> int:
             path = figures.reconstructions(model, x, out, y, n=n, rng=rng)
         elif what == "interpolation":
             path = figures.interpolation(model, x, out, y, rows=n, steps=args.steps)
+        elif what == "code-histogram":
+            path, stats = figures.code_histogram(model, x, out, y, threshold=_near_zero(args))
+            print(f"code activations of {len(x)} {args.split} images: {_sparsity_text(stats)}")
         elif what == "latent":
             path, explained = figures.latent_scatter(model, x, y, out, class_names=names)
             if explained is not None:
@@ -757,6 +818,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", choices=("salt_pepper", "gaussian"), default="salt_pepper", help="dae: corruption")
     p.add_argument("--noise-level", type=_number, default=0.2,
                    help="dae: fraction of pixels hit (salt_pepper) or noise std (gaussian)")
+    p.add_argument("--sparsity-penalty", choices=("kl", "l1"), default=None,
+                   help="sparse-ae: kl (each code unit's mean activation over the batch pulled to --sparsity-target; "
+                        "sigmoid codes) or l1 (sum of |code| per image, Keras' activity_regularizer=l1) "
+                        "(default: kl)")
+    p.add_argument("--sparsity-weight", type=_number, default=None,
+                   help="sparse-ae: the penalty's weight (default: 3 for kl, as beta in Ng's notes; 0.1 for l1)")
+    p.add_argument("--sparsity-target", type=_number, default=None,
+                   help="sparse-ae, kl: the target mean activation rho of each code unit (default: 0.05)")
+    p.add_argument("--contraction-weight", type=_number, default=None,
+                   help="contractive-ae: lambda, the weight of ||d code / d x||_F^2 per image (default: 0.1)")
     p.add_argument("--binarize", choices=("none", "static", "dynamic"), default="none",
                    help="binarize the images: one fixed Bernoulli draw (static) or a fresh one per batch (dynamic)")
     p.add_argument("--patience", type=_count(0, 1_000_000), default=5, help="early stopping patience in epochs (0: off)")
@@ -784,6 +855,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also estimate -log p(x) by importance weighting with K samples per image (the IWAE "
                         "bound; papers use K = 5000): tighter than the ELBO, and the number papers report")
     p.add_argument("--n", type=_count(1, 10_000_000), default=None, help="evaluate the first N images of the split (default: all)")
+    p.add_argument("--near-zero", type=_number, default=None,
+                   help="autoencoders: |code activation| at most this counts as near zero in the sparsity "
+                        "report (default 0.05)")
     p.add_argument("--fresh-binarization", action="store_true",
                    help="for runs trained on binarized digits: evaluate on a new Bernoulli draw of the images "
                         "from --seed, instead of the run's own fixed draw")
@@ -820,6 +894,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_count(2, 1_000), default=10, help="interpolation: images per row, endpoints included")
     p.add_argument("--label", type=int, default=None, help="cvae: the class for samples and manifold")
     p.add_argument("--threshold", type=_number, default=0.01, help="kl: nats above which a unit counts as active")
+    p.add_argument("--near-zero", type=_number, default=None,
+                   help="code-histogram: |activation| at most this counts as near zero (default 0.05)")
     p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0, help="seeds the draws")
     p.set_defaults(func=cmd_plot)
 

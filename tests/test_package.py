@@ -25,7 +25,7 @@ def run_python(code: str, **env) -> str:
 def test_importing_the_core_imports_numpy_only():
     heavy = run_python(
         "import sys, npvae, npvae.train, npvae.cli, npvae.data, npvae.checkpoint, npvae.viz.plots, npvae.study.gradflow, "
-        "npvae.study.likelihood; print(sorted(m for m in ('numba', 'matplotlib', 'torch', 'tqdm', 'scipy') if m in sys.modules))"
+        "npvae.study.likelihood, npvae.study.regularity, npvae.penalties; print(sorted(m for m in ('numba', 'matplotlib', 'torch', 'tqdm', 'scipy') if m in sys.modules))"
     )
     assert heavy == "[]"
 

@@ -160,17 +160,18 @@ class TorchAutoencoder(nn.Module):
     """
 
     def __init__(self, input_dim=784, hidden=(128, 64, 12), latent_dim=3, activation="relu", output_activation="tanh",
-                 alpha=0.01):
+                 alpha=0.01, code_activation="identity"):
         super().__init__()
         hidden = tuple(hidden)
         self.encoder = linears([input_dim, *hidden, latent_dim])
         self.decoder = linears([latent_dim, *reversed(hidden), input_dim])
         self.act = torch_activation(activation, alpha)
         self.out_act = torch_activation(output_activation)
+        self.code_act = torch_activation(code_activation, alpha)
         self.reg_weight = 1.0
 
     def encode(self, x: Tensor) -> Tensor:
-        return mlp(x, self.encoder, self.act, lambda a: a)
+        return mlp(x, self.encoder, self.act, self.code_act)
 
     def decode(self, z: Tensor) -> Tensor:
         return mlp(z, self.decoder, self.act, self.out_act)
@@ -207,6 +208,40 @@ class TorchPoorMansVAE(TorchAutoencoder):
         return torch.linalg.vector_norm(z, dim=1)
 
 
+class TorchSparseAutoencoder(TorchAutoencoder):
+    """Autoencoder with a sparsity penalty on the code h: ``sum_j |h_j|`` per example (l1), or the batch's
+    ``sum_j KL(rho || mean_i h_ij)`` as every example's term (kl); weighted by ``sparsity_weight``."""
+
+    def __init__(self, *args, sparsity_penalty="kl", sparsity_weight=3.0, sparsity_target=0.05, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.penalty, self.reg_weight, self.rho = sparsity_penalty, float(sparsity_weight), float(sparsity_target)
+
+    def regulariser(self, h: Tensor) -> Tensor:
+        if self.penalty == "l1":
+            return h.abs().sum(1)
+        rho, rho_hat = self.rho, h.mean(0)
+        kl = (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+        return kl.expand(h.shape[0])
+
+
+class TorchContractiveAutoencoder(TorchAutoencoder):
+    """Autoencoder with the penalty ``||dh/dx||_F^2`` per example, the Jacobian taken by autograd with
+    ``create_graph=True`` (so ``loss.backward()`` differentiates it again: double backward)."""
+
+    def __init__(self, *args, contraction_weight=0.1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reg_weight = float(contraction_weight)
+
+    def forward(self, x_in: Tensor, x_target: Tensor, eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x_in = x_in.detach().requires_grad_(True)
+        h = self.encode(x_in)
+        rows = []
+        for j in range(h.shape[1]):  # row j of every example's Jacobian: (B, D)
+            (dj,) = torch.autograd.grad(h[:, j].sum(), x_in, create_graph=True)
+            rows.append((dj**2).sum(1))
+        return ((self.decode(h) - x_target) ** 2).sum(1), torch.stack(rows, 1).sum(1)
+
+
 # ----------------------------------------------------------------------------- bridging to npvae
 
 
@@ -224,8 +259,16 @@ def reference_for(model: models.Model, dtype=torch.float64) -> nn.Module:
     elif isinstance(model, models.PoorMansVAE):
         ref = TorchPoorMansVAE(c.input_dim, c.hidden, c.latent_dim, c.activation, c.output_activation, c.alpha,
                                c.noise_std)
+    elif isinstance(model, models.SparseAutoencoder):
+        ref = TorchSparseAutoencoder(c.input_dim, c.hidden, c.latent_dim, c.activation, c.output_activation, c.alpha,
+                                     c.code_activation, sparsity_penalty=c.sparsity_penalty,
+                                     sparsity_weight=c.sparsity_weight, sparsity_target=c.sparsity_target)
+    elif isinstance(model, models.ContractiveAutoencoder):
+        ref = TorchContractiveAutoencoder(c.input_dim, c.hidden, c.latent_dim, c.activation, c.output_activation,
+                                          c.alpha, c.code_activation, contraction_weight=c.contraction_weight)
     elif isinstance(model, models.Autoencoder):
-        ref = TorchAutoencoder(c.input_dim, c.hidden, c.latent_dim, c.activation, c.output_activation, c.alpha)
+        ref = TorchAutoencoder(c.input_dim, c.hidden, c.latent_dim, c.activation, c.output_activation, c.alpha,
+                               c.code_activation)
     else:
         raise TypeError(f"no torch reference for {type(model).__name__}")
     ref.to(dtype).load_state_dict(to_torch(model.state_dict(), dtype), strict=True)

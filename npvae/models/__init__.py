@@ -4,6 +4,7 @@
   :class:`GaussianLatent`, :class:`StandardNormalPrior`, :class:`Conditional`;
 - :mod:`~npvae.models.vae`: the Gaussian VAE; :mod:`~npvae.models.cvae`: the conditional VAE;
 - :mod:`~npvae.models.autoencoders`: autoencoder, denoising autoencoder, poor man's VAE;
+- :mod:`~npvae.models.regularized`: sparse and contractive autoencoders (penalties in :mod:`npvae.penalties`);
 - :mod:`~npvae.models.likelihoods`: the reconstruction losses;
 - :mod:`~npvae.models.registry`: presets and specs; :mod:`~npvae.models.saving`: ``.npz`` files.
 """
@@ -13,11 +14,13 @@ from .base import Conditional, Denoising, GaussianLatent, LossNames, LossTerms, 
 from .cvae import CVAE
 from .likelihoods import LIKELIHOODS
 from .registry import MODEL_CLASSES, MODELS, build_model, from_spec
+from .regularized import ContractiveAutoencoder, SparseAutoencoder
 from .saving import load_model, save_model
 from .vae import VAE
 
 __all__ = [
     "Model", "LossTerms", "LossNames", "GaussianLatent", "StandardNormalPrior", "Conditional", "Denoising",
     "VAE", "CVAE", "Autoencoder", "DenoisingAutoencoder", "PoorMansVAE",
+    "SparseAutoencoder", "ContractiveAutoencoder",
     "LIKELIHOODS", "MODELS", "MODEL_CLASSES", "build_model", "from_spec", "load_model", "save_model",
 ]

@@ -28,6 +28,7 @@ class AutoencoderConfig:
     output_activation: str = "tanh"  # decoder output; tanh for data scaled to [-1, 1]
     value_range: tuple[float, float] = (-1.0, 1.0)  # the data's range (and the DAE's clip range)
     alpha: float = 0.01  # LeakyReLU slope
+    code_activation: str = "identity"  # the code layer's activation (sigmoid codes for the sparse and contractive AEs)
 
 
 class Autoencoder(Model):
@@ -43,14 +44,14 @@ class Autoencoder(Model):
 
     def __init__(self, input_dim=784, hidden=(128, 64, 12), latent_dim=3, activation="relu", output_activation="tanh",
                  value_range=(-1.0, 1.0), alpha=0.01, dtype=np.float32, seed=0, *, encoder=None, decoder=None,
-                 input_shape=None):
+                 input_shape=None, code_activation="identity"):
         self.input_shape = resolve_input_shape(input_dim, input_shape)
         custom = encoder is not None or decoder is not None
         self.config = self._make_config(self.input_dim, None if custom else _sizes(hidden, "hidden"),
                                         _positive(latent_dim, "latent_dim"), activation, output_activation,
-                                        tuple(float(v) for v in value_range), float(alpha))
+                                        tuple(float(v) for v in value_range), float(alpha), code_activation)
         c = self.config
-        for act in (c.activation, c.output_activation):
+        for act in (c.activation, c.output_activation, c.code_activation):
             if act not in ops.ACTIVATIONS:
                 raise ValueError(f"unknown activation {act!r}: expected one of {', '.join(ops.ACTIVATIONS)}")
         if not (len(c.value_range) == 2 and c.value_range[0] < c.value_range[1]):
@@ -61,7 +62,7 @@ class Autoencoder(Model):
             raise ValueError("pass both encoder and decoder (or neither, to build them from hidden)")
         if encoder is None:
             encoder = Sequential(input_layers(self.input_shape)
-                                 + list(mlp([self.input_dim, *c.hidden, c.latent_dim], c.activation, "identity", c.alpha)))
+                                 + list(mlp([self.input_dim, *c.hidden, c.latent_dim], c.activation, c.code_activation, c.alpha)))
             decoder = Sequential(list(mlp([c.latent_dim, *reversed(c.hidden), self.input_dim], c.activation,
                                           c.output_activation, c.alpha)) + output_layers(self.input_shape))
         check_stack(encoder, self.input_shape, (c.latent_dim,), "encoder")

@@ -8,10 +8,12 @@ from ..layers import layer_from_spec
 from .autoencoders import Autoencoder, DenoisingAutoencoder, PoorMansVAE
 from .base import Model
 from .cvae import CVAE
+from .regularized import ContractiveAutoencoder, SparseAutoencoder
 from .vae import VAE
 
-MODEL_CLASSES = {cls.__name__: cls for cls in (VAE, CVAE, Autoencoder, DenoisingAutoencoder, PoorMansVAE)}
-MODELS = {cls.kind: cls for cls in MODEL_CLASSES.values()}  # the CLI presets: vae, ae, dae, poor, cvae
+MODEL_CLASSES = {cls.__name__: cls for cls in (VAE, CVAE, Autoencoder, DenoisingAutoencoder, PoorMansVAE,
+                                               SparseAutoencoder, ContractiveAutoencoder)}
+MODELS = {cls.kind: cls for cls in MODEL_CLASSES.values()}  # the CLI presets: vae, ae, dae, poor, cvae, sparse-ae, contractive-ae
 
 
 def _config_kwargs(config: dict) -> dict:

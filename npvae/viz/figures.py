@@ -268,6 +268,26 @@ def kl_per_dim(model, x, path, y=None, threshold: float = 0.01) -> tuple[Path, n
     return plots.plot_kl_per_dim(kl, path, threshold=threshold, title=title), kl
 
 
+def filters(model, path, n: int = 100) -> Path:
+    """The first ``n`` units' first-layer weights as 28x28 tiles (an error for models whose first layer is
+    not dense over 784 inputs)."""
+    from ..study.regularity import first_layer_filters
+
+    weights = first_layer_filters(model)
+    shown = weights[:n]
+    return plots.plot_filters(shown, path, title=f"First-layer filters of the {model.kind} "
+                                                 f"({len(shown)} of {len(weights)} units)")
+
+
+def code_histogram(model, x, path, y=None, threshold: float = 0.05) -> tuple[Path, dict]:
+    """Histogram of the codes of ``x`` (all activations), and :func:`npvae.study.regularity.code_sparsity`."""
+    from ..study.regularity import code_sparsity
+
+    codes = model.codes(x, y)
+    return (plots.plot_code_histogram(codes, path, threshold, title=f"Code activations of the {model.kind}"),
+            code_sparsity(codes, threshold))
+
+
 def training_curves(log_path, path, names: LossNames | None = None) -> Path:
     """Loss curves (train and validation) from a run's ``log.jsonl``: the total, and its reconstruction
     and second term for a model that has one, called by the model's ``loss_names``."""

@@ -49,7 +49,9 @@ __all__ = [
     "norm_ppf",
     "pca_2d",
     "plot_class_grid",
+    "plot_code_histogram",
     "plot_estimator_comparison",
+    "plot_filters",
     "plot_grad_norms",
     "plot_gradient_decomposition",
     "plot_interpolation",
@@ -1132,6 +1134,71 @@ def plot_kl_per_dim(kl_per_dim: Any, path: PathLike, threshold: float = 0.01,
     title = _check_title(title)
     ax.set_title(f"{title}\n{summary}" if title else f"KL per latent unit: {summary}",
                  fontsize=11)
+    return _save(fig, path)
+
+
+def plot_filters(weights: Any, path: PathLike, ncols: int | None = None,
+                 title: str | None = "First-layer filters") -> Path:
+    """Each row of a first layer's weights (H, 784) as a 28x28 tile, scaled per tile so that 0 is mid-gray
+    and the tile's largest |w| is black (negative) or white (positive).
+
+    Parameters
+    ----------
+    weights : array_like, shape ``(H, D)`` with ``D = side**2``
+    path : str or PathLike
+    ncols : int, optional
+        Tiles per row; default ``ceil(sqrt(H))``.
+    title : str, optional
+
+    Returns
+    -------
+    path : Path
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 2 or w.shape[0] == 0:
+        raise ValueError(f"expected weights of shape (H, 784), got {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("weights contains NaN or inf")
+    peak = np.abs(w).max(axis=1, keepdims=True)
+    tiles = 0.5 + 0.5 * w / np.where(peak > 0, peak, 1.0)  # (H, D) in [0, 1]
+    return image_grid(tiles, path, ncols=ncols, title=_check_title(title))
+
+
+def plot_code_histogram(codes: Any, path: PathLike, threshold: float | None = None, bins: int = 60,
+                        title: str | None = None) -> Path:
+    """Histogram of every code activation (all N x Z values), log-scaled counts, with the near-zero band.
+
+    Parameters
+    ----------
+    codes : array_like, shape ``(N, Z)``
+    path : str or PathLike
+    threshold : float, optional
+        Activations with |h| <= threshold count as near zero: the band is shaded and its share printed.
+    bins : int
+    title : str, optional
+
+    Returns
+    -------
+    path : Path
+    """
+    h = np.asarray(codes, dtype=np.float64)
+    if h.ndim != 2 or h.size == 0:
+        raise ValueError(f"expected codes of shape (N, Z), got {h.shape}")
+    if not np.all(np.isfinite(h)):
+        raise ValueError("codes contains NaN or inf")
+    values = h.ravel()
+    fig, ax = _new_figure((6.0, 3.8))
+    ax.hist(values, bins=int(bins), color="C0")
+    ax.set_yscale("log")
+    ax.set_xlabel("code activation")
+    ax.set_ylabel("count (log scale)")
+    summary = f"{h.shape[0]:,} images x {h.shape[1]} units; mean {values.mean():.3g}"
+    if threshold is not None:
+        ax.axvspan(-threshold, threshold, color="C3", alpha=0.15, linewidth=0)
+        summary += f"; {100 * float((np.abs(values) <= threshold).mean()):.1f}% with |h| <= {threshold:g}"
+    title = _check_title(title)
+    ax.set_title(f"{title}\n{summary}" if title else f"Code activations\n{summary}", fontsize=10)
+    ax.grid(axis="y", alpha=0.3, linewidth=0.5)
     return _save(fig, path)
 
 

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from npvae import ops
 from npvae.backend import numba_available, use_backend
-from npvae.models import LIKELIHOODS, VAE, Autoencoder, DenoisingAutoencoder, PoorMansVAE
+from npvae.models import (LIKELIHOODS, VAE, Autoencoder, ContractiveAutoencoder, DenoisingAutoencoder, PoorMansVAE,
+                          SparseAutoencoder)
 from tests.helpers import parameter_differences
 
 torch = pytest.importorskip("torch")
@@ -112,6 +113,12 @@ def small_models(dtype=np.float64):
         "dae-gaussian": DenoisingAutoencoder(7, (6,), 3, "tanh", "tanh", noise="gaussian", noise_level=0.5,
                                              dtype=dtype, seed=7),
         "poor": PoorMansVAE(7, (6,), 3, "sigmoid", "sigmoid", noise_std=0.8, dtype=dtype, seed=8),
+        "sparse-kl": SparseAutoencoder(7, (), 4, sparsity_weight=2.0, sparsity_target=0.1, dtype=dtype, seed=10),
+        "sparse-l1": SparseAutoencoder(7, (6,), 3, "tanh", "sigmoid", code_activation="softplus",
+                                       sparsity_penalty="l1", sparsity_weight=0.5, dtype=dtype, seed=11),
+        "contractive": ContractiveAutoencoder(7, (), 4, contraction_weight=0.7, dtype=dtype, seed=12),
+        "contractive-deep": ContractiveAutoencoder(7, (6, 5), 3, "softplus", "sigmoid", code_activation="tanh",
+                                                   contraction_weight=1.5, dtype=dtype, seed=13),
     }
 
 
