@@ -41,7 +41,7 @@ from . import _kernels as K
 # ----------------------------------------------------------------------------- arguments and sizes
 
 
-def _pair(value, name: str, op: str, minimum: int) -> tuple[int, int]:
+def as_pair(value, name: str, op: str, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, each >= minimum, as a pair."""
     pair = (value, value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else value
     try:
@@ -69,7 +69,7 @@ def conv_pads(padding, in_hw, kernel, stride, op: str = "conv2d"):
         if padding == "same":
             return tuple(_keras_same(n, k, s) for n, k, s in zip(in_hw, kernel, stride))
         raise ValueError(f"{op}: unknown padding {padding!r}: expected an int, a pair, 'valid' or 'same'")
-    ph, pw = _pair(padding, "padding", op, 0)
+    ph, pw = as_pair(padding, "padding", op, 0)
     return (ph, ph), (pw, pw)
 
 
@@ -99,7 +99,7 @@ def _conv_geometry(op: str, in_hw, kernel, stride, pads):
 
 def conv2d_output_shape(in_shape, out_channels, kernel, stride=1, padding=0):
     """Per-example output shape ``(C_out, OH, OW)`` of :func:`conv2d_forward` for ``in_shape`` (C, H, W)."""
-    kernel, stride = _pair(kernel, "kernel", "conv2d", 1), _pair(stride, "stride", "conv2d", 1)
+    kernel, stride = as_pair(kernel, "kernel", "conv2d", 1), as_pair(stride, "stride", "conv2d", 1)
     pads = conv_pads(padding, in_shape[1:], kernel, stride)
     return (out_channels, *_conv_geometry("conv2d", in_shape[1:], kernel, stride, pads))
 
@@ -112,7 +112,7 @@ def transpose_crops(padding, output_padding, kernel, stride, op: str = "conv_tra
     ``H s``) crops ``k - s`` split with the odd pixel at the bottom (a negative crop appends rows);
     ``"valid"`` crops nothing.
     """
-    q = _pair(output_padding, "output_padding", op, 0)
+    q = as_pair(output_padding, "output_padding", op, 0)
     if isinstance(padding, str):
         if q != (0, 0):
             raise ValueError(f"{op}: output_padding goes with a numeric padding, not {padding!r}")
@@ -122,7 +122,7 @@ def transpose_crops(padding, output_padding, kernel, stride, op: str = "conv_tra
             return tuple(((k - s) // 2, (k - s) - (k - s) // 2) if k >= s else (0, k - s)
                          for k, s in zip(kernel, stride))
         raise ValueError(f"{op}: unknown padding {padding!r}: expected an int, a pair, 'valid' or 'same'")
-    p = _pair(padding, "padding", op, 0)
+    p = as_pair(padding, "padding", op, 0)
     for qi, si, pi in zip(q, stride, p):
         if qi >= si:
             raise ValueError(f"{op}: output_padding {output_padding!r} must be smaller than the stride {tuple(stride)}")
@@ -132,7 +132,7 @@ def transpose_crops(padding, output_padding, kernel, stride, op: str = "conv_tra
 def conv_transpose2d_output_shape(in_shape, out_channels, kernel, stride=1, padding=0, output_padding=0):
     """Per-example output shape ``(C_out, OH, OW)``: ``OH = (H - 1) s + k - top - bottom`` crops."""
     op = "conv_transpose2d"
-    kernel, stride = _pair(kernel, "kernel", op, 1), _pair(stride, "stride", op, 1)
+    kernel, stride = as_pair(kernel, "kernel", op, 1), as_pair(stride, "stride", op, 1)
     crops = transpose_crops(padding, output_padding, kernel, stride)
     hw = tuple((n - 1) * s + k - c[0] - c[1] for n, s, k, c in zip(in_shape[1:], stride, kernel, crops))
     if min(hw) < 1:
@@ -286,7 +286,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, out=None, buffers=None):
     op = "conv2d"
     x = _images(x, "x", op)
     w, b = _weights(x, w, b, op, transposed=False)
-    kernel, stride = w.shape[2:], _pair(stride, "stride", op, 1)
+    kernel, stride = w.shape[2:], as_pair(stride, "stride", op, 1)
     pads = conv_pads(padding, x.shape[2:], kernel, stride, op)
     oh, ow = _conv_geometry(op, x.shape[2:], kernel, stride, pads)
     bsz, c_out = x.shape[0], w.shape[0]
@@ -385,7 +385,7 @@ def conv_transpose2d_forward(x, w, b=None, stride=1, padding=0, output_padding=0
     op = "conv_transpose2d"
     x = _images(x, "x", op)
     w, b = _weights(x, w, b, op, transposed=True)
-    kernel, stride = w.shape[2:], _pair(stride, "stride", op, 1)
+    kernel, stride = w.shape[2:], as_pair(stride, "stride", op, 1)
     shape = conv_transpose2d_output_shape(x.shape[1:], w.shape[1], kernel, stride, padding, output_padding)
     crops = transpose_crops(padding, output_padding, kernel, stride, op)
     y = _transposed(x, w, stride, crops, buffers, "convt")
@@ -443,8 +443,8 @@ def conv_transpose2d_backward(dy, cache, need_dx=True, dw=None, db=None):
 def max_pool2d_output_shape(in_shape, kernel, stride=None, padding=0):
     """Per-example output shape ``(C, OH, OW)`` of :func:`max_pool2d_forward` for ``in_shape`` (C, H, W)."""
     op = "max_pool2d"
-    kernel = _pair(kernel, "kernel", op, 1)
-    stride = kernel if stride is None else _pair(stride, "stride", op, 1)
+    kernel = as_pair(kernel, "kernel", op, 1)
+    stride = kernel if stride is None else as_pair(stride, "stride", op, 1)
     pads = pool_pads(padding, in_shape[1:], kernel, stride, op)
     return (in_shape[0], *_conv_geometry(op, in_shape[1:], kernel, stride, pads))
 
@@ -475,8 +475,8 @@ def max_pool2d_forward(x, kernel, stride=None, padding=0, out=None, argmax=None)
     """
     op = "max_pool2d"
     x = _images(x, "x", op)
-    kernel = _pair(kernel, "kernel", op, 1)
-    stride = kernel if stride is None else _pair(stride, "stride", op, 1)
+    kernel = as_pair(kernel, "kernel", op, 1)
+    stride = kernel if stride is None else as_pair(stride, "stride", op, 1)
     pads = pool_pads(padding, x.shape[2:], kernel, stride, op)
     oh, ow = _conv_geometry(op, x.shape[2:], kernel, stride, pads)
     shape = (*x.shape[:2], oh, ow)
@@ -530,7 +530,7 @@ def upsample_nearest2d_forward(x, scale, out=None):
     """
     op = "upsample_nearest2d"
     x = _images(x, "x", op)
-    sh, sw = _pair(scale, "scale", op, 1)
+    sh, sw = as_pair(scale, "scale", op, 1)
     shape = (*x.shape[:2], x.shape[2] * sh, x.shape[3] * sw)
     out = np.empty(shape, x.dtype) if out is None else out
     if out.shape != shape:
@@ -562,5 +562,5 @@ __all__ = [
     "conv2d_forward", "conv2d_backward", "conv_transpose2d_forward", "conv_transpose2d_backward",
     "max_pool2d_forward", "max_pool2d_backward", "upsample_nearest2d_forward", "upsample_nearest2d_backward",
     "conv2d_output_shape", "conv_transpose2d_output_shape", "max_pool2d_output_shape",
-    "conv_pads", "pool_pads", "transpose_crops", "output_size",
+    "as_pair", "conv_pads", "pool_pads", "transpose_crops", "output_size",
 ]

@@ -50,7 +50,7 @@ paddings = st.one_of(st.integers(0, 2), st.tuples(st.integers(0, 2), st.integers
 def conv_cases(draw, transposed=False):
     kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
     stride = draw(st.one_of(st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
-    s = conv._pair(stride, "stride", "t", 1)
+    s = conv.as_pair(stride, "stride", "t", 1)
     shape = (draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(sizes), draw(sizes))
     c_out = draw(st.integers(1, 3))
     case = {"shape": shape, "c_out": c_out, "kernel": kernel, "stride": stride}
@@ -82,7 +82,7 @@ def _conv_inputs(case, dtype=np.float64):
 
 
 def torch_conv2d(x, w, b, case):
-    s = conv._pair(case["stride"], "stride", "t", 1)
+    s = conv.as_pair(case["stride"], "stride", "t", 1)
     pads = conv.conv_pads(case["padding"], x.shape[2:], tuple(w.shape[2:]), s)
     return F.conv2d(F.pad(x, _pad4(pads)), w, b, stride=s)
 
@@ -92,7 +92,7 @@ def torch_conv_transpose2d(x, w, b, case):
     p = case["padding"]
     if not isinstance(p, str):
         return F.conv_transpose2d(x, w, b, stride=case["stride"], padding=p, output_padding=case["output_padding"])
-    s = conv._pair(case["stride"], "stride", "t", 1)
+    s = conv.as_pair(case["stride"], "stride", "t", 1)
     full = F.conv_transpose2d(x, w, None, stride=s)
     crops = conv.transpose_crops(p, 0, tuple(w.shape[2:]), s)
     out = F.pad(full, tuple(-c for c in _pad4(crops)))  # negative pads crop; positive ones append zeros
@@ -171,8 +171,8 @@ def _pool_input(case, dtype=np.float64):
 
 
 def torch_max_pool2d(x, case):
-    k = conv._pair(case["kernel"], "kernel", "t", 1)
-    s = k if case["stride"] is None else conv._pair(case["stride"], "stride", "t", 1)
+    k = conv.as_pair(case["kernel"], "kernel", "t", 1)
+    s = k if case["stride"] is None else conv.as_pair(case["stride"], "stride", "t", 1)
     pads = conv.pool_pads(case["padding"], x.shape[2:], k, s)
     if isinstance(case["padding"], str):
         return F.max_pool2d(F.pad(x, _pad4(pads), value=-np.inf), k, s)
@@ -229,7 +229,7 @@ def test_upsample_matches_torch(backend, shape, scale, seed):
         y, cache = conv.upsample_nearest2d_forward(x, scale)
         dy = rng.standard_normal(y.shape)
         dx = conv.upsample_nearest2d_backward(dy, cache)
-    s = conv._pair(scale, "scale", "t", 1)
+    s = conv.as_pair(scale, "scale", "t", 1)
     tx = _t(x)
     ty = F.interpolate(tx, scale_factor=s, mode="nearest")
     ty.backward(torch.tensor(dy))
