@@ -213,8 +213,7 @@ def _im2col(xp, kernel, stride, out_hw, cols):
 def _correlate(xp, wm, kernel, stride, out_hw, out, cols):
     """out (B, O, OH OW) = wm (O, C kH kW) @ im2col(xp): one GEMM per image, NCHW output."""
     _im2col(xp, kernel, stride, out_hw, cols)
-    np.matmul(wm, cols, out=out)
-    return out
+    return np.matmul(wm, cols, out=out)
 
 
 def _weight_grad(dy, cols, out, tmp):

@@ -651,6 +651,9 @@ class Sequential(Layer):
             if not isinstance(layer, Layer):
                 raise TypeError(f"Sequential: item {i} is a {type(layer).__name__}, not an npvae layer")
         self.layers = list(layers)
+        for i, layer in enumerate(self.layers):  # a name for errors before a model binds it ("encoder.1")
+            if layer.path == Layer.path:
+                layer.path = f"layer {i}"
         holders = [i for i, layer in enumerate(self.layers) if layer.param_shapes() or getattr(layer, "has_params", False)]
         self._first_holder = holders[0] if holders else None  # backward without dx stops here
 

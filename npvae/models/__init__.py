@@ -4,12 +4,14 @@
   :class:`GaussianLatent`, :class:`StandardNormalPrior`, :class:`Conditional`;
 - :mod:`~npvae.models.vae`: the Gaussian VAE; :mod:`~npvae.models.cvae`: the conditional VAE;
 - :mod:`~npvae.models.autoencoders`: autoencoder, denoising autoencoder, poor man's VAE;
+- :mod:`~npvae.models.convnets`: the convolutional presets (conv-vae, conv-dae, conv-ae, conv-doc-dae);
 - :mod:`~npvae.models.likelihoods`: the reconstruction losses;
 - :mod:`~npvae.models.registry`: presets and specs; :mod:`~npvae.models.saving`: ``.npz`` files.
 """
 
 from .autoencoders import Autoencoder, DenoisingAutoencoder, PoorMansVAE
 from .base import Conditional, GaussianLatent, LossTerms, Model, StandardNormalPrior
+from .convnets import ConvAutoencoder, ConvDenoisingAutoencoder, ConvDocumentDAE, ConvVAE
 from .cvae import CVAE
 from .likelihoods import LIKELIHOODS
 from .registry import MODEL_CLASSES, MODELS, build_model, from_spec
@@ -19,5 +21,6 @@ from .vae import VAE
 __all__ = [
     "Model", "LossTerms", "GaussianLatent", "StandardNormalPrior", "Conditional",
     "VAE", "CVAE", "Autoencoder", "DenoisingAutoencoder", "PoorMansVAE",
+    "ConvVAE", "ConvDenoisingAutoencoder", "ConvAutoencoder", "ConvDocumentDAE",
     "LIKELIHOODS", "MODELS", "MODEL_CLASSES", "build_model", "from_spec", "load_model", "save_model",
 ]

@@ -7,11 +7,13 @@ import numpy as np
 from ..layers import layer_from_spec
 from .autoencoders import Autoencoder, DenoisingAutoencoder, PoorMansVAE
 from .base import Model
+from .convnets import CONV_MODELS
 from .cvae import CVAE
 from .vae import VAE
 
-MODEL_CLASSES = {cls.__name__: cls for cls in (VAE, CVAE, Autoencoder, DenoisingAutoencoder, PoorMansVAE)}
-MODELS = {cls.kind: cls for cls in MODEL_CLASSES.values()}  # the CLI presets: vae, ae, dae, poor, cvae
+MODEL_CLASSES = {cls.__name__: cls for cls in (VAE, CVAE, Autoencoder, DenoisingAutoencoder, PoorMansVAE, *CONV_MODELS)}
+# the CLI presets: vae, ae, dae, poor, cvae, conv-vae, conv-dae, conv-ae, conv-doc-dae
+MODELS = {cls.kind: cls for cls in MODEL_CLASSES.values()}
 
 
 def _config_kwargs(config: dict) -> dict:
