@@ -15,7 +15,8 @@ import numpy as np
 
 from . import backend
 
-MODEL_CHOICES = ("vae", "ae", "dae", "poor", "cvae")
+MODEL_CHOICES = ("vae", "ae", "dae", "poor", "cvae", "conv-vae", "conv-dae", "conv-ae", "conv-doc-dae")
+TRAIN_DEFAULTS = {"batch_size": 128, "patience": 5, "lr": 1e-3}  # unless the preset has its own (train_defaults)
 DATASET_CHOICES = ("mnist", "fashion-mnist", "demo")
 
 
@@ -28,20 +29,27 @@ class CLIError(Exception):
 
 def _model_kwargs(args) -> dict:
     kw = {}
+    conv = args.model.startswith("conv-")
     if args.hidden is not None:
+        if conv:
+            raise CLIError(f"--hidden sets MLP widths; --model {args.model} has the write-up's convolutional layers")
         kw["hidden"] = tuple(args.hidden)
     if args.latent_dim is not None:
         kw["latent_dim"] = args.latent_dim
     if args.activation is not None:
         kw["activation"] = args.activation
-    if args.model in ("vae", "cvae"):
+    if args.model in ("vae", "cvae", "conv-vae"):
         kw["likelihood"] = args.likelihood
         kw["beta"] = args.beta
     if args.logvar_bounds is not None:
-        if args.model != "vae":
-            raise CLIError("--logvar-bounds applies to --model vae")
+        if args.model not in ("vae", "conv-vae"):
+            raise CLIError("--logvar-bounds applies to --model vae and conv-vae")
         kw["logvar_bounds"] = tuple(args.logvar_bounds)
-    if args.model == "dae":
+    if args.parameterization is not None:
+        if args.model != "conv-vae":
+            raise CLIError("--parameterization applies to --model conv-vae")
+        kw["parameterization"] = args.parameterization
+    if args.model in ("dae", "conv-dae"):
         kw["noise"] = args.noise
         kw["noise_level"] = args.noise_level
     if args.model == "cvae":
@@ -69,8 +77,13 @@ def cmd_train(args) -> int:
     from .models import load_model
     from .train import TrainConfig, Trainer
 
+    from .models import MODELS
+
     if args.backend:
         backend.set_backend(args.backend)
+    for key, value in TRAIN_DEFAULTS.items():  # the preset's own defaults (conv-dae: batch 2048, patience 10)
+        if getattr(args, key) is None:
+            setattr(args, key, MODELS[args.model].train_defaults.get(key, value))
     source, seed = None, args.seed
     if args.resume and args.out and (Path(args.out) / "checkpoint.npz").exists():
         from .checkpoint import load_checkpoint
@@ -392,13 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=MODEL_CHOICES, default="vae")
     _add_data_args(p)
     p.add_argument("--epochs", type=int, default=None, help="default: 10, or 50 on the demo digits")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 128; conv-dae 2048, conv-doc-dae 16 (the write-ups')")
+    p.add_argument("--lr", type=float, default=None, help="default: 1e-3")
     p.add_argument("--optimizer", choices=("sgd", "rmsprop", "adam", "adamw"), default="adam")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--momentum", type=float, default=0.0, help="for sgd and rmsprop")
     p.add_argument("--clip-grad-norm", type=float, default=None)
-    p.add_argument("--latent-dim", type=int, default=None, help="default: the model's (vae 20, ae 3)")
+    p.add_argument("--latent-dim", type=int, default=None, help="default: the model's (vae 20, ae 3, conv-vae 2); the conv autoencoders' code is their encoder's output")
     p.add_argument("--hidden", type=int, nargs="+", default=None, help="encoder widths, e.g. --hidden 512 256")
     p.add_argument("--activation", default=None, help="relu, leaky_relu, tanh, sigmoid, softplus")
     p.add_argument("--likelihood", choices=("bernoulli", "gaussian", "continuous_bernoulli"), default="bernoulli")
@@ -406,11 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logvar-bounds", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                    help="vae: clamp the encoder's logvar into [LO, HI] (its gradient is 0 outside)")
     p.add_argument("--kl-warmup", type=float, default=0.0, help="epochs over which the KL weight rises to beta")
+    p.add_argument("--parameterization", choices=("logvar", "log_sigma"), default=None,
+                   help="conv-vae: the second head is log sigma^2 (logvar, default) or log sigma, read the same "
+                        "way by the sampler and the KL")
     p.add_argument("--fixed-prior", action="store_true", help="cvae: use N(0, I) instead of the learned prior p(z|y)")
-    p.add_argument("--noise", choices=("salt_pepper", "gaussian"), default="salt_pepper", help="dae corruption")
-    p.add_argument("--noise-level", type=float, default=0.2, help="dae corruption strength")
+    p.add_argument("--noise", choices=("salt_pepper", "gaussian"), default="salt_pepper", help="dae and conv-dae corruption")
+    p.add_argument("--noise-level", type=float, default=0.2, help="dae and conv-dae corruption strength")
     p.add_argument("--binarize", choices=("none", "static", "dynamic"), default="none")
-    p.add_argument("--patience", type=int, default=5, help="early stopping patience in epochs (0: off)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="early stopping patience in epochs (0: off); default 5, conv-dae 10 (the write-up's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--backend", choices=("auto", "numba", "numpy"), default=None)

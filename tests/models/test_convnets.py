@@ -161,3 +161,35 @@ def test_preset_shape_errors_name_the_layer_and_the_shapes():
     model = ConvVAE()
     with pytest.raises(ValueError, match=r"expected x of shape \(B, 784\) with B >= 1, got \(2, 1, 32, 32\)"):
         model.loss_and_grads(np.zeros((2, 1, 32, 32)), rng=np.random.default_rng(0))
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["conv-vae", "conv-dae", "conv-ae"])
+def test_cli_trains_a_conv_preset_and_draws_its_pictures(preset, tmp_path, capsys):
+    from npvae.cli import main
+    from npvae.data import load_dataset
+
+    images = load_dataset("demo").train_x[:96].reshape(96, 28, 28)  # image-shaped uint8 data, as a user's folder gives it
+    np.save(tmp_path / "x.npy", images)
+    out = tmp_path / "run"
+    assert main(["train", "--model", preset, "--data", str(tmp_path / "x.npy"), "--epochs", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    model, meta = load_model(out / "checkpoint.npz")
+    assert model.kind == preset and model.input_shape == (28, 28)
+    expected_batch = {"conv-dae": 2048}.get(preset, 128)  # the write-up's default for conv-dae
+    assert meta["train_config"]["batch_size"] == expected_batch
+    assert meta["train_config"]["patience"] == {"conv-dae": 10}.get(preset, 5)
+    for name in ("best.npz", "log.jsonl", "reconstructions.png", "samples.png"):
+        assert (out / name).exists(), name
+    assert main(["sample", str(out / "checkpoint.npz"), "--n", "4", "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["reconstruct", str(out / "checkpoint.npz"), "--n", "3", "--out", str(tmp_path / "r.png")]) == 0
+    if preset == "conv-vae":
+        assert main(["plot", str(out / "checkpoint.npz"), "manifold", "--n", "3", "--out", str(tmp_path / "m.png")]) == 0
+        assert main(["plot", str(out / "checkpoint.npz"), "latent", "--out", str(tmp_path / "l.png")]) == 0
+    capsys.readouterr()
+    assert main(["train", "--model", preset, "--data", str(tmp_path / "x.npy"), "--hidden", "8", "--epochs", "1",
+                 "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+    assert "--hidden sets MLP widths" in capsys.readouterr().err
