@@ -19,8 +19,10 @@ Formulation (and why)
 ---------------------
 Every product is a *correlation* of a padded input with a kernel, computed as im2col around BLAS:
 the windows of the padded input are copied (one strided copy) into ``cols`` of shape
-``(B, C kH kW, OH OW)`` and ``y_b = W_m cols_b`` with ``W_m = W.reshape(C_out, C kH kW)``: one GEMM
-per image, whose output is already NCHW. The data gradient of a convolution is itself a
+``(n, C kH kW, OH OW)`` for a chunk of n images and ``y_b = W_m cols_b`` with
+``W_m = W.reshape(C_out, C kH kW)``: one GEMM per image, whose output is already NCHW. The weight
+gradient rebuilds the same columns chunk by chunk from the cached padded input (a copy is cheap
+beside the product; keeping a whole batch's columns took a GB at batch 2048). The data gradient of a convolution is itself a
 correlation, of the stride-dilated, padded ``dy`` with the flipped, channel-swapped kernel, so its
 product has a forward product's shape (K = kH kW C_out, N = C_in) instead of writing the 9x larger
 column matrix (see ``/work/shared/notes/conv-speed-facts.md``: that product ran at 19 GFLOP/s, a
@@ -210,19 +212,50 @@ def _im2col(xp, kernel, stride, out_hw, cols):
     return cols
 
 
+CHUNK_BYTES = 8 << 20  # the column matrix is built for this many bytes of images at a time
+
+
+def _cols_buffer(buffers, name, xp_shape, kernel, out_hw, dtype):
+    """The column buffer of a chunk of n images, (n, C kH kW, OH OW), n such that it holds about
+    :data:`CHUNK_BYTES`: the column matrix is 9x the input, so building it for a whole batch costs
+    memory (a GB at batch 2048) and cache misses; a chunk stays in the last-level cache between its
+    copy and its product."""
+    k = xp_shape[1] * kernel[0] * kernel[1]
+    p = out_hw[0] * out_hw[1]
+    n = int(min(xp_shape[0], max(1, CHUNK_BYTES // (k * p * np.dtype(dtype).itemsize))))
+    return _scratch(buffers, name, (n, k, p), dtype)
+
+
+def _chunks(batch: int, n: int):
+    for start in range(0, batch, n):
+        yield start, min(start + n, batch)
+
+
 def _correlate(xp, wm, kernel, stride, out_hw, out, cols):
-    """out (B, O, OH OW) = wm (O, C kH kW) @ im2col(xp): one GEMM per image, NCHW output."""
-    _im2col(xp, kernel, stride, out_hw, cols)
-    return np.matmul(wm, cols, out=out)
-
-
-def _weight_grad(dy, cols, out, tmp):
-    """out (O, K) = sum_b dy_b (O, P) @ cols_b^T (P, K), summed image by image (tmp: (O, K))."""
-    out.fill(0)
-    for b in range(dy.shape[0]):
-        np.matmul(dy[b], cols[b].T, out=tmp)
-        out += tmp
+    """out (B, O, OH OW) = wm (O, C kH kW) @ im2col(xp), chunk by chunk of images (cols: (n, K, P))."""
+    for start, stop in _chunks(xp.shape[0], cols.shape[0]):
+        c = _im2col(xp[start:stop], kernel, stride, out_hw, cols[: stop - start])
+        np.matmul(wm, c, out=out[start:stop])
     return out
+
+
+def _correlate_weight_grad(xp, dy, kernel, stride, out_hw, out, cols, tmp, total):
+    """out (O, K) = sum_b dy_b (O, P) @ im2col(xp)_b^T (P, K), the columns rebuilt chunk by chunk.
+
+    tmp : (n, O, K) scratch for a chunk's per-image products; total : (O, K) scratch for their sum.
+    """
+    out.fill(0)
+    for start, stop in _chunks(xp.shape[0], cols.shape[0]):
+        m = stop - start
+        c = _im2col(xp[start:stop], kernel, stride, out_hw, cols[:m])
+        np.matmul(dy[start:stop], c.transpose(0, 2, 1), out=tmp[:m])
+        out += np.sum(tmp[:m], axis=0, out=total)
+    return out
+
+
+def _weight_grad_scratch(buffers, tag, cols, n_out, dtype):
+    return (_scratch(buffers, f"{tag}:dwtmp", (cols.shape[0], n_out, cols.shape[1]), dtype),
+            _scratch(buffers, f"{tag}:dwsum", (n_out, cols.shape[1]), dtype))
 
 
 def _transposed(x, w, stride, crops, buffers, tag: str):
@@ -241,7 +274,7 @@ def _transposed(x, w, stride, crops, buffers, tag: str):
     xd = _pad_dilate(x, stride, pads, _scratch(buffers, f"{tag}:dilated", (bsz, c_in, *padded), x.dtype))
     flipped = _scratch(buffers, f"{tag}:flipped", (c_out, c_in, kh, kw), x.dtype)
     np.copyto(flipped, w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
-    cols = _scratch(buffers, f"{tag}:tcols", (bsz, c_in * kh * kw, oh * ow), x.dtype)
+    cols = _cols_buffer(buffers, f"{tag}:tcols", xd.shape, (kh, kw), (oh, ow), x.dtype)
     y = _scratch(buffers, f"{tag}:ty", (bsz, c_out, oh, ow), x.dtype)
     _correlate(xd, flipped.reshape(c_out, -1), (kh, kw), (1, 1), (oh, ow), y.reshape(bsz, c_out, -1), cols)
     return y
@@ -294,14 +327,14 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, out=None, buffers=None):
         xp = x
     else:
         xp = _pad_dilate(x, (1, 1), pads, _scratch(buffers, "conv:padded", (bsz, x.shape[1], *padded), x.dtype))
-    cols = _scratch(buffers, "conv:cols", (bsz, x.shape[1] * kernel[0] * kernel[1], oh * ow), x.dtype)
+    cols = _cols_buffer(buffers, "conv:cols", xp.shape, kernel, (oh, ow), x.dtype)
     if out is None:
         out = np.empty((bsz, c_out, oh, ow), x.dtype)
     elif out.shape != (bsz, c_out, oh, ow) or out.dtype != x.dtype:
         raise ValueError(f"{op}: expected out of shape {(bsz, c_out, oh, ow)} {x.dtype}, got {out.shape} {out.dtype}")
     _correlate(xp, w.reshape(c_out, -1), kernel, stride, (oh, ow), out.reshape(bsz, c_out, -1), cols)
     _add_bias(out, b)
-    return out, (x.shape, w, b is not None, stride, pads, cols, buffers)
+    return out, (x.shape, w, b is not None, stride, pads, xp, cols, buffers)
 
 
 def conv2d_backward(dy, cache, need_dx=True, dw=None, db=None):
@@ -329,16 +362,17 @@ def conv2d_backward(dy, cache, need_dx=True, dw=None, db=None):
     -------
     dx : (B, C_in, H, W) array or None, dw : (C_out, C_in, kH, kW) array, db : (C_out,) array or None
     """
-    x_shape, w, has_bias, stride, pads, cols, buffers = cache
+    x_shape, w, has_bias, stride, pads, xp, cols, buffers = cache
     dy = np.asarray(dy, dtype=w.dtype)
     bsz, c_out = x_shape[0], w.shape[0]
-    if dy.shape[:2] != (bsz, c_out) or dy.ndim != 4 or dy.shape[2] * dy.shape[3] != cols.shape[2]:
+    if dy.ndim != 4 or dy.shape[:2] != (bsz, c_out) or dy.shape[2] * dy.shape[3] != cols.shape[2]:
         raise ValueError(f"conv2d backward: dy of shape {dy.shape} does not match the forward's output")
     dy3 = dy.reshape(bsz, c_out, -1)
     if dw is None:
         dw = np.empty(w.shape, w.dtype)
-    tmp = _scratch(buffers, "conv:dwtmp", (c_out, cols.shape[1]), w.dtype)
-    _weight_grad(dy3, cols, dw.reshape(c_out, -1), tmp)
+    kernel = w.shape[2:]
+    tmp, total = _weight_grad_scratch(buffers, "conv", cols, c_out, w.dtype)
+    _correlate_weight_grad(xp, dy3, kernel, stride, dy.shape[2:], dw.reshape(c_out, -1), cols, tmp, total)
     if has_bias:
         if db is None:
             db = np.empty(c_out, w.dtype)
@@ -348,7 +382,6 @@ def conv2d_backward(dy, cache, need_dx=True, dw=None, db=None):
     if not need_dx:
         return None, dw, db
     h, wd = x_shape[2:]
-    kernel = w.shape[2:]
     reach = tuple((n - 1) * s + k for n, s, k in zip(dy.shape[2:], stride, kernel))  # padded rows windows reach
     crops = tuple((p[0], r - p[0] - n) for p, r, n in zip(pads, reach, (h, wd)))
     dx = _transposed(dy, w, stride, crops, buffers, "conv:dx")  # w (C_out, C_in, ..) is already (C_in, C_out, ..) of the transpose
@@ -418,15 +451,15 @@ def conv_transpose2d_backward(dy, cache, need_dx=True, dw=None, db=None):
     full = tuple((n - 1) * s + k for n, s, k in zip((h, wd), stride, kernel))
     pads = tuple((c[0], f - c[0] - m) for c, f, m in zip(crops, full, dy.shape[2:]))
     dyp = _pad_dilate(dy, (1, 1), pads, _scratch(buffers, "convt:dypad", (bsz, c_out, *full), w.dtype))
-    cols = _scratch(buffers, "convt:cols", (bsz, c_out * kernel[0] * kernel[1], h * wd), w.dtype)
+    cols = _cols_buffer(buffers, "convt:cols", dyp.shape, kernel, (h, wd), w.dtype)
     dx = _scratch(buffers, "convt:dx", (bsz, c_in, h, wd), w.dtype) if need_dx else None
-    _im2col(dyp, kernel, stride, (h, wd), cols)
     if need_dx:
-        np.matmul(w.reshape(c_in, -1), cols, out=dx.reshape(bsz, c_in, -1))
+        _correlate(dyp, w.reshape(c_in, -1), kernel, stride, (h, wd), dx.reshape(bsz, c_in, -1), cols)
     if dw is None:
         dw = np.empty(w.shape, w.dtype)
-    tmp = _scratch(buffers, "convt:dwtmp", (c_in, cols.shape[1]), w.dtype)
-    _weight_grad(x.reshape(bsz, c_in, -1), cols, dw.reshape(c_in, -1), tmp)
+    tmp, total = _weight_grad_scratch(buffers, "convt", cols, c_in, w.dtype)
+    _correlate_weight_grad(dyp, x.reshape(bsz, c_in, -1), kernel, stride, (h, wd), dw.reshape(c_in, -1), cols, tmp,
+                           total)
     if has_bias:
         if db is None:
             db = np.empty(c_out, w.dtype)

@@ -353,3 +353,30 @@ def test_errors_name_the_op_and_the_shapes():
         conv.max_pool2d_forward(x, 5)
     with pytest.raises(ValueError, match=r"upsample_nearest2d: expected scale integers >= 1"):
         conv.upsample_nearest2d_forward(x, 0)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=SLOW + [HealthCheck.function_scoped_fixture])
+@given(case=conv_cases(), tcase=conv_cases(transposed=True))
+def test_chunked_columns_give_the_same_numbers(monkeypatch, case, tcase):
+    """The column matrix is built a chunk of images at a time: with one image per chunk, every op and
+    gradient still matches torch."""
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 1)
+    x, w, b, rng = _conv_inputs(case)
+    y, cache = conv.conv2d_forward(x, w, b, case["stride"], case["padding"])
+    dy = rng.standard_normal(y.shape)
+    ours = (y, *conv.conv2d_backward(dy, cache))
+    tx, tw, tb = _t(x), _t(w), _t(b)
+    ty = torch_conv2d(tx, tw, tb, case)
+    ty.backward(torch.tensor(dy))
+    for a, ref in zip(ours, (ty.detach(), tx.grad, tw.grad, tb.grad)):
+        assert rel_error(a, ref.numpy()) <= TORCH_TOL
+    x, w, b, rng = _conv_inputs(tcase)
+    args = (tcase["stride"], tcase["padding"], tcase["output_padding"])
+    y, cache = conv.conv_transpose2d_forward(x, w, b, *args)
+    dy = rng.standard_normal(y.shape)
+    ours = (y, *conv.conv_transpose2d_backward(dy, cache))
+    tx, tw, tb = _t(x), _t(w), _t(b)
+    ty = torch_conv_transpose2d(tx, tw, tb, tcase)
+    ty.backward(torch.tensor(dy))
+    for a, ref in zip(ours, (ty.detach(), tx.grad, tw.grad, tb.grad)):
+        assert rel_error(a, ref.numpy()) <= TORCH_TOL
