@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from npvae import conv
 from npvae.backend import use_backend
-from tests.helpers import BACKENDS, numeric_gradient, rel_error
+from tests.helpers import (BACKENDS, numeric_gradient, rel_error, torch_conv2d, torch_conv_transpose2d,
+                           torch_max_pool2d)
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -31,12 +32,6 @@ SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too
 
 def _t(a, grad=True):
     return torch.tensor(np.asarray(a, dtype=np.float64), requires_grad=grad)
-
-
-def _pad4(pads):
-    """((top, bottom), (left, right)) as F.pad's (left, right, top, bottom)."""
-    (t, b), (l, r) = pads
-    return (l, r, t, b)
 
 
 # ----------------------------------------------------------------------------- strategies
@@ -79,24 +74,6 @@ def _conv_inputs(case, dtype=np.float64):
     wshape = (c, case["c_out"], *case["kernel"]) if "output_padding" in case else (case["c_out"], c, *case["kernel"])
     return (rng.standard_normal((b, c, h, w)).astype(dtype), rng.standard_normal(wshape).astype(dtype),
             rng.standard_normal(case["c_out"]).astype(dtype), rng)
-
-
-def torch_conv2d(x, w, b, case):
-    s = conv.as_pair(case["stride"], "stride", "t", 1)
-    pads = conv.conv_pads(case["padding"], x.shape[2:], tuple(w.shape[2:]), s)
-    return F.conv2d(F.pad(x, _pad4(pads)), w, b, stride=s)
-
-
-def torch_conv_transpose2d(x, w, b, case):
-    """PyTorch's conv_transpose2d; Keras' "same" and "valid" as padding 0 and a crop (or zero rows)."""
-    p = case["padding"]
-    if not isinstance(p, str):
-        return F.conv_transpose2d(x, w, b, stride=case["stride"], padding=p, output_padding=case["output_padding"])
-    s = conv.as_pair(case["stride"], "stride", "t", 1)
-    full = F.conv_transpose2d(x, w, None, stride=s)
-    crops = conv.transpose_crops(p, 0, tuple(w.shape[2:]), s)
-    out = F.pad(full, tuple(-c for c in _pad4(crops)))  # negative pads crop; positive ones append zeros
-    return out + b[:, None, None]
 
 
 # ----------------------------------------------------------------------------- conv2d
@@ -168,15 +145,6 @@ def _pool_input(case, dtype=np.float64):
     rng = np.random.default_rng(case["seed"])
     x = rng.integers(0, 3, case["shape"]) if case["ties"] else rng.standard_normal(case["shape"])
     return x.astype(dtype), rng
-
-
-def torch_max_pool2d(x, case):
-    k = conv.as_pair(case["kernel"], "kernel", "t", 1)
-    s = k if case["stride"] is None else conv.as_pair(case["stride"], "stride", "t", 1)
-    pads = conv.pool_pads(case["padding"], x.shape[2:], k, s)
-    if isinstance(case["padding"], str):
-        return F.max_pool2d(F.pad(x, _pad4(pads), value=-np.inf), k, s)
-    return F.max_pool2d(x, k, s, padding=case["padding"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
