@@ -193,3 +193,22 @@ def test_cli_trains_a_conv_preset_and_draws_its_pictures(preset, tmp_path, capsy
     assert main(["train", "--model", preset, "--data", str(tmp_path / "x.npy"), "--hidden", "8", "--epochs", "1",
                  "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
     assert "--hidden sets MLP widths" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_trains_conv_doc_dae_on_pairs(tmp_path):
+    from npvae.cli import main
+
+    rng = np.random.default_rng(0)
+    clean = (rng.random((40, 8, 12)) < 0.3).astype(np.float32)  # "pages": ink on paper
+    noisy = np.clip(clean + 0.3 * rng.random(clean.shape, dtype=np.float32), 0, 1)
+    np.savez(tmp_path / "pages.npz", x=noisy, target=clean)
+    out = tmp_path / "run"
+    assert main(["train", "--model", "conv-doc-dae", "--data", str(tmp_path / "pages.npz"), "--epochs", "2",
+                 "--out", str(out), "--no-progress"]) == 0
+    model, meta = load_model(out / "best.npz")
+    assert model.kind == "conv-doc-dae" and model.input_shape == (8, 12)
+    assert meta["train_config"]["batch_size"] == 16 and (out / "reconstructions.png").exists()
+    np.savez(tmp_path / "odd.npz", x=noisy[:, :7], target=clean[:, :7])
+    assert main(["train", "--model", "conv-doc-dae", "--data", str(tmp_path / "odd.npz"), "--epochs", "1",
+                 "--out", str(tmp_path / "odd"), "--no-progress"]) == 2
