@@ -12,13 +12,14 @@ and finite differences. The core imports NumPy only.
 ['decoder.0.bias', 'decoder.0.weight']
 """
 
-from . import ops, penalties
+from . import conv, ops, penalties
 from .backend import get_backend, numba_available, set_backend, use_backend
 from .gradcheck import GradCheckReport, check_gradients, check_model, check_op
-from .layers import Activation, Dense, Flatten, Reshape, Sequential
-from .models import (CVAE, MODELS, Autoencoder, Conditional, DenoisingAutoencoder, GaussianLatent, LossTerms, Model,
-                     ContractiveAutoencoder, PoorMansVAE, SparseAutoencoder, StandardNormalPrior, VAE, build_model,
-                     from_spec, load_model, save_model)
+from .layers import Activation, Conv2d, ConvTranspose2d, Dense, Flatten, MaxPool2d, Reshape, Sequential, Upsample2d
+from .models import (CVAE, MODELS, Autoencoder, Conditional, ContractiveAutoencoder, ConvAutoencoder,
+                     ConvDenoisingAutoencoder, ConvDocumentDAE, ConvVAE, DenoisingAutoencoder, GaussianLatent, LossTerms,
+                     Model, PoorMansVAE, SparseAutoencoder, StandardNormalPrior, VAE, build_model, from_spec, load_model,
+                     save_model)
 from .optim import SGD, Adam, AdamW, RMSprop, clip_grad_norm
 from .train import TrainConfig, Trainer, TrainResult, fit
 
@@ -28,8 +29,10 @@ __all__ = [
     "MODELS", "VAE", "CVAE", "Autoencoder", "DenoisingAutoencoder", "PoorMansVAE", "SparseAutoencoder",
     "ContractiveAutoencoder", "LossTerms", "build_model",
     "Model", "GaussianLatent", "StandardNormalPrior", "Conditional", "from_spec", "load_model", "save_model",
-    "Sequential", "Dense", "Activation", "Flatten", "Reshape", "Trainer", "TrainConfig", "TrainResult", "fit",
+    "ConvVAE", "ConvDenoisingAutoencoder", "ConvAutoencoder", "ConvDocumentDAE",
+    "Sequential", "Dense", "Activation", "Flatten", "Reshape", "Conv2d", "ConvTranspose2d", "MaxPool2d", "Upsample2d",
+    "Trainer", "TrainConfig", "TrainResult", "fit",
     "SGD", "RMSprop", "Adam", "AdamW", "clip_grad_norm",
     "check_gradients", "check_model", "check_op", "GradCheckReport",
-    "get_backend", "set_backend", "use_backend", "numba_available", "ops", "penalties",
+    "get_backend", "set_backend", "use_backend", "numba_available", "ops", "penalties", "conv",
 ]

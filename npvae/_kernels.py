@@ -844,3 +844,110 @@ def sum_squares(x, out):
         v = np.float64(x[i])
         acc += v * v
     out[0] = acc
+
+
+# ----------------------------------------------------------------------------- max pooling, nearest upsampling
+
+
+def _max_pool_forward_np(x, kh, kw, sh, sw, pt, pl, out, argmax):
+    b, c, h, w = x.shape
+    oh, ow = out.shape[2:]
+    hp, wp = max(h + pt, (oh - 1) * sh + kh), max(w + pl, (ow - 1) * sw + kw)
+    xp = np.full((b, c, hp, wp), -np.inf, dtype=x.dtype)
+    xp[:, :, pt:pt + h, pl:pl + w] = x
+    s0, s1, s2, s3 = xp.strides
+    windows = np.lib.stride_tricks.as_strided(xp, (b, c, oh, ow, kh, kw), (s0, s1, s2 * sh, s3 * sw, s2, s3))
+    windows = windows.reshape(b, c, oh, ow, kh * kw)
+    best = np.argmax(windows, axis=-1)  # the first maximum (NaN counts as the maximum)
+    nan = np.isnan(windows)
+    if nan.any():  # PyTorch moves to every NaN it meets: the last NaN wins
+        last = kh * kw - 1 - np.argmax(nan[..., ::-1], axis=-1)
+        best = np.where(nan.any(axis=-1), last, best)
+    out[...] = np.take_along_axis(windows, best[..., None], axis=-1)[..., 0]
+    rows = np.arange(oh)[:, None] * sh - pt + best // kw
+    cols = np.arange(ow)[None, :] * sw - pl + best % kw
+    # a window of -inf only keeps its first in-bounds pixel, as PyTorch does (the clip finds it)
+    argmax[...] = np.clip(rows, 0, h - 1) * w + np.clip(cols, 0, w - 1)
+
+
+@kernel(_max_pool_forward_np)
+def max_pool_forward(x, kh, kw, sh, sw, pt, pl, out, argmax):
+    """out[n, c, i, j] = max of x over the window at (i sh - pt, j sw - pl), kh x kw, clipped to the
+    image; argmax[n, c, i, j] = the winner's flat index u W + v. Ties: the first in row-major order
+    (``val > best``); a NaN always takes over (the last NaN wins), as PyTorch's CPU kernel."""
+    b, c, h, w = x.shape
+    oh, ow = out.shape[2], out.shape[3]
+    for n in range(b):
+        for ch in range(c):
+            for i in range(oh):
+                u0 = i * sh - pt
+                ua, ub = max(u0, 0), min(u0 + kh, h)
+                for j in range(ow):
+                    v0 = j * sw - pl
+                    va, vb = max(v0, 0), min(v0 + kw, w)
+                    best = -np.inf
+                    idx = ua * w + va
+                    for u in range(ua, ub):
+                        for v in range(va, vb):
+                            val = x[n, ch, u, v]
+                            if val > best or val != val:
+                                best = val
+                                idx = u * w + v
+                    out[n, ch, i, j] = x[n, ch, idx // w, idx % w]
+                    argmax[n, ch, i, j] = idx
+
+
+def _max_pool_backward_np(dy, argmax, out):
+    b, c, h, w = out.shape
+    flat = (np.arange(b * c).reshape(b, c, 1, 1) * (h * w) + argmax).ravel()
+    out[...] = np.bincount(flat, weights=dy.ravel(), minlength=b * c * h * w).reshape(out.shape)
+
+
+@kernel(_max_pool_backward_np)
+def max_pool_backward(dy, argmax, out):
+    """out = 0, then out[n, c].flat[argmax[n, c, i, j]] += dy[n, c, i, j]."""
+    b, c, h, w = out.shape
+    oh, ow = dy.shape[2], dy.shape[3]
+    out[...] = 0.0
+    for n in range(b):
+        for ch in range(c):
+            for i in range(oh):
+                for j in range(ow):
+                    idx = argmax[n, ch, i, j]
+                    out[n, ch, idx // w, idx % w] += dy[n, ch, i, j]
+
+
+def _upsample_forward_np(x, sh, sw, out):
+    b, c, h, w = x.shape
+    out.reshape(b, c, h, sh, w, sw)[...] = x[:, :, :, None, :, None]
+
+
+@kernel(_upsample_forward_np)
+def upsample_forward(x, sh, sw, out):
+    """out[n, c, i, j] = x[n, c, i // sh, j // sw]."""
+    b, c, h, w = out.shape
+    for n in range(b):
+        for ch in range(c):
+            for i in range(h):
+                for j in range(w):
+                    out[n, ch, i, j] = x[n, ch, i // sh, j // sw]
+
+
+def _upsample_backward_np(dy, sh, sw, out):
+    b, c, h, w = out.shape
+    out[...] = dy.reshape(b, c, h, sh, w, sw).sum(axis=(3, 5))
+
+
+@kernel(_upsample_backward_np)
+def upsample_backward(dy, sh, sw, out):
+    """out[n, c, u, v] = sum of dy over the block [u sh, u sh + sh) x [v sw, v sw + sw)."""
+    b, c, h, w = out.shape
+    for n in range(b):
+        for ch in range(c):
+            for u in range(h):
+                for v in range(w):
+                    acc = 0.0
+                    for a in range(sh):
+                        for e in range(sw):
+                            acc += dy[n, ch, u * sh + a, v * sw + e]
+                    out[n, ch, u, v] = acc

@@ -18,7 +18,9 @@ import numpy as np
 
 from . import backend
 
-MODEL_CHOICES = ("vae", "ae", "dae", "poor", "cvae", "sparse-ae", "contractive-ae")
+MODEL_CHOICES = ("vae", "ae", "dae", "poor", "cvae", "sparse-ae", "contractive-ae", "conv-vae", "conv-dae", "conv-ae",
+                 "conv-doc-dae")
+TRAIN_DEFAULTS = {"batch_size": 128, "patience": 5, "lr": 1e-3}  # unless the preset has its own (train_defaults)
 DATASET_CHOICES = ("mnist", "fashion-mnist", "demo")
 OPTIMIZERS = ("sgd", "rmsprop", "adam", "adamw")
 
@@ -32,20 +34,27 @@ class CLIError(Exception):
 
 def _model_kwargs(args) -> dict:
     kw = {}
+    conv = args.model.startswith("conv-")
     if args.hidden is not None:
+        if conv:
+            raise CLIError(f"--hidden sets MLP widths; --model {args.model} has the write-up's convolutional layers")
         kw["hidden"] = tuple(args.hidden)
     if args.latent_dim is not None:
         kw["latent_dim"] = args.latent_dim
     if args.activation is not None:
         kw["activation"] = args.activation
-    if args.model in ("vae", "cvae"):
+    if args.model in ("vae", "cvae", "conv-vae"):
         kw["likelihood"] = args.likelihood
         kw["beta"] = args.beta
     if args.logvar_bounds is not None:
-        if args.model != "vae":
-            raise CLIError("--logvar-bounds applies to --model vae")
+        if args.model not in ("vae", "conv-vae"):
+            raise CLIError("--logvar-bounds applies to --model vae and conv-vae")
         kw["logvar_bounds"] = tuple(args.logvar_bounds)
-    if args.model == "dae":
+    if args.parameterization is not None:
+        if args.model != "conv-vae":
+            raise CLIError("--parameterization applies to --model conv-vae")
+        kw["parameterization"] = args.parameterization
+    if args.model in ("dae", "conv-dae"):
         kw["noise"] = args.noise
         kw["noise_level"] = args.noise_level
     if args.model == "cvae":
@@ -97,6 +106,7 @@ _MODEL_FLAGS = {
     "noise": ("noise", None), "noise_level": ("noise_level", float), "fixed_prior": ("learned_prior", lambda v: not v),
     "sparsity_penalty": ("sparsity_penalty", None), "sparsity_weight": ("sparsity_weight", float),
     "sparsity_target": ("sparsity_target", float), "contraction_weight": ("contraction_weight", float),
+    "parameterization": ("parameterization", None),
 }
 
 
@@ -202,6 +212,7 @@ def _resume_dir(args) -> Path:
 def cmd_train(args) -> int:
     from .checkpoint import load_checkpoint
     from .models import load_model
+    from .models import MODELS
     from .train import BEST, CHECKPOINT, LOG, TrainConfig, Trainer, check_run_meta
 
     if args.config and args.resume:
@@ -209,6 +220,9 @@ def cmd_train(args) -> int:
     extra = _apply_config(args) if args.config else {}
     if args.backend:
         backend.set_backend(args.backend)
+    for key, value in TRAIN_DEFAULTS.items():  # the preset's own defaults (conv-dae: batch 2048, patience 10)
+        if getattr(args, key) is None:
+            setattr(args, key, MODELS[args.model].train_defaults.get(key, value))
     run, changed = None, {}
     if args.resume:
         out = _resume_dir(args)
@@ -794,15 +808,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--epochs", type=_count(1, 1_000_000), default=None, help="passes over the training set (default: 10, or 50 "
                                                              "on the demo digits)")
-    p.add_argument("--batch-size", type=_count(1, 1_000_000), default=128, help="examples per step")
-    p.add_argument("--lr", type=_number, default=1e-3, help="learning rate")
+    p.add_argument("--batch-size", type=_count(1, 1_000_000), default=None,
+                   help="examples per step (default: 128; conv-dae 2048, conv-doc-dae 16, the write-ups')")
+    p.add_argument("--lr", type=_number, default=None, help="learning rate (default: 1e-3)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="optimizer")
     p.add_argument("--weight-decay", type=_number, default=0.0,
                    help="L2 penalty (adam, sgd, rmsprop) or decoupled weight decay (adamw)")
     p.add_argument("--momentum", type=_number, default=0.0, help="momentum, for sgd and rmsprop")
     p.add_argument("--clip-grad-norm", type=_number, default=None, metavar="MAX",
                    help="clip the global gradient norm to MAX (default: no clipping)")
-    p.add_argument("--latent-dim", type=_count(1, 65_536), default=None, help="latent size Z (default: the model's: vae 20, ae 3)")
+    p.add_argument("--latent-dim", type=_count(1, 65_536), default=None, help="latent size Z (default: the model's: vae 20, ae 3, conv-vae 2; the conv autoencoders' "
+                        "code is their encoder's output)")
     p.add_argument("--hidden", type=_count(1, 65_536), nargs="+", default=None,
                    help="encoder widths, e.g. --hidden 512 256; the decoder mirrors them (default: the model's)")
     p.add_argument("--activation", default=None,
@@ -814,10 +830,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vae: clamp the encoder's logvar into [LO, HI] (its gradient is 0 outside)")
     p.add_argument("--kl-warmup", type=_number, default=0.0, metavar="EPOCHS",
                    help="epochs over which the KL weight rises from 0 to beta")
+    p.add_argument("--parameterization", choices=("logvar", "log_sigma"), default=None,
+                   help="conv-vae: the second head is log sigma^2 (logvar, default) or log sigma, read the same "
+                        "way by the sampler and the KL")
     p.add_argument("--fixed-prior", action="store_true", help="cvae: use N(0, I) instead of the learned prior p(z|y)")
-    p.add_argument("--noise", choices=("salt_pepper", "gaussian"), default="salt_pepper", help="dae: corruption")
+    p.add_argument("--noise", choices=("salt_pepper", "gaussian"), default="salt_pepper", help="dae and conv-dae: corruption")
     p.add_argument("--noise-level", type=_number, default=0.2,
-                   help="dae: fraction of pixels hit (salt_pepper) or noise std (gaussian)")
+                   help="dae and conv-dae: fraction of pixels hit (salt_pepper) or noise std (gaussian)")
     p.add_argument("--sparsity-penalty", choices=("kl", "l1"), default=None,
                    help="sparse-ae: kl (each code unit's mean activation over the batch pulled to --sparsity-target; "
                         "sigmoid codes) or l1 (sum of |code| per image, Keras' activity_regularizer=l1) "
@@ -830,7 +849,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="contractive-ae: lambda, the weight of ||d code / d x||_F^2 per image (default: 0.1)")
     p.add_argument("--binarize", choices=("none", "static", "dynamic"), default="none",
                    help="binarize the images: one fixed Bernoulli draw (static) or a fresh one per batch (dynamic)")
-    p.add_argument("--patience", type=_count(0, 1_000_000), default=5, help="early stopping patience in epochs (0: off)")
+    p.add_argument("--patience", type=_count(0, 1_000_000), default=None,
+                   help="early stopping patience in epochs (0: off; default: 5, conv-dae 10, the write-up's)")
     p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0, help="seeds the initialisation, the split, the batches and the noise")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="parameter dtype")
     p.add_argument("--backend", choices=("auto", "numba", "numpy"), default=None,

@@ -34,7 +34,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from . import ops
+from . import conv, ops
 
 DTYPES = (np.float32, np.float64)
 
@@ -390,6 +390,253 @@ class Reshape(Layer):
         return f"Reshape({self.shape})"
 
 
+# ----------------------------------------------------------------------------- image layers (NCHW)
+
+
+def _image_shape(layer, in_shape, channels=None) -> tuple[int, int, int]:
+    """``in_shape`` as (C, H, W), or one ValueError naming the layer."""
+    if len(in_shape) != 3 or (channels is not None and in_shape[0] != channels):
+        want = f"({channels}, H, W)" if channels is not None else "(C, H, W)"
+        hint = " (add a Reshape to (C, H, W) first)" if len(in_shape) != 3 else ""
+        raise ValueError(f"{layer.path} {layer!r} expects images of shape (B, {want[1:]}, got "
+                         f"(B, {', '.join(map(str, in_shape))}){hint}")
+    return tuple(in_shape)
+
+
+def _layer_shape(layer, fn, in_shape, *args):
+    """``fn(in_shape, *args)`` with its ValueError prefixed by the layer's path and repr."""
+    try:
+        return tuple(fn(in_shape, *args))
+    except ValueError as exc:
+        raise ValueError(f"{layer.path} {layer!r} on inputs (B, {', '.join(map(str, in_shape))}): {exc}") from None
+
+
+def _padding_arg(padding):
+    """A padding as stored in specs: a string, an int, or a pair (lists from JSON become tuples)."""
+    if isinstance(padding, str):
+        return padding
+    if isinstance(padding, (list, tuple)):
+        return tuple(padding)
+    return padding
+
+
+def _spec_value(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+class _ConvBase(Layer):
+    """What Conv2d and ConvTranspose2d share: parameters, torch's default init, the fused activation."""
+
+    transposed = False
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, activation="identity",
+                 alpha=0.01):
+        name = type(self).__name__
+        self.in_channels = _positive_int(in_channels, "in_channels")
+        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.kernel_size = conv.as_pair(kernel_size, "kernel_size", name, 1)
+        self.stride = conv.as_pair(stride, "stride", name, 1)
+        self.padding = _padding_arg(padding)
+        conv.conv_pads(self.padding, self.kernel_size, self.kernel_size, self.stride, name)  # a padding it knows
+        if activation not in ops.ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}: expected one of {', '.join(ops.ACTIVATIONS)}")
+        self.activation, self.alpha = activation, float(alpha)
+        self.weight = self.bias = self.dweight = self.dbias = None
+        self.cache = self._act_cache = None
+
+    def param_shapes(self):
+        c = (self.in_channels, self.out_channels) if self.transposed else (self.out_channels, self.in_channels)
+        return {"weight": (*c, *self.kernel_size), "bias": (self.out_channels,)}
+
+    def bind(self, params, grads, workspace, path) -> None:
+        super().bind(params, grads, workspace, path)
+        self.weight, self.bias = params["weight"], params["bias"]
+        self.dweight, self.dbias = grads["weight"], grads["bias"]
+
+    def init(self, rng: np.random.Generator) -> None:
+        """PyTorch's default: kaiming_uniform(a=sqrt(5)) for W and U(+-1/sqrt(fan_in)) for b, both
+        U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = weight.shape[1] * kH * kW (as torch computes it,
+        which for a transposed convolution's (C_in, C_out, kH, kW) weight is C_out kH kW)."""
+        bound = 1.0 / math.sqrt(self.weight.shape[1] * self.kernel_size[0] * self.kernel_size[1])
+        self.weight[...] = rng.uniform(-bound, bound, self.weight.shape)
+        self.bias[...] = rng.uniform(-bound, bound, self.bias.shape)
+
+    def _buffers(self, batch):
+        return lambda name, shape, dtype: self.buffer(batch, name, shape, dtype)
+
+    def _activate(self, y):
+        if self.activation != "identity":
+            flat = y.reshape(y.shape[0], -1)
+            _, self._act_cache = ops.activation_forward(flat, self.activation, self.alpha, out=flat)
+        return y
+
+    def output_grad_buffer(self, batch: int):
+        shape = getattr(self, "_out_shape", None)
+        return None if shape is None else self.buffer(batch, "da", (batch, *shape), self.weight.dtype)
+
+    def _da(self, dy):
+        """dL/d(pre-activation), in the layer's ``da`` buffer (which may be dy itself)."""
+        if self.activation == "identity":
+            return dy
+        da = self.buffer(dy.shape[0], "da", dy.shape, dy.dtype)
+        ops.activation_backward(dy.reshape(dy.shape[0], -1), self._act_cache, out=da.reshape(dy.shape[0], -1))
+        return da
+
+    def _describe(self) -> str:
+        k, s = self.kernel_size, self.stride
+        parts = [f"{self.in_channels} -> {self.out_channels}", f"{k[0]}x{k[1]}"]
+        if s != (1, 1):
+            parts.append(f"stride {s[0] if s[0] == s[1] else s}")
+        if self.padding not in (0, "valid"):
+            parts.append(f"padding {self.padding!r}")
+        return ", ".join(parts)
+
+
+class Conv2d(_ConvBase):
+    """``y = f(conv2d(x, W) + b)``, W of shape (C_out, C_in, kH, kW) as ``torch.nn.Conv2d``;
+    x (B, C_in, H, W) -> y (B, C_out, OH, OW). See :func:`npvae.conv.conv2d_forward`.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    kernel_size, stride : int or pair
+    padding : int, pair, ``"valid"`` or ``"same"`` (Keras' split: the odd pixel at the bottom/right)
+    activation : str, one of :data:`npvae.ops.ACTIVATIONS`, fused (one pass over y)
+    alpha : float
+        LeakyReLU slope.
+    """
+
+    def output_shape(self, in_shape):
+        _image_shape(self, in_shape, self.in_channels)
+        shape = _layer_shape(self, conv.conv2d_output_shape, tuple(in_shape), self.out_channels, self.kernel_size,
+                             self.stride, self.padding)
+        self._out_shape = shape
+        return shape
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """x (B, C_in, H, W) -> y (B, C_out, OH, OW)."""
+        batch = x.shape[0]
+        shape = conv.conv2d_output_shape(x.shape[1:], self.out_channels, self.kernel_size, self.stride, self.padding)
+        y = self.buffer(batch, "y", (batch, *shape), x.dtype)
+        y, self.cache = conv.conv2d_forward(x, self.weight, self.bias, self.stride, self.padding, out=y,
+                                            buffers=self._buffers(batch))
+        return self._activate(y)
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        """dy (B, C_out, OH, OW) -> dx (B, C_in, H, W); writes (not adds) dweight and dbias."""
+        dx, _, _ = conv.conv2d_backward(self._da(dy), self.cache, need_dx, dw=self.dweight, db=self.dbias)
+        return dx
+
+    def __repr__(self) -> str:
+        act = "" if self.activation == "identity" else f", {self.activation}"
+        return f"Conv2d({self._describe()}{act})"
+
+
+class ConvTranspose2d(_ConvBase):
+    """``y = f(conv_transpose2d(x, W) + b)``, W of shape (C_in, C_out, kH, kW) as
+    ``torch.nn.ConvTranspose2d``; x (B, C_in, H, W) -> y (B, C_out, OH, OW) with
+    ``OH = (H - 1) sH + kH - 2 padding + output_padding``, or ``H sH`` for Keras' ``"same"``.
+    See :func:`npvae.conv.conv_transpose2d_forward`.
+    """
+
+    transposed = True
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0,
+                 activation="identity", alpha=0.01):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, activation, alpha)
+        self.output_padding = conv.as_pair(output_padding, "output_padding", "ConvTranspose2d", 0)
+        conv.transpose_crops(self.padding, self.output_padding, self.kernel_size, self.stride, "ConvTranspose2d")
+
+    def output_shape(self, in_shape):
+        _image_shape(self, in_shape, self.in_channels)
+        shape = _layer_shape(self, conv.conv_transpose2d_output_shape, tuple(in_shape), self.out_channels,
+                             self.kernel_size, self.stride, self.padding, self.output_padding)
+        self._out_shape = shape
+        return shape
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """x (B, C_in, H, W) -> y (B, C_out, OH, OW)."""
+        y, self.cache = conv.conv_transpose2d_forward(x, self.weight, self.bias, self.stride, self.padding,
+                                                      self.output_padding, buffers=self._buffers(x.shape[0]))
+        return self._activate(y)
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        """dy (B, C_out, OH, OW) -> dx (B, C_in, H, W); writes (not adds) dweight and dbias."""
+        dx, _, _ = conv.conv_transpose2d_backward(self._da(dy), self.cache, need_dx, dw=self.dweight, db=self.dbias)
+        return dx
+
+    def __repr__(self) -> str:
+        act = "" if self.activation == "identity" else f", {self.activation}"
+        extra = f", output_padding {self.output_padding}" if self.output_padding != (0, 0) else ""
+        return f"ConvTranspose2d({self._describe()}{extra}{act})"
+
+
+class MaxPool2d(Layer):
+    """Max pooling, (B, C, H, W) -> (B, C, OH, OW), as ``torch.nn.MaxPool2d`` (``padding`` an int or
+    pair, at most half the kernel) or Keras' ``MaxPooling2D`` (``padding="same"``). Ties go to the
+    first maximum in the window's row-major order, as in PyTorch. See :func:`npvae.conv.max_pool2d_forward`.
+    """
+
+    def __init__(self, kernel_size=2, stride=None, padding=0):
+        self.kernel_size = conv.as_pair(kernel_size, "kernel_size", "MaxPool2d", 1)
+        self.stride = self.kernel_size if stride is None else conv.as_pair(stride, "stride", "MaxPool2d", 1)
+        self.padding = _padding_arg(padding)
+        conv.pool_pads(self.padding, self.kernel_size, self.kernel_size, self.stride, "MaxPool2d")
+        self.cache = None
+
+    def output_shape(self, in_shape):
+        _image_shape(self, in_shape)
+        return _layer_shape(self, conv.max_pool2d_output_shape, tuple(in_shape), self.kernel_size, self.stride,
+                            self.padding)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        batch = x.shape[0]
+        shape = (batch, *conv.max_pool2d_output_shape(x.shape[1:], self.kernel_size, self.stride, self.padding))
+        out = self.buffer(batch, "y", shape, x.dtype)
+        argmax = self.buffer(batch, "argmax", shape, np.int64)
+        y, self.cache = conv.max_pool2d_forward(x, self.kernel_size, self.stride, self.padding, out=out, argmax=argmax)
+        self._x_shape = x.shape
+        return y
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        dx = self.buffer(dy.shape[0], "dx", self._x_shape, dy.dtype)
+        return conv.max_pool2d_backward(dy, self.cache, out=dx)
+
+    def __repr__(self) -> str:
+        k, s = self.kernel_size, self.stride
+        extra = "" if s == k else f", stride {s}"
+        extra += "" if self.padding in (0, "valid") else f", padding {self.padding!r}"
+        return f"MaxPool2d({k[0]}x{k[1]}{extra})"
+
+
+class Upsample2d(Layer):
+    """Nearest-neighbour upsampling by integer factors, (B, C, H, W) -> (B, C, H sH, W sW), as Keras'
+    ``UpSampling2D`` and ``torch.nn.Upsample(scale_factor=s, mode="nearest")``."""
+
+    def __init__(self, scale=2):
+        self.scale = conv.as_pair(scale, "scale", "Upsample2d", 1)
+        self.cache = None
+
+    def output_shape(self, in_shape):
+        c, h, w = _image_shape(self, in_shape)
+        return (c, h * self.scale[0], w * self.scale[1])
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        batch, (sh, sw) = x.shape[0], self.scale
+        out = self.buffer(batch, "y", (batch, x.shape[1], x.shape[2] * sh, x.shape[3] * sw), x.dtype)
+        y, self.cache = conv.upsample_nearest2d_forward(x, self.scale, out=out)
+        return y
+
+    def backward(self, dy: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        b, c, h, w = dy.shape
+        dx = self.buffer(b, "dx", (b, c, h // self.scale[0], w // self.scale[1]), dy.dtype)
+        return conv.upsample_nearest2d_backward(dy, self.cache, out=dx)
+
+    def __repr__(self) -> str:
+        s = self.scale
+        return f"Upsample2d({s[0] if s[0] == s[1] else s})"
+
+
 class Sequential(Layer):
     """Layers applied in order, as ``torch.nn.Sequential``; the i-th is named ``"{i}"``.
 
@@ -404,6 +651,9 @@ class Sequential(Layer):
             if not isinstance(layer, Layer):
                 raise TypeError(f"Sequential: item {i} is a {type(layer).__name__}, not an npvae layer")
         self.layers = list(layers)
+        for i, layer in enumerate(self.layers):  # a name for errors before a model binds it ("encoder.1")
+            if layer.path == Layer.path:
+                layer.path = f"layer {i}"
         holders = [i for i, layer in enumerate(self.layers) if layer.param_shapes() or getattr(layer, "has_params", False)]
         self._first_holder = holders[0] if holders else None  # backward without dx stops here
 
@@ -483,6 +733,19 @@ def _layer_config(layer: Layer) -> dict:
         return {"in_dim": layer.in_dim, "out_dim": layer.out_dim, "activation": layer.activation, "alpha": layer.alpha}
     if isinstance(layer, Activation):
         return {"name": layer.name, "alpha": layer.alpha}
+    if isinstance(layer, ConvTranspose2d):
+        return {"in_channels": layer.in_channels, "out_channels": layer.out_channels,
+                "kernel_size": list(layer.kernel_size), "stride": list(layer.stride),
+                "padding": _spec_value(layer.padding), "output_padding": list(layer.output_padding),
+                "activation": layer.activation, "alpha": layer.alpha}
+    if isinstance(layer, Conv2d):
+        return {"in_channels": layer.in_channels, "out_channels": layer.out_channels,
+                "kernel_size": list(layer.kernel_size), "stride": list(layer.stride),
+                "padding": _spec_value(layer.padding), "activation": layer.activation, "alpha": layer.alpha}
+    if isinstance(layer, MaxPool2d):
+        return {"kernel_size": list(layer.kernel_size), "stride": list(layer.stride), "padding": _spec_value(layer.padding)}
+    if isinstance(layer, Upsample2d):
+        return {"scale": list(layer.scale)}
     if isinstance(layer, Reshape):
         return {"shape": list(layer.shape)}
     if isinstance(layer, Flatten):
@@ -497,7 +760,8 @@ def layer_spec(layer: Layer) -> dict:
     return {"type": type(layer).__name__, **_layer_config(layer)}
 
 
-LAYER_TYPES = {cls.__name__: cls for cls in (Dense, GaussianHeads, Activation, Flatten, Reshape)}
+LAYER_TYPES = {cls.__name__: cls for cls in (Dense, GaussianHeads, Activation, Flatten, Reshape, Conv2d,
+                                              ConvTranspose2d, MaxPool2d, Upsample2d)}
 
 
 def layer_from_spec(spec) -> Layer:

@@ -645,3 +645,52 @@ def torch_errors(spec: OpSpec, inputs: dict, src, floors: bool = True) -> dict[s
         for k in spec.wrt:
             errors[k] = rel_error(grads[k], t[k].grad.numpy(), floor=grad_floors.get(k, 0.0))
     return errors
+
+
+# ----------------------------------------------------------------------------- image ops (npvae.conv)
+# Cases are dicts: stride, padding (int, pair, "valid", "same"), output_padding, kernel (pooling).
+# Keras' "same" is not a torch padding mode for strides > 1 or even totals: the references pad (or
+# crop) explicitly with the amounts npvae.conv's documented formulas give.
+
+
+def _pad4(pads):
+    """((top, bottom), (left, right)) as F.pad's (left, right, top, bottom)."""
+    (t, b), (l, r) = pads
+    return (l, r, t, b)
+
+
+def torch_conv2d(x, w, b, case):
+    """F.conv2d on an explicitly padded x."""
+    from npvae import conv
+
+    s = conv.as_pair(case["stride"], "stride", "t", 1)
+    pads = conv.conv_pads(case["padding"], x.shape[2:], tuple(w.shape[2:]), s)
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(x, _pad4(pads)), w, b, stride=s)
+
+
+def torch_conv_transpose2d(x, w, b, case):
+    """F.conv_transpose2d; Keras' "same" and "valid" as padding 0 and a crop (or appended zero rows)."""
+    from npvae import conv
+
+    F = torch.nn.functional
+    p = case["padding"]
+    if not isinstance(p, str):
+        return F.conv_transpose2d(x, w, b, stride=case["stride"], padding=p, output_padding=case["output_padding"])
+    s = conv.as_pair(case["stride"], "stride", "t", 1)
+    full = F.conv_transpose2d(x, w, None, stride=s)
+    crops = conv.transpose_crops(p, 0, tuple(w.shape[2:]), s)
+    out = F.pad(full, tuple(-c for c in _pad4(crops)))  # negative pads crop; positive ones append zeros
+    return out + b[:, None, None]
+
+
+def torch_max_pool2d(x, case):
+    """F.max_pool2d; Keras' "same" as an explicit -inf padding."""
+    from npvae import conv
+
+    F = torch.nn.functional
+    k = conv.as_pair(case["kernel"], "kernel", "t", 1)
+    s = k if case["stride"] is None else conv.as_pair(case["stride"], "stride", "t", 1)
+    pads = conv.pool_pads(case["padding"], x.shape[2:], k, s)
+    if isinstance(case["padding"], str):
+        return F.max_pool2d(F.pad(x, _pad4(pads), value=-np.inf), k, s)
+    return F.max_pool2d(x, k, s, padding=case["padding"])

@@ -157,7 +157,37 @@ def _reparameterize_backward(d):
     return [(d(-2, 2), d(-5, 5), np.exp(0.5 * d(-30, 30)).astype(d.dtype), d.empty(), d.empty())]
 
 
+def _images(d, lo, hi, channels=2):
+    """A (2, channels, H, W) batch with H, W in 1..9 from the example's (n, m)."""
+    return d(lo, hi, (2, channels, d.n % 9 + 1, d.m % 9 + 1))
+
+
+def _max_pool_forward(d):
+    cases = []
+    for (kh, kw), (sh, sw), (pt, pl) in (((2, 2), (2, 2), (0, 0)), ((3, 2), (1, 2), (1, 1)), ((1, 3), (2, 1), (0, 1))):
+        for x in (_images(d, -5, 5), np.round(_images(d, 0, 2))):  # the second has ties
+            h, w = x.shape[2:]
+            if h + 2 * pt < kh or w + 2 * pl < kw:
+                continue
+            oh, ow = (h + 2 * pt - kh) // sh + 1, (w + 2 * pl - kw) // sw + 1
+            x.flat[3::7] = np.nan  # NaN propagates (the last NaN of a window wins), as in PyTorch
+            cases.append((x, kh, kw, sh, sw, pt, pl, d.empty((2, 2, oh, ow)), np.zeros((2, 2, oh, ow), np.int64)))
+    return cases
+
+
+def _max_pool_backward(d):
+    x = _images(d, -5, 5)
+    out, argmax = d.empty((2, 2, x.shape[2], x.shape[3])), np.zeros((2, 2, x.shape[2], x.shape[3]), np.int64)
+    K.max_pool_forward.twin(x, 2, 2, 1, 1, 1, 1, out, argmax)  # overlapping windows: shared winners add up
+    return [(d(-2, 2, out.shape), argmax, d.empty(x.shape))]
+
+
 BUILDERS = {
+    "max_pool_forward": _max_pool_forward,
+    "max_pool_backward": _max_pool_backward,
+    "upsample_forward": lambda d: [(x, 2, 3, d.empty((2, 2, x.shape[2] * 2, x.shape[3] * 3))) for x in [_images(d, -5, 5)]],
+    "upsample_backward": lambda d: [(d(-2, 2, (2, 2, 3 * (d.n % 5 + 1), 2 * (d.m % 5 + 1))), 3, 2,
+                                     d.empty((2, 2, d.n % 5 + 1, d.m % 5 + 1)))],
     "bias_act_forward": _bias_act_forward,
     "act_backward": _act_backward,
     "bias_grad": lambda d: [(d(-10, 10), d.empty((d.m,)), np.empty(d.m))],

@@ -7,8 +7,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from npvae.layers import (Activation, Dense, Flatten, Parameters, Reshape, Sequential, Workspace, layer_from_spec,
-                          layer_spec, mlp)
+from npvae.layers import (Activation, Conv2d, ConvTranspose2d, Dense, Flatten, MaxPool2d, Parameters, Reshape,
+                          Sequential, Upsample2d, Workspace, layer_from_spec, layer_spec, mlp)
 
 from tests.helpers import rel_error
 
@@ -127,3 +127,122 @@ def test_reprs_are_readable():
     assert repr(Sequential(Flatten(), Dense(784, 400, "relu"), Dense(400, 20))) == \
         "Sequential(Flatten(), Dense(784 -> 400, relu), Dense(400 -> 20))"
     assert repr(Reshape((28, 28))) == "Reshape((28, 28))"
+
+
+# ----------------------------------------------------------------------------- image layers
+
+
+def torch_twin(layer, in_shape):
+    """One npvae layer as torch modules with its weights (Keras' "same" padding as an explicit pad)."""
+    from npvae import conv
+
+    nn = torch.nn
+    acts = {"relu": nn.ReLU(), "sigmoid": nn.Sigmoid(), "tanh": nn.Tanh(), "identity": nn.Identity()}
+
+    def pad(pads, value=0.0):
+        (t, b), (l, r) = pads
+        return nn.ConstantPad2d((l, r, t, b), value)
+
+    if isinstance(layer, ConvTranspose2d):
+        m = nn.ConvTranspose2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                               layer.padding, layer.output_padding).double()
+        mods = [m, acts[layer.activation]]
+    elif isinstance(layer, Conv2d):
+        m = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride).double()
+        mods = [pad(conv.conv_pads(layer.padding, in_shape[1:], layer.kernel_size, layer.stride)), m,
+                acts[layer.activation]]
+    elif isinstance(layer, Dense):
+        m = nn.Linear(layer.in_dim, layer.out_dim).double()
+        mods = [m, acts[layer.activation]]
+    elif isinstance(layer, MaxPool2d):
+        return nn.Sequential(pad(conv.pool_pads(layer.padding, in_shape[1:], layer.kernel_size, layer.stride), -np.inf),
+                             nn.MaxPool2d(layer.kernel_size, layer.stride))
+    elif isinstance(layer, Upsample2d):
+        return nn.Upsample(scale_factor=layer.scale, mode="nearest")
+    elif isinstance(layer, Flatten):
+        return nn.Flatten()
+    else:
+        return nn.Unflatten(1, layer.shape)
+    m.weight.data, m.bias.data = torch.tensor(layer.weight.copy()), torch.tensor(layer.bias.copy())
+    return nn.Sequential(*mods)
+
+
+@settings(max_examples=10, deadline=None)
+@given(b=st.integers(1, 3), size=st.integers(5, 9), seed=st.integers(0, 2**31 - 1),
+       act=st.sampled_from(["relu", "tanh", "sigmoid"]))
+def test_image_stack_matches_torch(b, size, seed, act):
+    """Conv(same) -> MaxPool(same) -> Conv(stride 2) -> Flatten -> Dense -> Reshape -> ConvTranspose ->
+    Upsample -> Conv, forward and every gradient against the torch twin in float64."""
+    stack = Sequential(Conv2d(2, 3, 3, padding="same", activation=act), MaxPool2d(2, padding="same"),
+                       Conv2d(3, 4, (3, 2), stride=2, padding=1, activation="relu"), Flatten())
+    in_shape = (2, size, size)
+    flat = stack.output_shape(in_shape)
+    stack = Sequential(*stack, Dense(flat[0], 12, "relu"), Reshape((3, 2, 2)),
+                       ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1, activation="relu"),
+                       Upsample2d(2), Conv2d(2, 1, 3, padding="same", activation="sigmoid"))
+    assert stack.output_shape(in_shape) == (1, 8, 8)
+    bind(stack, seed=seed)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, *in_shape))
+    y = stack.forward(x).copy()
+    dy = rng.standard_normal(y.shape)
+    dx = stack.backward(dy).copy()
+    shape, twin_layers = in_shape, []
+    for layer in stack:
+        twin_layers.append((layer, shape))
+        shape = layer.output_shape(shape)
+    twin = torch.nn.Sequential(*[torch_twin(layer, s) for layer, s in twin_layers])
+    tx = torch.tensor(x, requires_grad=True)
+    ty = twin(tx)
+    (ty * torch.tensor(dy)).sum().backward()
+    assert rel_error(y, ty.detach().numpy()) <= 1e-12
+    assert rel_error(dx, tx.grad.numpy()) <= 1e-10
+    params = [p for p in twin.parameters()]
+    ours = [g for layer in stack if layer.param_shapes() for g in (layer.dweight, layer.dbias)]
+    assert len(params) == len(ours)
+    for p, g in zip(params, ours):
+        assert rel_error(g, p.grad.numpy()) <= 1e-10
+
+
+def test_image_layer_specs_round_trip_and_init_like_torch():
+    stack = Sequential(Conv2d(1, 4, 3, stride=(2, 1), padding="same", activation="relu"), MaxPool2d(2, 1, (1, 0)),
+                       Upsample2d((2, 3)), ConvTranspose2d(4, 2, (3, 2), 2, (1, 0), (1, 0), "tanh"), Flatten())
+    spec = layer_spec(stack)
+    import json
+
+    again = layer_from_spec(json.loads(json.dumps(spec)))
+    assert layer_spec(again) == spec and repr(again) == repr(stack)
+    assert again.output_shape((1, 7, 6)) == stack.output_shape((1, 7, 6))
+    bind(stack, seed=1)
+    conv_layer, convt = stack[0], stack[3]
+    for layer, fan_in in ((conv_layer, 1 * 9), (convt, 2 * 6)):  # torch: weight.shape[1] * kH * kW
+        bound = 1 / np.sqrt(fan_in)
+        assert np.abs(layer.weight).max() <= bound and np.abs(layer.weight).max() > 0.5 * bound
+        assert np.abs(layer.bias).max() <= bound
+
+
+def test_image_layers_name_the_layer_and_shapes_in_errors():
+    stack = Sequential(Conv2d(1, 4, 3), Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match=r"Conv2d\(3 -> 4, 3x3\) expects images of shape \(B, 3, H, W\), got \(B, 4, 3, 3\)"):
+        stack.output_shape((1, 5, 5))
+    with pytest.raises(ValueError, match=r"expects images of shape \(B, 1, H, W\), got \(B, 784\) \(add a Reshape"):
+        Sequential(Conv2d(1, 4, 3)).output_shape((784,))
+    with pytest.raises(ValueError, match=r"Conv2d\(1 -> 4, 5x5\) on inputs \(B, 1, 3, 3\): conv2d: kernel 5x5 is larger "
+                                         r"than the padded input 3x3"):
+        Sequential(Conv2d(1, 4, 5)).output_shape((1, 3, 3))
+    with pytest.raises(ValueError, match="MaxPool2d: padding 2 must be at most half the kernel"):
+        MaxPool2d(2, padding=2)
+    with pytest.raises(ValueError, match="Conv2d: unknown padding 'full'"):
+        Conv2d(1, 2, 3, padding="full")
+    with pytest.raises(ValueError, match="ConvTranspose2d: output_padding .* must be smaller than the stride"):
+        ConvTranspose2d(1, 2, 3, stride=1, output_padding=1)
+
+
+def test_flatten_and_reshape_on_images():
+    x = np.arange(2 * 3 * 4 * 5, dtype=np.float64).reshape(2, 3, 4, 5)
+    flat, back = Flatten(), Reshape((3, 4, 5))
+    assert flat.output_shape((3, 4, 5)) == (60,) and back.output_shape((60,)) == (3, 4, 5)
+    y = flat.forward(x)
+    np.testing.assert_array_equal(y, torch.flatten(torch.tensor(x), 1).numpy())
+    np.testing.assert_array_equal(back.forward(y), x)
+    np.testing.assert_array_equal(flat.backward(back.backward(x)), x)

@@ -311,3 +311,140 @@ def gradient_errors(ours: dict, theirs: dict, rel_floor: float = 1e-5, abs_floor
     largest = max((float(np.abs(np.asarray(g)).max(initial=0.0)) for g in theirs.values()), default=0.0)
     floor = max(rel_floor * largest, abs_floor)
     return {key: rel_error(ours[key], theirs[key], floor) for key in ours}
+
+
+# ----------------------------------------------------------------------------- the convolutional presets
+# Written from the write-ups with torch's own modules. Keras' "same" padding (total
+# max((ceil(n / s) - 1) s + k - n, 0), the odd pixel at the bottom/right) is not a torch padding
+# mode for strides > 1 or even totals, so these modules pad (or crop) explicitly.
+
+
+def keras_same(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """Keras' "same" padding of one axis: (before, after)."""
+    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class SameConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with Keras' "same" padding."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        (t, b), (l, r) = (keras_same(n, k, s) for n, k, s in zip(x.shape[2:], self.kernel_size, self.stride))
+        return F.conv2d(F.pad(x, (l, r, t, b)), self.weight, self.bias, self.stride)
+
+
+class SameMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` with Keras' "same" padding (the padding never wins)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        k, s = (self.kernel_size,) * 2, (self.stride,) * 2
+        (t, b), (l, r) = (keras_same(n, ki, si) for n, ki, si in zip(x.shape[2:], k, s))
+        return F.max_pool2d(F.pad(x, (l, r, t, b), value=-math.inf), k, s)
+
+
+class SameConvTranspose2d(nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` as Keras' ``Conv2DTranspose(padding="same")``: output ``H * stride``, the full
+    output ``(H - 1) s + k`` cropped by ``k - s``, the odd row/column at the bottom/right."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        full = F.conv_transpose2d(x, self.weight, self.bias, self.stride)
+        (t, b), (l, r) = (((k - s) // 2, k - s - (k - s) // 2) for k, s in zip(self.kernel_size, self.stride))
+        return full[:, :, t: full.shape[2] - b, l: full.shape[3] - r]
+
+
+def load_in_order(module: nn.Module, state: dict, dtype=torch.float64) -> nn.Module:
+    """Copy an npvae state dict into ``module``'s parameters in order, each shape exactly as it is (the
+    torch module names its layers by position in its nn.Sequential, with activations in between)."""
+    params = list(module.named_parameters())
+    if len(params) != len(state):
+        raise ValueError(f"{len(params)} torch parameters, {len(state)} npvae arrays")
+    for (name, p), (key, value) in zip(params, state.items()):
+        if tuple(p.shape) != np.shape(value):
+            raise ValueError(f"{name} {tuple(p.shape)} does not fit {key} {np.shape(value)}")
+        p.data = torch.tensor(np.asarray(value), dtype=dtype)
+    return module.to(dtype)
+
+
+def torch_conv_vae_parts(side: int = 28, latent_dim: int = 2):
+    """The Keras write-up's conv VAE: encoder, heads (mu, second head), decoder (logits)."""
+    h = side // 2
+    encoder = nn.Sequential(
+        nn.Unflatten(1, (1, side, side)),
+        SameConv2d(1, 32, 3), nn.ReLU(),
+        SameConv2d(32, 64, 3, stride=2), nn.ReLU(),
+        SameConv2d(64, 64, 3), nn.ReLU(),
+        SameConv2d(64, 64, 3), nn.ReLU(),
+        nn.Flatten(), nn.Linear(64 * h * h, 32), nn.ReLU())
+    decoder = nn.Sequential(
+        nn.Linear(latent_dim, h * h * 64), nn.ReLU(), nn.Unflatten(1, (64, h, h)),
+        SameConvTranspose2d(64, 32, 3, stride=2), nn.ReLU(),
+        SameConv2d(32, 1, 3), nn.Flatten())
+    return encoder, nn.Linear(32, latent_dim), nn.Linear(32, latent_dim), decoder
+
+
+class TorchConvVAE(nn.Module):
+    """The conv VAE with a consistent parameterization: the second head is log sigma^2 (``"logvar"``) or
+    log sigma (``"log_sigma"``, logvar = 2 h) in the sampler and the KL alike; Bernoulli decoder (BCE)."""
+
+    def __init__(self, side=28, latent_dim=2, parameterization="logvar", beta=1.0):
+        super().__init__()
+        self.encoder, self.mu, self.second, self.decoder = torch_conv_vae_parts(side, latent_dim)
+        self.scale = 2.0 if parameterization == "log_sigma" else 1.0
+        self.reg_weight = float(beta)
+
+    def forward(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.encoder(x)
+        mu, logvar = self.mu(h), self.scale * self.second(h)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        return bernoulli_nll(self.decoder(z), x), kl_normal(mu, logvar)
+
+    def loss(self, x: Tensor, eps: Tensor):
+        recon, kl = self(x, eps)
+        return recon.mean() + self.reg_weight * kl.mean(), recon.mean(), kl.mean()
+
+
+def torch_conv_dae(side: int = 28) -> nn.Module:
+    """The denoising write-up's conv autoencoder: encoder and decoder nn.Sequential."""
+    code = math.ceil(math.ceil(math.ceil(side / 2) / 2) / 2)
+    encoder = nn.Sequential(
+        nn.Unflatten(1, (1, side, side)),
+        SameConv2d(1, 64, 3), nn.ReLU(), SameMaxPool2d(2),
+        SameConv2d(64, 32, 3), nn.ReLU(), SameMaxPool2d(2),
+        SameConv2d(32, 16, 3), nn.ReLU(), SameMaxPool2d(2), nn.Flatten())
+    decoder = nn.Sequential(
+        nn.Unflatten(1, (16, code, code)),
+        SameConv2d(16, 16, 3), nn.ReLU(), nn.Upsample(scale_factor=2, mode="nearest"),
+        SameConv2d(16, 32, 3), nn.ReLU(), nn.Upsample(scale_factor=2, mode="nearest"),
+        nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Upsample(scale_factor=2, mode="nearest"),
+        SameConv2d(64, 1, 3), nn.Sigmoid(), nn.Flatten())
+    return nn.ModuleDict({"encoder": encoder, "decoder": decoder})
+
+
+def torch_conv_ae() -> nn.Module:
+    """The PyTorch write-up's conv autoencoder, as written there (plus the reshapes of flat rows)."""
+    encoder = nn.Sequential(
+        nn.Unflatten(1, (1, 28, 28)),
+        nn.Conv2d(1, 16, 3, stride=3, padding=1), nn.ReLU(True), nn.MaxPool2d(2, stride=2),
+        nn.Conv2d(16, 8, 3, stride=2, padding=1), nn.ReLU(True), nn.MaxPool2d(2, stride=1), nn.Flatten())
+    decoder = nn.Sequential(
+        nn.Unflatten(1, (8, 2, 2)),
+        nn.ConvTranspose2d(8, 16, 3, stride=2), nn.ReLU(True),
+        nn.ConvTranspose2d(16, 8, 5, stride=3, padding=1), nn.ReLU(True),
+        nn.ConvTranspose2d(8, 1, 2, stride=2, padding=1), nn.Tanh(), nn.Flatten())
+    return nn.ModuleDict({"encoder": encoder, "decoder": decoder})
+
+
+def torch_conv_doc_dae(height: int, width: int) -> nn.Module:
+    """The document-cleaning autoencoder for (height, width) pages."""
+    encoder = nn.Sequential(nn.Unflatten(1, (1, height, width)), SameConv2d(1, 64, 3), nn.ReLU(), SameMaxPool2d(2),
+                            nn.Flatten())
+    decoder = nn.Sequential(nn.Unflatten(1, (64, height // 2, width // 2)), SameConv2d(64, 64, 3), nn.ReLU(),
+                            nn.Upsample(scale_factor=2, mode="nearest"), SameConv2d(64, 1, 3), nn.Sigmoid(),
+                            nn.Flatten())
+    return nn.ModuleDict({"encoder": encoder, "decoder": decoder})
+
+
+def squared_error_loss(ae: nn.Module, x_in: Tensor, x_target: Tensor) -> Tensor:
+    """Batch mean of the per-example squared error of an encoder/decoder ModuleDict on flat rows."""
+    out = ae["decoder"](ae["encoder"](x_in))
+    return ((out - x_target.reshape(len(x_target), -1)) ** 2).sum(1).mean()

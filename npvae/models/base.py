@@ -114,6 +114,7 @@ class Model:
     kl_weight = 1.0  # weight of the second term in the training loss
     eval_weight = 1.0  # weight of the second term in evaluate's total
     needs_noise = False  # True when forward draws noise (eps), so loss_and_grads needs eps or rng
+    train_defaults: dict = {}  # a preset's own training defaults (batch_size, patience, lr) for the CLI
 
     # -- construction
 

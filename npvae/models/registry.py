@@ -7,13 +7,15 @@ import numpy as np
 from ..layers import layer_from_spec
 from .autoencoders import Autoencoder, DenoisingAutoencoder, PoorMansVAE
 from .base import Model
+from .convnets import CONV_MODELS
 from .cvae import CVAE
 from .regularized import ContractiveAutoencoder, SparseAutoencoder
 from .vae import VAE
 
 MODEL_CLASSES = {cls.__name__: cls for cls in (VAE, CVAE, Autoencoder, DenoisingAutoencoder, PoorMansVAE,
-                                               SparseAutoencoder, ContractiveAutoencoder)}
-MODELS = {cls.kind: cls for cls in MODEL_CLASSES.values()}  # the CLI presets: vae, ae, dae, poor, cvae, sparse-ae, contractive-ae
+                                               SparseAutoencoder, ContractiveAutoencoder, *CONV_MODELS)}
+# the CLI presets: vae, ae, dae, poor, cvae, sparse-ae, contractive-ae, conv-vae, conv-dae, conv-ae, conv-doc-dae
+MODELS = {cls.kind: cls for cls in MODEL_CLASSES.values()}
 
 
 def _config_kwargs(config: dict) -> dict:

@@ -83,6 +83,7 @@ class GaussianVAE(Model, GaussianLatent):
     kind = "vae"
     needs_noise = True
     objective = "negative ELBO"  # what recon + KL is, at beta = 1
+    logvar_scale = 1.0  # logvar = logvar_scale * (the head's output): 2 when the head emits log sigma
 
     def __init__(self, input_dim: int = 784, hidden=(400,), latent_dim: int = 20, activation: str = "relu",
                  likelihood: str = "bernoulli", beta: float = 1.0, alpha: float = 0.01,
@@ -184,6 +185,8 @@ class GaussianVAE(Model, GaussianLatent):
         heads = self.heads.forward(self.encoder.forward(self._encoder_input(x, y)))
         z = self.config.latent_dim
         mu, logvar = heads[:, :z], heads[:, z:]
+        if self.logvar_scale != 1.0:
+            logvar *= self.logvar_scale
         bounds = self._logvar_bounds
         if bounds is not None:
             mask = self.workspace.get(x.shape[0], "logvar_mask", logvar.shape, bool)
@@ -207,6 +210,8 @@ class GaussianVAE(Model, GaussianLatent):
             dheads[:, z:] = dlogvar
         if self._logvar_bounds is not None:
             ops.clamp_backward(dheads[:, z:], self._clamp_cache, out=dheads[:, z:])
+        if self.logvar_scale != 1.0:
+            dheads[:, z:] *= self.logvar_scale
         dh = self.heads.backward(dheads, need_dx=self.encoder.has_params)
         if self.encoder.has_params:
             self.encoder.backward(dh, need_dx=False)
