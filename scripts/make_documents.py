@@ -308,6 +308,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"make_documents.py: --out {out} is a file; pass a folder (it is created when missing)", file=sys.stderr)
+        return 2
     folders = {"noisy": out / "noisy", "clean": out / "clean"}
     for folder in folders.values():
         if folder.exists() and not folder.is_dir():

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train three small models on the demo digits shipped with npvae and draw the README's pictures
+# Train four small models on the demo digits shipped with npvae and draw the README's pictures
 # into docs/. Offline, about two minutes on two cores.  Usage: bash scripts/make_readme_pictures.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,7 @@ common=(--dataset demo --epochs 50 --patience 0 --no-progress --no-pictures --lo
 npvae train --model vae "${common[@]}" --out "$runs/vae"
 npvae train --model vae "${common[@]}" --latent-dim 2 --out "$runs/vae2"
 npvae train --model cvae "${common[@]}" --out "$runs/cvae"
+npvae train --model dae "${common[@]}" --out "$runs/dae"
 for what in reconstructions samples interpolation latent curves kl grad-norms; do
   npvae plot "$runs/vae/best.npz" "$what" --out "$out/$what.png"
 done
@@ -17,6 +18,7 @@ npvae plot "$runs/vae2/best.npz" manifold --out "$out/manifold.png"
 npvae plot "$runs/vae2/best.npz" latent --out "$out/latent2d.png"
 npvae plot "$runs/cvae/best.npz" samples --label 7 --n 32 --out "$out/cvae_sevens.png"
 npvae plot "$runs/cvae/best.npz" classes --out "$out/cvae_classes.png"
+npvae plot "$runs/dae/best.npz" reconstructions --out "$out/dae_reconstructions.png"
 mkdir -p "$out/grads"
 npvae grads "$runs/vae/best.npz" --out "$out/grads" > "$out/grads/tables.txt"
 npvae evaluate "$runs/vae/best.npz" --iw-samples 1000 --n 500 > "$out/evaluate.txt"

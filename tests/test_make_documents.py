@@ -95,6 +95,12 @@ def test_refuses_to_mix_with_old_pages_unless_forced(pages, tmp_path, capsys):
     assert sorted(p.name for p in (out / "clean").iterdir()) == ["page_0000.png", "page_0001.png"]
 
 
+def test_an_out_that_is_a_file_is_one_clear_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert make_documents.main(["--out", str(tmp_path / "file"), "--n", "1"]) == 2
+    assert "is a file; pass a folder" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--n", "0"], "--n must be at least 1"),
     (["--height", "8"], "at least 16 x 32"),

@@ -41,7 +41,7 @@ def _reconstruction_rows(model, paired: bool) -> tuple[tuple[str, ...], str]:
 
 
 def reconstructions(model, x, path, y=None, n: int = 10, title: str | None = None, *, target=None,
-                    rng: np.random.Generator | None = None, where: str = "") -> Path:
+                    rng: np.random.Generator | None = None) -> Path:
     """Inputs above their reconstructions (the code, e.g. the posterior mean, decoded).
 
     A :class:`~npvae.models.Denoising` model shows what it exists for: rows of corrupted inputs
@@ -56,8 +56,6 @@ def reconstructions(model, x, path, y=None, n: int = 10, title: str | None = Non
         What each output should be, when it is not the input itself.
     rng : np.random.Generator, optional
         Draws a denoiser's corruption; default ``np.random.default_rng(0)`` (the same picture each call).
-    where : str
-        Prefix of the default title naming the images, e.g. ``"Validation"``.
     """
     x = x[:n]
     y = None if y is None else y[:n]
@@ -71,8 +69,7 @@ def reconstructions(model, x, path, y=None, n: int = 10, title: str | None = Non
         clean = target
     recon = model.reconstruct(x, y)
     if title is None:
-        title = f"{where} {shows}".strip()
-        title = title[0].upper() + title[1:]
+        title = shows[0].upper() + shows[1:]
     return plots.plot_reconstructions(x, _clip(recon, model), path, title=title, value_range=_value_range(model),
                                       targets=clean, row_labels=labels)
 
