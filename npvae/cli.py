@@ -67,8 +67,10 @@ def build_model_from_args(args, input_shape: tuple[int, ...], num_classes: int):
 
 def cmd_train(args) -> int:
     from .models import load_model
+    from .objectives import Objective
     from .train import TrainConfig, Trainer
 
+    Objective(args.objective, args.k, args.estimator)  # a bad combination fails before any data loads
     if args.backend:
         backend.set_backend(args.backend)
     source, seed = None, args.seed
@@ -87,6 +89,7 @@ def cmd_train(args) -> int:
         weight_decay=args.weight_decay, momentum=args.momentum, clip_grad_norm=args.clip_grad_norm,
         binarize=args.binarize, kl_warmup_epochs=args.kl_warmup, patience=args.patience or None, seed=args.seed,
         pictures=not args.no_pictures, log_grad_norms=args.log_grad_norms,
+        objective=args.objective, k=args.k, estimator=args.estimator,
     )
     if args.resume and (out / "checkpoint.npz").exists():
         model, meta = load_model(out / "checkpoint.npz")
@@ -94,9 +97,16 @@ def cmd_train(args) -> int:
         if saved.get("seed") != args.seed or saved.get("batch_size") != args.batch_size:
             print("note: resuming with the saved run's seed and batch size", file=sys.stderr)
             config.seed, config.batch_size = saved.get("seed", config.seed), saved.get("batch_size", config.batch_size)
+        run_objective = tuple(saved.get(key, default) for key, default in
+                              (("objective", "elbo"), ("k", 1), ("estimator", "reparam")))
+        if run_objective != (config.objective, config.k, config.estimator):
+            print("note: resuming with the saved run's objective, k and estimator", file=sys.stderr)
+            config.objective, config.k, config.estimator = run_objective
     else:
         model = build_model_from_args(args, dataset.train_x.shape[1:], dataset.num_classes)
     print(f"model: {model!r}")
+    if not config.training_objective().is_default:
+        print(f"objective: {config.training_objective().describe()}")
     print(f"backend: {backend.get_backend()}; writing to {out}/")
     trainer = Trainer(model, dataset, config, out, progress=not args.no_progress)
     result = trainer.run(resume=args.resume)
@@ -178,6 +188,19 @@ def _split_data(args, model, meta, n: int | None = None, fresh_binarization: boo
     return dataset, x, labels, note
 
 
+def _trained_objective(meta):
+    """The :class:`npvae.objectives.Objective` a checkpoint's run trained with (None when unknown)."""
+    from .objectives import Objective
+
+    tc = meta.get("train_config")
+    if not isinstance(tc, dict):
+        return None
+    try:
+        return Objective(tc.get("objective", "elbo"), tc.get("k", 1), tc.get("estimator", "reparam"))
+    except ValueError:
+        return None
+
+
 def cmd_evaluate(args) -> int:
 
     from .models import Conditional, GaussianLatent, StandardNormalPrior, load_model
@@ -198,6 +221,10 @@ def cmd_evaluate(args) -> int:
     what = ("negative conditional ELBO" if isinstance(model, Conditional) else
             "negative ELBO" if isinstance(model, GaussianLatent) else "loss")
     print(f"{dataset.description}")
+    trained = _trained_objective(meta)
+    if trained is not None and not trained.is_default:
+        print(f"trained on: {trained.describe()} (the ELBO below is the usual one-sample estimate)")
+        result["objective"] = {"name": trained.name, "k": trained.k, "estimator": trained.estimator}
     if note:
         print(f"binarization: {note}")
         result["binarization"] = note
@@ -419,6 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-pictures", action="store_true", help="no pictures each epoch")
     p.add_argument("--log-grad-norms", action="store_true", help="log per-layer gradient norms")
+    p.add_argument("--objective", choices=("elbo", "iwae"), default="elbo",
+                   help="vae: the training bound, the ELBO or the importance-weighted bound of --k samples")
+    p.add_argument("--k", type=int, default=1, help="samples of z per image for --objective")
+    p.add_argument("--estimator", choices=("reparam", "stl", "dreg"), default="reparam",
+                   help="the encoder's gradient estimator: reparam (plain), stl (sticking the landing: no score "
+                        "term), dreg (doubly reparameterized, iwae only). Not the default elbo/1/reparam: a Monte-"
+                        "Carlo KL, beta = 1, no KL warm-up")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="negative ELBO, reconstruction and KL on the test split")
