@@ -359,8 +359,9 @@ def cmd_grads(args) -> int:
     model, meta = load_model(args.checkpoint)
     if not isinstance(model, GaussianLatent):
         raise CLIError(f"grads studies a VAE's gradients; {args.checkpoint} holds a {model.kind}")
-    if args.draws < 2 or args.examples < 1:
-        raise CLIError(f"expected --draws >= 2 and --examples >= 1, got {args.draws} and {args.examples}")
+    if args.draws < 2 or args.examples < 1 or args.snr_draws < 2:
+        raise CLIError(f"expected --draws >= 2, --snr-draws >= 2 and --examples >= 1, got {args.draws}, "
+                       f"{args.snr_draws} and {args.examples}")
     dataset, x, y, _ = _split_data(args, model, meta, args.n)
     labels = model.check_labels(None if y is None else y.astype(np.int64), len(x))
     rng = np.random.default_rng(args.seed)
@@ -375,20 +376,45 @@ def cmd_grads(args) -> int:
     print(f"wrote {figures.gradient_decomposition(rows, out / 'decomposition.png', n=len(x))}")
 
     k = min(args.examples, len(x))
-    table = gradflow.compare_estimators(model, x[:k], args.draws, rng, y=None if labels is None else labels[:k],
-                                        names=args.estimators)
-    kl = figures.posterior_kl_per_dim(model, x, labels)
-    dims = sorted(np.argsort(-kl, kind="stable")[: args.dims].tolist())
-    table = gradflow.select_dims(table, dims)
-    print()
-    print(f"latent dimensions shown: {dims} (the {len(dims)} with the largest mean KL on these images)")
-    print(gradflow.estimator_text(table))
-    first, labels_of = table["estimators"][0], table["labels"]
-    for name in table["estimators"][1:]:
-        ratio = np.divide(table[f"{name}_var"], table[f"{first}_var"])
-        print(f"{labels_of[name]} variance / {labels_of[first]} variance: median {np.median(ratio):.3g}, "
-              f"range {ratio.min():.3g} to {ratio.max():.3g}")
-    print(f"wrote {figures.estimator_comparison(table, out / 'estimators.png')}")
+    from .study.estimators import ESTIMATORS, estimators
+
+    names = None if args.estimators is None else [e.name for e in estimators(args.estimators)]
+    recon_names = None if names is None else [n for n in names if "recon" in ESTIMATORS[n].objectives]
+    if recon_names is None or recon_names:
+        skipped = [] if names is None else [n for n in names if n not in recon_names]
+        table = gradflow.compare_estimators(model, x[:k], args.draws, rng, y=None if labels is None else labels[:k],
+                                            names=recon_names)
+        kl = figures.posterior_kl_per_dim(model, x, labels)
+        dims = sorted(np.argsort(-kl, kind="stable")[: args.dims].tolist())
+        table = gradflow.select_dims(table, dims)
+        print()
+        print(f"latent dimensions shown: {dims} (the {len(dims)} with the largest mean KL on these images)")
+        if skipped:
+            print(f"({', '.join(skipped)}: for the ELBO and IWAE bounds, not {gradflow.OBJECTIVE}"
+                  + ("; in the k study below)" if args.k else "; pass --k to study them)"))
+        print(gradflow.estimator_text(table))
+        first, labels_of = table["estimators"][0], table["labels"]
+        for name in table["estimators"][1:]:
+            ratio = np.divide(table[f"{name}_var"], table[f"{first}_var"])
+            print(f"{labels_of[name]} variance / {labels_of[first]} variance: median {np.median(ratio):.3g}, "
+                  f"range {ratio.min():.3g} to {ratio.max():.3g}")
+        print(f"wrote {figures.estimator_comparison(table, out / 'estimators.png')}")
+    if args.k is not None:
+        from .models import StandardNormalPrior
+
+        if not isinstance(model, StandardNormalPrior):
+            raise CLIError(f"--k studies the ELBO and IWAE bounds under the prior N(0, I); {args.checkpoint} holds "
+                           f"a {model.kind} with a prior of its own")
+        snr_names = None if names is None else [n for n in names if args.objective in ESTIMATORS[n].objectives]
+        if snr_names == []:
+            raise CLIError(f"none of --estimators {','.join(names)} estimates the {args.objective} gradient")
+        rows = gradflow.estimator_snr(model, x[:k], args.k, args.snr_draws, rng, names=snr_names,
+                                      objective=args.objective)
+        print()
+        print(f"signal-to-noise of the {args.objective} bound's gradient on {k} {args.split} images, "
+              f"k = {', '.join(map(str, args.k))}:")
+        print(gradflow.snr_text(rows))
+        print(f"wrote {figures.snr(rows, out / 'snr.png', args.objective)}")
     return 0
 
 
@@ -408,6 +434,16 @@ def _add_data_args(p, default_dataset=None):
                         "training, e.g. noisy -> clean scans)")
     p.add_argument("--data-dir", help="directory holding the IDX files (else $NPVAE_DATA_DIR, the cache, "
                                       "/usr/share/datasets/fashion-mnist, then download)")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,5,50, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1 like 1,5,50, got {text!r}")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -504,8 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Split the negative ELBO's gradient on a batch of test images exactly into "
                                    "its reconstruction and KL parts (printed per parameter, decomposition.png), "
                                    "and compare the registered estimators (reparameterization, score function "
-                                   "with and without a leave-one-out baseline) of the gradient of E_q[log p(x|z)] w.r.t. q's mean and "
-                                   "log-variance (estimators.png).",
+                                   "with and without a leave-one-out baseline) of the gradient of "
+                                   "E_q[log p(x|z)] w.r.t. q's mean and log-variance (estimators.png); with --k, the "
+                                   "signal-to-noise ratio of every parameter's gradient of the ELBO or IWAE bound "
+                                   "against k, by estimator (sticking the landing and DReG too; snr.png).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint")
     _add_data_args(p)
@@ -516,9 +554,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", type=int, default=3, help="latent dimensions shown (those with the largest KL)")
     p.add_argument("--estimators", type=lambda s: [n.strip() for n in s.split(",") if n.strip()], default=None,
                    help="comma-separated estimators to compare, the first the reference of the variance ratios "
-                        "(default: all of npvae.study.estimators.ESTIMATORS: reparam,score,baseline)")
+                        "(default: all of npvae.study.estimators.ESTIMATORS that apply: reparam,score,baseline "
+                        "for E_q[log p(x|z)], and stl and dreg too in the --k study)")
+    p.add_argument("--k", type=_int_list, default=None, metavar="K1,K2,...",
+                   help="also measure each estimator's gradient of the k-sample --objective for these k: mean, "
+                        "variance and signal-to-noise ratio (|mean| / std over --snr-draws draws) of the encoder's "
+                        "and decoder's gradients, on --examples images (snr.png)")
+    p.add_argument("--objective", choices=("iwae", "elbo"), default="iwae", help="the bound of the --k study")
+    p.add_argument("--snr-draws", type=int, default=200, help="draws per estimator and k in the --k study")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="grads", help="directory for decomposition.png and estimators.png")
+    p.add_argument("--out", default="grads", help="directory for decomposition.png, estimators.png and snr.png")
     p.set_defaults(func=cmd_grads)
     return parser
 

@@ -36,11 +36,11 @@ estimator   estimate of :math:`\\nabla_\\phi \\mathcal L` from one draw       ob
 reparam     :math:`\\sum_j \\tilde w_j (\\text{path}_j - s_j)`                   all (the plain gradient)
 score       :math:`\\hat{\\mathcal L} \\sum_j s_j - \\sum_j \\tilde w_j s_j`         all (REINFORCE)
 baseline    :math:`(\\hat{\\mathcal L} - b) \\sum_j s_j - \\sum_j \\tilde w_j s_j`   all, b = leave-one-out mean
-stl         :math:`\\sum_j \\tilde w_j\\, \\text{path}_j`                        all (Roeder et al. 2017)
+stl         :math:`\\sum_j \\tilde w_j\\, \\text{path}_j`                        elbo, iwae (Roeder et al. 2017)
 dreg        :math:`\\sum_j \\tilde w_j^2\\, \\text{path}_j`                      iwae (Tucker et al. 2019)
 ==========  ===============================================================  ======================
 
-(for ``recon`` the direct part is zero, so stl is reparam there and score reads ``f(z) s``.)
+(for ``recon`` the direct part is zero, so stl would be reparam there; score reads ``f(z) s``.)
 STL drops the score term, whose mean is zero: unbiased for the ELBO, biased for IWAE (Tucker et al.
 2019), and of zero variance once q is the exact posterior (then every l_j is constant in z). DReG
 is IWAE's unbiased path-only encoder gradient: the reparameterization identity
@@ -147,7 +147,8 @@ ESTIMATORS = {e.name: e for e in (
     Estimator("reparam", "reparameterization", reparameterization),
     Estimator("score", "score function", score_function),
     Estimator("baseline", "score function, leave-one-out baseline", score_function_loo),
-    Estimator("stl", "sticking the landing (path derivative)", sticking_the_landing, unbiased=False),
+    Estimator("stl", "sticking the landing (path derivative)", sticking_the_landing, objectives=("elbo", "iwae"),
+              unbiased=False),
     Estimator("dreg", "doubly reparameterized (DReG)", doubly_reparameterized, objectives=("iwae",)),
 )}
 

@@ -121,8 +121,7 @@ def compare_estimators(model, x, n_draws: int, rng: np.random.Generator, y=None,
 
     For each example, ``n_draws`` draws ``z = mu + std * eps`` feed every estimator of
     :data:`npvae.study.estimators.ESTIMATORS` that applies to f (reparameterization, score function,
-    score function with a leave-one-out baseline, and stl, which is the reparameterization gradient
-    here since f has no log q; formulas there). f(z) = log p(x|z); the pathwise gradient is the
+    score function with a leave-one-out baseline; formulas there). f(z) = log p(x|z); the pathwise gradient is the
     model's own backward pass through the decoder, the score d log q(z|x) / d(mu, logvar) at fixed
     z is ``[eps / std, (eps^2 - 1) / 2]``. All of them estimate the same gradient, with respect to
     the mean and (clamped, with ``logvar_bounds``) log-variance that q uses.
