@@ -20,14 +20,13 @@ bounds have no beta-weighted form).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import ops
 from .models.base import GaussianLatent, LossTerms, StandardNormalPrior, check_generator
-from .study.estimators import ESTIMATORS, Draws, bound_and_weights, reduce_draws
+from .study.estimators import ESTIMATORS, bound_and_weights, reduce_draws
 
 TRAINING_OBJECTIVES = {"elbo": ("reparam", "stl"), "iwae": ("reparam", "stl", "dreg")}
 

@@ -17,7 +17,6 @@ import math
 
 import numpy as np
 
-from .. import ops
 from ..models import GaussianLatent
 from ..objectives import check_k_sample_model, encoder_backward, k_sample_draws
 from .estimators import Draws, estimators, reduce_draws
