@@ -352,8 +352,10 @@ def cmd_plot(args) -> int:
 
 
 def cmd_grads(args) -> int:
-    from .models import GaussianLatent, load_model
+    from .models import GaussianLatent, StandardNormalPrior, load_model
+    from .objectives import check_k_sample_model
     from .study import gradflow
+    from .study.estimators import ESTIMATORS, estimators
     from .viz import figures
 
     model, meta = load_model(args.checkpoint)
@@ -362,8 +364,18 @@ def cmd_grads(args) -> int:
     if args.draws < 2 or args.examples < 1 or args.snr_draws < 2:
         raise CLIError(f"expected --draws >= 2, --snr-draws >= 2 and --examples >= 1, got {args.draws}, "
                        f"{args.snr_draws} and {args.examples}")
+    names = None if args.estimators is None else [e.name for e in estimators(args.estimators)]
+    if args.k is not None:  # checked before any work
+        if not isinstance(model, StandardNormalPrior):
+            raise CLIError(f"--k studies the ELBO and IWAE bounds under the prior N(0, I); {args.checkpoint} holds "
+                           f"a {model.kind} with a prior of its own")
+        check_k_sample_model(model, "the --k study")
+        snr_names = None if names is None else [n for n in names if args.objective in ESTIMATORS[n].objectives]
+        if snr_names == []:
+            raise CLIError(f"none of --estimators {','.join(names)} estimates the {args.objective} gradient")
     dataset, x, y, _ = _split_data(args, model, meta, args.n)
     labels = model.check_labels(None if y is None else y.astype(np.int64), len(x))
+    examples = min(args.examples, len(x))
     rng = np.random.default_rng(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -375,15 +387,11 @@ def cmd_grads(args) -> int:
     print(gradflow.decomposition_text(rows))
     print(f"wrote {figures.gradient_decomposition(rows, out / 'decomposition.png', n=len(x))}")
 
-    k = min(args.examples, len(x))
-    from .study.estimators import ESTIMATORS, estimators
-
-    names = None if args.estimators is None else [e.name for e in estimators(args.estimators)]
     recon_names = None if names is None else [n for n in names if "recon" in ESTIMATORS[n].objectives]
     if recon_names is None or recon_names:
         skipped = [] if names is None else [n for n in names if n not in recon_names]
-        table = gradflow.compare_estimators(model, x[:k], args.draws, rng, y=None if labels is None else labels[:k],
-                                            names=recon_names)
+        table = gradflow.compare_estimators(model, x[:examples], args.draws, rng,
+                                            y=None if labels is None else labels[:examples], names=recon_names)
         kl = figures.posterior_kl_per_dim(model, x, labels)
         dims = sorted(np.argsort(-kl, kind="stable")[: args.dims].tolist())
         table = gradflow.select_dims(table, dims)
@@ -400,18 +408,10 @@ def cmd_grads(args) -> int:
                   f"range {ratio.min():.3g} to {ratio.max():.3g}")
         print(f"wrote {figures.estimator_comparison(table, out / 'estimators.png')}")
     if args.k is not None:
-        from .models import StandardNormalPrior
-
-        if not isinstance(model, StandardNormalPrior):
-            raise CLIError(f"--k studies the ELBO and IWAE bounds under the prior N(0, I); {args.checkpoint} holds "
-                           f"a {model.kind} with a prior of its own")
-        snr_names = None if names is None else [n for n in names if args.objective in ESTIMATORS[n].objectives]
-        if snr_names == []:
-            raise CLIError(f"none of --estimators {','.join(names)} estimates the {args.objective} gradient")
-        rows = gradflow.estimator_snr(model, x[:k], args.k, args.snr_draws, rng, names=snr_names,
+        rows = gradflow.estimator_snr(model, x[:examples], args.k, args.snr_draws, rng, names=snr_names,
                                       objective=args.objective)
         print()
-        print(f"signal-to-noise of the {args.objective} bound's gradient on {k} {args.split} images, "
+        print(f"signal-to-noise of the {args.objective} bound's gradient on {examples} {args.split} images, "
               f"k = {', '.join(map(str, args.k))}:")
         print(gradflow.snr_text(rows))
         print(f"wrote {figures.snr(rows, out / 'snr.png', args.objective)}")

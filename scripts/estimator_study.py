@@ -56,16 +56,16 @@ def train(x: np.ndarray, epochs: int, seed: int, hidden: int, latent: int, **obj
 def part_snr(args, out: Path) -> None:
     demo = data.load_demo()
     start = time.perf_counter()
-    model = train(demo.train_x, args.snr_epochs, 0, 200, 20)
+    model = train(demo.train_x, args.snr_epochs, 0, 200, args.snr_latent)
     x = binarized(demo.val_x[: args.snr_examples], 1)
     rows = gradflow.estimator_snr(model, x, args.snr_k, args.snr_draws, np.random.default_rng(2),
                                   names=["reparam", "score", "stl", "dreg"], objective="iwae")
-    text = (f"784-200-20 VAE, {args.snr_epochs} ELBO epochs on the demo digits; {args.snr_examples} validation "
+    text = (f"784-200-{args.snr_latent} VAE, {args.snr_epochs} ELBO epochs on the demo digits; {args.snr_examples} validation "
             f"digits; {time.perf_counter() - start:.0f} s\n" + gradflow.snr_text(rows))
     print(text)
-    (out / "snr.txt").write_text(text + "\n")
-    (out / "snr.json").write_text(json.dumps(rows, indent=1))
-    print(f"wrote {figures.snr(rows, out / 'snr.png')}")
+    (out / f"snr_z{args.snr_latent}.json").write_text(json.dumps(rows, indent=1))
+    (out / f"snr_z{args.snr_latent}.txt").write_text(text + "\n")
+    print(f"wrote {figures.snr(rows, out / f'snr_z{args.snr_latent}.png')}")
 
 
 # ----------------------------------------------------------------------------- Roeder et al.
@@ -148,8 +148,9 @@ RUNS = (("VAE", dict()), ("IWAE k=5", dict(objective="iwae", k=5)), ("IWAE k=50"
 
 
 def part_likelihood(args, out: Path) -> None:
-    sets = {"MNIST": (data.load_demo().train_x, data.load_mnist_like("mnist", "test", data_dir=args.mnist_dir)[0]),
-            "Fashion-MNIST": (data.load_mnist_like("fashion-mnist", "train", data_dir=args.fashion_dir)[0][:4500],
+    n = args.train_images
+    sets = {"MNIST": (data.load_demo().train_x[:n], data.load_mnist_like("mnist", "test", data_dir=args.mnist_dir)[0]),
+            "Fashion-MNIST": (data.load_mnist_like("fashion-mnist", "train", data_dir=args.fashion_dir)[0][:n],
                               data.load_mnist_like("fashion-mnist", "test", data_dir=args.fashion_dir)[0])}
     results = []
     for name, (train_x, test_x) in sets.items():
@@ -164,7 +165,7 @@ def part_likelihood(args, out: Path) -> None:
             results.append(row)
             print(f"{name:<14} {label:<15} -log p(x) {row['nll']:.2f} ± {row['se']:.2f}  ({seconds:.0f} s training)",
                   flush=True)
-    lines = [f"784-200-20 ReLU VAE, Adam 1e-3, batch 100, {args.epochs} epochs on 4,500 dynamically binarized training "
+    lines = [f"784-200-20 ReLU VAE, Adam 1e-3, batch 100, {args.epochs} epochs on {n:,} dynamically binarized training "
              f"images; -log p(x) by IWAE with k = {args.eval_k} on the first {args.test_images} t10k images "
              "(one fixed binarization), nats, ± one standard error over the images",
              f"{'data':<14} {'model':<15} {'-log p(x)':>10} {'± se':>6}"]
@@ -183,9 +184,11 @@ def main() -> None:
     p.add_argument("--snr-k", type=lambda s: [int(v) for v in s.split(",")], default=[1, 10, 100, 1000])
     p.add_argument("--snr-draws", type=int, default=200)
     p.add_argument("--snr-examples", type=int, default=1)
+    p.add_argument("--snr-latent", type=int, default=20, help="snr: latent dimensions of the model")
     p.add_argument("--landing-draws", type=int, default=2000)
     p.add_argument("--landing-examples", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=5, help="likelihood: training epochs of every model")
+    p.add_argument("--epochs", type=int, default=3, help="likelihood: training epochs of every model")
+    p.add_argument("--train-images", type=int, default=4500, help="likelihood: training images per data set")
     p.add_argument("--eval-k", type=int, default=1000, help="likelihood: importance samples per test image")
     p.add_argument("--test-images", type=int, default=500)
     p.add_argument("--mnist-dir", default="../shared/data/mnist")

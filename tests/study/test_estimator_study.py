@@ -44,10 +44,10 @@ def test_snr_and_landing_parts_run_and_write_their_outputs(tmp_path, monkeypatch
     monkeypatch.setattr(sys, "argv", ["estimator_study.py", "snr", "--out", str(tmp_path), "--snr-epochs", "1",
                                       "--snr-k", "1,3", "--snr-draws", "3"])
     study.main()
-    rows = json.loads((tmp_path / "snr.json").read_text())
+    rows = json.loads((tmp_path / "snr_z20.json").read_text())
     assert {(r["estimator"], r["k"], r["group"]) for r in rows} == {
         (e, k, g) for e in ("reparam", "score", "stl", "dreg") for k in (1, 3) for g in ("encoder", "decoder")}
-    assert (tmp_path / "snr.png").stat().st_size > 0 and "SNR" in (tmp_path / "snr.txt").read_text()
+    assert (tmp_path / "snr_z20.png").stat().st_size > 0 and "SNR" in (tmp_path / "snr_z20.txt").read_text()
     monkeypatch.setattr(sys, "argv", ["estimator_study.py", "landing", "--out", str(tmp_path), "--landing-draws", "20"])
     study.main()
     table = json.loads((tmp_path / "landing.json").read_text())
