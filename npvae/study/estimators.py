@@ -21,7 +21,7 @@ With :math:`\\phi = (\\mu, \\log\\sigma^2)`, write the total derivative of a sam
 path part and a direct part,
 
 .. math:: \\frac{d \\log w_j}{d\\phi} = \\underbrace{\\frac{\\partial \\ell_j}{\\partial z_j}
-          \\frac{\\partial z_j}{\\partial \\phi}}_{\\text{path}}
+          \\frac{\\partial z_j}{\\partial \\phi}}_{\\text{path, } P_j}
           + \\underbrace{\\frac{\\partial \\log w_j}{\\partial \\phi}\\Big|_{z_j}}_{\\text{direct}\\; = -s_j},
           \\qquad \\ell_j(z) = \\log p(x|z) + \\log p(z) - \\log q(z \\mid \\bot\\phi),
 
@@ -30,25 +30,25 @@ where :math:`\\bot\\phi` holds q's parameters fixed (a stop-gradient) and
 :math:`\\partial z/\\partial\\mu = 1`, :math:`\\partial z / \\partial \\log\\sigma^2 = \\epsilon\\sigma/2`,
 :math:`s = (\\epsilon/\\sigma,\\; (\\epsilon^2 - 1)/2)`.
 
-==========  ===============================================================  ======================
-estimator   estimate of :math:`\\nabla_\\phi \\mathcal L` from one draw       objectives
-==========  ===============================================================  ======================
-reparam     :math:`\\sum_j \\tilde w_j (\\text{path}_j - s_j)`                   all (the plain gradient)
-score       :math:`\\hat{\\mathcal L} \\sum_j s_j - \\sum_j \\tilde w_j s_j`         all (REINFORCE)
-baseline    :math:`(\\hat{\\mathcal L} - b) \\sum_j s_j - \\sum_j \\tilde w_j s_j`   all, b = leave-one-out mean
-stl         :math:`\\sum_j \\tilde w_j\\, \\text{path}_j`                        elbo, iwae (Roeder et al. 2017)
-dreg        :math:`\\sum_j \\tilde w_j^2\\, \\text{path}_j`                      iwae (Tucker et al. 2019)
-==========  ===============================================================  ======================
+==========  ======================================================================  ===============================
+estimator   estimate of :math:`\\nabla_\\phi \\mathcal L` from one draw             objectives
+==========  ======================================================================  ===============================
+reparam     :math:`\\sum_j \\tilde w_j (P_j - s_j)`                                 all (the plain gradient)
+score       :math:`\\hat{\\mathcal L} \\sum_j s_j - \\sum_j \\tilde w_j s_j`        all (REINFORCE)
+baseline    :math:`(\\hat{\\mathcal L} - b) \\sum_j s_j - \\sum_j \\tilde w_j s_j`  all, b = leave-one-out mean
+stl         :math:`\\sum_j \\tilde w_j\\, P_j`                                      elbo, iwae (Roeder et al. 2017)
+dreg        :math:`\\sum_j \\tilde w_j^2\\, P_j`                                    iwae (Tucker et al. 2019)
+==========  ======================================================================  ===============================
 
 (for ``recon`` the direct part is zero, so stl would be reparam there; score reads ``f(z) s``.)
 STL drops the score term, whose mean is zero: unbiased for the ELBO, biased for IWAE (Tucker et al.
 2019), and of zero variance once q is the exact posterior (then every l_j is constant in z). DReG
 is IWAE's unbiased path-only encoder gradient: the reparameterization identity
-:math:`E_q[f(z_j)\, s_j] = E_\epsilon[\partial_{z_j} f\, \partial_\phi z_j]` applied to
-:math:`f = \tilde w_j`, whose z_j-derivative is :math:`\tilde w_j (1 - \tilde w_j)\, \partial_{z_j} \ell_j`,
-gives :math:`E[\tilde w_j s_j] = E[(\tilde w_j - \tilde w_j^2)\, P_j]` with P_j the unweighted path term, so
-:math:`E[\sum_j \tilde w_j (P_j - s_j)] = E[\sum_j \tilde w_j^2 P_j]`. The decoder's gradient is
-:math:`\sum_j \tilde w_j \nabla_\theta \log p(x|z_j)` for every estimator here.
+:math:`E_q[f(z_j)\\, s_j] = E_\\epsilon[\\partial_{z_j} f\\, \\partial_\\phi z_j]` applied to
+:math:`f = \\tilde w_j`, whose z_j-derivative is :math:`\\tilde w_j (1 - \\tilde w_j)\\, \\partial_{z_j} \\ell_j`,
+gives :math:`E[\\tilde w_j s_j] = E[(\\tilde w_j - \\tilde w_j^2)\\, P_j]` with P_j the unweighted path term, so
+:math:`E[\\sum_j \\tilde w_j (P_j - s_j)] = E[\\sum_j \\tilde w_j^2 P_j]`. The decoder's gradient is
+:math:`\\sum_j \\tilde w_j \\nabla_\\theta \\log p(x|z_j)` for every estimator here.
 """
 
 from __future__ import annotations
@@ -97,8 +97,7 @@ class Estimator:
     name: str  # the table's column prefix, e.g. "reparam"
     label: str  # how pictures and text name it
     estimate: Callable[[Draws], np.ndarray]  # Draws -> (n, 2Z), one estimate of d bound / d[mu, logvar] per draw
-    objectives: tuple[str, ...] = OBJECTIVES  # the objectives it estimates the gradient of
-    unbiased: bool = True  # for every objective it accepts (stl: not for iwae)
+    objectives: tuple[str, ...] = OBJECTIVES  # the objectives it estimates the gradient of (stl: biased for iwae)
 
 
 def _direct(d: Draws) -> np.ndarray:
@@ -147,8 +146,7 @@ ESTIMATORS = {e.name: e for e in (
     Estimator("reparam", "reparameterization", reparameterization),
     Estimator("score", "score function", score_function),
     Estimator("baseline", "score function, leave-one-out baseline", score_function_loo),
-    Estimator("stl", "sticking the landing (path derivative)", sticking_the_landing, objectives=("elbo", "iwae"),
-              unbiased=False),
+    Estimator("stl", "sticking the landing (path derivative)", sticking_the_landing, objectives=("elbo", "iwae")),
     Estimator("dreg", "doubly reparameterized (DReG)", doubly_reparameterized, objectives=("iwae",)),
 )}
 
