@@ -275,7 +275,10 @@ def estimator_snr(model, x, ks, n_draws: int, rng: np.random.Generator, names=No
         One per (estimator, k, group) in that order, group "encoder" or "decoder": ``estimator``,
         ``k``, ``group``, ``mean_abs`` (mean over parameters of |mean|), ``var`` (mean over
         parameters of the variance), ``snr`` (mean over parameters of SNR_p), ``median_snr``,
-        ``params`` (parameters counted), ``n_draws``, ``objective``.
+        ``params`` (parameters counted), ``n_draws``, ``objective``, and ``ess``: the mean over draws
+        and images of the effective sample size 1 / sum_j w_j^2 of the normalized weights (k for the
+        ELBO; for IWAE, how many of the k samples carry the bound: the asymptotics of Rainforth et al.
+        and Tucker et al. need it large).
     """
     check_k_sample_model(model, "the signal-to-noise study")
     if objective not in ("elbo", "iwae"):
@@ -295,6 +298,7 @@ def estimator_snr(model, x, ks, n_draws: int, rng: np.random.Generator, names=No
     rows = []
     for k in ks:
         sums = {}  # estimator -> [first draw, sum of (g - first), sum of (g - first)^2], float64 (n_params,)
+        ess = 0.0
 
         def add(name, g):
             g = g.astype(np.float64)
@@ -308,6 +312,7 @@ def estimator_snr(model, x, ks, n_draws: int, rng: np.random.Generator, names=No
         for _ in range(n_draws):
             eps = rng.standard_normal((batch, k, zdim), dtype=model.dtype)
             draws = k_sample_draws(model, x, eps, objective, -1.0 / batch)[0]  # gradients of the bound, not the loss
+            ess += float((1.0 / (draws.weights**2).sum(axis=1)).mean()) / n_draws
             decoder = model.params.grad[groups].copy()
             for e in chosen:
                 model.posterior_forward(x)  # fresh encoder caches for each backward
@@ -326,7 +331,8 @@ def estimator_snr(model, x, ks, n_draws: int, rng: np.random.Generator, names=No
                 rows.append({"estimator": e.name, "k": k, "group": group, "mean_abs": float(np.abs(m).mean()),
                              "var": float(v.mean()), "snr": float(snr.mean()) if live.any() else math.nan,
                              "median_snr": float(np.median(snr)) if live.any() else math.nan,
-                             "params": int(live.sum()), "n_draws": int(n_draws), "objective": objective})
+                             "params": int(live.sum()), "n_draws": int(n_draws), "objective": objective,
+                             "ess": ess})
     return rows
 
 
@@ -337,8 +343,10 @@ def snr_text(rows: list[dict]) -> str:
     r0 = rows[0]
     lines = [f"gradient of the {r0['objective']} bound, {r0['n_draws']} draws per estimator and k; per group, the "
              "mean over parameters of |mean|, variance and SNR = |mean| / std",
-             f"{'estimator':<10} {'k':>5}  {'group':<8} {'|mean|':>10} {'variance':>10} {'SNR':>8} {'median SNR':>10}"]
+             "(ESS: effective sample size 1 / sum_j w_j^2 of the normalized weights, mean over draws)",
+             f"{'estimator':<10} {'k':>5} {'ESS':>7}  {'group':<8} {'|mean|':>10} {'variance':>10} {'SNR':>8} "
+             f"{'median SNR':>10}"]
     for r in rows:
-        lines.append(f"{r['estimator']:<10} {r['k']:>5}  {r['group']:<8} {r['mean_abs']:>10.3g} {r['var']:>10.3g} "
-                     f"{r['snr']:>8.3g} {r['median_snr']:>10.3g}")
+        lines.append(f"{r['estimator']:<10} {r['k']:>5} {r['ess']:>7.3g}  {r['group']:<8} {r['mean_abs']:>10.3g} "
+                     f"{r['var']:>10.3g} {r['snr']:>8.3g} {r['median_snr']:>10.3g}")
     return "\n".join(lines)

@@ -188,3 +188,29 @@ def test_objectives_refuse_bad_combinations_and_models():
 
 def test_report_worst_errors():
     print("\nworst relative error vs torch:", {k: f"{v:.2e}" for k, v in sorted(WORST.items())})
+
+
+@pytest.mark.parametrize("objective,estimator", [("iwae", "reparam"), ("iwae", "dreg"), ("elbo", "stl")])
+def test_estimator_snr_summarises_the_draws_it_was_given(objective, estimator):
+    # Brute force: the same noise through the training objective, one full gradient per draw.
+    from npvae.study.gradflow import estimator_snr
+
+    model = VAE(6, (5,), 2, "tanh", dtype=np.float64, seed=4)
+    x = np.random.default_rng(0).random((2, 6))
+    k, n = 3, 40
+    rows = estimator_snr(model, x, [k], n, np.random.default_rng(1), names=[estimator], objective=objective)
+    rng = np.random.default_rng(1)
+    grads = []
+    for _ in range(n):
+        eps = rng.standard_normal((2, k, 2))
+        Objective(objective, k, estimator).loss_and_grads(model, x, eps=eps)
+        grads.append(-model.params.grad)  # the loss is minus the batch-mean bound
+    g = np.array(grads)
+    decoder = np.concatenate([np.full(v.size, key.startswith("decoder.")) for key, v in model.gradients().items()])
+    for group, mask in (("encoder", ~decoder), ("decoder", decoder)):
+        row = next(r for r in rows if r["group"] == group)
+        mean, var = g[:, mask].mean(0), g[:, mask].var(0, ddof=1)
+        assert row["mean_abs"] == pytest.approx(np.abs(mean).mean(), rel=1e-10)
+        assert row["var"] == pytest.approx(var.mean(), rel=1e-8)
+        assert row["snr"] == pytest.approx((np.abs(mean) / np.sqrt(var)).mean(), rel=1e-8)
+        assert row["ess"] == pytest.approx(k) if objective == "elbo" else 1 <= row["ess"] < k

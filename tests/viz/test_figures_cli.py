@@ -173,7 +173,7 @@ def test_grads_measures_signal_to_noise_against_k(saved, tmp_path, capsys):
     assert main(["grads", str(saved["z3"]), "--n", "4", "--draws", "20", "--examples", "1", "--estimators",
                  "reparam,score,stl,dreg", "--k", "1,3", "--snr-draws", "4", "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
-    rows = re.findall(r"^(reparam|score|stl|dreg)\s+(\d+)\s+(encoder|decoder)\s+(\S+)\s+(\S+)\s+(\S+)", text, flags=re.M)
+    rows = re.findall(r"^(reparam|score|stl|dreg)\s+(\d+)\s+\S+\s+(encoder|decoder)\s+(\S+)\s+(\S+)\s+(\S+)", text, flags=re.M)
     assert {(r[0], r[1], r[2]) for r in rows} == {(e, k, g) for e in ("reparam", "score", "stl", "dreg")
                                                   for k in ("1", "3") for g in ("encoder", "decoder")}
     assert all(float(r[5]) > 0 for r in rows)
