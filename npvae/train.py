@@ -237,6 +237,11 @@ class Trainer:
         if not same:
             raise ValueError(f"{path}: checkpoint is for {meta.get('model')} {meta.get('model_config')}, "
                              f"not this {self.model!r}; resume with the same model options")
+        saved = meta.get("train_config") or {}
+        theirs = Objective(saved.get("objective", "elbo"), saved.get("k", 1), saved.get("estimator", "reparam"))
+        if theirs != self.objective:
+            raise ValueError(f"{path}: the run trained on the {theirs.describe()}, not the {self.objective.describe()}; "
+                             "resume with the same objective, k and estimator")
         self.model.load_state_dict(model_state(arrays, meta))
         optim = {k[6:]: v for k, v in arrays.items() if k.startswith("optim/")}
         optim.update(meta.get("optimizer_scalars", {}))

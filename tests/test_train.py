@@ -249,6 +249,9 @@ def test_k_sample_objectives_train_and_resume_exactly(tiny_dataset, tmp_path, ob
     resumed = tiny_vae(seed=5)
     Trainer(resumed, tiny_dataset, config(**kw), tmp_path / "resumed", progress=False, echo=quiet).run(resume=True)
     np.testing.assert_array_equal(resumed.params.data, straight.params.data)
+    other = dict(kw, estimator="reparam" if estimator != "reparam" else "stl")
+    with pytest.raises(ValueError, match="resume with the same objective, k and estimator"):
+        Trainer(tiny_vae(), tiny_dataset, config(**other), tmp_path / "resumed", progress=False, echo=quiet).run(resume=True)
 
 
 def test_objectives_refuse_what_they_cannot_train(tiny_dataset, tmp_path):
