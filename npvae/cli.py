@@ -95,6 +95,7 @@ _TRAIN_FLAGS = {
     "clip_grad_norm": ("clip_grad_norm", None), "binarize": ("binarize", None),
     "kl_warmup": ("kl_warmup_epochs", None), "patience": ("patience", lambda v: v or None), "seed": ("seed", None),
     "no_pictures": ("pictures", lambda v: not v), "log_grad_norms": ("log_grad_norms", None),
+    "objective": ("objective", None), "k": ("k", None), "estimator": ("estimator", None),
 }
 # Flags a resumed run may change: when to stop, where the same data lives, and what is only displayed.
 _RESUME_MAY_CHANGE = {"epochs", "patience", "data_dir", "no_pictures", "log_grad_norms", "no_progress", "backend",
@@ -213,8 +214,10 @@ def cmd_train(args) -> int:
     from .checkpoint import load_checkpoint
     from .models import load_model
     from .models import MODELS
+    from .objectives import Objective
     from .train import BEST, CHECKPOINT, LOG, TrainConfig, Trainer, check_run_meta
 
+    Objective(args.objective, args.k, args.estimator)  # a bad combination fails before any data loads
     if args.config and args.resume:
         raise CLIError("--config sets up a new run; --resume continues a run with the settings it saved")
     extra = _apply_config(args) if args.config else {}
@@ -250,6 +253,8 @@ def cmd_train(args) -> int:
     else:
         model, _ = load_model(out / "checkpoint.npz")
     print(f"model: {model!r}")
+    if not config.training_objective().is_default:
+        print(f"objective: {config.training_objective().describe()}")
     print(f"backend: {backend.get_backend()}; writing to {out}/")
     if changed:
         print("resuming with " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
@@ -284,7 +289,8 @@ def _load_model(path):
 _CONFIG_OPTIONS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer",
                    "weight_decay": "weight_decay", "momentum": "momentum", "clip_grad_norm": "clip_grad_norm",
                    "binarize": "binarize", "kl_warmup_epochs": "kl_warmup", "patience": "patience", "seed": "seed",
-                   "pictures": "no_pictures", "log_grad_norms": "log_grad_norms"}
+                   "pictures": "no_pictures", "log_grad_norms": "log_grad_norms", "objective": "objective", "k": "k",
+                   "estimator": "estimator"}
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
 
 
@@ -415,6 +421,19 @@ def _split_data(args, model, meta, n: int | None = None, fresh_binarization: boo
     return dataset, x, labels, note
 
 
+def _trained_objective(meta):
+    """The :class:`npvae.objectives.Objective` a checkpoint's run trained with (None when unknown)."""
+    from .objectives import Objective
+
+    tc = meta.get("train_config")
+    if not isinstance(tc, dict):
+        return None
+    try:
+        return Objective(tc.get("objective", "elbo"), tc.get("k", 1), tc.get("estimator", "reparam"))
+    except ValueError:
+        return None
+
+
 def cmd_evaluate(args) -> int:
 
     from .models import Autoencoder, Conditional, GaussianLatent, StandardNormalPrior, load_model
@@ -433,6 +452,10 @@ def cmd_evaluate(args) -> int:
     result = {"dataset": dataset.name, "split": args.split, "examples": len(x), "loss_name": names.total,
               "unit": names.unit, "loss": terms.total, "recon": terms.recon, "kl": terms.kl}
     print(f"{dataset.description}")
+    trained = _trained_objective(meta)
+    if trained is not None and not trained.is_default:
+        print(f"trained on: {trained.describe()} (the ELBO below is the usual one-sample estimate)")
+        result["objective"] = {"name": trained.name, "k": trained.k, "estimator": trained.estimator}
     if note:
         print(f"binarization: {note}")
         result["binarization"] = note
@@ -674,16 +697,28 @@ def cmd_plot(args) -> int:
 
 
 def cmd_grads(args) -> int:
-    from .models import GaussianLatent, load_model
+    from .models import GaussianLatent, StandardNormalPrior
+    from .objectives import check_k_sample_model
     from .study import gradflow
+    from .study.estimators import ESTIMATORS, estimators
     from .viz import figures
     from .viz.plots import MatplotlibMissing
 
     model, meta = _load_model(args.checkpoint)
     if not isinstance(model, GaussianLatent):
         raise CLIError(f"grads studies a VAE's gradients; {args.checkpoint} holds a {model.kind}")
+    names = None if args.estimators is None else [e.name for e in estimators(args.estimators)]
+    if args.k is not None:  # checked before any work
+        if not isinstance(model, StandardNormalPrior):
+            raise CLIError(f"--k studies the ELBO and IWAE bounds under the prior N(0, I); {args.checkpoint} holds "
+                           f"a {model.kind} with a prior of its own")
+        check_k_sample_model(model, "the --k study")
+        snr_names = None if names is None else [n for n in names if args.objective in ESTIMATORS[n].objectives]
+        if snr_names == []:
+            raise CLIError(f"none of --estimators {','.join(names)} estimates the {args.objective} gradient")
     dataset, x, y, _ = _split_data(args, model, meta, args.n)
     labels = model.check_labels(None if y is None else y.astype(np.int64), len(x))
+    examples = min(args.examples, len(x))
     rng = np.random.default_rng(args.seed)
     out = Path(args.out)
 
@@ -693,23 +728,39 @@ def cmd_grads(args) -> int:
           "images, split exactly into its reconstruction and KL parts:")
     print(gradflow.decomposition_text(rows))
 
-    k = min(args.examples, len(x))
-    table = gradflow.compare_estimators(model, x[:k], args.draws, rng, y=None if labels is None else labels[:k],
-                                        names=args.estimators)
-    kl = figures.posterior_kl_per_dim(model, x, labels)
-    dims = sorted(np.argsort(-kl, kind="stable")[: args.dims].tolist())
-    table = gradflow.select_dims(table, dims)
-    print()
-    print(f"latent dimensions shown: {dims} (the {len(dims)} with the largest mean KL on these images)")
-    print(gradflow.estimator_text(table))
-    first, labels_of = table["estimators"][0], table["labels"]
-    for name in table["estimators"][1:]:
-        ratio = np.divide(table[f"{name}_var"], table[f"{first}_var"])
-        print(f"{labels_of[name]} variance / {labels_of[first]} variance: median {np.median(ratio):.3g}, "
-              f"range {ratio.min():.3g} to {ratio.max():.3g}")
+    table = snr_rows = None
+    recon_names = None if names is None else [n for n in names if "recon" in ESTIMATORS[n].objectives]
+    if recon_names is None or recon_names:
+        skipped = [] if names is None else [n for n in names if n not in recon_names]
+        table = gradflow.compare_estimators(model, x[:examples], args.draws, rng,
+                                            y=None if labels is None else labels[:examples], names=recon_names)
+        kl = figures.posterior_kl_per_dim(model, x, labels)
+        dims = sorted(np.argsort(-kl, kind="stable")[: args.dims].tolist())
+        table = gradflow.select_dims(table, dims)
+        print()
+        print(f"latent dimensions shown: {dims} (the {len(dims)} with the largest mean KL on these images)")
+        if skipped:
+            print(f"({', '.join(skipped)}: for the ELBO and IWAE bounds, not {gradflow.OBJECTIVE}"
+                  + ("; in the k study below)" if args.k else "; pass --k to study them)"))
+        print(gradflow.estimator_text(table))
+        first, labels_of = table["estimators"][0], table["labels"]
+        for name in table["estimators"][1:]:
+            ratio = np.divide(table[f"{name}_var"], table[f"{first}_var"])
+            print(f"{labels_of[name]} variance / {labels_of[first]} variance: median {np.median(ratio):.3g}, "
+                  f"range {ratio.min():.3g} to {ratio.max():.3g}")
+    if args.k is not None:
+        snr_rows = gradflow.estimator_snr(model, x[:examples], args.k, args.snr_draws, rng, names=snr_names,
+                                      objective=args.objective)
+        print()
+        print(f"signal-to-noise of the {args.objective} bound's gradient on {examples} {args.split} images, "
+              f"k = {', '.join(map(str, args.k))}:")
+        print(gradflow.snr_text(snr_rows))
     try:  # the tables above are the result; the pictures, with axes, need matplotlib
         print(f"wrote {figures.gradient_decomposition(rows, out / 'decomposition.png', n=len(x))}")
-        print(f"wrote {figures.estimator_comparison(table, out / 'estimators.png')}")
+        if table is not None:
+            print(f"wrote {figures.estimator_comparison(table, out / 'estimators.png')}")
+        if snr_rows is not None:
+            print(f"wrote {figures.snr(snr_rows, out / 'snr.png', args.objective)}")
     except MatplotlibMissing as exc:
         print(f"pictures skipped: {exc}", file=sys.stderr)
     return 0
@@ -787,6 +838,16 @@ def _add_data_args(p, default_dataset=None):
                         "download)")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,5,50, got {text!r}") from None
+    if not values or min(values) < 1 or max(values) > 10_000:
+        raise argparse.ArgumentTypeError(f"expected integers from 1 to 10,000 like 1,5,50, got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -860,6 +921,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-pictures", action="store_true", help="no pictures each epoch")
     p.add_argument("--log-grad-norms", action="store_true", help="log per-layer gradient norms to log.jsonl")
+    p.add_argument("--objective", choices=("elbo", "iwae"), default="elbo",
+                   help="vae: the training bound, the ELBO or the importance-weighted bound of --k samples")
+    p.add_argument("--k", type=_count(1, 10_000), default=1, help="samples of z per image for --objective")
+    p.add_argument("--estimator", choices=("reparam", "stl", "dreg"), default="reparam",
+                   help="the encoder's gradient estimator: reparam (plain), stl (sticking the landing: no score "
+                        "term), dreg (doubly reparameterized, iwae only). Not the default elbo/1/reparam: a Monte-"
+                        "Carlo KL, beta = 1, no KL warm-up")
     p.set_defaults(func=cmd_train)
 
     p = _command(sub, "evaluate", "the model's loss and its terms on the test split (a VAE's negative ELBO, reconstruction and KL in nats)",
@@ -923,8 +991,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "Split the negative ELBO's gradient on a batch of test images exactly into its reconstruction "
                  "and KL parts (printed per parameter, decomposition.png), and compare the registered estimators "
                  "(reparameterization, score function with and without a leave-one-out baseline) of the gradient "
-                 "of E_q[log p(x|z)] w.r.t. q's mean and log-variance (estimators.png). Every table is printed "
-                 "before anything is drawn.")
+                 "of E_q[log p(x|z)] w.r.t. q's mean and log-variance (estimators.png); with --k, the "
+                 "signal-to-noise ratio of every parameter's gradient of the ELBO or IWAE bound against k, by "
+                 "estimator (sticking the landing and DReG too; snr.png). Every table is printed before anything "
+                 "is drawn.")
     p.add_argument("checkpoint", help="a checkpoint.npz or best.npz of a vae or cvae")
     _add_data_args(p)
     p.add_argument("--split", choices=("test", "val"), default="test", help="the images to study")
@@ -934,9 +1004,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", type=_count(1, 65_536), default=3, help="latent dimensions shown (those with the largest KL)")
     p.add_argument("--estimators", type=lambda s: [n.strip() for n in s.split(",") if n.strip()], default=None,
                    help="comma-separated estimators to compare, the first the reference of the variance ratios "
-                        "(default: all of npvae.study.estimators.ESTIMATORS: reparam,score,baseline)")
+                        "(default: all of npvae.study.estimators.ESTIMATORS that apply: reparam,score,baseline "
+                        "for E_q[log p(x|z)], and stl and dreg too in the --k study)")
+    p.add_argument("--k", type=_int_list, default=None, metavar="K1,K2,...",
+                   help="also measure each estimator's gradient of the k-sample --objective for these k: mean, "
+                        "variance and signal-to-noise ratio (|mean| / std over --snr-draws draws) of the encoder's "
+                        "and decoder's gradients, on --examples images (snr.png)")
+    p.add_argument("--objective", choices=("iwae", "elbo"), default="iwae", help="the bound of the --k study")
+    p.add_argument("--snr-draws", type=_count(2, 100_000), default=200, help="draws per estimator and k in the --k study")
     p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0, help="seeds the draws")
-    p.add_argument("--out", default="grads", help="folder for decomposition.png and estimators.png")
+    p.add_argument("--out", default="grads", help="folder for decomposition.png, estimators.png and snr.png")
     p.set_defaults(func=cmd_grads)
 
     p = _command(sub, "info", "what a checkpoint holds: model, data, settings, progress",

@@ -1,8 +1,9 @@
 """The training loop: one loop for every model, resumable, atomic, and loud about divergence.
 
-The loop knows nothing about which model it trains. It calls the model's public
-``loss_and_grads(x, y, rng=..., target=..., check=False)`` (which fills ``model.params.grad``; the
-whole arrays are checked once up front), steps an optimizer on the flat parameter buffer, and each
+The loop knows nothing about which model it trains. It calls its objective's public
+``loss_and_grads(model, x, y, rng=..., target=..., check=False)`` (:class:`npvae.objectives.Objective`;
+the default is the model's own ``loss_and_grads``), which fills ``model.params.grad`` (the whole
+arrays are checked once up front), steps an optimizer on the flat parameter buffer, and each
 epoch evaluates, logs, checkpoints and draws pictures.
 
 Reproducibility: the batch order of epoch ``e`` comes from ``default_rng([seed, e])`` and the noise
@@ -28,6 +29,7 @@ from . import backend, data as datasets
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .models import GaussianLatent, Model
 from .models.saving import model_meta, model_state, save_model
+from .objectives import Objective
 from .optim import clip_grad_norm, make_optimizer
 from .rundir import OutputError, RunLock, append_log, check_writable, reconcile_log
 
@@ -77,6 +79,13 @@ class TrainConfig:
     log_grad_norms: bool = False  # log each layer's gradient norm (every grad_norm_every steps)
     grad_norm_every: int = 50  # steps between gradient-norm records
     eval_batch_size: int = 1000  # batch size of evaluation passes
+    objective: str = "elbo"  # what training minimises: elbo | iwae (npvae.objectives)
+    k: int = 1  # samples of z per example for the objective
+    estimator: str = "reparam"  # its gradient estimator: reparam | stl | dreg (iwae only)
+
+    def training_objective(self):
+        """The :class:`npvae.objectives.Objective` these settings name (checked)."""
+        return Objective(self.objective, self.k, self.estimator)
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting out of range (NaN and infinities included)."""
@@ -112,6 +121,7 @@ class TrainConfig:
             check("patience", integer(1), "an integer >= 1 or None")
         for name in ("pictures", "log_grad_norms"):
             check(name, lambda v: isinstance(v, bool), "True or False")
+        self.training_objective()
 
 
 @dataclass
@@ -240,6 +250,7 @@ class Trainer:
                  echo: Callable[[str], None] = print):
         config.validate()
         self.model, self.dataset, self.config = model, dataset, config
+        self.objective = config.training_objective()
         self.out_dir = Path(out_dir)
         self.progress, self.echo = progress, echo
         if config.binarize != "none" and tuple(model.value_range) != (0.0, 1.0):
@@ -261,6 +272,7 @@ class Trainer:
         self.val_target = self._prepare_target(dataset.val_target, config.seed + 1)
         model.check_target(self.train_target, self.train_x)
         model.check_target(self.val_target, self.val_x)
+        self.objective.check(model, paired=self.train_target is not None, kl_warmup=config.kl_warmup_epochs)
         self.n = len(self.train_x)
         self.steps_per_epoch = math.ceil(self.n / config.batch_size)
         # Position and state, all saved in checkpoints.
@@ -334,6 +346,11 @@ class Trainer:
         if not same:
             raise CheckpointError(f"{path}: checkpoint is for {meta.get('model')} {meta.get('model_config')}, "
                              f"not this {self.model!r}; resume with the same model options")
+        saved = meta.get("train_config") or {}
+        theirs = Objective(saved.get("objective", "elbo"), saved.get("k", 1), saved.get("estimator", "reparam"))
+        if theirs != self.objective:
+            raise ValueError(f"{path}: the run trained on the {theirs.describe()}, not the {self.objective.describe()}; "
+                             "resume with the same objective, k and estimator")
         self.model.load_state_dict(model_state(arrays, meta))
         optim = {k[6:]: v for k, v in arrays.items() if k.startswith("optim/")}
         optim.update(meta.get("optimizer_scalars", {}))
@@ -435,7 +452,7 @@ class Trainer:
         target = None if self.train_target is None else self._gather(self.train_target, idx, "target")
         if isinstance(model, GaussianLatent):
             model.kl_weight = self._kl_weight()
-        terms, _ = model.loss_and_grads(x, y, rng=self.rng, target=target, check=False)
+        terms, _ = self.objective.loss_and_grads(model, x, y, rng=self.rng, target=target, check=False)
         self._check_finite(terms)
         if self.config.log_grad_norms and self.step % self.config.grad_norm_every == 0:
             self._log(self._grad_norm_record())

@@ -20,7 +20,7 @@ npvae plot "$runs/cvae/best.npz" samples --label 7 --n 32 --out "$out/cvae_seven
 npvae plot "$runs/cvae/best.npz" classes --out "$out/cvae_classes.png"
 npvae plot "$runs/dae/best.npz" reconstructions --out "$out/dae_reconstructions.png"
 mkdir -p "$out/grads"
-npvae grads "$runs/vae/best.npz" --out "$out/grads" > "$out/grads/tables.txt"
+npvae grads "$runs/vae/best.npz" --out "$out/grads" --k 1,5,50 --snr-draws 100 > "$out/grads/tables.txt"
 npvae evaluate "$runs/vae/best.npz" --iw-samples 1000 --n 500 > "$out/evaluate.txt"
 npvae evaluate "$runs/cvae/best.npz" > "$out/evaluate_cvae.txt"
 echo "pictures in $out/, runs in $runs/"

@@ -94,6 +94,29 @@ def test_each_model_kind_trains_from_the_cli(tmp_path):
         assert meta["model"] == kind
 
 
+def test_k_sample_objectives_train_resume_and_evaluate_from_the_cli(tmp_path, capsys):
+    out = tmp_path / "iwae"
+    common = ["train", *SMALL, "--no-pictures", "--binarize", "dynamic", "--out", str(out)]
+    assert main([*common, "--epochs", "1", "--objective", "iwae", "--k", "3", "--estimator", "dreg"]) == 0
+    assert "objective: negative IWAE bound, k = 3, doubly reparameterized (DReG) gradient" in capsys.readouterr().out
+    assert main([*common, "--epochs", "2", "--resume"]) == 0  # the run's own objective, not the default
+    captured = capsys.readouterr()
+    assert "objective: negative IWAE bound, k = 3, doubly reparameterized (DReG) gradient" in captured.out
+    _, meta = load_checkpoint(out / "checkpoint.npz")
+    assert (meta["epoch"], meta["train_config"]["objective"], meta["train_config"]["k"],
+            meta["train_config"]["estimator"]) == (2, "iwae", 3, "dreg")
+    assert main(["evaluate", str(out / "best.npz"), "--n", "20", "--iw-samples", "10", "--json"]) == 0
+    text = capsys.readouterr().out
+    assert "trained on: negative IWAE bound, k = 3, doubly reparameterized (DReG) gradient" in text
+    assert json.loads(text.strip().splitlines()[-1])["objective"] == {"name": "iwae", "k": 3, "estimator": "dreg"}
+    for bad, message in ((["--objective", "elbo", "--k", "5", "--estimator", "dreg"], "dreg is IWAE's estimator"),
+                         (["--objective", "iwae", "--k", "2", "--beta", "2"], "beta = 2.0"),
+                         (["--objective", "iwae", "--k", "2", "--model", "ae"], "needs a VAE with the prior")):
+        assert main(["train", *SMALL, "--epochs", "1", "--out", str(tmp_path / "bad"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_bad_input_gives_one_line_errors(tmp_path, capsys):
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a zip file at all")

@@ -333,6 +333,7 @@ def test_bad_training_settings_fail_before_loading_data(tmp_path, capsys, flags,
     (["plot", "CKPT", "manifold", "--n", "1000"], "manifold with --n 1000 would draw 1,000,000 images"),
     (["plot", "CKPT", "interpolation", "--n", "500", "--steps", "100"], "would draw 50,000 images"),
     (["grads", "CKPT", "--draws", "10000000"], "--draws: expected a whole number from 2 to 100,000"),
+    (["grads", "CKPT", "--k", "1,5,1000000"], "--k: expected integers from 1 to 10,000"),
     (["evaluate", "CKPT", "--iw-samples", "0"], "--iw-samples: expected a whole number from 1"),
     (["sample", "CKPT", "--seed", "-1"], "--seed: expected a whole number from 0"),
 ])

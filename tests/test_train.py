@@ -207,3 +207,57 @@ def test_steady_state_training_step_allocates_no_arrays(tiny_dataset, tmp_path, 
     limit = 16_384 if backend == "numba" else 8 * 128 * 784 * 4  # NumPy twins use temporaries by design
     assert peak - before < limit, f"a step allocated {peak - before} bytes at its peak"
     assert current - before < 4096, f"{current - before} bytes still held after 10 steps"
+
+
+# ----------------------------------------------------------------------------- k-sample objectives
+
+
+def test_default_objective_is_the_models_own_step(tiny_dataset, tmp_path):
+    # The default (elbo, k = 1, reparam) goes straight to model.loss_and_grads: a hand-written loop over
+    # the trainer's batches and noise gives the same bits.
+    model = tiny_vae()
+    run(model, tiny_dataset, tmp_path, epochs=1)
+    ref = tiny_vae()
+    from npvae.optim import make_optimizer
+
+    opt = make_optimizer("adam", ref.params.data, ref.params.grad, 3e-3, weight_decay=0.0)
+    rng = np.random.default_rng([0, 0, 1])
+    x = data.to_model_range(tiny_dataset.train_x, (0.0, 1.0), np.float32)
+    perm = data.epoch_permutation(0, 0, len(x))
+    for i in range(0, len(x), 64):
+        ref.loss_and_grads(x[perm[i : i + 64]], rng=rng, check=False)
+        opt.step()
+    np.testing.assert_array_equal(model.params.data, ref.params.data)
+
+
+@pytest.mark.parametrize("objective,k,estimator", [("iwae", 5, "dreg"), ("iwae", 3, "stl"), ("elbo", 2, "stl"),
+                                                   ("elbo", 2, "reparam"), ("iwae", 4, "reparam")])
+def test_k_sample_objectives_train_and_resume_exactly(tiny_dataset, tmp_path, objective, k, estimator):
+    kw = dict(epochs=2, objective=objective, k=k, estimator=estimator, binarize="dynamic")
+    straight = tiny_vae()
+    result = run(straight, tiny_dataset, tmp_path / "straight", **kw)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    for r in result.history:
+        assert math.isclose(r["train_loss"], r["train_recon"] + r["train_kl"], rel_tol=1e-9)
+    _, meta = load_checkpoint(tmp_path / "straight" / "checkpoint.npz")
+    assert {key: meta["train_config"][key] for key in ("objective", "k", "estimator")} == \
+        {"objective": objective, "k": k, "estimator": estimator}
+    first = tiny_vae()
+    trainer = Trainer(first, tiny_dataset, config(epochs=1, **{k_: v for k_, v in kw.items() if k_ != "epochs"}),
+                      tmp_path / "resumed", progress=False, echo=quiet)
+    trainer.run()
+    resumed = tiny_vae(seed=5)
+    Trainer(resumed, tiny_dataset, config(**kw), tmp_path / "resumed", progress=False, echo=quiet).run(resume=True)
+    np.testing.assert_array_equal(resumed.params.data, straight.params.data)
+    other = dict(kw, estimator="reparam" if estimator != "reparam" else "stl")
+    with pytest.raises(ValueError, match="resume with the same objective, k and estimator"):
+        Trainer(tiny_vae(), tiny_dataset, config(**other), tmp_path / "resumed", progress=False, echo=quiet).run(resume=True)
+
+
+def test_objectives_refuse_what_they_cannot_train(tiny_dataset, tmp_path):
+    with pytest.raises(ValueError, match="dreg is IWAE's estimator"):
+        config(objective="elbo", k=5, estimator="dreg").validate()
+    with pytest.raises(ValueError, match="no KL weight to warm up"):
+        Trainer(tiny_vae(), tiny_dataset, config(objective="iwae", k=2, kl_warmup_epochs=1.0), tmp_path, echo=quiet)
+    with pytest.raises(ValueError, match="needs a VAE with the prior"):
+        Trainer(Autoencoder(784, (16,), 3), tiny_dataset, config(objective="iwae", k=2), tmp_path, echo=quiet)

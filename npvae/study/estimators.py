@@ -1,18 +1,54 @@
-"""Gradient estimators of f = E_q[log p(x|z)] with respect to q's parameters (mu, logvar), as a registry.
+"""Gradient estimators of a variational objective with respect to q's parameters (mu, logvar), as a registry.
 
-Every estimator is one function of the same draws of one example (:class:`Draws`); the table of
-:func:`npvae.study.gradflow.compare_estimators`, its text and its picture all iterate
-:data:`ESTIMATORS`. Adding an estimator is one function and one entry here.
+Every estimator is one function of the same draws (:class:`Draws`): n independent draws, each of k
+samples ``z_j = mu + std * eps_j`` from q(z|x) for one example (or, in training, one draw per example
+of a batch). The table and picture of :func:`npvae.study.gradflow.compare_estimators`, the
+signal-to-noise study :func:`npvae.study.gradflow.estimator_snr` and the trainer's k-sample objectives
+(:mod:`npvae.objectives`) all iterate :data:`ESTIMATORS`. Adding an estimator is one function and one
+entry here.
 
-For draw ``z = mu + std * eps`` and latent dimension j:
+The objectives (each a function of the per-sample log weights ``log w_j``)
+--------------------------------------------------------------------------
+``recon``  f = E_q[log p(x|z)], k = 1: ``log w = log p(x|z)``, which does not depend on q's parameters
+           except through z. The object of the original reparameterization-vs-score comparison.
+``elbo``   the k-sample ELBO with a Monte-Carlo KL: :math:`\\hat{\\mathcal L} = \\frac1k \\sum_j \\log w_j`,
+           :math:`\\log w_j = \\log p(x|z_j) + \\log p(z_j) - \\log q(z_j|x)`.
+``iwae``   the importance-weighted bound: :math:`\\hat{\\mathcal L}_k = \\log \\frac1k \\sum_j w_j`.
 
-==============================  ==========================================  ==========================================
-estimator                       d/dmu_j                                     d/dlogvar_j
-==============================  ==========================================  ==========================================
-reparameterization              df/dz_j                                     df/dz_j * eps_j * std_j / 2
-score function (REINFORCE)      f(z) * eps_j / std_j                        f(z) * (eps_j^2 - 1) / 2
-score function, baseline b      (f(z) - b) * eps_j / std_j                  (f(z) - b) * (eps_j^2 - 1) / 2
-==============================  ==========================================  ==========================================
+For both bounds :math:`\\partial \\hat{\\mathcal L} / \\partial \\log w_j = \\tilde w_j`, with
+:math:`\\tilde w_j = 1/k` (ELBO) or :math:`\\tilde w_j = w_j / \\sum_l w_l` (IWAE, normalized weights).
+With :math:`\\phi = (\\mu, \\log\\sigma^2)`, write the total derivative of a sample's log weight as a
+path part and a direct part,
+
+.. math:: \\frac{d \\log w_j}{d\\phi} = \\underbrace{\\frac{\\partial \\ell_j}{\\partial z_j}
+          \\frac{\\partial z_j}{\\partial \\phi}}_{\\text{path, } P_j}
+          + \\underbrace{\\frac{\\partial \\log w_j}{\\partial \\phi}\\Big|_{z_j}}_{\\text{direct}\\; = -s_j},
+          \\qquad \\ell_j(z) = \\log p(x|z) + \\log p(z) - \\log q(z \\mid \\bot\\phi),
+
+where :math:`\\bot\\phi` holds q's parameters fixed (a stop-gradient) and
+:math:`s_j = \\partial_\\phi \\log q(z_j|\\phi)` is the score (zero mean under q). Per latent dimension,
+:math:`\\partial z/\\partial\\mu = 1`, :math:`\\partial z / \\partial \\log\\sigma^2 = \\epsilon\\sigma/2`,
+:math:`s = (\\epsilon/\\sigma,\\; (\\epsilon^2 - 1)/2)`.
+
+==========  ======================================================================  ===============================
+estimator   estimate of :math:`\\nabla_\\phi \\mathcal L` from one draw             objectives
+==========  ======================================================================  ===============================
+reparam     :math:`\\sum_j \\tilde w_j (P_j - s_j)`                                 all (the plain gradient)
+score       :math:`\\hat{\\mathcal L} \\sum_j s_j - \\sum_j \\tilde w_j s_j`        all (REINFORCE)
+baseline    :math:`(\\hat{\\mathcal L} - b) \\sum_j s_j - \\sum_j \\tilde w_j s_j`  all, b = leave-one-out mean
+stl         :math:`\\sum_j \\tilde w_j\\, P_j`                                      elbo, iwae (Roeder et al. 2017)
+dreg        :math:`\\sum_j \\tilde w_j^2\\, P_j`                                    iwae (Tucker et al. 2019)
+==========  ======================================================================  ===============================
+
+(for ``recon`` the direct part is zero, so stl would be reparam there; score reads ``f(z) s``.)
+STL drops the score term, whose mean is zero: unbiased for the ELBO, biased for IWAE (Tucker et al.
+2019), and of zero variance once q is the exact posterior (then every l_j is constant in z). DReG
+is IWAE's unbiased path-only encoder gradient: the reparameterization identity
+:math:`E_q[f(z_j)\\, s_j] = E_\\epsilon[\\partial_{z_j} f\\, \\partial_\\phi z_j]` applied to
+:math:`f = \\tilde w_j`, whose z_j-derivative is :math:`\\tilde w_j (1 - \\tilde w_j)\\, \\partial_{z_j} \\ell_j`,
+gives :math:`E[\\tilde w_j s_j] = E[(\\tilde w_j - \\tilde w_j^2)\\, P_j]` with P_j the unweighted path term, so
+:math:`E[\\sum_j \\tilde w_j (P_j - s_j)] = E[\\sum_j \\tilde w_j^2 P_j]`. The decoder's gradient is
+:math:`\\sum_j \\tilde w_j \\nabla_\\theta \\log p(x|z_j)` for every estimator here.
 """
 
 from __future__ import annotations
@@ -22,53 +58,96 @@ from typing import Callable
 
 import numpy as np
 
+OBJECTIVES = ("recon", "elbo", "iwae")
+
 
 @dataclass(frozen=True)
 class Draws:
-    """What n draws of z for one example give every estimator (float64).
+    """What n draws of k samples z_j ~ q(z|x) give every estimator (float64 arrays).
 
-    f : (n,) array
-        log p(x | z) per draw (the positive log-likelihood, so gradients point uphill).
-    pathwise : (n, 2Z) array
-        df/d[mu, logvar] through the sampler: the model's own backward pass per draw.
-    score : (n, 2Z) array
-        d log q(z | x) / d[mu, logvar] at the drawn z (:func:`npvae.ops.gaussian_log_prob_backward`).
+    objective : str
+        ``recon``, ``elbo`` or ``iwae`` (see the module docstring).
+    log_w : (n, k) array
+        log w_j: ``log p(x|z_j)`` (recon), or ``log p(x|z_j) + log p(z_j) - log q(z_j|x)``.
+    weights : (n, k) array
+        d bound / d log w_j: 1/k (recon, elbo) or the normalized importance weights (iwae).
+    bound : (n,) array
+        The objective's value per draw: the mean of log w (recon, elbo), log mean exp of log w (iwae).
+    path : (n, k, 2Z) array
+        ``weights_j * d l_j/dz_j * dz_j/d[mu, logvar]``, l_j = log w_j with q's parameters held fixed:
+        the path term already weighted, as one backward pass through the decoder with upstream
+        weights produces it (no division by a weight that may underflow).
+    score : (n, k, 2Z) array
+        d log q(z_j | mu, logvar) / d[mu, logvar] at fixed z_j: ``[eps / std, (eps^2 - 1) / 2]``.
+    direct : (n, k, 2Z) array
+        d log w_j / d[mu, logvar] at fixed z_j: ``-score`` (elbo, iwae), zero (recon).
     """
 
-    f: np.ndarray
-    pathwise: np.ndarray
+    objective: str
+    log_w: np.ndarray
+    weights: np.ndarray
+    bound: np.ndarray
+    path: np.ndarray
     score: np.ndarray
+    direct: np.ndarray
 
 
 @dataclass(frozen=True)
 class Estimator:
     name: str  # the table's column prefix, e.g. "reparam"
     label: str  # how pictures and text name it
-    estimate: Callable[[Draws], np.ndarray]  # Draws -> (n, 2Z) one estimate per draw, all unbiased
+    estimate: Callable[[Draws], np.ndarray]  # Draws -> (n, 2Z), one estimate of d bound / d[mu, logvar] per draw
+    objectives: tuple[str, ...] = OBJECTIVES  # the objectives it estimates the gradient of (stl: biased for iwae)
+
+
+def _direct(d: Draws) -> np.ndarray:
+    """sum_j weights_j * direct_j (n, 2Z): the gradient's part that does not flow through z."""
+    return np.einsum("nk,nkp->np", d.weights, d.direct)
 
 
 def reparameterization(d: Draws) -> np.ndarray:
-    """The pathwise gradient: differentiate f through z = mu + std * eps."""
-    return d.pathwise
+    """The plain reparameterized gradient: differentiate the bound through z = mu + std * eps and
+    through q's parameters inside log q, ``sum_j w_j (path_j + direct_j)``."""
+    return d.path.sum(axis=1) + _direct(d)
 
 
 def score_function(d: Draws) -> np.ndarray:
-    """REINFORCE: f(z) d log q(z|x) / d theta, with no derivative of f."""
-    return d.f[:, None] * d.score
+    """REINFORCE: ``bound * sum_j s_j + sum_j w_j direct_j``, with no derivative of the bound through z
+    (the second term is the bound's own dependence on q's parameters at fixed z)."""
+    return d.bound[:, None] * d.score.sum(axis=1) + _direct(d)
 
 
 def score_function_loo(d: Draws) -> np.ndarray:
-    """REINFORCE centred on the leave-one-out mean of f over the other draws (still unbiased: the
-    baseline of a draw does not depend on it)."""
-    n = len(d.f)
-    baseline = (d.f.sum() - d.f) / (n - 1)
-    return (d.f - baseline)[:, None] * d.score
+    """REINFORCE centred on the leave-one-out mean of the bound over the other draws (still unbiased:
+    a draw's baseline does not depend on it). Needs n >= 2."""
+    n = len(d.bound)
+    baseline = (d.bound.sum() - d.bound) / (n - 1)
+    return (d.bound - baseline)[:, None] * d.score.sum(axis=1) + _direct(d)
+
+
+def sticking_the_landing(d: Draws) -> np.ndarray:
+    """Path derivative (Roeder, Wu & Duvenaud 2017): ``sum_j w_j path_j``, the reparameterized
+    gradient without the score term ``-sum_j w_j s_j`` (zero mean, and all noise when q is the exact
+    posterior). Unbiased for the ELBO; biased for IWAE (Tucker et al. 2019)."""
+    return d.path.sum(axis=1)
+
+
+def doubly_reparameterized(d: Draws) -> np.ndarray:
+    """DReG (Tucker, Lawson, Gu & Maddison 2019), IWAE's encoder gradient: ``sum_j w_j^2 P_j``.
+
+    P_j is the unweighted path term; ``path`` already carries one factor w_j, so this is
+    ``sum_j w_j path_j``. Unbiased: ``E[w_j s_j] = E[(w_j - w_j^2) P_j]`` (the module docstring).
+    For k = 1 it is stl.
+    """
+    return np.einsum("nk,nkp->np", d.weights, d.path)
 
 
 ESTIMATORS = {e.name: e for e in (
     Estimator("reparam", "reparameterization", reparameterization),
     Estimator("score", "score function", score_function),
     Estimator("baseline", "score function, leave-one-out baseline", score_function_loo),
+    Estimator("stl", "sticking the landing (path derivative)", sticking_the_landing, objectives=("elbo", "iwae")),
+    Estimator("dreg", "doubly reparameterized (DReG)", doubly_reparameterized, objectives=("iwae",)),
 )}
 
 
@@ -80,3 +159,47 @@ def estimators(names=None) -> list[Estimator]:
     if unknown or not names:
         raise ValueError(f"unknown estimators {unknown or names}: expected some of {', '.join(ESTIMATORS)}")
     return [ESTIMATORS[n] for n in names]
+
+
+def reduce_draws(objective: str, log_w: np.ndarray, dlog_w_dz_weighted: np.ndarray, eps: np.ndarray,
+                 logvar: np.ndarray, weights: np.ndarray | None = None, bound: np.ndarray | None = None) -> Draws:
+    """Assemble :class:`Draws` from a sampler's pieces (float64).
+
+    Parameters
+    ----------
+    objective : "recon", "elbo" or "iwae"
+    log_w : (n, k) array
+    dlog_w_dz_weighted : (n, k, Z) array
+        ``weights_j * d l_j / dz_j`` (l_j: log w_j with q's parameters fixed).
+    eps : (n, k, Z) array, the noise of each sample
+    logvar : (n, Z) array, q's log-variance per row
+    weights, bound : optional, as computed by the caller (default: from log_w)
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
+    log_w = np.asarray(log_w, np.float64)
+    n, k = log_w.shape
+    if weights is None or bound is None:
+        weights, bound = bound_and_weights(objective, log_w)
+    eps = np.asarray(eps, np.float64)
+    std = np.exp(0.5 * np.asarray(logvar, np.float64))[:, None, :]  # (n, 1, Z)
+    g = np.asarray(dlog_w_dz_weighted, np.float64)
+    path = np.concatenate([g, g * eps * std * 0.5], axis=2)  # (n, k, 2Z): dz/dmu = 1, dz/dlogvar = eps std / 2
+    score = np.concatenate([eps / std, 0.5 * (eps * eps - 1.0)], axis=2)
+    direct = np.zeros_like(score) if objective == "recon" else -score
+    return Draws(objective, log_w, np.asarray(weights, np.float64), np.asarray(bound, np.float64), path, score, direct)
+
+
+def bound_and_weights(objective: str, log_w: np.ndarray):
+    """(weights (n, k), bound (n,)) of ``objective`` for log weights (n, k), in log_w's dtype."""
+    k = log_w.shape[1]
+    if objective == "iwae":
+        m = log_w.max(axis=1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0)
+        e = np.exp(log_w - m)
+        total = e.sum(axis=1, keepdims=True)
+        with np.errstate(divide="ignore"):
+            bound = np.log(total[:, 0]) + m[:, 0] - np.log(k)
+        weights = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+        return weights, bound
+    return np.full_like(log_w, 1.0 / k), log_w.mean(axis=1)

@@ -17,9 +17,9 @@ import math
 
 import numpy as np
 
-from .. import ops
 from ..models import GaussianLatent
-from .estimators import Draws, estimators
+from ..objectives import check_k_sample_model, encoder_backward, k_sample_draws
+from .estimators import Draws, estimators, reduce_draws
 
 OBJECTIVE = "E_q[log p(x|z)]"  # what compare_estimators differentiates (to be maximised)
 DEFAULT_ROWS = 8192  # draws per forward pass in compare_estimators
@@ -119,12 +119,11 @@ def compare_estimators(model, x, n_draws: int, rng: np.random.Generator, y=None,
     """Estimates of the gradient of f = E_q[log p(x|z)] by every registered estimator, on the same draws.
 
     For each example, ``n_draws`` draws ``z = mu + std * eps`` feed every estimator of
-    :data:`npvae.study.estimators.ESTIMATORS` (reparameterization, score function, score function
-    with a leave-one-out baseline; formulas there). f(z) = log p(x|z); the pathwise gradient is the
-    model's own backward pass, the score function's factors d log q(z|x) / d(mu, logvar) at fixed z
-    come from :func:`npvae.ops.gaussian_log_prob_backward`. All of them estimate the same gradient.
-    (For a VAE with ``logvar_bounds``, the reparameterization column is the gradient at the logvar
-    head's output, so it is zero for a unit whose logvar sits outside the bounds.)
+    :data:`npvae.study.estimators.ESTIMATORS` that applies to f (reparameterization, score function,
+    score function with a leave-one-out baseline; formulas there). f(z) = log p(x|z); the pathwise gradient is the
+    model's own backward pass through the decoder, the score d log q(z|x) / d(mu, logvar) at fixed
+    z is ``[eps / std, (eps^2 - 1) / 2]``. All of them estimate the same gradient, with respect to
+    the mean and (clamped, with ``logvar_bounds``) log-variance that q uses.
 
     Parameters
     ----------
@@ -137,7 +136,7 @@ def compare_estimators(model, x, n_draws: int, rng: np.random.Generator, y=None,
     batch_size : int, optional
         Draws per forward pass (default 8192).
     names : sequence of str, optional
-        Which estimators (default all, in registry order).
+        Which estimators (default all that apply to f, in registry order).
 
     Returns
     -------
@@ -152,7 +151,11 @@ def compare_estimators(model, x, n_draws: int, rng: np.random.Generator, y=None,
     _check_vae_family(model, "the estimator comparison")
     if isinstance(n_draws, bool) or not isinstance(n_draws, (int, np.integer)) or n_draws < 2:
         raise ValueError(f"expected n_draws >= 2 (variances need two draws), got {n_draws!r}")
-    chosen = estimators(names)
+    chosen = [e for e in estimators(names) if names is not None or "recon" in e.objectives]
+    wrong = [e.name for e in chosen if "recon" not in e.objectives]
+    if wrong:
+        raise ValueError(f"estimators {wrong} do not estimate the gradient of {OBJECTIVE} (they are for "
+                         f"{', '.join(sorted({o for e in chosen if e.name in wrong for o in e.objectives}))})")
     x = model.check_input(x)
     y = model.check_labels(y, len(x))
     rows = DEFAULT_ROWS if batch_size is None else int(batch_size)
@@ -160,25 +163,15 @@ def compare_estimators(model, x, n_draws: int, rng: np.random.Generator, y=None,
     table = {"param": [], "example": [], "dim": [], "wrt": []}
     table.update({f"{e.name}_{s}": [] for e in chosen for s in ("mean", "var", "se")})
     for i in range(len(x)):
-        f = np.empty(n_draws)  # f(z) per draw
-        pathwise = np.empty((n_draws, 2 * zdim))  # [d/dmu, d/dlogvar] per draw
-        score = np.empty((n_draws, 2 * zdim))  # d log q / d[mu, logvar] at the drawn z
+        parts = []
         for start in range(0, n_draws, rows):
             n = min(rows, n_draws - start)
             xs = np.repeat(x[i : i + 1], n, axis=0)
-            eps = rng.standard_normal((n, zdim), dtype=model.dtype)
             ys = None if y is None else np.repeat(y[i : i + 1], n)
-            recon, _ = model.forward(xs, ys, eps=eps)
-            f[start : start + n] = -recon
-            model.backward(np.full(n, -1.0, model.dtype), np.zeros(n, model.dtype))  # d f / d[mu, logvar]
-            pathwise[start : start + n] = np.concatenate(model.latent_grads(n), axis=1)
-            mu, logvar = (np.repeat(a, n, axis=0) for a in model.encode(x[i : i + 1], None if y is None else y[i : i + 1]))
-            mu, logvar = mu.astype(np.float64), logvar.astype(np.float64)
-            z = mu + np.exp(0.5 * logvar) * eps  # (n, Z) in float64, so (z - mu) / std recovers eps
-            _, q_cache = ops.gaussian_log_prob_forward(z, mu, logvar, "none")
-            _, dmu, dlogvar = ops.gaussian_log_prob_backward(np.ones(n), q_cache)
-            score[start : start + n] = np.concatenate([dmu, dlogvar], axis=1)
-        draws = Draws(f, pathwise, score)
+            eps = rng.standard_normal((n, 1, zdim), dtype=model.dtype)
+            parts.append(sample_draws(model, xs, eps, "recon", ys))
+        draws = Draws("recon", *(np.concatenate([getattr(p, f) for p in parts])
+                                 for f in ("log_w", "weights", "bound", "path", "score", "direct")))
         estimates = {e.name: e.estimate(draws) for e in chosen}
         for col in range(2 * zdim):
             wrt, dim = ("mu", col) if col < zdim else ("logvar", col - zdim)
@@ -197,6 +190,23 @@ def compare_estimators(model, x, n_draws: int, rng: np.random.Generator, y=None,
     table["n_draws"] = int(n_draws)
     table["objective"] = OBJECTIVE
     return table
+
+
+def sample_draws(model, x, eps, objective: str, y=None) -> Draws:
+    """:class:`Draws` of ``objective`` for the rows of x (B, ...) with noise eps (B, k, Z): one
+    forward and one decoder backward (:func:`npvae.objectives.k_sample_draws`; a conditional model's
+    ``recon`` runs through its own forward and backward, its labels y (B,))."""
+    if objective == "recon" and y is not None:  # a CVAE: q(z | x, y) and p(x | z, y) via the full model
+        n, k, zdim = eps.shape
+        if k != 1:
+            raise ValueError("the reconstruction study of a conditional model takes k = 1")
+        recon, _ = model.forward(x, y, eps=eps[:, 0])
+        model.backward(np.full(n, -1.0, model.dtype), np.zeros(n, model.dtype))  # d f / d[mu, logvar]
+        dmu, _ = model.latent_grads(n)
+        _, logvar = model.posterior_forward(x, y)
+        return reduce_draws("recon", -recon.astype(np.float64)[:, None], dmu.astype(np.float64)[:, None],
+                            eps, logvar)
+    return k_sample_draws(model, x, eps, objective, 1.0)[0]
 
 
 def select_dims(table: dict, dims) -> dict:
@@ -225,4 +235,118 @@ def estimator_text(table: dict) -> str:
             value = f"{table[f'{n}_var'][r] / base:.3g}" if base > 0 else "inf"
             cells += f"  {value:>{max(len(label), 10)}}"
         lines.append(f"{table['param'][r]:<{width}}  {cells}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- signal-to-noise against k
+
+
+def _group(key: str) -> str:
+    return "decoder" if key.startswith("decoder.") else "encoder"
+
+
+def estimator_snr(model, x, ks, n_draws: int, rng: np.random.Generator, names=None, objective: str = "iwae") -> list[dict]:
+    """Mean, variance and signal-to-noise ratio of each estimator's gradient of a k-sample bound, per k.
+
+    Each draw takes fresh noise eps (N, k, Z) for the batch x and gives one estimate of the gradient of
+    the batch-mean bound ``(1/N) sum_i bound_i`` (to be maximised) with respect to every parameter:
+    the decoder's, ``sum_j w_ij grad log p(x_i | z_ij)``, is shared by all estimators; the encoder's
+    (encoder layers and the mu / logvar heads) comes from each estimator's d bound / d[mu, logvar]
+    through the encoder's backward. Over ``n_draws`` draws, per parameter p,
+
+    .. math:: \mathrm{SNR}_p = |\bar g_p| / s_p, \quad \bar g_p = \text{mean}, \quad s_p^2 = \text{variance (ddof 1)}
+
+    (Rainforth et al. 2018), summarised per group over the parameters whose variance is not zero.
+
+    Parameters
+    ----------
+    model : VAE with the prior N(0, I) and beta = 1
+    x : (N, ...) array in the model's range, the batch (a few images)
+    ks : sequence of int >= 1
+    n_draws : int >= 2
+    rng : np.random.Generator
+    names : sequence of str, optional
+        Estimators (default: those of the registry that estimate ``objective``).
+    objective : "elbo" or "iwae"
+
+    Returns
+    -------
+    rows : list of dict
+        One per (estimator, k, group) in that order, group "encoder" or "decoder": ``estimator``,
+        ``k``, ``group``, ``mean_abs`` (mean over parameters of |mean|), ``var`` (mean over
+        parameters of the variance), ``snr`` (mean over parameters of SNR_p), ``median_snr``,
+        ``params`` (parameters counted), ``n_draws``, ``objective``, and ``ess``: the mean over draws
+        and images of the effective sample size 1 / sum_j w_j^2 of the normalized weights (k for the
+        ELBO; for IWAE, how many of the k samples carry the bound: the asymptotics of Rainforth et al.
+        and Tucker et al. need it large).
+    """
+    check_k_sample_model(model, "the signal-to-noise study")
+    if objective not in ("elbo", "iwae"):
+        raise ValueError(f"expected objective 'elbo' or 'iwae', got {objective!r}")
+    if isinstance(n_draws, bool) or not isinstance(n_draws, (int, np.integer)) or n_draws < 2:
+        raise ValueError(f"expected n_draws >= 2 (variances need two draws), got {n_draws!r}")
+    ks = [int(k) for k in ks]
+    if not ks or any(k < 1 for k in ks):
+        raise ValueError(f"expected k values >= 1, got {ks}")
+    chosen = [e for e in estimators(names) if names is not None or objective in e.objectives]
+    wrong = [e.name for e in chosen if objective not in e.objectives]
+    if wrong:
+        raise ValueError(f"estimators {wrong} do not estimate the gradient of the {objective} objective")
+    x = model.check_input(x)
+    batch, zdim = len(x), model.config.latent_dim
+    groups = np.concatenate([np.full(g.size, _group(key) == "decoder") for key, g in model.gradients().items()])
+    rows = []
+    for k in ks:
+        sums = {}  # estimator -> [first draw, sum of (g - first), sum of (g - first)^2], float64 (n_params,)
+        ess = 0.0
+
+        def add(name, g):
+            g = g.astype(np.float64)
+            if name not in sums:
+                sums[name] = [g.copy(), np.zeros_like(g), np.zeros_like(g)]
+            else:
+                d = g - sums[name][0]
+                sums[name][1] += d
+                sums[name][2] += d * d
+
+        for _ in range(n_draws):
+            eps = rng.standard_normal((batch, k, zdim), dtype=model.dtype)
+            draws = k_sample_draws(model, x, eps, objective, -1.0 / batch)[0]  # gradients of the bound, not the loss
+            ess += float((1.0 / (draws.weights**2).sum(axis=1)).mean()) / n_draws
+            decoder = model.params.grad[groups].copy()
+            for e in chosen:
+                model.posterior_forward(x)  # fresh encoder caches for each backward
+                encoder_backward(model, x, (e.estimate(draws) / batch).astype(model.dtype))
+                g = model.params.grad.copy()
+                g[groups] = decoder
+                add(e.name, g)
+        for e in chosen:
+            first, s1, s2 = sums[e.name]
+            mean = first + s1 / n_draws
+            var = np.maximum(s2 - s1 * s1 / n_draws, 0.0) / (n_draws - 1)
+            for group, mask in (("encoder", ~groups), ("decoder", groups)):
+                m, v = mean[mask], var[mask]
+                live = v > 0
+                snr = np.abs(m[live]) / np.sqrt(v[live])
+                rows.append({"estimator": e.name, "k": k, "group": group, "mean_abs": float(np.abs(m).mean()),
+                             "var": float(v.mean()), "snr": float(snr.mean()) if live.any() else math.nan,
+                             "median_snr": float(np.median(snr)) if live.any() else math.nan,
+                             "params": int(live.sum()), "n_draws": int(n_draws), "objective": objective,
+                             "ess": ess})
+    return rows
+
+
+def snr_text(rows: list[dict]) -> str:
+    """The rows of :func:`estimator_snr` as an aligned plain-text table."""
+    if not rows:
+        return ""
+    r0 = rows[0]
+    lines = [f"gradient of the {r0['objective']} bound, {r0['n_draws']} draws per estimator and k; per group, the "
+             "mean over parameters of |mean|, variance and SNR = |mean| / std",
+             "(ESS: effective sample size 1 / sum_j w_j^2 of the normalized weights, mean over draws)",
+             f"{'estimator':<10} {'k':>5} {'ESS':>7}  {'group':<8} {'|mean|':>10} {'variance':>10} {'SNR':>8} "
+             f"{'median SNR':>10}"]
+    for r in rows:
+        lines.append(f"{r['estimator']:<10} {r['k']:>5} {r['ess']:>7.3g}  {r['group']:<8} {r['mean_abs']:>10.3g} "
+                     f"{r['var']:>10.3g} {r['snr']:>8.3g} {r['median_snr']:>10.3g}")
     return "\n".join(lines)

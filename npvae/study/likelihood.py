@@ -11,8 +11,8 @@ with the encoder as proposal (Burda, Grosse & Salakhutdinov, 2016) tightens it:
 on average, and :math:`\\mathcal{L}_k \\to \\log p(x)` as k grows, so a large-k estimate is the
 number papers report as "negative log-likelihood" (in nats per image, here too).
 
-Both functions work on :class:`npvae.models.VAE` through its internals (encoder, decoder and
-likelihood ops) and are pure NumPy, so they run under either kernel backend. Conditional models
+Both functions work on :class:`npvae.models.VAE` through its public sampler pieces (the training
+objective through :class:`npvae.objectives.Objective`) and are pure NumPy, so they run under either kernel backend. Conditional models
 (CVAE) are refused: their bound needs the learned prior p(z | y).
 
 Samples are laid out example-major: row ``i * k + j`` of a tiled batch holds example i, sample j.
@@ -55,24 +55,12 @@ def _log_weights(model, x_rows, mu_rows, logvar_rows, eps_rows):
     Returns
     -------
     log_w : (R,) array
-    caches : tuple of the op caches, for :func:`_log_weights_backward`
     """
-    z, z_cache = ops.reparameterize_forward(mu_rows, logvar_rows, eps_rows)  # (R, Z)
-    nll = model.nll_forward(z, x_rows)  # (R,) = -log p(x|z), caching in the model
-    log_pz, pz_cache = ops.standard_normal_log_prob_forward(z, "none")
-    log_qz, qz_cache = ops.reparameterized_log_prob_forward(eps_rows, logvar_rows, "none")  # exact for tiny std
-    return log_pz - nll - log_qz, (z_cache, pz_cache, qz_cache)
-
-
-def _log_weights_backward(model, dlog_w, caches):
-    """Backward of :func:`_log_weights`: decoder gradients into ``params.grad``, and
-    d/dmu_rows, d/dlogvar_rows (R, Z), through z and through log q's direct dependence on logvar."""
-    z_cache, pz_cache, qz_cache = caches
-    dz = model.nll_backward(-dlog_w).copy()  # (R, Z)
-    dz += ops.standard_normal_log_prob_backward(dlog_w, pz_cache)
-    dmu, dlogvar = ops.reparameterize_backward(dz, z_cache)
-    dlogvar += ops.reparameterized_log_prob_backward(-dlog_w, qz_cache)
-    return dmu, dlogvar
+    z, _ = ops.reparameterize_forward(mu_rows, logvar_rows, eps_rows)  # (R, Z)
+    nll = model.nll_forward(z, x_rows)  # (R,) = -log p(x|z)
+    log_pz, _ = ops.standard_normal_log_prob_forward(z, "none")
+    log_qz, _ = ops.reparameterized_log_prob_forward(eps_rows, logvar_rows, "none")  # exact for tiny std
+    return log_pz - nll - log_qz
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -124,7 +112,7 @@ def iwae_log_likelihood(model, x, k: int, rng: np.random.Generator, batch_size: 
         for done in range(0, k, samples):
             s = min(samples, k - done)
             eps = rng.standard_normal((b * s, zdim), dtype=model.dtype)
-            log_w, _ = _log_weights(model, np.repeat(xb, s, axis=0), np.repeat(mu, s, axis=0),
+            log_w = _log_weights(model, np.repeat(xb, s, axis=0), np.repeat(mu, s, axis=0),
                                     np.repeat(logvar, s, axis=0), eps)
             chunk, _ = ops.logsumexp_forward(log_w.astype(np.float64).reshape(b, s))
             acc = np.logaddexp(acc, chunk)
@@ -142,8 +130,9 @@ def iwae_loss_and_grads(model, x, k: int, eps=None, rng=None):
               \\nabla L = -\\frac1B \\sum_{i,j} \\tilde w_{ij} \\nabla \\log w_{ij},
               \\quad \\tilde w_{i\\cdot} = \\operatorname{softmax}_j \\log w_{i\\cdot}
 
-    The encoder runs once per example; its mu and logvar are tiled k times, and their gradients
-    are summed over the k copies before the heads' backward. With k = 1 this is the ELBO with a
+    ``Objective("iwae", k, "reparam")`` of :mod:`npvae.objectives`: the encoder runs once per
+    example; its mu and logvar are tiled k times, and their gradients are summed over the k copies
+    before the heads' backward. With k = 1 this is the ELBO with a
     Monte-Carlo KL (log q(z|x) - log p(z) at the sampled z): its reconstruction part and its
     gradient equal :meth:`VAE.loss_and_grads`'s for the same eps; its KL part agrees in expectation.
 
@@ -165,27 +154,7 @@ def iwae_loss_and_grads(model, x, k: int, eps=None, rng=None):
         Gradients of ``loss``, keyed like :meth:`VAE.state_dict` (views of ``model.params.grad``;
         overwritten by the next call).
     """
-    _check_vae(model, "the IWAE objective")
-    if model.config.beta != 1:
-        raise ValueError(f"the IWAE objective weights log p(z) and log q(z|x) equally; this model has "
-                         f"beta = {model.config.beta}, which has no IWAE counterpart (use beta = 1)")
-    k = _check_k(k)
-    x = model.check_input(x)
-    batch, zdim = x.shape[0], model.config.latent_dim
-    if eps is None:
-        if rng is None:
-            raise ValueError(f"pass eps ({batch}, {k}, {zdim}) or rng (an np.random.Generator) to draw it")
-        eps = rng.standard_normal((batch, k, zdim), dtype=model.dtype)
-    eps = model.check_noise(x, eps, shape=(batch, k, zdim))
-    mu, logvar = model.posterior_forward(x)  # (B, Z) views; the encoder's cache stays valid for backward
-    log_w, caches = _log_weights(model, np.repeat(x, k, axis=0), np.repeat(mu, k, axis=0),
-                                 np.repeat(logvar, k, axis=0), eps.reshape(batch * k, zdim))
-    bound, lse_cache = ops.logsumexp_forward(log_w.reshape(batch, k))  # (B,) log sum_j w_ij
-    loss = -(float(bound.mean(dtype=np.float64)) - math.log(k))
-    dlog_w = ops.logsumexp_backward(np.full(batch, -1.0 / batch, model.dtype), lse_cache)  # (B, k)
-    dmu, dlogvar = _log_weights_backward(model, dlog_w.reshape(batch * k), caches)
-    dmu_x, dlogvar_x = model.latent_grads(batch)  # (B, Z) views of the buffer posterior_backward reads
-    dmu_x[...] = dmu.reshape(batch, k, zdim).sum(axis=1)
-    dlogvar_x[...] = dlogvar.reshape(batch, k, zdim).sum(axis=1)
-    model.posterior_backward(dmu_x, dlogvar_x)
-    return loss, model.gradients()
+    from ..objectives import Objective
+
+    terms, grads = Objective("iwae", _check_k(k), "reparam").loss_and_grads(model, x, eps=eps, rng=rng)
+    return terms.total, grads

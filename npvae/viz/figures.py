@@ -316,3 +316,9 @@ def estimator_comparison(table, path) -> Path:
     """Means and variances of each estimator's gradient (:func:`npvae.study.gradflow.compare_estimators`)."""
     return plots.plot_estimator_comparison(
         table, path, title=f"Gradient of {table['objective']} w.r.t. q's mean and log-variance, by estimator")
+
+
+def snr(rows, path, objective: str = "iwae") -> Path:
+    """Signal-to-noise ratio against k, encoder and decoder (:func:`npvae.study.gradflow.estimator_snr`)."""
+    bound = "IWAE bound" if objective == "iwae" else "k-sample ELBO"
+    return plots.plot_snr(rows, path, title=f"Gradient of the {bound}: signal-to-noise ratio against k, by estimator")

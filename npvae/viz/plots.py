@@ -92,14 +92,8 @@ class MatplotlibMissing(ImportError):
 # matplotlib plumbing
 # --------------------------------------------------------------------------------------------------
 
-def _new_figure(figsize: tuple[float, float], ncols: int = 1, **subplot_kw: Any):
-    """Create an Agg-backed figure (no pyplot) and its axes.
-
-    Returns
-    -------
-    fig : matplotlib.figure.Figure
-    axes : Axes, or a 1-D array of ``ncols`` Axes when ``ncols > 1``.
-    """
+def _figure(figsize: tuple[float, float]):
+    """An empty Agg-backed figure (no pyplot), laid out by constrained layout."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -108,8 +102,26 @@ def _new_figure(figsize: tuple[float, float], ncols: int = 1, **subplot_kw: Any)
                                 "written without it)") from exc
     fig = Figure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)
+    return fig
+
+
+def _new_figure(figsize: tuple[float, float], ncols: int = 1, **subplot_kw: Any):
+    """Create an Agg-backed figure (no pyplot) and its axes.
+
+    Returns
+    -------
+    fig : matplotlib.figure.Figure
+    axes : Axes, or a 1-D array of ``ncols`` Axes when ``ncols > 1``.
+    """
+    fig = _figure(figsize)
     axes = fig.subplots(1, ncols, squeeze=True, **subplot_kw)
     return fig, axes
+
+
+def _new_mosaic(figsize: tuple[float, float], mosaic):
+    """An Agg-backed figure laid out by ``mosaic`` (matplotlib's subplot_mosaic); returns (fig, dict of axes)."""
+    fig = _figure(figsize)
+    return fig, fig.subplot_mosaic(mosaic)
 
 
 def _save(fig, path: PathLike) -> Path:
@@ -1259,7 +1271,7 @@ _ESTIMATOR_COLORS = ("C0", "C3", "C2", "C1", "C4", "C5", "C6")
 def plot_estimator_comparison(table: Mapping[str, Any], path: PathLike,
                               n_draws: int | None = None,
                               title: str = "Gradient estimators of the same gradient, on the same draws") -> Path:
-    """Compare gradient estimators: their means (left) and per-draw variances (right).
+    """Compare gradient estimators: each one's means in a panel of its own (top), all per-draw variances (below).
 
     Parameters
     ----------
@@ -1312,22 +1324,33 @@ def plot_estimator_comparison(table: Mapping[str, Any], path: PathLike,
                                 or n_draws < 1):
         raise ValueError(f"n_draws must be a positive integer, got {n_draws!r}")
 
-    fig, (ax_m, ax_v) = _new_figure((max(9.0, 1.1 * p + 5.0), 4.3), ncols=2)
+    # One mean panel per estimator, each on its own scale (a noisy estimator's error bars would
+    # flatten the others' means on a shared axis), the first estimator's means as a reference in
+    # the others; the variances of all of them below, on one log scale.
+    m = len(names)
+    top = [f"mean{i}" for i in range(m)]
+    fig, axes = _new_mosaic((min(14.0, max(10.0, 3.6 * m)), 7.5), [top, ["var"] * m])
     x = np.arange(p)
-    w = 0.8 / len(names)  # each estimator's slot within a parameter's group
-    offsets = (np.arange(len(names)) - (len(names) - 1) / 2) * w
-    for n, color, dx in zip(names, _ESTIMATOR_COLORS, offsets):
+    first = names[0]
+    for i, (n, color) in enumerate(zip(names, _ESTIMATOR_COLORS)):
+        ax = axes[f"mean{i}"]
         mean, var = cols[f"{n}_mean"], cols[f"{n}_var"]
         err = None if n_draws is None else 2.0 * np.sqrt(var / n_draws)
-        ax_m.errorbar(x + dx, mean, yerr=err, fmt="o", color=color, capsize=3, markersize=5, label=labels[n])
-    if "exact" in cols:
-        ax_m.scatter(x, cols["exact"], marker="x", color="k", s=40, zorder=3, label="exact")
-    ax_m.axhline(0.0, color="0.6", linewidth=0.6)
-    ax_m.set_title("Mean gradient estimate" + ("" if n_draws is None else
-                                               f" (± 2 s.e., {int(n_draws)} draws)"), fontsize=10)
-    ax_m.set_ylabel("d objective / d parameter")
-    ax_m.legend(fontsize=8, frameon=False)
+        ax.errorbar(x, mean, yerr=err, fmt="o", color=color, capsize=3, markersize=5, label=labels[n])
+        if i > 0:
+            ax.scatter(x, cols[f"{first}_mean"], marker="_", color="k", s=120, zorder=3,
+                       label=f"{labels[first]} mean")
+        if "exact" in cols:
+            ax.scatter(x, cols["exact"], marker="x", color="k", s=40, zorder=4, label="exact")
+        ax.axhline(0.0, color="0.6", linewidth=0.6)
+        ax.set_title(labels[n], fontsize=11, color=color)
+        ax.legend(fontsize=9, frameon=False, loc="best")
+    axes["mean0"].set_ylabel("mean estimate" + ("" if n_draws is None else f"\n(± 2 s.e., {int(n_draws)} draws)"),
+                             fontsize=10)
 
+    ax_v = axes["var"]
+    w = 0.8 / m  # each estimator's slot within a parameter's group
+    offsets = (np.arange(m) - (m - 1) / 2) * w
     variances = np.concatenate([cols[f"{n}_var"] for n in names])
     floor = max(variances[variances > 0].min() / 10, 1e-300) if np.any(variances > 0) else 1e-12
     for n, color, dx in zip(names, _ESTIMATOR_COLORS, offsets):
@@ -1335,23 +1358,82 @@ def plot_estimator_comparison(table: Mapping[str, Any], path: PathLike,
         ax_v.bar(x + dx, v - floor, bottom=floor, width=w, color=color, label=labels[n])
     ax_v.set_yscale("log")
     ax_v.set_ylim(bottom=floor)
-    first = cols[f"{names[0]}_var"]
+    base = cols[f"{first}_var"]
     ratios = []
     for n in names[1:]:
-        pos = (first > 0) & (cols[f"{n}_var"] > 0)
+        pos = (base > 0) & (cols[f"{n}_var"] > 0)
         if pos.any():
-            ratios.append(f"{n} / {names[0]}: median ratio {np.median(cols[f'{n}_var'][pos] / first[pos]):.3g}x")
-    ax_v.set_title("Per-draw variance (log scale)" + "".join("\n" + r for r in ratios), fontsize=10)
-    ax_v.set_ylabel("variance of one-draw estimate")
-    ax_v.legend(fontsize=8, frameon=False)
+            ratios.append(f"{n}/{first} {np.median(cols[f'{n}_var'][pos] / base[pos]):.3g}x")
+    ax_v.set_title("Variance of one draw's estimate (log scale)"
+                   + (f"; median ratios: {', '.join(ratios)}" if ratios else ""), fontsize=11)
+    ax_v.set_ylabel("variance", fontsize=10)
+    ax_v.legend(fontsize=9, frameon=False, ncols=min(m, 3))
     rotation = 0 if p <= 6 else 45
-    for ax in (ax_m, ax_v):
-        ax.set_xticks(x, params, rotation=rotation, ha="center" if rotation == 0 else "right",
-                      fontsize=9)
-        ax.set_xlabel("parameter")
+    for ax in axes.values():
+        ax.set_xticks(x, params, rotation=rotation, ha="center" if rotation == 0 else "right", fontsize=9)
         ax.grid(axis="y", alpha=0.3, linewidth=0.5)
+    ax_v.set_xlabel("parameter of q", fontsize=10)
     if _check_title(title):
-        fig.suptitle(title, fontsize=12)
+        fig.suptitle(title, fontsize=13)
+    return _save(fig, path)
+
+
+def plot_snr(rows: Sequence[Mapping[str, Any]], path: PathLike,
+             title: str | None = "Signal-to-noise ratio of the gradient against k") -> Path:
+    """SNR of each estimator's encoder and decoder gradients against k, on log axes.
+
+    Parameters
+    ----------
+    rows : sequence of mappings
+        As :func:`npvae.study.gradflow.estimator_snr` returns: ``estimator``, ``k``, ``group``
+        ("encoder" or "decoder") and ``snr``; optional ``labels`` are not read (names are drawn).
+    path : str or PathLike
+    title : str or None
+
+    Returns
+    -------
+    path : Path
+    """
+    rows = [dict(r) for r in rows]
+    need = ("estimator", "k", "group", "snr")
+    if not rows or any(any(key not in r for key in need) for r in rows):
+        raise ValueError(f"expected rows with {', '.join(need)} (npvae.study.gradflow.estimator_snr)")
+    names = list(dict.fromkeys(r["estimator"] for r in rows))
+    if len(names) > len(_ESTIMATOR_COLORS):
+        raise ValueError(f"expected at most {len(_ESTIMATOR_COLORS)} estimators, got {names}")
+    fig, axes = _new_figure((11.0, 4.6), ncols=2)
+
+    def curve(name, group):
+        pts = sorted((r["k"], r["snr"]) for r in rows if r["estimator"] == name and r["group"] == group
+                     and np.isfinite(r["snr"]) and r["snr"] > 0)
+        return tuple(zip(*pts)) if pts else ((), ())
+
+    for ax, group, slope in zip(axes, ("encoder", "decoder"), (-0.5, 0.5)):
+        curves = {n: curve(n, group) for n in names}
+        shared = len({c for c in curves.values()}) == 1 and len(names) > 1
+        if shared:  # every estimator here has the same decoder gradient: one line, said so
+            ks, snr = curves[names[0]]
+            ax.plot(ks, snr, marker="o", color="k", label="every estimator (one gradient)", linewidth=1.5, markersize=6)
+        else:
+            for n, color, marker in zip(names, _ESTIMATOR_COLORS, "osD^v<>"):
+                ks, snr = curves[n]
+                if ks:
+                    ax.plot(ks, snr, marker=marker, color=color, label=n, linewidth=1.5, markersize=6)
+        ks, snr = curves[names[0]]
+        if len(ks) > 1:  # a guide through the first estimator's first point
+            ref = np.array([ks[0], ks[-1]], dtype=np.float64)
+            ax.plot(ref, snr[0] * (ref / ref[0]) ** slope, linestyle="--", color="0.5", linewidth=1,
+                    label="∝ 1/√k" if slope < 0 else "∝ √k")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("k (samples per image)", fontsize=11)
+        ax.set_title(f"{group} parameters", fontsize=12)
+        ax.grid(which="both", alpha=0.3, linewidth=0.5)
+        ax.tick_params(labelsize=10)
+        ax.legend(fontsize=10, frameon=False)
+    axes[0].set_ylabel("SNR = |mean| / std, mean over parameters", fontsize=11)
+    if _check_title(title):
+        fig.suptitle(title, fontsize=13)
     return _save(fig, path)
 
 

@@ -156,7 +156,7 @@ def test_estimators_refuse_bad_arguments():
 def test_a_registered_estimator_reaches_the_table_the_text_and_the_picture(monkeypatch, tmp_path):
     from npvae.study import estimators
 
-    halved = estimators.Estimator("half", "half the reparameterization", lambda d: 0.5 * d.pathwise)
+    halved = estimators.Estimator("half", "half the reparameterization", lambda d: 0.5 * estimators.reparameterization(d))
     monkeypatch.setitem(estimators.ESTIMATORS, "half", halved)
     model = VAE(6, (4,), 2, dtype=np.float64, seed=1)
     x = (np.random.default_rng(0).random((1, 6)) < 0.5).astype(np.float64)
@@ -166,5 +166,7 @@ def test_a_registered_estimator_reaches_the_table_the_text_and_the_picture(monke
     np.testing.assert_allclose(t["half_var"], 0.25 * np.array(t["reparam_var"]), rtol=1e-12)
     assert "var half/reparam" in gradflow.estimator_text(t)
     assert plots.plot_estimator_comparison(t, tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(ValueError, match="unknown estimators \\['dreg'\\]"):
+    with pytest.raises(ValueError, match="unknown estimators \\['vimco'\\]"):
+        gradflow.compare_estimators(model, x, 50, np.random.default_rng(2), names=["reparam", "vimco"])
+    with pytest.raises(ValueError, match=r"\['dreg'\] do not estimate the gradient of E_q\[log p\(x\|z\)\] \(they are for iwae\)"):
         gradflow.compare_estimators(model, x, 50, np.random.default_rng(2), names=["reparam", "dreg"])

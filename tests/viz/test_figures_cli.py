@@ -162,5 +162,30 @@ def test_grads_compares_the_estimators_asked_for(saved, tmp_path, capsys):
                  "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "var reparam/baseline" in text and "score function variance" not in text
-    assert main(["grads", str(saved["z3"]), "--estimators", "reparam,dreg", "--out", str(tmp_path)]) == 2
-    assert "unknown estimators ['dreg']" in capsys.readouterr().err
+    assert main(["grads", str(saved["z3"]), "--estimators", "reparam,vimco", "--out", str(tmp_path)]) == 2
+    assert "unknown estimators ['vimco']" in capsys.readouterr().err
+    assert main(["grads", str(saved["z3"]), "--n", "4", "--draws", "20", "--estimators", "reparam,dreg",
+                 "--out", str(tmp_path)]) == 0
+    assert "(dreg: for the ELBO and IWAE bounds, not E_q[log p(x|z)]; pass --k to study them)" in capsys.readouterr().out
+
+
+def test_grads_measures_signal_to_noise_against_k(saved, tmp_path, capsys):
+    assert main(["grads", str(saved["z3"]), "--n", "4", "--draws", "20", "--examples", "1", "--estimators",
+                 "reparam,score,stl,dreg", "--k", "1,3", "--snr-draws", "4", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    rows = re.findall(r"^(reparam|score|stl|dreg)\s+(\d+)\s+\S+\s+(encoder|decoder)\s+(\S+)\s+(\S+)\s+(\S+)", text, flags=re.M)
+    assert {(r[0], r[1], r[2]) for r in rows} == {(e, k, g) for e in ("reparam", "score", "stl", "dreg")
+                                                  for k in ("1", "3") for g in ("encoder", "decoder")}
+    assert all(float(r[5]) > 0 for r in rows)
+    decoder = {(r[1], r[5]) for r in rows if r[2] == "decoder"}
+    assert len(decoder) == 2  # one decoder gradient per k, whatever the estimator
+    assert "(stl, dreg: for the ELBO and IWAE bounds, not E_q[log p(x|z)]; in the k study below)" in text
+    assert_picture(tmp_path / "snr.png")
+    assert_picture(tmp_path / "estimators.png")
+    assert main(["grads", str(saved["z3"]), "--estimators", "dreg", "--k", "2", "--objective", "elbo",
+                 "--out", str(tmp_path)]) == 2
+    assert "none of --estimators dreg estimates the elbo gradient" in capsys.readouterr().err
+    assert main(["grads", str(saved["cvae"]), "--k", "2", "--out", str(tmp_path)]) == 2
+    assert "a prior of its own" in capsys.readouterr().err
+    assert main(["grads", str(saved["z3"]), "--k", "0,5"]) == 2
+    assert "expected integers from 1 to 10,000" in capsys.readouterr().err

@@ -1,0 +1,55 @@
+"""scripts/estimator_study.py end to end with tiny sizes: the SNR and landing parts on the demo digits and
+the linear Gaussian model, and the likelihood part's pieces (the README's reproductions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location("npvae_estimator_study", REPO / "scripts" / "estimator_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+study = load_study()
+
+
+def test_the_linear_gaussian_encoder_is_the_exact_posterior():
+    model, exact, w = study.linear_gaussian(6, 2, 0)
+    params = model.parameters()
+    for key, value in exact.items():
+        params[key][...] = value
+    x = np.random.default_rng(0).random((3, 6))
+    assert study.posterior_kl(model, x, exact) == pytest.approx(0.0, abs=1e-12)
+    # The posterior of N(0, I) and N(x | W z + b, I): precision I + W^T W, mean (I + W^T W)^-1 W^T (x - b)
+    precision = np.eye(2) + w.T @ w
+    mu, logvar = model.encode(x)
+    b = params["decoder.0.bias"]
+    np.testing.assert_allclose(mu, np.linalg.solve(precision, w.T @ (x - b).T).T, rtol=1e-12)
+    np.testing.assert_allclose(np.exp(logvar[0]), np.diag(np.linalg.inv(precision)), rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_snr_and_landing_parts_run_and_write_their_outputs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["estimator_study.py", "snr", "--out", str(tmp_path), "--snr-epochs", "1",
+                                      "--snr-k", "1,3", "--snr-draws", "3"])
+    study.main()
+    rows = json.loads((tmp_path / "snr_z20.json").read_text())
+    assert {(r["estimator"], r["k"], r["group"]) for r in rows} == {
+        (e, k, g) for e in ("reparam", "score", "stl", "dreg") for k in (1, 3) for g in ("encoder", "decoder")}
+    assert (tmp_path / "snr_z20.png").stat().st_size > 0 and "SNR" in (tmp_path / "snr_z20.txt").read_text()
+    monkeypatch.setattr(sys, "argv", ["estimator_study.py", "landing", "--out", str(tmp_path), "--landing-draws", "20"])
+    study.main()
+    table = json.loads((tmp_path / "landing.json").read_text())
+    assert table[-1]["t"] == 1.0 and table[-1]["var_stl"] < 1e-20 < 1e-3 < table[-1]["var_reparam"]
+    assert (tmp_path / "landing.png").stat().st_size > 0
