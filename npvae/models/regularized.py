@@ -36,13 +36,19 @@ def _nonnegative(value, name: str) -> float:
 
 
 @dataclass
-class SparseAutoencoderConfig(AutoencoderConfig):
+class _SigmoidCodeConfig(AutoencoderConfig):
+    """The write-up's 784-196-784 sigmoid autoencoder, the network both penalties regularise."""
+
     hidden: tuple[int, ...] | None = ()
     latent_dim: int = 196  # code units
     activation: str = "sigmoid"
     output_activation: str = "sigmoid"
     value_range: tuple[float, float] = (0.0, 1.0)
     code_activation: str = "sigmoid"
+
+
+@dataclass
+class SparseAutoencoderConfig(_SigmoidCodeConfig):
     sparsity_penalty: str = "kl"  # kl: KL(rho || mean activation) per unit; l1: sum_j |h_j| per example
     sparsity_weight: float = DEFAULT_SPARSITY_WEIGHT["kl"]  # beta (kl) or the L1 weight
     sparsity_target: float = DEFAULT_SPARSITY_TARGET  # rho (kl only)
@@ -109,13 +115,7 @@ class SparseAutoencoder(Autoencoder):
 
 
 @dataclass
-class ContractiveAutoencoderConfig(AutoencoderConfig):
-    hidden: tuple[int, ...] | None = ()
-    latent_dim: int = 196  # code units
-    activation: str = "sigmoid"
-    output_activation: str = "sigmoid"
-    value_range: tuple[float, float] = (0.0, 1.0)
-    code_activation: str = "sigmoid"
+class ContractiveAutoencoderConfig(_SigmoidCodeConfig):
     contraction_weight: float = DEFAULT_CONTRACTION_WEIGHT  # lambda
 
 
