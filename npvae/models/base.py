@@ -221,8 +221,9 @@ class Model:
             expected = ", ".join(("B", *map(str, shape)))
             hint = ""
             if x.ndim >= 2 and np.prod(x.shape[1:]) == np.prod(shape):
-                hint = (f" (flatten images with {name}.reshape(len({name}), -1))" if len(shape) == 1 else
-                        f" (reshape with {name}.reshape(len({name}), {', '.join(map(str, shape))}))")
+                var = name if name.isidentifier() else "x"  # "the training data" is no variable name
+                hint = (f" (flatten images with {var}.reshape(len({var}), -1))" if len(shape) == 1 else
+                        f" (reshape with {var}.reshape(len({var}), {', '.join(map(str, shape))}))")
             raise ValueError(f"expected {name} of shape ({expected}) with B >= 1, got {x.shape}{hint}")
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer) or x.dtype == bool):
             raise TypeError(f"expected {name} with a numeric dtype, got {x.dtype}")
