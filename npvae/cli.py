@@ -713,7 +713,8 @@ def cmd_grads(args) -> int:
             raise CLIError(f"--k studies the ELBO and IWAE bounds under the prior N(0, I); {args.checkpoint} holds "
                            f"a {model.kind} with a prior of its own")
         check_k_sample_model(model, "the --k study")
-        snr_names = None if names is None else [n for n in names if args.objective in ESTIMATORS[n].objectives]
+        snr_names = None if names is None else [n for n in names if args.objective in ESTIMATORS[n].objectives
+                                                and not ESTIMATORS[n].pools_draws]
         if snr_names == []:
             raise CLIError(f"none of --estimators {','.join(names)} estimates the {args.objective} gradient")
     dataset, x, y, _ = _split_data(args, model, meta, args.n)
@@ -752,6 +753,10 @@ def cmd_grads(args) -> int:
         snr_rows = gradflow.estimator_snr(model, x[:examples], args.k, args.snr_draws, rng, names=snr_names,
                                       objective=args.objective)
         print()
+        dropped = [] if names is None else [n for n in names if n not in snr_names]
+        if dropped:
+            print(f"({', '.join(dropped)}: not in the k study, which takes one estimate per draw of the "
+                  f"{args.objective} gradient)")
         print(f"signal-to-noise of the {args.objective} bound's gradient on {examples} {args.split} images, "
               f"k = {', '.join(map(str, args.k))}:")
         print(gradflow.snr_text(snr_rows))

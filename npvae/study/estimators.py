@@ -98,6 +98,7 @@ class Estimator:
     label: str  # how pictures and text name it
     estimate: Callable[[Draws], np.ndarray]  # Draws -> (n, 2Z), one estimate of d bound / d[mu, logvar] per draw
     objectives: tuple[str, ...] = OBJECTIVES  # the objectives it estimates the gradient of (stl: biased for iwae)
+    pools_draws: bool = False  # reads the other rows of Draws (a baseline): the rows must be draws of one example
 
 
 def _direct(d: Draws) -> np.ndarray:
@@ -145,7 +146,7 @@ def doubly_reparameterized(d: Draws) -> np.ndarray:
 ESTIMATORS = {e.name: e for e in (
     Estimator("reparam", "reparameterization", reparameterization),
     Estimator("score", "score function", score_function),
-    Estimator("baseline", "score function, leave-one-out baseline", score_function_loo),
+    Estimator("baseline", "score function, leave-one-out baseline", score_function_loo, pools_draws=True),
     Estimator("stl", "sticking the landing (path derivative)", sticking_the_landing, objectives=("elbo", "iwae")),
     Estimator("dreg", "doubly reparameterized (DReG)", doubly_reparameterized, objectives=("iwae",)),
 )}

@@ -266,7 +266,8 @@ def estimator_snr(model, x, ks, n_draws: int, rng: np.random.Generator, names=No
     n_draws : int >= 2
     rng : np.random.Generator
     names : sequence of str, optional
-        Estimators (default: those of the registry that estimate ``objective``).
+        Estimators (default: those of the registry that estimate ``objective`` from one draw each,
+        so not the leave-one-out baseline).
     objective : "elbo" or "iwae"
 
     Returns
@@ -288,10 +289,14 @@ def estimator_snr(model, x, ks, n_draws: int, rng: np.random.Generator, names=No
     ks = [int(k) for k in ks]
     if not ks or any(k < 1 for k in ks):
         raise ValueError(f"expected k values >= 1, got {ks}")
-    chosen = [e for e in estimators(names) if names is not None or objective in e.objectives]
+    chosen = [e for e in estimators(names) if names is not None or (objective in e.objectives and not e.pools_draws)]
     wrong = [e.name for e in chosen if objective not in e.objectives]
     if wrong:
         raise ValueError(f"estimators {wrong} do not estimate the gradient of the {objective} objective")
+    pooled = [e.name for e in chosen if e.pools_draws]
+    if pooled:
+        raise ValueError(f"estimators {pooled} pool several draws of one image into each estimate; here every "
+                         "draw is one estimate of the batch's gradient")
     x = model.check_input(x)
     batch, zdim = len(x), model.config.latent_dim
     groups = np.concatenate([np.full(g.size, _group(key) == "decoder") for key, g in model.gradients().items()])

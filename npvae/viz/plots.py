@@ -92,19 +92,6 @@ class MatplotlibMissing(ImportError):
 # matplotlib plumbing
 # --------------------------------------------------------------------------------------------------
 
-def _figure(figsize: tuple[float, float]):
-    """An empty Agg-backed figure (no pyplot), laid out by constrained layout."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise MatplotlibMissing("plots with axes need matplotlib: pip install 'npvae[plot]' (image grids are "
-                                "written without it)") from exc
-    fig = Figure(figsize=figsize, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _new_figure(figsize: tuple[float, float], ncols: int = 1, **subplot_kw: Any):
     """Create an Agg-backed figure (no pyplot) and its axes.
 
@@ -113,14 +100,22 @@ def _new_figure(figsize: tuple[float, float], ncols: int = 1, **subplot_kw: Any)
     fig : matplotlib.figure.Figure
     axes : Axes, or a 1-D array of ``ncols`` Axes when ``ncols > 1``.
     """
-    fig = _figure(figsize)
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise MatplotlibMissing("plots with axes need matplotlib: pip install 'npvae[plot]' (image grids are "
+                                "written without it)") from exc
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
     axes = fig.subplots(1, ncols, squeeze=True, **subplot_kw)
     return fig, axes
 
 
 def _new_mosaic(figsize: tuple[float, float], mosaic):
     """An Agg-backed figure laid out by ``mosaic`` (matplotlib's subplot_mosaic); returns (fig, dict of axes)."""
-    fig = _figure(figsize)
+    fig, axes = _new_figure(figsize)
+    axes.remove()  # the one default axes, replaced by the mosaic's
     return fig, fig.subplot_mosaic(mosaic)
 
 

@@ -214,3 +214,21 @@ def test_estimator_snr_summarises_the_draws_it_was_given(objective, estimator):
         assert row["var"] == pytest.approx(var.mean(), rel=1e-8)
         assert row["snr"] == pytest.approx((np.abs(mean) / np.sqrt(var)).mean(), rel=1e-8)
         assert row["ess"] == pytest.approx(k) if objective == "elbo" else 1 <= row["ess"] < k
+
+
+def test_estimator_snr_refuses_what_it_cannot_measure():
+    from npvae.study.gradflow import estimator_snr
+
+    model = VAE(4, (3,), 2, dtype=np.float64)
+    x = np.random.default_rng(0).random((2, 4))
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"\['baseline'\] pool several draws"):
+        estimator_snr(model, x, [2], 3, rng, names=["baseline"])
+    with pytest.raises(ValueError, match=r"\['dreg'\] do not estimate the gradient of the elbo"):
+        estimator_snr(model, x, [2], 3, rng, names=["dreg"], objective="elbo")
+    with pytest.raises(ValueError, match="k values >= 1"):
+        estimator_snr(model, x, [0], 3, rng)
+    with pytest.raises(ValueError, match="n_draws >= 2"):
+        estimator_snr(model, x, [1], 1, rng)
+    rows = estimator_snr(model, x, [1, 2], 2, rng)  # the default: every one-draw estimator of the IWAE gradient
+    assert [r["estimator"] for r in rows[::2]][:4] == ["reparam", "score", "stl", "dreg"]
