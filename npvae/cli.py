@@ -384,6 +384,16 @@ def _dataset_for(args, meta):
     return _load_data(args, meta.get("train_config", {}).get("seed", 0), source)
 
 
+def _split_target(dataset, split: str, model, meta, n: int | None = None):
+    """The paired targets of ``split`` (first ``n``), prepared as the run's final test report prepared
+    them; None when the run reconstructed its inputs (no ``--target``)."""
+    target = dataset.test_target if split == "test" else dataset.val_target
+    if target is None:
+        return None
+    tc = meta.get("train_config", {})
+    return _prepare(target if n is None else target[:n], model, tc.get("binarize", "none"), tc.get("seed", 0))
+
+
 def _split_data(args, model, meta, n: int | None = None, fresh_binarization: bool = False):
     """The images of ``args.split`` (first ``n``), prepared as the run prepared its data.
 
@@ -415,16 +425,6 @@ def _split_data(args, model, meta, n: int | None = None, fresh_binarization: boo
     return dataset, x, labels, note
 
 
-def _split_target(dataset, split: str, model, meta, n: int | None = None):
-    """The paired targets of ``split`` (first ``n``), prepared as the run's final test report prepared
-    them; None when the run reconstructed its inputs (no ``--target``)."""
-    target = dataset.test_target if split == "test" else dataset.val_target
-    if target is None:
-        return None
-    tc = meta.get("train_config", {})
-    return _prepare(target if n is None else target[:n], model, tc.get("binarize", "none"), tc.get("seed", 0))
-
-
 def cmd_evaluate(args) -> int:
 
     from .models import Autoencoder, Conditional, GaussianLatent, StandardNormalPrior, load_model
@@ -446,8 +446,7 @@ def cmd_evaluate(args) -> int:
     terms = model.evaluate(x, labels, rng=rng, target=target)
     names = model.loss_names
     result = {"dataset": dataset.name, "split": args.split, "examples": len(x), "loss_name": names.total,
-              "unit": names.unit, "loss": terms.total, "recon": terms.recon, "kl": terms.kl,
-              "paired": target is not None}
+              "unit": names.unit, "loss": terms.total, "recon": terms.recon, "kl": terms.kl}
     print(f"{dataset.description}")
     if note:
         print(f"binarization: {note}")
@@ -455,6 +454,7 @@ def cmd_evaluate(args) -> int:
     against = " against the targets" if target is not None else ""
     print(f"{args.split}: {names.format(terms.total, terms.recon, terms.kl, digits=3)} per image{against}, "
           f"{len(x)} images")
+    result["paired"] = target is not None
     if target is not None:
         from .study.cleaning import cleaning_rmse
 

@@ -35,7 +35,8 @@ def runs(tmp_path_factory):
     pairs = ["--data", str(root / "docs" / "noisy"), "--target", str(root / "docs" / "clean"), "--epochs", "1",
              "--no-progress", "--no-pictures"]
     assert main(["train", "--model", "conv-doc-dae", *pairs, "--out", str(root / "doc")]) == 0
-    assert main(["train", "--model", "vae", "--hidden", "8", "--latent-dim", "2", *pairs, "--out", str(root / "vae")]) == 0
+    vae = ["--model", "vae", "--hidden", "8", "--latent-dim", "2"]
+    assert main(["train", *vae, *pairs, "--out", str(root / "vae")]) == 0
     return root
 
 

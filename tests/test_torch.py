@@ -49,7 +49,7 @@ PRESETS = {
     # the conv presets, on small images (conv-dae's stacks fit 12x20 as they fit 28x28; conv-ae's only 28x28)
     "conv-vae": lambda: npvae.ConvVAE(input_shape=(6, 8), latent_dim=2, dtype=F64),
     "conv-vae-log-sigma": lambda: npvae.ConvVAE(input_shape=(1, 6, 8), latent_dim=3, parameterization="log_sigma",
-                                                beta=0.5, dtype=F64),
+                                                beta=0.5, logvar_bounds=(-1.0, 0.5), dtype=F64),
     "conv-dae": lambda: npvae.ConvDenoisingAutoencoder(input_shape=(12, 20), dtype=F64),
     "conv-ae": lambda: npvae.ConvAutoencoder(784, dtype=F64),
     "conv-doc-dae": lambda: npvae.ConvDocumentDAE(input_shape=(6, 10), dtype=F64),
