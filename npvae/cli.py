@@ -390,6 +390,16 @@ def _dataset_for(args, meta):
     return _load_data(args, meta.get("train_config", {}).get("seed", 0), source)
 
 
+def _split_target(dataset, split: str, model, meta, n: int | None = None):
+    """The paired targets of ``split`` (first ``n``), prepared as the run's final test report prepared
+    them; None when the run reconstructed its inputs (no ``--target``)."""
+    target = dataset.test_target if split == "test" else dataset.val_target
+    if target is None:
+        return None
+    tc = meta.get("train_config", {})
+    return _prepare(target if n is None else target[:n], model, tc.get("binarize", "none"), tc.get("seed", 0))
+
+
 def _split_data(args, model, meta, n: int | None = None, fresh_binarization: bool = False):
     """The images of ``args.split`` (first ``n``), prepared as the run prepared its data.
 
@@ -446,8 +456,13 @@ def cmd_evaluate(args) -> int:
                            f"{model.kind}" + (" (its bound would need the learned prior p(z|y))"
                                               if isinstance(model, Conditional) else ""))
     dataset, x, labels, note = _split_data(args, model, meta, args.n, args.fresh_binarization)
+    target = _split_target(dataset, args.split, model, meta, args.n)
+    if target is not None and args.iw_samples is not None:
+        raise CLIError(f"--iw-samples estimates log p(x) of the inputs; {args.checkpoint}'s run was paired "
+                       "(input -> target), so its ELBO is of the targets: evaluate without --iw-samples")
     rng = np.random.default_rng(args.seed)
-    terms = model.evaluate(x, model.check_labels(labels, len(x)), rng=rng)
+    labels = model.check_labels(labels, len(x))
+    terms = model.evaluate(x, labels, rng=rng, target=target)
     names = model.loss_names
     result = {"dataset": dataset.name, "split": args.split, "examples": len(x), "loss_name": names.total,
               "unit": names.unit, "loss": terms.total, "recon": terms.recon, "kl": terms.kl}
@@ -459,7 +474,17 @@ def cmd_evaluate(args) -> int:
     if note:
         print(f"binarization: {note}")
         result["binarization"] = note
-    print(f"{args.split}: {names.format(terms.total, terms.recon, terms.kl, digits=3)} per image, {len(x)} images")
+    against = " against the targets" if target is not None else ""
+    print(f"{args.split}: {names.format(terms.total, terms.recon, terms.kl, digits=3)} per image{against}, "
+          f"{len(x)} images")
+    result["paired"] = target is not None
+    if target is not None:
+        from .study.cleaning import cleaning_rmse
+
+        rmse = cleaning_rmse(model, x, target, labels)
+        print(f"{args.split}: RMSE per pixel against the targets ([0, 1] units): input {rmse['before']:.4f} "
+              f"(before), output {rmse['after']:.4f} (after cleaning)")
+        result.update({"rmse_input_target": rmse["before"], "rmse_output_target": rmse["after"]})
     if isinstance(model, Autoencoder):
         result.update(_code_report(model, x, args))
     if args.iw_samples is not None:
@@ -535,7 +560,7 @@ def cmd_reconstruct(args) -> int:
     tc = meta.get("train_config", {})
     x = _prepare(dataset.test_x[: args.n], model, tc.get("binarize", "none"), tc.get("seed", 0))
     labels = None if dataset.test_y is None else dataset.test_y[: args.n]
-    target = None if dataset.test_target is None else _prepare(dataset.test_target[: args.n], model, "none", 0)
+    target = _split_target(dataset, "test", model, meta, args.n)
     path = figures.reconstructions(model, x, args.out, model.check_labels(labels, len(x)), n=args.n, target=target)
     print(f"wrote {path}")
     return 0
@@ -674,8 +699,9 @@ def cmd_plot(args) -> int:
     else:
         dataset, x, y, _ = _split_data(args, model, meta)
         names = figures.class_names(dataset.name, dataset.num_classes) if dataset.has_labels else None
-        if what == "reconstructions":
-            path = figures.reconstructions(model, x, out, y, n=n, rng=rng)
+        if what == "reconstructions":  # a paired run's pictures show its targets in a third row
+            path = figures.reconstructions(model, x, out, y, n=n, rng=rng,
+                                           target=_split_target(dataset, args.split, model, meta, n))
         elif what == "interpolation":
             path = figures.interpolation(model, x, out, y, rows=n, steps=args.steps)
         elif what == "code-histogram":
@@ -938,7 +964,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "evaluate", "the model's loss and its terms on the test split (a VAE's negative ELBO, reconstruction and KL in nats)",
                  "Evaluate a checkpoint on its data's test split (or validation split): the negative ELBO and "
                  "its reconstruction and KL parts per image, and with --iw-samples the importance-weighted "
-                 "estimate of -log p(x). The run's own data is found again without --data-dir.")
+                 "estimate of -log p(x). The run's own data is found again without --data-dir. A paired run "
+                 "(trained with --target) is scored against its targets, with the RMSE per pixel of the inputs "
+                 "(before) and of the outputs (after cleaning) against them.")
     p.add_argument("checkpoint", help="a checkpoint.npz or best.npz")
     _add_data_args(p)
     p.add_argument("--split", choices=("test", "val"), default="test", help="the images to evaluate")
@@ -968,7 +996,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "reconstruct", "test images above their reconstructions, as a PNG",
                  "Encode the first --n test images of the checkpoint's data and decode their codes: inputs in one "
-                 "row, reconstructions in the row below (a denoiser's: corrupted input, output, clean original).")
+                 "row, reconstructions in the row below (a denoiser's: corrupted input, output, clean original; "
+                 "a paired run's: input, output, target).")
     p.add_argument("checkpoint", help="a checkpoint.npz or best.npz")
     _add_data_args(p)
     p.add_argument("--n", type=_count(1, MAX_PICTURE_IMAGES // 2), default=10, help="how many test images")

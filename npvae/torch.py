@@ -22,8 +22,19 @@ Nothing here knows a model's architecture: each part is translated layer by laye
 :data:`LAYERS`, which maps an npvae layer type to a builder of its torch module and back
 (:class:`LayerBridge`). A new npvae layer needs one :func:`register_layer` call. Torch's own
 ``nn.Linear``, ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.Sigmoid``, ``nn.Tanh``, ``nn.Softplus``,
-``nn.Identity``, ``nn.Flatten`` and ``nn.Unflatten`` are read back too, so a part replaced in torch by
-a stack of those comes back to npvae as a model with its own layers.
+``nn.Identity``, ``nn.Flatten``, ``nn.Unflatten``, ``nn.Conv2d``, ``nn.ConvTranspose2d``,
+``nn.MaxPool2d`` and ``nn.Upsample`` (nearest, integer factors) are read back too, so a part replaced
+in torch by a stack of those comes back to npvae as a model with its own layers. A subclass of one
+of them with a ``forward`` of its own is refused: npvae cannot know what it computes.
+
+Image layers
+------------
+npvae's padding has forms torch's has not: Keras' ``"same"`` at any stride (output ``ceil(H / s)``,
+the odd pixel at the bottom/right; torch's ``padding="same"`` is that at stride 1 only), a transposed
+``"same"`` (output ``H s``) and a max-pool ``"same"`` (padding -inf). :class:`Conv2d`,
+:class:`ConvTranspose2d` and :class:`MaxPool2d` subclass torch's modules (same parameter names and
+shapes, so the same state-dict keys), keep npvae's padding and fused activation, and resolve "same"
+per call from the image size (``F.pad``, or a crop of the full transposed output).
 
 Importing this module imports torch; ``import npvae`` never imports this module.
 """
@@ -43,12 +54,13 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only where torch is missing
     raise ImportError("npvae.torch needs PyTorch: pip install torch") from exc
 
+from . import conv
 from . import layers as L
 from .models import from_spec
 from .models.base import Model
 
 __all__ = ["to_torch", "from_torch", "register_layer", "LAYERS", "LayerBridge", "NpvaeModule", "Dense", "Activation",
-           "Reshape", "GaussianHeads"]
+           "Reshape", "GaussianHeads", "Conv2d", "ConvTranspose2d", "MaxPool2d"]
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -113,6 +125,105 @@ class Reshape(nn.Module):
 
     def extra_repr(self) -> str:
         return str(self.shape)
+
+
+def _image_pads(padding, x: Tensor, kernel, stride) -> tuple[int, int, int, int]:
+    """npvae's padding of a batch x (B, C, H, W) as ``F.pad``'s (left, right, top, bottom): Keras' "same"
+    depends on the image's size (and puts the odd pixel at the bottom/right), so it is resolved per call."""
+    (top, bottom), (left, right) = conv.conv_pads(padding, tuple(x.shape[2:]), kernel, stride)
+    return left, right, top, bottom
+
+
+def _numeric_padding(padding):
+    """torch's padding of npvae's int, pair or ``"valid"`` (``"same"`` is resolved per call)."""
+    return 0 if padding in ("valid", "same") else padding
+
+
+class Conv2d(nn.Conv2d):
+    """npvae's :class:`~npvae.layers.Conv2d`: ``nn.Conv2d`` with npvae's padding and its fused activation,
+    one module, so the state-dict keys are ``{i}.weight`` (C_out, C_in, kH, kW) and ``{i}.bias``.
+
+    ``padding`` is npvae's: an int or pair (as torch), ``"valid"``, or Keras' ``"same"`` for any stride
+    (output ``ceil(H / s)``, the odd pixel at the bottom/right), which torch's ``padding="same"`` is only
+    for stride 1. An asymmetric "same" pads with ``F.pad`` before the convolution.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, activation: str = "identity",
+                 alpha: float = 0.01, **kw):
+        super().__init__(in_channels, out_channels, kernel_size, stride, _numeric_padding(padding), **kw)
+        self.npvae_padding = padding
+        self.activation, self.alpha = _check_activation(activation), float(alpha)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.npvae_padding != "same":
+            return ACTIVATIONS[self.activation](super().forward(x), self.alpha)
+        left, right, top, bottom = _image_pads("same", x, self.kernel_size, self.stride)
+        if (left, top) == (right, bottom):
+            y = F.conv2d(x, self.weight, self.bias, self.stride, (top, left))
+        else:
+            y = F.conv2d(F.pad(x, (left, right, top, bottom)), self.weight, self.bias, self.stride)
+        return ACTIVATIONS[self.activation](y, self.alpha)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.npvae_padding == "same":
+            text += ", padding='same' (Keras: odd pixel bottom/right)"
+        return text + ("" if self.activation == "identity" else f", activation={self.activation}")
+
+
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """npvae's :class:`~npvae.layers.ConvTranspose2d`: ``nn.ConvTranspose2d`` (weight (C_in, C_out, kH, kW))
+    with npvae's padding and its fused activation; keys ``{i}.weight`` and ``{i}.bias``.
+
+    Numeric ``padding`` and ``output_padding`` are torch's. Keras' ``"same"`` (output ``H s``) crops the
+    full output ``(H - 1) s + k`` by ``k - s``, the odd row/column at the bottom/right, which no torch
+    padding does when ``k - s`` is odd: the full output is computed and cropped here. Where ``k < s`` the
+    crop is negative: ``output_padding = s - k`` appends those rows (holding the bias, as in npvae).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0,
+                 activation: str = "identity", alpha: float = 0.01, **kw):
+        super().__init__(in_channels, out_channels, kernel_size, stride, _numeric_padding(padding), output_padding,
+                         **kw)
+        self.npvae_padding, self.npvae_output_padding = padding, output_padding
+        self.activation, self.alpha = _check_activation(activation), float(alpha)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.npvae_padding != "same":
+            return ACTIVATIONS[self.activation](super().forward(x), self.alpha)
+        (top, bottom), (left, right) = conv.transpose_crops("same", 0, self.kernel_size, self.stride)
+        y = F.conv_transpose2d(x, self.weight, self.bias, self.stride,
+                               output_padding=(max(-bottom, 0), max(-right, 0)))
+        y = y[:, :, top: y.shape[2] - max(bottom, 0), left: y.shape[3] - max(right, 0)]
+        return ACTIVATIONS[self.activation](y, self.alpha)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.npvae_padding == "same":
+            text += ", padding='same' (Keras: output H * stride, odd crop bottom/right)"
+        return text + ("" if self.activation == "identity" else f", activation={self.activation}")
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """npvae's :class:`~npvae.layers.MaxPool2d`: ``nn.MaxPool2d`` with npvae's padding. Numeric padding
+    is torch's (at most half the kernel, never winning); Keras' ``"same"`` pads with -inf (``F.pad``)
+    before pooling, the odd pixel at the bottom/right."""
+
+    def __init__(self, kernel_size=2, stride=None, padding=0):
+        super().__init__(kernel_size, stride, _numeric_padding(padding))
+        self.npvae_padding = padding
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.npvae_padding != "same":
+            return super().forward(x)
+        pads = _image_pads("same", x, conv.as_pair(self.kernel_size, "kernel_size", "MaxPool2d", 1),
+                           conv.as_pair(self.stride, "stride", "MaxPool2d", 1))
+        if any(pads):
+            x = F.pad(x, pads, value=-math.inf)
+        return F.max_pool2d(x, self.kernel_size, self.stride)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", padding='same' (Keras, -inf)" if self.npvae_padding == "same" else "")
 
 
 class GaussianHeads(nn.Module):
@@ -208,6 +319,63 @@ def _sequential_from_torch(module: nn.Sequential) -> L.Sequential:
     return L.Sequential([layer_from_torch(child, name) for name, child in module.named_children()])
 
 
+def _plain_padding(padding):
+    """npvae's padding of a torch conv's: "valid" and "same" as they are, (p, p) as p, else the pair."""
+    if isinstance(padding, str):
+        return padding
+    ph, pw = padding
+    return ph if ph == pw else (ph, pw)
+
+
+def _check_plain_conv(module: nn.Module, kind: str) -> None:
+    """npvae's convolutions are dense (groups 1), undilated, zero-padded, with a bias."""
+    if module.bias is None:
+        raise ValueError(f"{module} has no bias; npvae's {kind} layers have one (bias=True)")
+    if module.groups != 1 or tuple(module.dilation) != (1, 1) or module.padding_mode != "zeros":
+        raise ValueError(f"{module}: npvae's {kind} has groups=1, dilation=1 and padding_mode='zeros'")
+
+
+def _conv_from_torch(module: nn.Conv2d) -> L.Conv2d:
+    _check_plain_conv(module, "Conv2d")
+    padding = getattr(module, "npvae_padding", None)
+    if padding is None:  # torch's own: its "same" (stride 1) puts the odd pixel bottom/right, as Keras'
+        padding = _plain_padding(module.padding)
+    return L.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, padding,
+                    getattr(module, "activation", "identity"), getattr(module, "alpha", 0.01))
+
+
+def _conv_transpose_from_torch(module: nn.ConvTranspose2d) -> L.ConvTranspose2d:
+    _check_plain_conv(module, "ConvTranspose2d")
+    if hasattr(module, "npvae_padding"):
+        padding, output_padding = module.npvae_padding, module.npvae_output_padding
+    else:
+        padding, output_padding = _plain_padding(module.padding), tuple(module.output_padding)
+    return L.ConvTranspose2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, padding,
+                             output_padding, getattr(module, "activation", "identity"), getattr(module, "alpha", 0.01))
+
+
+def _max_pool_from_torch(module: nn.MaxPool2d) -> L.MaxPool2d:
+    if module.ceil_mode or module.return_indices or conv.as_pair(module.dilation, "dilation", "MaxPool2d", 1) != (1, 1):
+        raise ValueError(f"{module}: npvae's MaxPool2d has dilation=1, ceil_mode=False and return_indices=False")
+    padding = getattr(module, "npvae_padding", None)
+    if padding is None:
+        padding = module.padding if isinstance(module.padding, int) else _plain_padding(module.padding)
+    kernel = module.kernel_size if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
+    stride = module.stride if isinstance(module.stride, int) else tuple(module.stride)
+    return L.MaxPool2d(kernel, stride, padding)
+
+
+def _upsample_from_torch(module: nn.Upsample) -> L.Upsample2d:
+    scale = module.scale_factor
+    scale = scale if isinstance(scale, (tuple, list)) else (scale, scale)
+    if module.mode != "nearest" or module.size is not None or len(scale) != 2 or any(
+            s is None or s != int(s) or s < 1 for s in scale):
+        raise ValueError(f"{module}: npvae's Upsample2d is nn.Upsample(scale_factor=s, mode='nearest') with "
+                         "integer factors s >= 1 (not a size, not another mode)")
+    sh, sw = int(scale[0]), int(scale[1])
+    return L.Upsample2d(sh if sh == sw else (sh, sw))
+
+
 register_layer(L.Dense, lambda l: Dense(l.in_dim, l.out_dim, l.activation, l.alpha), _linear_from_torch,
                (Dense, nn.Linear))
 register_layer(L.GaussianHeads, lambda l: GaussianHeads(l.in_dim, l.latent_dim, l.names),
@@ -216,6 +384,15 @@ register_layer(L.Activation, lambda l: Activation(l.name, l.alpha), _activation_
                (Activation, nn.LeakyReLU, nn.Softplus, *_TORCH_ACTIVATIONS))
 register_layer(L.Flatten, lambda l: nn.Flatten(), _flatten_from_torch, nn.Flatten)
 register_layer(L.Reshape, lambda l: Reshape(l.shape), _reshape_from_torch, (Reshape, nn.Unflatten))
+register_layer(L.Conv2d, lambda l: Conv2d(l.in_channels, l.out_channels, l.kernel_size, l.stride, l.padding,
+                                            l.activation, l.alpha), _conv_from_torch, (Conv2d, nn.Conv2d))
+register_layer(L.ConvTranspose2d, lambda l: ConvTranspose2d(l.in_channels, l.out_channels, l.kernel_size, l.stride,
+                                                            l.padding, l.output_padding, l.activation, l.alpha),
+               _conv_transpose_from_torch, (ConvTranspose2d, nn.ConvTranspose2d))
+register_layer(L.MaxPool2d, lambda l: MaxPool2d(l.kernel_size, l.stride, l.padding), _max_pool_from_torch,
+               (MaxPool2d, nn.MaxPool2d))
+register_layer(L.Upsample2d, lambda l: nn.Upsample(scale_factor=tuple(float(s) for s in l.scale), mode="nearest"),
+               _upsample_from_torch, nn.Upsample)
 register_layer(L.Sequential, lambda l: nn.Sequential(*(layer_to_torch(child) for child in l)), _sequential_from_torch,
                nn.Sequential)
 
@@ -235,6 +412,9 @@ def layer_from_torch(module: nn.Module, path: str = "module") -> L.Layer:
     readers = {t: bridge for bridge in LAYERS.values() for t in bridge.torch_types}
     for cls in type(module).__mro__:
         if cls in readers:
+            if type(module).forward is not cls.forward:
+                raise TypeError(f"{path} is a {type(module).__name__}, a torch {cls.__name__} with a forward of its "
+                                f"own, which npvae cannot read (it reads {cls.__name__} as torch computes it)")
             if cls is nn.Sequential:
                 return L.Sequential([layer_from_torch(child, f"{path}.{name}") for name, child in module.named_children()])
             return readers[cls].from_torch(module)
@@ -321,6 +501,8 @@ class VAEModule(NpvaeModule):
         self.latent_dim, self.kl_weight, self.likelihood = int(c["latent_dim"]), float(c["beta"]), c["likelihood"]
         bounds = c.get("logvar_bounds")
         self.logvar_bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
+        # the conv VAE's second head may emit log sigma: logvar = 2 h in the sampler and the KL alike
+        self.logvar_scale = 2.0 if c.get("parameterization") == "log_sigma" else 1.0
 
     def _encoder_input(self, x: Tensor, y) -> Tensor:
         return x
@@ -331,6 +513,8 @@ class VAEModule(NpvaeModule):
     def encode(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x (B, *input_shape) -> mu (B, Z), logvar (B, Z)."""
         mu, logvar = self.part("heads")(self.encoder(self._encoder_input(x, y)))
+        if self.logvar_scale != 1.0:
+            logvar = self.logvar_scale * logvar
         if self.logvar_bounds is not None:
             logvar = torch.clamp(logvar, *self.logvar_bounds)
         return mu, logvar
@@ -471,6 +655,9 @@ class PoorMansVAEModule(AutoencoderModule):
 MODEL_MODULES: dict[str, type[NpvaeModule]] = {
     "VAE": VAEModule, "CVAE": CVAEModule, "Autoencoder": AutoencoderModule,
     "DenoisingAutoencoder": DenoisingAutoencoderModule, "PoorMansVAE": PoorMansVAEModule,
+    # the conv presets: the same losses over their conv stacks (the layers cross through LAYERS)
+    "ConvVAE": VAEModule, "ConvDenoisingAutoencoder": DenoisingAutoencoderModule, "ConvAutoencoder": AutoencoderModule,
+    "ConvDocumentDAE": AutoencoderModule,
 }
 
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}

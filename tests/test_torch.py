@@ -46,7 +46,15 @@ PRESETS = {
         encoder=L.Sequential(L.Flatten(), L.Dense(12, 6), L.Activation("tanh"), L.Dense(6, 5, "sigmoid")),
         decoder=L.Sequential(L.Dense(2, 6, "relu"), L.Dense(6, 12), L.Reshape((3, 4))),
         latent_dim=2, input_shape=(3, 4), dtype=F64),
+    # the conv presets, on small images (conv-dae's stacks fit 12x20 as they fit 28x28; conv-ae's only 28x28)
+    "conv-vae": lambda: npvae.ConvVAE(input_shape=(6, 8), latent_dim=2, dtype=F64),
+    "conv-vae-log-sigma": lambda: npvae.ConvVAE(input_shape=(1, 6, 8), latent_dim=3, parameterization="log_sigma",
+                                                beta=0.5, logvar_bounds=(-1.0, 0.5), dtype=F64),
+    "conv-dae": lambda: npvae.ConvDenoisingAutoencoder(input_shape=(12, 20), dtype=F64),
+    "conv-ae": lambda: npvae.ConvAutoencoder(784, dtype=F64),
+    "conv-doc-dae": lambda: npvae.ConvDocumentDAE(input_shape=(6, 10), dtype=F64),
 }
+CONV = [name for name in PRESETS if name.startswith("conv-")]
 examples = settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -128,7 +136,7 @@ def test_the_round_trip_keeps_spec_weights_and_inference(name):
     assert np.allclose(encoded.detach().numpy(), codes, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["vae", "cvae", "dae", "poor"])
+@pytest.mark.parametrize("name", ["vae", "cvae", "dae", "poor", "conv-vae", "conv-doc-dae"])
 def test_weights_trained_in_torch_come_back(name):
     model = PRESETS[name]()
     module = to_torch(model, dtype=torch.float32)
@@ -143,7 +151,8 @@ def test_weights_trained_in_torch_come_back(name):
     assert back.dtype == np.float32
     for key, p in module.state_dict().items():
         assert np.array_equal(back.state_dict()[key], p.numpy()), key
-    assert not np.allclose(back.state_dict()["decoder.0.weight"], model.state_dict()["decoder.0.weight"])
+    key = next(k for k in model.state_dict() if k.startswith("decoder."))  # the decoder's first weight
+    assert not np.allclose(back.state_dict()[key], model.state_dict()[key])
     assert from_torch(module, dtype=np.float64).dtype == np.float64
 
 
@@ -191,6 +200,10 @@ def test_what_cannot_cross_is_named():
     with pytest.raises(ValueError, match="has no bias"):
         from_torch(module)
 
+    for penalised in (npvae.SparseAutoencoder(12, (7,), 3), npvae.ContractiveAutoencoder(12, (7,), 3)):
+        with pytest.raises(TypeError, match=f"npvae.torch has no module for {type(penalised).__name__}"):
+            to_torch(penalised)
+
     class Negate(L.Layer):
         pass
 
@@ -229,3 +242,139 @@ def test_the_readme_round_trip_runs_as_written(tmp_path, monkeypatch):
     assert namespace["sevens"].shape == (8, 28, 28)
     model, _ = npvae.load_model(tmp_path / "vae.npz")
     assert model.spec() == npvae.VAE(input_shape=(28, 28), hidden=(400,), latent_dim=20).spec()
+
+
+# ----------------------------------------------------------------------------- the image layers
+
+
+@st.composite
+def image_layers(draw):
+    """One npvae image layer of any registered type and its input shape (C, H, W); "same" paddings at
+    every stride, odd and even sizes, kernels smaller than strides (a transposed "same" then appends)."""
+    kind = draw(st.sampled_from(["Conv2d", "ConvTranspose2d", "MaxPool2d", "Upsample2d"]))
+    pair = st.tuples(st.integers(1, 4), st.integers(1, 4))
+    kernel, stride = draw(pair), draw(st.tuples(st.integers(1, 3), st.integers(1, 3)))
+    padding = draw(st.sampled_from(["same", "same", "same", 0, 1, (1, 0), (0, 2), "valid"]))  # "same" the most
+    act = draw(st.sampled_from(["identity", "relu", "tanh", "softplus"]))
+    try:
+        if kind == "Conv2d":
+            layer = L.Conv2d(2, 3, kernel, stride, padding, act)
+        elif kind == "ConvTranspose2d":
+            out_pad = (0, 0) if isinstance(padding, str) else draw(st.tuples(st.integers(0, 2), st.integers(0, 2)))
+            layer = L.ConvTranspose2d(2, 3, kernel, stride, padding, out_pad, act)
+        elif kind == "MaxPool2d":
+            layer = L.MaxPool2d(kernel, draw(st.sampled_from([None, stride])), padding)
+        else:
+            layer = L.Upsample2d(stride)
+        in_shape = (2, draw(st.integers(1, 7)), draw(st.integers(1, 7)))
+        layer.output_shape(in_shape)
+    except ValueError:  # a kernel larger than the padded image, output_padding >= stride, ...
+        from hypothesis import reject
+        reject()
+    return layer, in_shape
+
+
+def bound(layer, rng):
+    """A single npvae layer bound to float64 parameters drawn from rng (as a model binds it)."""
+    params = {k: rng.standard_normal(s) for k, s in layer.param_shapes().items()}
+    grads = {k: np.zeros(s) for k, s in layer.param_shapes().items()}
+    layer.bind(params, grads, L.Workspace(F64), "layer")
+    return layer
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(case=image_layers(), b=st.integers(1, 3), seed=st.integers(0, 2**32 - 1))
+def test_each_image_layer_crosses_with_its_forward_and_gradients(case, b, seed):
+    layer, in_shape = case
+    rng = np.random.default_rng(seed)
+    bound(layer, rng)
+    module = npvae.torch.layer_to_torch(layer).double()
+    assert [k for k, _ in module.named_parameters()] == list(layer.param_shapes())
+    module.load_state_dict({k: t(v.copy()) for k, v in layer.params.items()} if layer.param_shapes() else {})
+    x = rng.standard_normal((b, *in_shape))
+    y = layer.forward(x).copy()
+    dy = rng.standard_normal(y.shape)
+    dx = layer.backward(dy).copy()
+    tx = t(x).requires_grad_(True)
+    ty = module(tx)
+    (ty * t(dy)).sum().backward()
+    assert ty.shape == y.shape and rel_error(y, ty.detach().numpy(), 1.0) < 1e-12
+    assert rel_error(dx, tx.grad.numpy(), 1.0) < 1e-10
+    for name, p in module.named_parameters():
+        assert rel_error(layer.grads[name], p.grad.numpy(), 1.0) < 1e-10, name
+    assert L.layer_spec(npvae.torch.layer_from_torch(module)) == L.layer_spec(layer)
+
+
+def test_the_conv_modules_compute_what_the_references_written_from_the_write_ups_compute():
+    """tests/torch_models.py's conv presets (torch's own modules, Keras' "same" padded explicitly) with
+    npvae's weights: the same per-example terms and the same gradients as the translated modules."""
+    from tests.torch_models import (TorchConvVAE, load_in_order, squared_error_loss, torch_conv_ae, torch_conv_dae,
+                                    torch_conv_doc_dae)
+
+    cases = [(npvae.ConvVAE(64, latent_dim=2, dtype=F64), lambda: TorchConvVAE(8, 2)),
+             (npvae.ConvVAE(64, latent_dim=3, parameterization="log_sigma", beta=0.5, dtype=F64),
+              lambda: TorchConvVAE(8, 3, "log_sigma", 0.5)),
+             (npvae.ConvDenoisingAutoencoder(144, dtype=F64), lambda: torch_conv_dae(12)),
+             (npvae.ConvAutoencoder(784, dtype=F64), torch_conv_ae),
+             (npvae.ConvDocumentDAE(input_shape=(6, 10), dtype=F64), lambda: torch_conv_doc_dae(6, 10))]
+    for model, build in cases:
+        ref = load_in_order(build(), model.state_dict())
+        module = to_torch(model)
+        x, _, eps = batch(model, 4, 5)
+        rows = t(x.reshape(len(x), -1))
+        if isinstance(model, npvae.VAE):
+            ours, theirs = module(t(x), eps=t(eps)), ref(rows, t(eps))
+            for a, b in zip(ours, theirs):
+                assert rel_error(a.detach().numpy(), b.detach().numpy(), 1.0) < 1e-12, type(model).__name__
+            loss_ours, loss_theirs = module.loss(t(x), eps=t(eps))[0], ref.loss(rows, t(eps))[0]
+        else:
+            ours = module(t(x), corrupted=t(x)) if isinstance(model, npvae.DenoisingAutoencoder) else module(t(x))
+            loss_ours, loss_theirs = ours[0].mean(), squared_error_loss(ref, rows, rows)
+        assert float(loss_ours) == pytest.approx(float(loss_theirs), rel=1e-12)
+        loss_ours.backward()
+        loss_theirs.backward()
+        theirs = dict(zip(model.state_dict(), (p.grad.numpy() for p in ref.parameters())))
+        errors = gradient_errors(gradients(module), theirs)
+        assert max(errors.values()) < 1e-9, (type(model).__name__, errors)
+
+
+def test_a_decoder_of_torch_s_own_image_modules_comes_back_as_npvae_layers():
+    nn = torch.nn
+    model = PRESETS["conv-doc-dae"]()
+    module = to_torch(model)
+    module.decoder = nn.Sequential(
+        nn.Unflatten(1, (64, 3, 5)), nn.Conv2d(64, 4, 3, padding="same"), nn.ReLU(),
+        nn.Upsample(scale_factor=2), nn.ConvTranspose2d(4, 3, 3, padding=1), nn.Tanh(),
+        nn.MaxPool2d(3, stride=1, padding=1), nn.Conv2d(3, 2, (2, 4), padding="same"), nn.Softplus(),
+        nn.Conv2d(2, 1, 3, padding=(1, 1)), nn.Sigmoid(), nn.Flatten(), nn.Unflatten(1, (6, 10))).double()
+    back = from_torch(module)
+    assert repr(back.parts["decoder"]) == (
+        "Sequential(Reshape((64, 3, 5)), Conv2d(64 -> 4, 3x3, padding 'same'), Activation('relu'), Upsample2d(2), "
+        "ConvTranspose2d(4 -> 3, 3x3, padding 1), Activation('tanh'), MaxPool2d(3x3, stride (1, 1), padding 1), "
+        "Conv2d(3 -> 2, 2x4, padding 'same'), Activation('softplus'), Conv2d(2 -> 1, 3x3, padding 1), "
+        "Activation('sigmoid'), Flatten(), Reshape((6, 10)))")
+    x, _, _ = batch(back, 3, 4)
+    with torch.no_grad():
+        theirs = module(t(x))[0].numpy()
+    assert rel_error(back.forward(x)[0], theirs, 1.0) < 1e-12
+    assert from_torch(to_torch(back)).spec() == back.spec()
+
+
+def test_image_modules_npvae_cannot_read_are_named():
+    from tests.torch_models import SameConv2d
+
+    nn = torch.nn
+    read = npvae.torch.layer_from_torch
+    with pytest.raises(TypeError, match="module is a SameConv2d, a torch Conv2d with a forward of its own"):
+        read(SameConv2d(1, 2, 3))
+    with pytest.raises(ValueError, match="groups=1, dilation=1 and padding_mode='zeros'"):
+        read(nn.Conv2d(1, 2, 3, dilation=2))
+    with pytest.raises(ValueError, match="groups=1, dilation=1 and padding_mode='zeros'"):
+        read(nn.ConvTranspose2d(2, 2, 3, groups=2))
+    with pytest.raises(ValueError, match="has no bias"):
+        read(nn.Conv2d(1, 2, 3, bias=False))
+    with pytest.raises(ValueError, match="ceil_mode=False"):
+        read(nn.MaxPool2d(2, ceil_mode=True))
+    for bad in (nn.Upsample(scale_factor=2, mode="bilinear"), nn.Upsample(size=(4, 4)), nn.Upsample(scale_factor=1.5)):
+        with pytest.raises(ValueError, match="integer factors"):
+            read(bad)
