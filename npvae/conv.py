@@ -23,9 +23,10 @@ the windows of the padded input are copied (one strided copy) into ``cols`` of s
 ``W_m = W.reshape(C_out, C kH kW)``: one GEMM per image, whose output is already NCHW. The weight
 gradient rebuilds the same columns chunk by chunk from the cached padded input (a copy is cheap
 beside the product; keeping a whole batch's columns took a GB at batch 2048). The data gradient of a convolution is itself a
-correlation, of the stride-dilated, padded ``dy`` with the flipped, channel-swapped kernel, so its
-product has a forward product's shape (K = kH kW C_out, N = C_in) instead of writing the 9x larger
-column matrix (see ``/work/shared/notes/conv-speed-facts.md``: that product ran at 19 GFLOP/s, a
+correlation, of the padded ``dy`` with the flipped, channel-swapped kernel (for a stride s, one
+correlation per output phase with the taps of that phase: no zeros of a dilated ``dy`` multiplied),
+so its product has a forward product's shape (K = kH kW C_out, N = C_in) instead of writing the 9x
+larger column matrix (see ``/work/shared/notes/conv-speed-facts.md``: that product ran at 19 GFLOP/s, a
 forward-shaped one at ~110). A transposed convolution is exactly that data gradient, so
 :func:`conv_transpose2d_forward` and conv2d's backward share one routine, and conv_transpose's
 backward is conv2d's forward and weight gradient.
@@ -258,25 +259,59 @@ def _weight_grad_scratch(buffers, tag, cols, n_out, dtype):
             _scratch(buffers, f"{tag}:dwsum", (n_out, cols.shape[1]), dtype))
 
 
+def _phase_rows(n: int, k: int, s: int, crop: tuple[int, int], p: int):
+    """One axis of phase p of a transposed correlation (see :func:`_transposed`).
+
+    Returns (taps, first output row, count, pads of x): output rows u = first + t s, t < count, are
+    the full rows r = u + crop[0] with r = p (mod s), r = q s + p, q from q0 = ceil((crop[0] - p) / s);
+    their values are a stride-1 correlation of x padded by ``pads`` with the phase's taps flipped.
+    """
+    taps = len(range(p, k, s))
+    out = (n - 1) * s + k - crop[0] - crop[1]
+    q0 = -((p - crop[0]) // s)
+    q1 = (crop[0] + out - 1 - p) // s
+    count = max(q1 - q0 + 1, 0)
+    return taps, p + q0 * s - crop[0], count, (taps - 1 - q0, q1 + 1 - n)
+
+
 def _transposed(x, w, stride, crops, buffers, tag: str):
     """The transposed correlation: y[n, o, i s + a - top, j s + b - left] += x[n, c, i, j] w[c, o, a, b].
 
-    Computed as the correlation of x dilated by the stride and padded by ``k - 1 - crop`` with the
-    flipped kernel ``w[c, o, k-1-a, k-1-b]`` laid out (C_out, C_in, kH, kW).
+    Split by the output's phase (u + top) mod s, (v + left) mod s: the output rows of phase p are
+    reached by the taps a = p, p + s, ... alone, so each phase is a stride-1 correlation of x (padded,
+    or cropped, to just the rows it needs) with those taps flipped, ``w[c, o, a, b]`` laid out
+    (C_out, C_in, taps). Every product then has the shape of a forward one with no zeros multiplied
+    (correlating x dilated by the stride would multiply s^2 - 1 zeros for every value). A phase with
+    no taps (a kernel smaller than the stride) leaves its rows 0.
 
     x : (B, C_in, H, W); w : (C_in, C_out, kH, kW). Returns y : (B, C_out, OH, OW).
     """
     bsz, _, h, wd = x.shape
     c_in, c_out, kh, kw = w.shape
-    pads = tuple((k - 1 - c[0], k - 1 - c[1]) for k, c in zip((kh, kw), crops))
-    padded = tuple((n - 1) * s + 1 + p[0] + p[1] for n, s, p in zip((h, wd), stride, pads))
-    oh, ow = padded[0] - kh + 1, padded[1] - kw + 1
-    xd = _pad_dilate(x, stride, pads, _scratch(buffers, f"{tag}:dilated", (bsz, c_in, *padded), x.dtype))
-    flipped = _scratch(buffers, f"{tag}:flipped", (c_out, c_in, kh, kw), x.dtype)
-    np.copyto(flipped, w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
-    cols = _cols_buffer(buffers, f"{tag}:tcols", xd.shape, (kh, kw), (oh, ow), x.dtype)
+    (sh, sw), (ch, cw) = stride, crops
+    oh, ow = (h - 1) * sh + kh - ch[0] - ch[1], (wd - 1) * sw + kw - cw[0] - cw[1]
     y = _scratch(buffers, f"{tag}:ty", (bsz, c_out, oh, ow), x.dtype)
-    _correlate(xd, flipped.reshape(c_out, -1), (kh, kw), (1, 1), (oh, ow), y.reshape(bsz, c_out, -1), cols)
+    phases = [(ph, pw) for ph in range(sh) for pw in range(sw)]
+    if (sh, sw) != (1, 1) and (kh < sh or kw < sw):
+        y.fill(0)
+    for ph, pw in phases:
+        mh, u0, nh, pads_h = _phase_rows(h, kh, sh, ch, ph)
+        mw, v0, nw, pads_w = _phase_rows(wd, kw, sw, cw, pw)
+        if mh == 0 or mw == 0 or nh == 0 or nw == 0:
+            continue
+        name = f"{tag}:{ph}.{pw}"
+        padded = (h + pads_h[0] + pads_h[1], wd + pads_w[0] + pads_w[1])
+        xp = _pad_dilate(x, (1, 1), (pads_h, pads_w), _scratch(buffers, f"{name}:padded", (bsz, c_in, *padded), x.dtype))
+        flipped = _scratch(buffers, f"{name}:flipped", (c_out, c_in, mh, mw), x.dtype)
+        np.copyto(flipped, w[:, :, ph::sh, pw::sw].transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+        cols = _cols_buffer(buffers, f"{name}:cols", xp.shape, (mh, mw), (nh, nw), x.dtype)
+        if (sh, sw) == (1, 1):
+            z = y
+        else:
+            z = _scratch(buffers, f"{name}:y", (bsz, c_out, nh, nw), x.dtype)
+        _correlate(xp, flipped.reshape(c_out, -1), (mh, mw), (1, 1), (nh, nw), z.reshape(bsz, c_out, -1), cols)
+        if z is not y:
+            y[:, :, u0 : u0 + (nh - 1) * sh + 1 : sh, v0 : v0 + (nw - 1) * sw + 1 : sw] = z
     return y
 
 

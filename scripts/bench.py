@@ -54,6 +54,16 @@ each round sets every configuration up afresh and trains one epoch of it and one
 matmuls, so the machine's drift over minutes (~20% here) touches every row alike instead of
 whichever rows ran last; a row reports its fastest round, since noise only ever adds time.
 
+``--model conv-vae`` benchmarks the Keras write-up's convolutional VAE instead (latent 20, Bernoulli
+decoder, npvae's ``ConvVAE``; 10,000 training images per epoch unless ``--limit`` says otherwise):
+npvae (both backends) against the same network in PyTorch eager, started from npvae's initial
+weights, with Keras' "same" padding written as explicit pads and crops. JAX and the bare-matmul
+peer are MLP-only and skipped; the test negative ELBO is computed by npvae's float64 ConvVAE (which
+the tests hold to torch's within 1e-12) on the first 2,000 test images, with the same noise for
+every peer::
+
+    PYTHONPATH=. python scripts/bench.py --model conv-vae --data-dir ../shared/data/fashion-mnist --epochs 3
+
 ``--json PATH`` writes every number (per-epoch times included) for CI or the README.
 """
 
@@ -98,6 +108,12 @@ TARGETS = (  # (name, numerator, denominator, threshold): numerator s/epoch <= t
     ("npvae <= 1.3 x bare-matmul limit", "npvae", "matmul", 1.3),
     ("NumPy backend <= 2 x Numba backend", "npvae-numpy", "npvae", 2.0),
 )
+CONV_TARGETS = (  # the issue's targets for the convolutional VAE
+    ("npvae <= 1.0 x PyTorch eager", "npvae", "torch", 1.0),
+    ("NumPy backend <= 3 x Numba backend", "npvae-numpy", "npvae", 3.0),
+)
+CONV_LIMIT = 10000  # conv-vae: training images per epoch by default (about 1.4 TFLOP)
+CONV_TEST = 2000  # conv-vae: test images of the float64 negative-ELBO estimate
 VAL_SIZE = 1000  # the Trainer's per-epoch validation set: small, since it is evaluated every epoch
 ENV_VARS = ("OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
             "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "NPVAE_BACKEND", "XLA_FLAGS")
@@ -330,7 +346,10 @@ class NpvaePeer(Peer):
         dataset = data.Dataset(cfg["dataset"], self.train_u8, arrays["train_y"][: self.n], arrays["test_x"][val],
                                arrays["test_y"][val], arrays["test_x"], arrays["test_y"], num_classes=10,
                                description=arrays["description"], is_demo=cfg["dataset"] == "demo")
-        model = npvae.VAE(hidden=(self.hidden,), latent_dim=self.latent, seed=self.seed)
+        if cfg.get("model") == "conv-vae":
+            model = npvae.ConvVAE(latent_dim=self.latent, seed=self.seed)
+        else:
+            model = npvae.VAE(hidden=(self.hidden,), latent_dim=self.latent, seed=self.seed)
         config = TrainConfig(epochs=1, batch_size=self.batch, lr=cfg["lr"], optimizer="adam", patience=None,
                              pictures=False, seed=self.seed)
         self.out_dir = tempfile.mkdtemp(prefix="npvae-bench-")
@@ -406,6 +425,81 @@ class TorchPeer(Peer):
             layer = getattr(self.model, name)
             params[f"{name}_w"], params[f"{name}_b"] = layer.weight.detach().numpy(), layer.bias.detach().numpy()
         return unfused(params, self.latent)
+
+
+class ConvTorchPeer(Peer):
+    """The Keras write-up's conv VAE in PyTorch eager, from npvae's ConvVAE's initial weights."""
+
+    def __init__(self, arrays, cfg):
+        super().__init__(arrays, cfg)
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+        latent = self.latent
+
+        def same(size, k, s):  # Keras' "same": (before, after)
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            return total // 2, total - total // 2
+
+        class SameConv(nn.Conv2d):
+            def forward(self, x):
+                (t, b), (l, r) = (same(n, k, s) for n, k, s in zip(x.shape[2:], self.kernel_size, self.stride))
+                return F.conv2d(F.pad(x, (l, r, t, b)), self.weight, self.bias, self.stride)
+
+        class ConvVAE(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.encoder = nn.Sequential(SameConv(1, 32, 3), nn.ReLU(), SameConv(32, 64, 3, stride=2), nn.ReLU(),
+                                             SameConv(64, 64, 3), nn.ReLU(), SameConv(64, 64, 3), nn.ReLU(),
+                                             nn.Flatten(), nn.Linear(64 * 14 * 14, 32), nn.ReLU())
+                self.mu, self.logvar = nn.Linear(32, latent), nn.Linear(32, latent)
+                self.dec = nn.Linear(latent, 14 * 14 * 64)
+                self.up = nn.ConvTranspose2d(64, 32, 3, stride=2)  # cropped (0, 1): Keras' "same"
+                self.out = SameConv(32, 1, 3)
+
+            def forward(self, x, eps):  # (B, 784), (B, Z) -> batch-mean negative ELBO
+                h = self.encoder(x.view(-1, 1, 28, 28))
+                mu, logvar = self.mu(h), self.logvar(h)
+                z = mu + torch.exp(0.5 * logvar) * eps
+                d = F.relu(self.dec(z)).view(-1, 64, 14, 14)
+                d = F.relu(self.up(d)[:, :, :28, :28])
+                logits = self.out(d).view(len(x), -1)
+                recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+                kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum()
+                return (recon + kl) / x.shape[0]
+
+        self.torch = torch
+        self.model = ConvVAE()
+        self.keys = list(conv_initial_state(latent, self.seed))
+        with torch.no_grad():
+            for p, value in zip(self.model.parameters(), conv_initial_state(latent, self.seed).values()):
+                assert tuple(p.shape) == value.shape
+                p.copy_(torch.from_numpy(value))
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg["lr"])
+        self.x = torch.from_numpy(data.to_float(self.train_u8))
+        self.gen = torch.Generator().manual_seed(self.seed)
+
+    epoch = TorchPeer.epoch
+
+    def state_dict(self) -> dict:
+        return {k: p.detach().numpy().copy() for k, p in zip(self.keys, self.model.parameters())}
+
+
+def conv_initial_state(latent: int, seed: int) -> dict:
+    """npvae's ConvVAE's initial weights (state-dict order: encoder, mu, logvar, decoder)."""
+    return npvae.ConvVAE(latent_dim=latent, seed=seed).state_dict()
+
+
+def conv_neg_elbo(state: dict, x: np.ndarray, eps: np.ndarray, latent: int) -> float:
+    """One-sample negative ELBO (nats per image) of a ConvVAE state dict, in float64."""
+    model = npvae.ConvVAE(latent_dim=latent, dtype=np.float64)
+    model.load_state_dict(state)
+    total = 0.0
+    for i in range(0, len(x), 500):
+        recon, kl = model.forward(x[i : i + 500], eps=eps[i : i + 500])
+        total += float(recon.sum() + kl.sum())
+    return total / len(x)
 
 
 def aligned_floats(images: np.ndarray, align: int = 64, chunk: int = 10000) -> np.ndarray:
@@ -530,7 +624,8 @@ class MatmulPeer(Peer):
         return {"seconds": seconds, "gflops_per_second": flops / seconds / 1e9}
 
 
-PEER_CLASSES = {"npvae": NpvaePeer, "npvae-numpy": NpvaePeer, "torch": TorchPeer, "jax": JaxPeer, "matmul": MatmulPeer}
+PEER_CLASSES = {"npvae": NpvaePeer, "npvae-numpy": NpvaePeer, "torch": TorchPeer, "jax": JaxPeer, "matmul": MatmulPeer,
+                "torch-conv": ConvTorchPeer}
 
 
 def thread_report(kind: str) -> dict:
@@ -578,7 +673,7 @@ def worker_main() -> None:
                     baseline = max_rss_mib()
                 if peer is not None:
                     peer.close()
-                peer = PEER_CLASSES[kind](arrays, cfg)
+                peer = PEER_CLASSES["torch-conv" if kind == "torch" and cfg.get("model") == "conv-vae" else kind](arrays, cfg)
                 result = {"n_train": peer.n, "n_test": len(arrays["test_x"]), "description": arrays["description"],
                           "rss_baseline_mib": baseline}
             elif op == "epoch":
@@ -586,9 +681,12 @@ def worker_main() -> None:
             elif op == "finish":
                 result = {"threads": thread_report(kind), "peak_rss_mib": max_rss_mib(), "rss_baseline_mib": baseline}
                 if kind != "matmul":
-                    x = arrays["test_x"]
+                    x = arrays["test_x"][:CONV_TEST] if cfg.get("model") == "conv-vae" else arrays["test_x"]
                     eps = np.random.default_rng([peer.seed, 12345]).standard_normal((len(x), peer.latent))
-                    result["test_neg_elbo"] = neg_elbo_reference(peer.state_dict(), data.to_float(x, dtype=np.float64), eps)
+                    x = data.to_float(x, dtype=np.float64)
+                    result["test_neg_elbo"] = (conv_neg_elbo(peer.state_dict(), x, eps, peer.latent)
+                                               if cfg.get("model") == "conv-vae" else
+                                               neg_elbo_reference(peer.state_dict(), x, eps))
             elif op == "exit":
                 break
             else:
@@ -698,10 +796,10 @@ def summarize(records: list[dict], images: int) -> dict:
     return summary
 
 
-def targets_of(peers: dict) -> tuple[dict, list[dict]]:
+def targets_of(peers: dict, table=TARGETS) -> tuple[dict, list[dict]]:
     """The s/epoch ratios and each target's verdict, from all timed epochs and from the quiet ones."""
     ratios, targets = {}, []
-    for name, num, den, threshold in TARGETS:
+    for name, num, den, threshold in table:
         row = {"target": name, "threshold": threshold}
         for suffix, field in (("", "seconds_per_epoch"), ("_quiet", "quiet_seconds_per_epoch")):
             a, b = (peers.get(kind, {}).get(field) for kind in (num, den))
@@ -717,23 +815,28 @@ def targets_of(peers: dict) -> tuple[dict, list[dict]]:
 def run_benchmark(args, echo) -> dict:
     kinds = []
     skipped = {}
+    conv = args.model == "conv-vae"
     for peer in args.peers:
-        if importlib.util.find_spec(peer) is not None:
+        if conv and peer == "jax":
+            skipped[peer] = "written for the MLP VAE only"
+        elif importlib.util.find_spec(peer) is not None:
             kinds.append(peer)
         else:
             skipped[peer] = f"{peer} is not installed"
     if args.numpy_backend:
         kinds.append("npvae-numpy")
-    kinds.append("matmul")
+    if not conv:
+        kinds.append("matmul")
     epochs = {kind: args.epochs for kind in kinds}
     if args.numpy_backend:
         epochs["npvae-numpy"] = max(2, min(args.numpy_epochs, args.epochs))
     base = {"dataset": args.dataset, "data_dir": args.data_dir, "limit": args.limit, "seed": args.seed,
-            "batch_size": args.batch_size, "lr": args.lr, "hidden": 400, "latent": 20}
+            "batch_size": args.batch_size, "lr": args.lr, "hidden": 400, "latent": 20, "model": args.model}
     configs = {kind: {**base, "kind": kind, "backend": "numpy" if kind == "npvae-numpy" else "auto"} for kind in kinds}
     workers, setups = start_workers(configs)
-    n = setups["matmul"]["n_train"]
-    echo(f"{setups['matmul']['description']}: training on {n:,} images, {args.epochs} epochs, batch {args.batch_size}; "
+    first = setups[kinds[0]]
+    n = first["n_train"]
+    echo(f"{first['description']}: training on {n:,} images, {args.epochs} epochs, batch {args.batch_size}; "
          f"peers {', '.join(kinds)}" + "".join(f"; {k} skipped ({why})" for k, why in skipped.items()))
     records = {kind: [] for kind in kinds}
     try:
@@ -764,13 +867,15 @@ def run_benchmark(args, echo) -> dict:
         if kind == "matmul":
             row["gflops_per_second"] = epoch_flops(n, args.batch_size) / row["seconds_per_epoch"] / 1e9
         peers[kind] = row
-    ratios, targets = targets_of(peers)
+    ratios, targets = targets_of(peers, CONV_TARGETS if conv else TARGETS)
     return {
         "mode": "benchmark",
         "command": command_line(args.argv),
         "machine": machine_info(),
-        "config": {**base, "epochs": args.epochs, "n_train": n, "n_test": setups["matmul"]["n_test"],
-                   "data": setups["matmul"]["description"], "model": "VAE 784-400-20-400-784 ReLU, Bernoulli decoder",
+        "config": {**base, "epochs": args.epochs, "n_train": n, "n_test": CONV_TEST if conv else first["n_test"],
+                   "data": first["description"],
+                   "model": ("the Keras write-up's conv VAE, latent 20, Bernoulli decoder" if conv else
+                             "VAE 784-400-20-400-784 ReLU, Bernoulli decoder"),
                    "optimizer": "Adam", "dtype": "float32"},
         "method": {
             "seconds_per_epoch": "median over epochs 2..E of the training steps' wall time (npvae: the Trainer "
@@ -977,6 +1082,8 @@ def peer_list(text: str) -> list[str]:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for the method.")
+    p.add_argument("--model", default="vae", choices=("vae", "conv-vae"),
+                   help="vae: the 784-400-20 MLP VAE; conv-vae: the Keras write-up's conv VAE with latent 20")
     p.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "mnist", "demo"),
                    help="demo: npvae's shipped 5,000 MNIST digits, no files needed")
     p.add_argument("--data-dir", default=None, help="folder holding the dataset's IDX files")
@@ -999,6 +1106,11 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.epochs is None:
         args.epochs = 3 if args.sweep else 5
+    if args.model == "conv-vae":
+        if args.sweep:
+            p.error("--sweep varies the MLP VAE's sizes; it does not apply to --model conv-vae")
+        if args.limit is None:
+            args.limit = CONV_LIMIT
     if args.epochs < 2:
         p.error("--epochs must be at least 2: the first epoch is reported as overhead, the rest are timed")
     if args.limit is not None and args.limit < args.batch_size:

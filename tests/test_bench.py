@@ -44,6 +44,33 @@ def test_reference_estimator_matches_npvae():
     assert bench.neg_elbo_reference(model.state_dict(), x, eps, batch=3) == pytest.approx(expected, rel=1e-12)
 
 
+def test_conv_peer_trains_the_same_network_as_npvae():
+    """The PyTorch conv VAE of ``--model conv-vae`` starts from npvae's weights and computes npvae's loss."""
+    import torch
+
+    import npvae
+
+    rng = np.random.default_rng(0)
+    arrays = {"train_x": rng.integers(0, 256, (8, 784), dtype=np.uint8)}
+    cfg = {"seed": 3, "batch_size": 8, "hidden": 400, "latent": 5, "limit": None, "lr": 1e-3}
+    peer = bench.ConvTorchPeer(arrays, cfg)
+    model = npvae.ConvVAE(latent_dim=5, seed=3)
+    x = npvae.data.to_float(arrays["train_x"])
+    eps = rng.standard_normal((8, 5), dtype=np.float32)
+    terms, _ = model.loss_and_grads(x, eps=eps)
+    with torch.no_grad():
+        loss = peer.model(torch.from_numpy(x), torch.from_numpy(eps)).item()
+    assert loss == pytest.approx(terms.total, rel=1e-5)
+    state = peer.state_dict()
+    assert list(state) == list(model.state_dict())
+    x64 = x.astype(np.float64)
+    model64 = npvae.ConvVAE(latent_dim=5, dtype=np.float64)
+    model64.load_state_dict(state)
+    recon, kl = model64.forward(x64, eps=eps.astype(np.float64))
+    assert bench.conv_neg_elbo(state, x64, eps.astype(np.float64), 5) == pytest.approx(float((recon + kl).mean()),
+                                                                                       rel=1e-12)
+
+
 def test_fused_heads_round_trip():
     state = bench.initial_state(hidden=8, latent=3, seed=0)
     back = bench.unfused(bench.fused(state), latent=3)
