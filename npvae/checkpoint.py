@@ -19,7 +19,6 @@ it can return a damaged header's smaller array without the CRC ever being checke
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os

@@ -445,8 +445,7 @@ def _trained_objective(meta):
 
 
 def cmd_evaluate(args) -> int:
-
-    from .models import Autoencoder, Conditional, GaussianLatent, StandardNormalPrior, load_model
+    from .models import Autoencoder, Conditional, GaussianLatent, StandardNormalPrior
 
     model, meta = _load_model(args.checkpoint)
     _near_zero(args)
@@ -534,7 +533,7 @@ def _code_report(model, x, args) -> dict:
 
 
 def cmd_sample(args) -> int:
-    from .models import Conditional, load_model
+    from .models import Conditional
     from .viz import figures
 
     model, meta = _load_model(args.checkpoint)
@@ -552,7 +551,6 @@ def cmd_sample(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
-    from .models import load_model
     from .viz import figures
 
     model, meta = _load_model(args.checkpoint)
@@ -584,9 +582,7 @@ def _source_text(meta: dict) -> str:
 
 def checkpoint_info(path) -> dict:
     """What ``npvae info`` reports, as a JSON-able dict."""
-    from .models import load_model
-
-    model, meta = load_model(path)
+    model, meta = _load_model(path)
     history = [r for r in meta.get("history", []) if isinstance(r, dict) and "val_loss" in r]
     best, best_epoch = meta.get("best_val_loss"), None
     if history:

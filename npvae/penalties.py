@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _kernels as K
-from .ops import _buffer, _check_reduction, _float_array, _like, _reduce, _row_scale
+from .ops import _buffer, _check_reduction, _float_array, _reduce, _row_scale
 
 _ACTIVATION_NAMES = {code: name for name, code in K.ACTIVATION_CODES.items()}
 

@@ -201,8 +201,15 @@ def check_run_meta(meta: dict, path, training: bool = True) -> dict:
             raise CheckpointError(f"{path}: metadata 'data_source' field {key!r} should be a string")
     if meta.get("dataset") is not None and not isinstance(meta["dataset"], str):
         bad("dataset", "a string")
-    if meta.get("epoch") is not None and not is_int(meta["epoch"]):
-        bad("epoch", "an integer >= 0")
+    for key in ("epoch", "step"):
+        if meta.get(key) is not None and not is_int(meta[key]):
+            bad(key, "an integer >= 0")
+    for key in ("best_val_loss", "val_loss"):
+        if meta.get(key) is not None and not is_number(meta[key]):
+            bad(key, "a number or null")
+    history = meta.get("history", [])
+    if not (isinstance(history, list) and all(isinstance(r, dict) for r in history)):
+        bad("history", "a list of objects")
     if not training:
         return meta
     for key in ("epoch", "batch", "step"):
@@ -213,11 +220,6 @@ def check_run_meta(meta: dict, path, training: bool = True) -> dict:
             bad(key, "an integer >= 0")
     if not isinstance(meta.get("rng_state"), dict):
         bad("rng_state", "an object")
-    history = meta.get("history", [])
-    if not (isinstance(history, list) and all(isinstance(r, dict) for r in history)):
-        bad("history", "a list of objects")
-    if meta.get("best_val_loss") is not None and not is_number(meta["best_val_loss"]):
-        bad("best_val_loss", "a number or null")
     sums = meta.get("epoch_sums", [0.0, 0.0, 0.0])
     if not (isinstance(sums, list) and len(sums) == 3 and all(is_number(v) for v in sums)):
         bad("epoch_sums", "a list of 3 numbers")

@@ -374,6 +374,7 @@ def test_metadata_of_any_wrong_json_type_is_one_checkpoint_error(trained_run, tm
 
     from npvae import data
     from npvae.checkpoint import CheckpointError, save_checkpoint
+    from npvae.cli import checkpoint_info
     from npvae.train import TrainConfig, Trainer, check_run_meta
 
     arrays, meta = load_checkpoint(trained_run / "checkpoint.npz")
@@ -393,6 +394,7 @@ def test_metadata_of_any_wrong_json_type_is_one_checkpoint_error(trained_run, tm
             save_checkpoint(crafted, arrays, bad)
             tried += 1
             try:
+                checkpoint_info(crafted)
                 model, loaded = load_model(crafted)
                 check_run_meta(loaded, crafted)
                 Trainer(model, dataset, TrainConfig(**loaded.get("train_config", {})), tmp_path / "t").restore(crafted)
