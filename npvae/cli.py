@@ -218,6 +218,10 @@ def cmd_train(args) -> int:
     from .train import BEST, CHECKPOINT, LOG, TrainConfig, Trainer, check_run_meta
 
     Objective(args.objective, args.k, args.estimator)  # a bad combination fails before any data loads
+    if args.k * (args.batch_size or 128) > MAX_SAMPLES_PER_PASS:
+        raise CLIError(f"--k {args.k} with --batch-size {args.batch_size or 128} decodes "
+                       f"{args.k * (args.batch_size or 128):,} samples per step, more than {MAX_SAMPLES_PER_PASS:,} "
+                       "(memory grows with it); lower --k or --batch-size")
     if args.config and args.resume:
         raise CLIError("--config sets up a new run; --resume continues a run with the settings it saved")
     extra = _apply_config(args) if args.config else {}
@@ -739,6 +743,10 @@ def cmd_grads(args) -> int:
                                                 and not ESTIMATORS[n].pools_draws]
         if snr_names == []:
             raise CLIError(f"none of --estimators {','.join(names)} estimates the {args.objective} gradient")
+    if args.k is not None and args.examples * max(args.k) > MAX_SAMPLES_PER_PASS:
+        raise CLIError(f"--k up to {max(args.k)} on --examples {args.examples} images decodes "
+                       f"{args.examples * max(args.k):,} samples per draw, more than {MAX_SAMPLES_PER_PASS:,}; "
+                       "lower --k or --examples")
     dataset, x, y, _ = _split_data(args, model, meta, args.n)
     labels = model.check_labels(None if y is None else y.astype(np.int64), len(x))
     examples = min(args.examples, len(x))
@@ -796,6 +804,7 @@ def cmd_grads(args) -> int:
 # ----------------------------------------------------------------------------- parser
 
 MAX_PICTURE_IMAGES = 10_000  # images in one picture: a 100 x 100 grid, a few MB of PNG
+MAX_SAMPLES_PER_PASS = 2**18  # k samples x images decoded at once (x 784 floats: ~0.8 GB in float32)
 
 
 def _count(lo: int, hi: int):

@@ -319,6 +319,7 @@ def test_resume_without_out_finds_the_default_run_or_says_where_it_looked(tmp_pa
     (["--batch-size", "-3"], "--batch-size: expected a whole number from 1"),
     (["--latent-dim", "1.7"], "--latent-dim: expected a whole number, got '1.7'"),
     (["--hidden", "100000000"], "--hidden: expected a whole number from 1 to 65,536"),
+    (["--objective", "iwae", "--k", "5000", "--batch-size", "128"], "decodes 640,000 samples per step"),
 ])
 def test_bad_training_settings_fail_before_loading_data(tmp_path, capsys, flags, message):
     assert main(["train", "--dataset", "demo", *flags, "--out", str(tmp_path / "run")]) == 2
@@ -334,6 +335,7 @@ def test_bad_training_settings_fail_before_loading_data(tmp_path, capsys, flags,
     (["plot", "CKPT", "interpolation", "--n", "500", "--steps", "100"], "would draw 50,000 images"),
     (["grads", "CKPT", "--draws", "10000000"], "--draws: expected a whole number from 2 to 100,000"),
     (["grads", "CKPT", "--k", "1,5,1000000"], "--k: expected integers from 1 to 10,000"),
+    (["grads", "CKPT", "--k", "1,10000", "--examples", "100"], "decodes 1,000,000 samples per draw"),
     (["evaluate", "CKPT", "--iw-samples", "0"], "--iw-samples: expected a whole number from 1"),
     (["sample", "CKPT", "--seed", "-1"], "--seed: expected a whole number from 0"),
 ])
