@@ -200,53 +200,71 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], durable:
 _MAX_DEFLATE_RATIO = 1100
 
 
-def _read_member(member, info: zipfile.ZipInfo, name: str) -> np.ndarray:
-    """One ``.npy`` member, its size checked against its header (and the header against the zip's
-    declared size) before its array is allocated; read to the end so the CRC-32 is verified."""
-    version = np.lib.format.read_magic(member)
+def read_npy(stream, size: int, name: str, compressed_size: int | None = None) -> np.ndarray:
+    """One ``.npy`` array from ``stream``, which holds ``size`` bytes (header included).
+
+    The header's shape and dtype must account for exactly those bytes, checked before the array is
+    allocated, so a crafted header cannot make npvae allocate more than the file holds; for a deflated
+    zip member (``compressed_size`` given) the size itself may not exceed what deflate can expand its
+    compressed bytes to. The stream is read to its end (a zip member's CRC-32 is checked there).
+
+    Raises
+    ------
+    CheckpointError
+        Naming the array: an unsupported header, an object dtype (it would need pickle), sizes that
+        disagree, a stream that ends early.
+    """
+    version = np.lib.format.read_magic(stream)
     if version == (1, 0):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(member)
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
     elif version == (2, 0):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(member)
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
     else:
         raise CheckpointError(f"array {name!r}: unsupported .npy format version {version}")
     if dtype.hasobject:
-        raise CheckpointError(f"array {name!r} has dtype {dtype}: object arrays are refused (they need pickle)")
+        raise CheckpointError(f"array {name!r} is an object array (dtype=object), which npvae never loads "
+                              "(it would need pickle)")
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
-    header = member.tell() if member.seekable() else None
-    declared = info.file_size - (header if header is not None else 0)
+    declared = size - stream.tell()
     if nbytes != declared:
         raise CheckpointError(
             f"array {name!r}: header says shape {shape} of {dtype} ({nbytes} bytes), the file holds "
             f"{declared} bytes")
-    if info.compress_type != zipfile.ZIP_STORED and info.file_size > _MAX_DEFLATE_RATIO * max(info.compress_size, 1):
-        raise CheckpointError(f"array {name!r}: claims {info.file_size} bytes from {info.compress_size} compressed "
+    if compressed_size is not None and size > _MAX_DEFLATE_RATIO * max(compressed_size, 1):
+        raise CheckpointError(f"array {name!r}: claims {size} bytes from {compressed_size} compressed "
                               "bytes, more than compression can give")
     out = np.empty(count, dtype=dtype)
     view = memoryview(out.view(np.uint8).reshape(-1)) if nbytes else memoryview(bytearray())
     filled = 0
     while filled < nbytes:
-        n = member.readinto(view[filled:filled + (1 << 24)])
+        n = stream.readinto(view[filled:filled + (1 << 24)])
         if not n:
             raise CheckpointError(f"array {name!r}: ends after {filled} of {nbytes} bytes")
         filled += n
-    if member.read(1):  # the end of the member: zipfile checks the CRC-32 here
+    if stream.read(1):  # the end of the member: zipfile checks the CRC-32 here
         raise CheckpointError(f"array {name!r}: more bytes than its header accounts for")
     return out.reshape(shape, order="F" if fortran_order else "C")
 
 
-def _read_npz(f) -> dict[str, np.ndarray]:
-    arrays: dict[str, np.ndarray] = {}
+def read_npz_members(f) -> Iterator[tuple[str, np.ndarray]]:
+    """``(name, array)`` for each ``.npy`` member of an ``.npz`` (zip) file, each read by :func:`read_npy`."""
     with zipfile.ZipFile(f) as zf:
         for info in zf.infolist():
             if not info.filename.endswith(".npy"):
                 raise CheckpointError(f"unexpected member {info.filename!r}: not an .npz of arrays")
             name = info.filename[: -len(".npy")]
-            if name in arrays:
-                raise CheckpointError(f"array {name!r} appears twice")
             with zf.open(info) as member:
-                arrays[name] = _read_member(member, info, name)
+                compressed = None if info.compress_type == zipfile.ZIP_STORED else info.compress_size
+                yield name, read_npy(member, info.file_size, name, compressed)
+
+
+def _read_npz(f) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    for name, array in read_npz_members(f):
+        if name in arrays:
+            raise CheckpointError(f"array {name!r} appears twice")
+        arrays[name] = array
     return arrays
 
 

@@ -21,12 +21,14 @@ a :class:`DataFileError` naming the file.
 
 from __future__ import annotations
 
+import os
 import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import CheckpointError, read_npy, read_npz_members
 from . import png
 from .datasets import Dataset
 
@@ -147,26 +149,25 @@ def _check_magic(path: Path, magics: tuple[bytes, ...], what: str) -> None:
 
 
 def _load_npy(path: Path) -> np.ndarray:
+    """The array of a ``.npy`` file, its header checked against the file's size before anything is
+    allocated (a crafted header cannot ask for more memory than the file holds)."""
     _check_magic(path, (_NPY_MAGIC,), ".npy")
     try:
-        return np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise DataFileError(f"{path}: holds an object array (dtype=object), which npvae never loads "
-                                f"(allow_pickle=False); save a numeric array instead") from None
-        raise DataFileError(f"{path}: cannot read this .npy file ({exc}); is it corrupt or truncated?") from None
-    except (OSError, EOFError) as exc:
+        with open(path, "rb") as f:
+            return read_npy(f, os.fstat(f.fileno()).st_size, "x")
+    except CheckpointError as exc:
+        raise DataFileError(f"{path}: cannot read this .npy file: {exc}") from None
+    except (ValueError, OSError, EOFError) as exc:
         raise DataFileError(f"{path}: cannot read this .npy file ({exc}); is it corrupt or truncated?") from None
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` (x, and optionally y and target), each read by the checkpoint reader:
+    sizes checked against headers before allocating, CRCs verified, object arrays refused."""
     _check_magic(path, _ZIP_MAGICS, ".npz")
     try:
-        npz = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataFileError(f"{path}: cannot read this .npz file ({exc}); is it corrupt?") from None
-    with npz:
-        names = list(npz.files)
+        with zipfile.ZipFile(path) as zf:
+            names = [info.filename[: -len(".npy")] for info in zf.infolist()]
         held = ", ".join(names) or "nothing"
         unexpected = [n for n in names if n not in _NPZ_NAMES]
         if unexpected:
@@ -176,16 +177,16 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
             raise DataFileError(f"{path}: no array 'x' in the .npz (it holds {held}); save with "
                                 f"np.savez(path, x=..., y=..., target=...) (y and target optional)")
         arrays = {}
-        for n in names:
-            try:
-                arrays[n] = npz[n]
-            except ValueError as exc:
-                if "allow_pickle" in str(exc):
-                    raise DataFileError(f"{path}: array {n!r} is an object array (dtype=object), which npvae never "
-                                        f"loads (allow_pickle=False); save a numeric array instead") from None
-                raise DataFileError(f"{path}: cannot read array {n!r} ({exc}); is the file corrupt?") from None
-            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-                raise DataFileError(f"{path}: cannot read array {n!r} ({exc}); is the file corrupt?") from None
+        for name, array in read_npz_members(path):
+            if name in arrays:
+                raise DataFileError(f"{path}: array {name!r} appears twice")
+            arrays[name] = array
+    except CheckpointError as exc:
+        raise DataFileError(f"{path}: cannot read this .npz: {exc}") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        if isinstance(exc, DataFileError):
+            raise
+        raise DataFileError(f"{path}: cannot read this .npz file ({exc}); is it corrupt?") from None
     return arrays
 
 
