@@ -69,7 +69,7 @@ def part_snr(args, out: Path) -> None:
                                   names=["reparam", "score", "stl", "dreg"], objective="iwae", signal=args.signal)
     ks = sorted(args.snr_k)
     slopes = [f"slope d log SNR / d log k from k = {ks[0]} to {ks[-1]} (and from {ks[-2]} to {ks[-1]}); paper: encoder "
-              "reparam -0.5, dreg +0.5, decoder +0.5"] if len(ks) > 1 else []
+              "reparam -0.5, dreg +0.5, decoder +0.5"]
     for name, group in (("reparam", "encoder"), ("dreg", "encoder"), ("stl", "encoder"), ("reparam", "decoder")):
         slopes.append(f"  {group} {name if group == 'encoder' else '(every estimator)'}: "
                       f"{slope(rows, name, group, ks[0], ks[-1]):+.2f} ({slope(rows, name, group, ks[-2], ks[-1]):+.2f})")
@@ -89,7 +89,7 @@ def rainforth_gaussian(d: int, perturbation: float, seed: int):
 
     p(z) = N(0, I), p(x|z) = N(z + b, I) (their N(z; mu, I) prior shifted to the origin: b = mu), so
     p(z|x) = N((x - b) / 2, I / 2). The encoder is linear, q(z|x) = N(A x + c, 2/3 I) as theirs, its
-    variance 4/3 of the posterior's (their choice: the weights p/q are then bounded), and its mean map
+    variance 4/3 of the posterior's (so the weights p/q are bounded), and its mean map
     (A, c) the posterior's, (I / 2, -b / 2), plus N(0, perturbation^2) noise on every entry.
 
     Returns
@@ -346,6 +346,11 @@ def main() -> None:
     p.add_argument("--mnist-dir", default="../shared/data/mnist")
     p.add_argument("--fashion-dir", default="../shared/data/fashion-mnist")
     args = p.parse_args()
+    for flag in ("toy_k", "snr_k"):
+        ks = sorted(set(getattr(args, flag)))
+        if len(ks) < 2 or ks[0] < 1:
+            p.error(f"--{flag.replace('_', '-')}: expected two or more k >= 1 (the slopes need two), got {getattr(args, flag)}")
+        setattr(args, flag, ks)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for part, run in (("toy", part_toy), ("snr", part_snr), ("landing", part_landing), ("likelihood", part_likelihood)):
