@@ -741,16 +741,16 @@ def cmd_grads(args) -> int:
         check_k_sample_model(model, "the --k study")
         snr_names = None if names is None else [n for n in names if args.objective in ESTIMATORS[n].objectives
                                                 and not ESTIMATORS[n].pools_draws]
+        measured = snr_names if snr_names is not None else [e.name for e in ESTIMATORS.values()
+                                                            if args.objective in e.objectives and not e.pools_draws]
+        unbiased = [n for n in measured if ESTIMATORS[n].is_unbiased(args.objective)]
+        if measured and args.snr_signal == "best" and not unbiased:
+            raise CLIError(f"--snr-signal best: none of {','.join(measured)} is unbiased for the {args.objective} gradient")
+        if measured and args.snr_signal not in ("own", "best", *unbiased):
+            raise CLIError(f"--snr-signal {args.snr_signal}: expected own, best or one of the measured estimators "
+                           f"unbiased for the {args.objective} gradient ({','.join(unbiased)})")
         if snr_names == []:
             raise CLIError(f"none of --estimators {','.join(names)} estimates the {args.objective} gradient")
-        measured = snr_names or [e.name for e in ESTIMATORS.values() if args.objective in e.objectives and not e.pools_draws]
-        if args.snr_signal == "best" and not any(ESTIMATORS[n].is_unbiased(args.objective) for n in measured):
-            raise CLIError(f"--snr-signal best: none of {','.join(measured)} is unbiased for the {args.objective} gradient")
-        if args.snr_signal not in ("own", "best") and (args.snr_signal not in measured
-                                                       or not ESTIMATORS[args.snr_signal].is_unbiased(args.objective)):
-            raise CLIError(f"--snr-signal {args.snr_signal}: expected own, best or one of the measured estimators "
-                           f"unbiased for the {args.objective} gradient "
-                           f"({','.join(n for n in measured if ESTIMATORS[n].is_unbiased(args.objective))})")
     dataset, x, y, _ = _split_data(args, model, meta, args.n)
     labels = model.check_labels(None if y is None else y.astype(np.int64), len(x))
     examples = min(args.examples, len(x))
