@@ -741,6 +741,14 @@ def cmd_grads(args) -> int:
         check_k_sample_model(model, "the --k study")
         snr_names = None if names is None else [n for n in names if args.objective in ESTIMATORS[n].objectives
                                                 and not ESTIMATORS[n].pools_draws]
+        measured = snr_names if snr_names is not None else [e.name for e in ESTIMATORS.values()
+                                                            if args.objective in e.objectives and not e.pools_draws]
+        unbiased = [n for n in measured if ESTIMATORS[n].is_unbiased(args.objective)]
+        if measured and args.snr_signal == "best" and not unbiased:
+            raise CLIError(f"--snr-signal best: none of {','.join(measured)} is unbiased for the {args.objective} gradient")
+        if measured and args.snr_signal not in ("own", "best", *unbiased):
+            raise CLIError(f"--snr-signal {args.snr_signal}: expected own, best or one of the measured estimators "
+                           f"unbiased for the {args.objective} gradient ({','.join(unbiased)})")
         if snr_names == []:
             raise CLIError(f"none of --estimators {','.join(names)} estimates the {args.objective} gradient")
     if args.k is not None and args.examples * max(args.k) > MAX_SAMPLES_PER_PASS:
@@ -781,7 +789,8 @@ def cmd_grads(args) -> int:
                   f"range {ratio.min():.3g} to {ratio.max():.3g}")
     if args.k is not None:
         snr_rows = gradflow.estimator_snr(model, x[:examples], args.k, args.snr_draws, rng, names=snr_names,
-                                      objective=args.objective)
+                                          objective=args.objective,
+                                          signal=None if args.snr_signal == "own" else args.snr_signal)
         print()
         dropped = [] if names is None else [n for n in names if n not in snr_names]
         if dropped:
@@ -1051,6 +1060,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and decoder's gradients, on --examples images (snr.png)")
     p.add_argument("--objective", choices=("iwae", "elbo"), default="iwae", help="the bound of the --k study")
     p.add_argument("--snr-draws", type=_count(2, 100_000), default=200, help="draws per estimator and k in the --k study")
+    p.add_argument("--snr-signal", default="own", metavar="own|best|NAME",
+                   help="the --k study's signal: own (each estimator's mean), best (per parameter, the mean of the "
+                        "unbiased estimator varying least: the same gradient, more precisely) or an estimator's name")
     p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0, help="seeds the draws")
     p.add_argument("--out", default="grads", help="folder for decomposition.png, estimators.png and snr.png")
     p.set_defaults(func=cmd_grads)

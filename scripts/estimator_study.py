@@ -1,6 +1,7 @@
 """Reproduce three findings about gradient estimators with npvae's hand-derived estimators.
 
-    python scripts/estimator_study.py snr         # Rainforth et al. 2018: SNR against k under IWAE
+    python scripts/estimator_study.py toy         # Rainforth et al. 2018 / Tucker et al. 2019: their Gaussian model
+    python scripts/estimator_study.py snr         # the same SNR against k on VAEs trained on the demo digits
     python scripts/estimator_study.py landing     # Roeder et al. 2017: STL's variance vanishes at the posterior
     python scripts/estimator_study.py likelihood  # test log-likelihood of VAE, IWAE k=5, 50 and IWAE-DReG
     python scripts/estimator_study.py all
@@ -8,9 +9,15 @@
 Each part prints a table, writes it (and a picture) under --out (default docs/estimators/), and
 runs in minutes on two cores with the defaults; every size is a flag.
 
+toy         Rainforth et al.'s section 4 model: p(z) = N(0, I), p(x|z) = N(z + b, I) in 20 dimensions, so
+            p(z|x) = N((x - b) / 2, I / 2); q(z|x) = N(A x + c, 2/3 I) with (A, c) = the posterior's
+            mean map plus N(0, s^2) noise, for three s (q near, farther from and far from the posterior).
+            For each, the SNR of the IWAE bound's gradient at one point x against k, for reparam, dreg
+            and stl (npvae.study.gradflow.estimator_snr; --signal says whose mean is the signal).
 snr         Trains a 784-200-20 VAE on the demo digits (ELBO, dynamically binarized), then measures the
             mean, variance and signal-to-noise ratio (|mean| / std over draws, per parameter, averaged)
-            of the IWAE bound's gradient for each estimator and k (npvae.study.gradflow.estimator_snr).
+            of the IWAE bound's gradient for each estimator and k (npvae.study.gradflow.estimator_snr;
+            the signal of the unbiased estimators, by default, the mean of the one varying least).
 landing     A linear Gaussian model p(z) = N(0, I), p(x|z) = N(Wz + b, I) with orthogonal columns of W,
             whose exact posterior is a diagonal Gaussian linear in x, so a linear encoder can be exact.
             Its encoder moves from a perturbed point (t = 0) to the exact posterior (t = 1); at each t
@@ -59,13 +66,143 @@ def part_snr(args, out: Path) -> None:
     model = train(demo.train_x, args.snr_epochs, 0, 200, args.snr_latent)
     x = binarized(demo.val_x[: args.snr_examples], 1)
     rows = gradflow.estimator_snr(model, x, args.snr_k, args.snr_draws, np.random.default_rng(2),
-                                  names=["reparam", "score", "stl", "dreg"], objective="iwae")
+                                  names=["reparam", "score", "stl", "dreg"], objective="iwae", signal=args.signal)
+    ks = sorted(args.snr_k)
+    slopes = [f"slope d log SNR / d log k from k = {ks[0]} to {ks[-1]} (and from {ks[-2]} to {ks[-1]}); paper: encoder "
+              "reparam -0.5, dreg +0.5, decoder +0.5"]
+    for name, group in (("reparam", "encoder"), ("dreg", "encoder"), ("stl", "encoder"), ("reparam", "decoder")):
+        slopes.append(f"  {group} {name if group == 'encoder' else '(every estimator)'}: "
+                      f"{slope(rows, name, group, ks[0], ks[-1]):+.2f} ({slope(rows, name, group, ks[-2], ks[-1]):+.2f})")
     text = (f"784-200-{args.snr_latent} VAE, {args.snr_epochs} ELBO epochs on the demo digits; {args.snr_examples} validation "
-            f"digits; {time.perf_counter() - start:.0f} s\n" + gradflow.snr_text(rows))
+            f"digits; {time.perf_counter() - start:.0f} s\n" + gradflow.snr_text(rows) + "\n" + "\n".join(slopes))
     print(text)
     (out / f"snr_z{args.snr_latent}.json").write_text(json.dumps(rows, indent=1))
     (out / f"snr_z{args.snr_latent}.txt").write_text(text + "\n")
     print(f"wrote {figures.snr(rows, out / f'snr_z{args.snr_latent}.png')}")
+
+
+# ----------------------------------------------------------------------------- Rainforth et al.'s Gaussian model
+
+
+def rainforth_gaussian(d: int, perturbation: float, seed: int):
+    """Rainforth et al. (2018, section 4)'s model as an npvae VAE, at one point x.
+
+    p(z) = N(0, I), p(x|z) = N(z + b, I) (their N(z; mu, I) prior shifted to the origin: b = mu), so
+    p(z|x) = N((x - b) / 2, I / 2). The encoder is linear, q(z|x) = N(A x + c, 2/3 I) as theirs, its
+    variance 4/3 of the posterior's (so the weights p/q are bounded), and its mean map
+    (A, c) the posterior's, (I / 2, -b / 2), plus N(0, perturbation^2) noise on every entry.
+
+    Returns
+    -------
+    model : VAE (float64), x : (1, d) array in [0, 1], kl : KL(q(z|x) || p(z|x)) at x, nats
+    """
+    rng = np.random.default_rng(seed)
+    model = npvae.VAE(d, (), d, likelihood="gaussian", dtype=np.float64, seed=seed)
+    model.decoder.layers[-1].activation = "identity"
+    p = model.parameters()
+    b = rng.random(d)
+    p["decoder.0.weight"][...] = np.eye(d)
+    p["decoder.0.bias"][...] = b
+    p["mu.weight"][...] = np.eye(d) / 2 + rng.normal(0.0, perturbation, (d, d))
+    p["mu.bias"][...] = -b / 2 + rng.normal(0.0, perturbation, d)
+    p["logvar.weight"][...] = 0.0
+    p["logvar.bias"][...] = math.log(2 / 3)
+    x = rng.random((1, d))
+    mu, logvar = model.encode(x)
+    kl = 0.5 * (math.log(0.5) - logvar + (np.exp(logvar) + (mu - (x - b) / 2) ** 2) / 0.5 - 1).sum()
+    return model, x, float(kl)
+
+
+def slope(rows, name, group, k_lo, k_hi) -> float:
+    """d log SNR / d log k between k_lo and k_hi."""
+    snr = {r["k"]: r["snr"] for r in rows if r["estimator"] == name and r["group"] == group}
+    return math.log(snr[k_hi] / snr[k_lo]) / math.log(k_hi / k_lo)
+
+
+TOY_NAMES = ("reparam", "dreg", "stl")
+
+
+def signal_text(signal) -> str:
+    if signal is None:
+        return "each estimator's own mean"
+    which = ("per parameter, the mean of the unbiased estimator (reparam or dreg) whose draws vary least"
+             if signal == "best" else f"{signal}'s mean")
+    return f"{which} (the same gradient for every unbiased estimator; stl, biased: its own mean)"
+
+
+def part_toy(args, out: Path) -> None:
+    start = time.perf_counter()
+    runs = []
+    for s in args.toy_perturbations:
+        model, x, kl = rainforth_gaussian(args.toy_dim, s, 0)
+        rows = gradflow.estimator_snr(model, x, args.toy_k, args.toy_draws, np.random.default_rng(1),
+                                      names=list(TOY_NAMES), objective="iwae", signal=args.signal)
+        runs.append({"perturbation": s, "kl": kl, "rows": rows})
+        print(f"perturbation {s}: KL(q || p(z|x)) = {kl:.3g} nats ({time.perf_counter() - start:.0f} s)", flush=True)
+    ks = sorted(args.toy_k)
+    lo, hi = (ks[-3] if len(ks) >= 3 else ks[0]), ks[-1]
+    lines = [f"Rainforth et al.'s Gaussian model, D = Z = {args.toy_dim}, q = N(A x + c, 2/3 I) with (A, c) = the posterior's "
+             f"mean map + N(0, s^2) noise; gradient of the IWAE bound at one x, {args.toy_draws} draws per k; SNR per "
+             f"parameter = |E g| / std, mean over the encoder's (decoder's) parameters; E g: {signal_text(args.signal)}; floor: the SNR "
+             f"reparam's draws would show if E g were 0; slope: d log SNR / d log k from k = {lo} to {hi}; "
+             f"{time.perf_counter() - start:.0f} s",
+             f"{'s':>5} {'KL':>7} {'k':>5} {'ESS/k':>6} {'reparam':>9} {'dreg':>9} {'stl':>9} {'decoder':>9} {'floor':>8}"]
+    for run in runs:
+        rows = run["rows"]
+        for k in ks:
+            enc = {r["estimator"]: r for r in rows if r["k"] == k and r["group"] == "encoder"}
+            dec = next(r for r in rows if r["k"] == k and r["group"] == "decoder")
+            lines.append(f"{run['perturbation']:>5g} {run['kl']:>7.3g} {k:>5} {dec['ess'] / k:>6.3f} "
+                         + " ".join(f"{enc[n]['snr']:>9.3g}" for n in TOY_NAMES)
+                         + f" {dec['snr']:>9.3g} {enc['reparam']['floor']:>8.2g}")
+        run["slopes"] = {f"encoder {n}": slope(rows, n, "encoder", lo, hi) for n in TOY_NAMES}
+        run["slopes"]["decoder"] = slope(rows, "reparam", "decoder", lo, hi)
+        lines.append(f"{'':>5} {'slope':>7} {f'{lo}-{hi}':>12} " + " ".join(f"{run['slopes'][f'encoder {n}']:>+9.2f}" for n in TOY_NAMES)
+                     + f" {run['slopes']['decoder']:>+9.2f}")
+    lines.append("paper (large k): reparam -0.5 (Rainforth et al.), dreg +0.5 (Tucker et al.), decoder +0.5")
+    text = "\n".join(lines)
+    print(text)
+    (out / "toy.txt").write_text(text + "\n")
+    (out / "toy.json").write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k.startswith("toy")},
+                                              "runs": runs}, indent=1))
+    print(f"wrote {toy_figure(runs, out / 'toy.png')}")
+
+
+def toy_figure(runs, path: Path) -> Path:
+    """One panel per perturbation: SNR against k for each encoder estimator and the decoder, the papers'
+    rates as guides through the last points, and each estimator's noise floor dotted."""
+    from npvae.viz.plots import _new_figure, _save
+
+    fig, axes = _new_figure((5.0 * len(runs), 4.8), ncols=len(runs))
+    axes = np.atleast_1d(axes)
+    styles = {("encoder", "reparam"): ("C0", "o", -0.5), ("encoder", "dreg"): ("C3", "D", 0.5),
+              ("encoder", "stl"): ("C2", "s", None), ("decoder", "reparam"): ("k", "^", 0.5)}
+    for ax, run in zip(axes, runs):
+        rows = run["rows"]
+        for (group, name), (color, marker, rate) in styles.items():
+            pts = sorted((r["k"], r["snr"], r["floor"]) for r in rows if r["estimator"] == name and r["group"] == group)
+            k, snr, floor = (np.array(v, dtype=np.float64) for v in zip(*pts))
+            label = "decoder (every estimator)" if group == "decoder" else f"encoder, {name}" + (" (biased)" if name == "stl" else "")
+            ax.plot(k, snr, marker=marker, color=color, label=label, linewidth=1.5, markersize=5)
+            if group == "encoder" and name != "stl":
+                ax.plot(k, floor, linestyle=":", color=color, linewidth=1)
+            if rate is not None:
+                ax.plot(k[[0, -1]], snr[-1] * (k[[0, -1]] / k[-1]) ** rate, linestyle="--", color="0.55", linewidth=1)
+        k_max = max(r["k"] for r in rows)
+        ess = next(r["ess"] for r in rows if r["k"] == k_max)
+        ax.set_title(f"s = {run['perturbation']:g}: KL(q || p(z|x)) = {run['kl']:.2g} nats\n"
+                     f"ESS = {ess:.3g} of k = {k_max} samples", fontsize=11)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("k (samples)", fontsize=10)
+        ax.grid(which="both", alpha=0.3, linewidth=0.5)
+    axes[0].set_ylabel("SNR = |E g| / std, mean over parameters", fontsize=10)
+    axes[0].plot([], [], linestyle="--", color="0.55", label="papers' rates, k^(±1/2)")
+    axes[0].plot([], [], linestyle=":", color="0.3", label="noise floor of the draws")
+    axes[0].legend(fontsize=8, frameon=False)
+    fig.suptitle("IWAE gradient SNR on Rainforth et al.'s Gaussian model, q moving away from the posterior "
+                 "(left to right)", fontsize=12)
+    return _save(fig, path)
 
 
 # ----------------------------------------------------------------------------- Roeder et al.
@@ -184,13 +321,22 @@ def part_likelihood(args, out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("snr", "landing", "likelihood", "all"))
+    p.add_argument("part", choices=("toy", "snr", "landing", "likelihood", "all"))
     p.add_argument("--out", default="docs/estimators")
     p.add_argument("--snr-epochs", type=int, default=10)
     p.add_argument("--snr-k", type=lambda s: [int(v) for v in s.split(",")], default=[1, 10, 100, 1000])
     p.add_argument("--snr-draws", type=int, default=200)
     p.add_argument("--snr-examples", type=int, default=1)
     p.add_argument("--snr-latent", type=int, default=20, help="snr: latent dimensions of the model")
+    p.add_argument("--signal", default="best", type=lambda s: None if s == "own" else s,
+                   help="toy, snr: whose mean is the signal of every unbiased estimator: best (per parameter, the one "
+                        "varying least), an estimator's name, or own (each its own mean)")
+    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    p.add_argument("--toy-perturbations", type=lambda s: [float(v) for v in s.split(",")], default=[0.01, 0.1, 0.3],
+                   help="toy: std of the noise on q's mean map, one panel each")
+    p.add_argument("--toy-k", type=ints, default=[1, 3, 10, 30, 100, 300, 1000])
+    p.add_argument("--toy-draws", type=int, default=2000)
+    p.add_argument("--toy-dim", type=int, default=20, help="toy: D = Z")
     p.add_argument("--landing-draws", type=int, default=2000)
     p.add_argument("--landing-examples", type=int, default=8)
     p.add_argument("--epochs", type=int, default=5, help="likelihood: training epochs of every model")
@@ -200,9 +346,14 @@ def main() -> None:
     p.add_argument("--mnist-dir", default="../shared/data/mnist")
     p.add_argument("--fashion-dir", default="../shared/data/fashion-mnist")
     args = p.parse_args()
+    for flag in ("toy_k", "snr_k"):
+        ks = sorted(set(getattr(args, flag)))
+        if len(ks) < 2 or ks[0] < 1:
+            p.error(f"--{flag.replace('_', '-')}: expected two or more k >= 1 (the slopes need two), got {getattr(args, flag)}")
+        setattr(args, flag, ks)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for part, run in (("snr", part_snr), ("landing", part_landing), ("likelihood", part_likelihood)):
+    for part, run in (("toy", part_toy), ("snr", part_snr), ("landing", part_landing), ("likelihood", part_likelihood)):
         if args.part in (part, "all"):
             run(args, out)
 

@@ -99,6 +99,12 @@ class Estimator:
     estimate: Callable[[Draws], np.ndarray]  # Draws -> (n, 2Z), one estimate of d bound / d[mu, logvar] per draw
     objectives: tuple[str, ...] = OBJECTIVES  # the objectives it estimates the gradient of (stl: biased for iwae)
     pools_draws: bool = False  # reads the other rows of Draws (a baseline): the rows must be draws of one example
+    unbiased: tuple[str, ...] = OBJECTIVES  # the objectives whose gradient is its expectation
+
+    def is_unbiased(self, objective: str) -> bool:
+        """Whether this estimator's expectation is the gradient of ``objective`` (then every such
+        estimator has the same mean, the gradient itself)."""
+        return objective in self.objectives and objective in self.unbiased
 
 
 def _direct(d: Draws) -> np.ndarray:
@@ -147,8 +153,9 @@ ESTIMATORS = {e.name: e for e in (
     Estimator("reparam", "reparameterization", reparameterization),
     Estimator("score", "score function", score_function),
     Estimator("baseline", "score function, leave-one-out baseline", score_function_loo, pools_draws=True),
-    Estimator("stl", "sticking the landing (path derivative)", sticking_the_landing, objectives=("elbo", "iwae")),
-    Estimator("dreg", "doubly reparameterized (DReG)", doubly_reparameterized, objectives=("iwae",)),
+    Estimator("stl", "sticking the landing (path derivative)", sticking_the_landing, objectives=("elbo", "iwae"),
+              unbiased=("elbo",)),
+    Estimator("dreg", "doubly reparameterized (DReG)", doubly_reparameterized, objectives=("iwae",), unbiased=("iwae",)),
 )}
 
 

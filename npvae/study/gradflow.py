@@ -19,7 +19,7 @@ import numpy as np
 
 from ..models import GaussianLatent
 from ..objectives import check_k_sample_model, encoder_backward, k_sample_draws
-from .estimators import Draws, estimators, reduce_draws
+from .estimators import ESTIMATORS, Draws, estimators, reduce_draws
 
 OBJECTIVE = "E_q[log p(x|z)]"  # what compare_estimators differentiates (to be maximised)
 DEFAULT_ROWS = 8192  # draws per forward pass in compare_estimators
@@ -245,8 +245,9 @@ def _group(key: str) -> str:
     return "decoder" if key.startswith("decoder.") else "encoder"
 
 
-def estimator_snr(model, x, ks, n_draws: int, rng: np.random.Generator, names=None, objective: str = "iwae") -> list[dict]:
-    """Mean, variance and signal-to-noise ratio of each estimator's gradient of a k-sample bound, per k.
+def estimator_snr(model, x, ks, n_draws: int, rng: np.random.Generator, names=None, objective: str = "iwae",
+                  signal: str | None = None) -> list[dict]:
+    r"""Mean, variance and signal-to-noise ratio of each estimator's gradient of a k-sample bound, per k.
 
     Each draw takes fresh noise eps (N, k, Z) for the batch x and gives one estimate of the gradient of
     the batch-mean bound ``(1/N) sum_i bound_i`` (to be maximised) with respect to every parameter:
@@ -257,6 +258,14 @@ def estimator_snr(model, x, ks, n_draws: int, rng: np.random.Generator, names=No
     .. math:: \mathrm{SNR}_p = |\bar g_p| / s_p, \quad \bar g_p = \text{mean}, \quad s_p^2 = \text{variance (ddof 1)}
 
     (Rainforth et al. 2018), summarised per group over the parameters whose variance is not zero.
+
+    The estimate |mean| / std is biased upwards when the true SNR is small: an estimator whose mean
+    is zero still shows :math:`E|\bar g|/s \approx \sqrt{2/(\pi n)}` (0.056 for n = 200), so a
+    falling SNR flattens onto that floor (``floor`` in the rows). Every estimator unbiased for the
+    objective has the same mean, the gradient itself; ``signal`` names one of them whose mean over
+    the draws is taken as that common mean for every unbiased estimator, each keeping its own std, or
+    is ``"best"``: per parameter, the mean of the unbiased estimator whose draws vary least there
+    (DReG near the posterior, not always). A biased estimator (stl for IWAE) keeps its own mean.
 
     Parameters
     ----------
@@ -269,6 +278,9 @@ def estimator_snr(model, x, ks, n_draws: int, rng: np.random.Generator, names=No
         Estimators (default: those of the registry that estimate ``objective`` from one draw each,
         so not the leave-one-out baseline).
     objective : "elbo" or "iwae"
+    signal : str, optional
+        An estimator among ``names``, unbiased for ``objective``, whose mean is the signal of every
+        unbiased estimator, or ``"best"`` (see above); default: each estimator's own mean.
 
     Returns
     -------
@@ -276,7 +288,9 @@ def estimator_snr(model, x, ks, n_draws: int, rng: np.random.Generator, names=No
         One per (estimator, k, group) in that order, group "encoder" or "decoder": ``estimator``,
         ``k``, ``group``, ``mean_abs`` (mean over parameters of |mean|), ``var`` (mean over
         parameters of the variance), ``snr`` (mean over parameters of SNR_p), ``median_snr``,
-        ``params`` (parameters counted), ``n_draws``, ``objective``, and ``ess``: the mean over draws
+        ``params`` (parameters counted), ``n_draws``, ``objective``, ``signal`` (the estimator whose
+        mean is the signal, or "best"), ``floor`` (mean over parameters of :math:`\sqrt{2/(\pi n)}\, s_{signal} / s`,
+        the SNR these draws would show on average if the gradient were zero), and ``ess``: the mean over draws
         and images of the effective sample size 1 / sum_j w_j^2 of the normalized weights (k for the
         ELBO; for IWAE, how many of the k samples carry the bound: the asymptotics of Rainforth et al.
         and Tucker et al. need it large).
@@ -297,6 +311,16 @@ def estimator_snr(model, x, ks, n_draws: int, rng: np.random.Generator, names=No
     if pooled:
         raise ValueError(f"estimators {pooled} pool several draws of one image into each estimate; here every "
                          "draw is one estimate of the batch's gradient")
+    unbiased = [e.name for e in chosen if e.is_unbiased(objective)]
+    if signal == "best":
+        if not unbiased:
+            raise ValueError(f"signal 'best' needs an estimator unbiased for the {objective} gradient among "
+                             f"{', '.join(e.name for e in chosen)}")
+    elif signal is not None:
+        if signal not in [e.name for e in chosen]:
+            raise ValueError(f"signal {signal!r} is not among the estimators measured ({', '.join(e.name for e in chosen)})")
+        if not ESTIMATORS[signal].is_unbiased(objective):
+            raise ValueError(f"signal {signal!r} is biased for the {objective} gradient: its mean is not the gradient")
     x = model.check_input(x)
     batch, zdim = len(x), model.config.latent_dim
     groups = np.concatenate([np.full(g.size, _group(key) == "decoder") for key, g in model.gradients().items()])
@@ -325,18 +349,29 @@ def estimator_snr(model, x, ks, n_draws: int, rng: np.random.Generator, names=No
                 g = model.params.grad.copy()
                 g[groups] = decoder
                 add(e.name, g)
+        stats = {}  # estimator -> (mean, variance) per parameter
         for e in chosen:
             first, s1, s2 = sums[e.name]
-            mean = first + s1 / n_draws
-            var = np.maximum(s2 - s1 * s1 / n_draws, 0.0) / (n_draws - 1)
+            stats[e.name] = (first + s1 / n_draws, np.maximum(s2 - s1 * s1 / n_draws, 0.0) / (n_draws - 1))
+        if signal == "best":  # per parameter, the unbiased estimator whose draws vary least
+            means, variances = (np.stack([stats[n][i] for n in unbiased]) for i in (0, 1))
+            least = np.argmin(variances, axis=0)[None]
+            stats["best"] = (np.take_along_axis(means, least, 0)[0], np.take_along_axis(variances, least, 0)[0])
+        for e in chosen:
+            mean, var = stats[e.name]
+            source = signal if signal is not None and e.is_unbiased(objective) else e.name
+            sig_mean, sig_var = stats[source]
             for group, mask in (("encoder", ~groups), ("decoder", groups)):
                 m, v = mean[mask], var[mask]
                 live = v > 0
-                snr = np.abs(m[live]) / np.sqrt(v[live])
+                std = np.sqrt(v[live])
+                snr = np.abs(sig_mean[mask][live]) / std
+                floor = math.sqrt(2.0 / (math.pi * n_draws)) * np.sqrt(sig_var[mask][live]) / std
                 rows.append({"estimator": e.name, "k": k, "group": group, "mean_abs": float(np.abs(m).mean()),
                              "var": float(v.mean()), "snr": float(snr.mean()) if live.any() else math.nan,
                              "median_snr": float(np.median(snr)) if live.any() else math.nan,
                              "params": int(live.sum()), "n_draws": int(n_draws), "objective": objective,
+                             "signal": source, "floor": float(floor.mean()) if live.any() else math.nan,
                              "ess": ess})
     return rows
 
@@ -347,11 +382,13 @@ def snr_text(rows: list[dict]) -> str:
         return ""
     r0 = rows[0]
     lines = [f"gradient of the {r0['objective']} bound, {r0['n_draws']} draws per estimator and k; per group, the "
-             "mean over parameters of |mean|, variance and SNR = |mean| / std",
-             "(ESS: effective sample size 1 / sum_j w_j^2 of the normalized weights, mean over draws)",
+             "mean over parameters of |mean|, variance and SNR = |signal| / std",
+             "(signal: whose mean is the signal, the same gradient for every unbiased estimator (best: per parameter, "
+             "the unbiased one varying least); floor: the SNR these draws show on average when the gradient is zero;",
+             " ESS: effective sample size 1 / sum_j w_j^2 of the normalized weights, mean over draws)",
              f"{'estimator':<10} {'k':>5} {'ESS':>7}  {'group':<8} {'|mean|':>10} {'variance':>10} {'SNR':>8} "
-             f"{'median SNR':>10}"]
+             f"{'median SNR':>10} {'floor':>8}  signal"]
     for r in rows:
         lines.append(f"{r['estimator']:<10} {r['k']:>5} {r['ess']:>7.3g}  {r['group']:<8} {r['mean_abs']:>10.3g} "
-                     f"{r['var']:>10.3g} {r['snr']:>8.3g} {r['median_snr']:>10.3g}")
+                     f"{r['var']:>10.3g} {r['snr']:>8.3g} {r['median_snr']:>10.3g} {r['floor']:>8.2g}  {r['signal']}")
     return "\n".join(lines)

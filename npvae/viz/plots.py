@@ -1373,15 +1373,23 @@ def plot_estimator_comparison(table: Mapping[str, Any], path: PathLike,
     return _save(fig, path)
 
 
+_SNR_RATES = {"encoder": {"reparam": -0.5, "dreg": 0.5}, "decoder": {None: 0.5}}  # large-k rates: Rainforth et al.
+# 2018 (encoder -1/2 and decoder +1/2 under IWAE), Tucker et al. 2019 (DReG's encoder +1/2); None: the first estimator
+
+
 def plot_snr(rows: Sequence[Mapping[str, Any]], path: PathLike,
              title: str | None = "Signal-to-noise ratio of the gradient against k") -> Path:
     """SNR of each estimator's encoder and decoder gradients against k, on log axes.
+
+    Grey dashed guides show the papers' large-k rates through the last point of the estimator they
+    concern (encoder: reparam ∝ 1/√k, dreg ∝ √k; decoder ∝ √k); where the rows carry ``floor``,
+    a dotted line per estimator marks the SNR its draws would show if the gradient were zero.
 
     Parameters
     ----------
     rows : sequence of mappings
         As :func:`npvae.study.gradflow.estimator_snr` returns: ``estimator``, ``k``, ``group``
-        ("encoder" or "decoder") and ``snr``; optional ``labels`` are not read (names are drawn).
+        ("encoder" or "decoder") and ``snr``; optional ``floor``; ``labels`` are not read (names are drawn).
     path : str or PathLike
     title : str or None
 
@@ -1398,34 +1406,37 @@ def plot_snr(rows: Sequence[Mapping[str, Any]], path: PathLike,
         raise ValueError(f"expected at most {len(_ESTIMATOR_COLORS)} estimators, got {names}")
     fig, axes = _new_figure((11.0, 4.6), ncols=2)
 
-    def curve(name, group):
-        pts = sorted((r["k"], r["snr"]) for r in rows if r["estimator"] == name and r["group"] == group
-                     and np.isfinite(r["snr"]) and r["snr"] > 0)
+    def curve(name, group, key="snr"):
+        pts = sorted((r["k"], r[key]) for r in rows if r["estimator"] == name and r["group"] == group
+                     and np.isfinite(r.get(key, np.nan)) and r[key] > 0)
         return tuple(zip(*pts)) if pts else ((), ())
 
-    for ax, group, slope in zip(axes, ("encoder", "decoder"), (-0.5, 0.5)):
+    for ax, group in zip(axes, ("encoder", "decoder")):
         curves = {n: curve(n, group) for n in names}
         shared = len({c for c in curves.values()}) == 1 and len(names) > 1
-        if shared:  # every estimator here has the same decoder gradient: one line, said so
-            ks, snr = curves[names[0]]
-            ax.plot(ks, snr, marker="o", color="k", label="every estimator (one gradient)", linewidth=1.5, markersize=6)
-        else:
-            for n, color, marker in zip(names, _ESTIMATOR_COLORS, "osD^v<>"):
-                ks, snr = curves[n]
-                if ks:
-                    ax.plot(ks, snr, marker=marker, color=color, label=n, linewidth=1.5, markersize=6)
-        ks, snr = curves[names[0]]
-        if len(ks) > 1:  # a guide through the first estimator's first point
-            ref = np.array([ks[0], ks[-1]], dtype=np.float64)
-            ax.plot(ref, snr[0] * (ref / ref[0]) ** slope, linestyle="--", color="0.5", linewidth=1,
-                    label="∝ 1/√k" if slope < 0 else "∝ √k")
+        drawn = [(names[0], "k")] if shared else list(zip(names, _ESTIMATOR_COLORS))
+        for (n, color), marker in zip(drawn, "osD^v<>"):
+            ks, snr = curves[n]
+            if ks:
+                ax.plot(ks, snr, marker=marker, color=color, linewidth=1.5, markersize=6,
+                        label="every estimator (one gradient)" if shared else n)
+            fk, floor = curve(n, group, "floor")
+            if fk:
+                ax.plot(fk, floor, linestyle=":", color=color, linewidth=1,
+                        label="noise floor of the draws" if n == drawn[0][0] else None)
+        for name, slope in _SNR_RATES[group].items():
+            ks, snr = curves.get(name if name is not None else names[0], ((), ()))
+            if len(ks) > 1:
+                ref = np.array([ks[0], ks[-1]], dtype=np.float64)
+                ax.plot(ref, snr[-1] * (ref / ref[-1]) ** slope, linestyle="--", color="0.5", linewidth=1,
+                        label=("∝ 1/√k" if slope < 0 else "∝ √k") + ("" if name is None else f" ({name})"))
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("k (samples per image)", fontsize=11)
         ax.set_title(f"{group} parameters", fontsize=12)
         ax.grid(which="both", alpha=0.3, linewidth=0.5)
         ax.tick_params(labelsize=10)
-        ax.legend(fontsize=10, frameon=False)
+        ax.legend(fontsize=9, frameon=False)
     axes[0].set_ylabel("SNR = |mean| / std, mean over parameters", fontsize=11)
     if _check_title(title):
         fig.suptitle(title, fontsize=13)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -37,6 +38,32 @@ def test_the_linear_gaussian_encoder_is_the_exact_posterior():
     b = params["decoder.0.bias"]
     np.testing.assert_allclose(mu, np.linalg.solve(precision, w.T @ (x - b).T).T, rtol=1e-12)
     np.testing.assert_allclose(np.exp(logvar[0]), np.diag(np.linalg.inv(precision)), rtol=1e-12)
+
+
+def test_rainforths_gaussian_model_has_the_stated_posterior():
+    from npvae.study.gradflow import sample_draws
+
+    d = 5
+    model, x, kl = study.rainforth_gaussian(d, 0.0, 0)
+    # q = N((x - b) / 2, 2/3 I) against p(z|x) = N((x - b) / 2, I / 2): only the variances differ
+    assert kl == pytest.approx(d * 0.5 * (math.log(0.75) + 1 / 3), rel=1e-12)
+    model.parameters()["logvar.bias"][...] = math.log(0.5)  # now q is the posterior: every weight is p(x)
+    log_w = sample_draws(model, x, np.random.default_rng(0).standard_normal((1, 7, d)), "iwae").log_w
+    b = model.parameters()["decoder.0.bias"]
+    log_px = -0.5 * (((x - b) ** 2).sum() / 2 + d * math.log(2 * math.pi * 2))  # x ~ N(b, 2 I)
+    np.testing.assert_allclose(log_w, log_px, rtol=1e-12)
+    _, _, kl_far = study.rainforth_gaussian(d, 0.3, 0)
+    assert kl_far > kl
+
+
+def test_toy_part_shows_the_papers_signs_near_the_posterior(tmp_path, monkeypatch):
+    # Near the posterior (s = 0.01) the plain encoder SNR falls with k and DReG's and the decoder's rise.
+    monkeypatch.setattr(sys, "argv", ["estimator_study.py", "toy", "--out", str(tmp_path), "--toy-perturbations", "0.01",
+                                      "--toy-k", "1,10,100", "--toy-draws", "100", "--toy-dim", "5"])
+    study.main()
+    run = json.loads((tmp_path / "toy.json").read_text())["runs"][0]
+    assert run["slopes"]["encoder reparam"] < -0.2 and run["slopes"]["encoder dreg"] > 0.2 and run["slopes"]["decoder"] > 0.2
+    assert "slope" in (tmp_path / "toy.txt").read_text() and (tmp_path / "toy.png").stat().st_size > 0
 
 
 @pytest.mark.slow

@@ -216,6 +216,55 @@ def test_estimator_snr_summarises_the_draws_it_was_given(objective, estimator):
         assert row["ess"] == pytest.approx(k) if objective == "elbo" else 1 <= row["ess"] < k
 
 
+def test_estimator_snr_takes_the_signal_from_the_named_unbiased_estimator():
+    # Brute force as above: reparam's SNR with dreg's mean as the signal, stl (biased for IWAE) with its own.
+    from npvae.study.gradflow import estimator_snr
+
+    model = VAE(6, (5,), 2, "tanh", dtype=np.float64, seed=4)
+    x = np.random.default_rng(0).random((2, 6))
+    k, n = 4, 30
+    names = ["reparam", "stl", "dreg"]
+    rows = estimator_snr(model, x, [k], n, np.random.default_rng(1), names=names, signal="dreg")
+    rng = np.random.default_rng(1)
+    grads = {name: [] for name in names}
+    for _ in range(n):
+        eps = rng.standard_normal((2, k, 2))
+        for name in names:
+            Objective("iwae", k, name).loss_and_grads(model, x, eps=eps)
+            grads[name].append(-model.params.grad.copy())
+    g = {name: np.array(v) for name, v in grads.items()}
+    encoder = ~np.concatenate([np.full(v.size, key.startswith("decoder.")) for key, v in model.gradients().items()])
+    std = {name: v[:, encoder].std(0, ddof=1) for name, v in g.items()}
+    signal = {"reparam": g["dreg"], "dreg": g["dreg"], "stl": g["stl"]}
+    for name in names:
+        row = next(r for r in rows if r["estimator"] == name and r["group"] == "encoder")
+        assert row["signal"] == ("stl" if name == "stl" else "dreg")
+        assert row["snr"] == pytest.approx((np.abs(signal[name][:, encoder].mean(0)) / std[name]).mean(), rel=1e-8)
+        floor = math.sqrt(2 / (math.pi * n)) * signal[name][:, encoder].std(0, ddof=1) / std[name]
+        assert row["floor"] == pytest.approx(floor.mean(), rel=1e-8)
+    reparam = next(r for r in rows if r["estimator"] == "reparam" and r["group"] == "encoder")
+    assert reparam["floor"] < math.sqrt(2 / (math.pi * n))  # dreg's mean is the more precise one
+    # "best": per parameter, the mean of whichever unbiased estimator (reparam, dreg) varies least; with
+    # larger weights q is poor enough that reparam wins on some encoder parameters
+    model.params.data[...] *= 3
+    rows = estimator_snr(model, x, [k], n, np.random.default_rng(1), names=["reparam", "dreg"], signal="best")
+    rng = np.random.default_rng(1)
+    g = {"reparam": [], "dreg": []}
+    for _ in range(n):
+        eps = rng.standard_normal((2, k, 2))
+        for name in g:
+            Objective("iwae", k, name).loss_and_grads(model, x, eps=eps)
+            g[name].append(-model.params.grad[encoder].copy())
+    g = {name: np.array(v) for name, v in g.items()}
+    std = {name: v.std(0, ddof=1) for name, v in g.items()}
+    pick = std["dreg"] <= std["reparam"]
+    assert 0 < pick.mean() < 1  # both are picked somewhere
+    best = np.where(pick, g["dreg"].mean(0), g["reparam"].mean(0))
+    for name in g:
+        row = next(r for r in rows if r["estimator"] == name and r["group"] == "encoder")
+        assert row["signal"] == "best" and row["snr"] == pytest.approx((np.abs(best) / std[name]).mean(), rel=1e-8)
+
+
 def test_estimator_snr_refuses_what_it_cannot_measure():
     from npvae.study.gradflow import estimator_snr
 
@@ -230,5 +279,11 @@ def test_estimator_snr_refuses_what_it_cannot_measure():
         estimator_snr(model, x, [0], 3, rng)
     with pytest.raises(ValueError, match="n_draws >= 2"):
         estimator_snr(model, x, [1], 1, rng)
+    with pytest.raises(ValueError, match="signal 'best' needs an estimator unbiased for the iwae gradient among stl"):
+        estimator_snr(model, x, [2], 3, rng, names=["stl"], signal="best")
+    with pytest.raises(ValueError, match="signal 'stl' is biased for the iwae gradient"):
+        estimator_snr(model, x, [2], 3, rng, names=["reparam", "stl"], signal="stl")
+    with pytest.raises(ValueError, match=r"signal 'dreg' is not among the estimators measured \(reparam\)"):
+        estimator_snr(model, x, [2], 3, rng, names=["reparam"], signal="dreg")
     rows = estimator_snr(model, x, [1, 2], 2, rng)  # the default: every one-draw estimator of the IWAE gradient
     assert [r["estimator"] for r in rows[::2]][:4] == ["reparam", "score", "stl", "dreg"]

@@ -180,11 +180,23 @@ def test_grads_measures_signal_to_noise_against_k(saved, tmp_path, capsys):
     decoder = {(r[1], r[5]) for r in rows if r[2] == "decoder"}
     assert len(decoder) == 2  # one decoder gradient per k, whatever the estimator
     assert "(stl, dreg: for the ELBO and IWAE bounds, not E_q[log p(x|z)]; in the k study below)" in text
+    assert re.search(r"^reparam\s+3 .* reparam$", text, flags=re.M)  # the signal column: its own mean by default
+    assert main(["grads", str(saved["z3"]), "--n", "4", "--examples", "1", "--estimators", "reparam,score,stl,dreg",
+                 "--k", "3", "--snr-draws", "4", "--snr-signal", "best", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^score\s+3 .* best$", text, flags=re.M) and re.search(r"^stl\s+3 .* stl$", text, flags=re.M)
     assert_picture(tmp_path / "snr.png")
     assert_picture(tmp_path / "estimators.png")
     assert main(["grads", str(saved["z3"]), "--estimators", "dreg", "--k", "2", "--objective", "elbo",
                  "--out", str(tmp_path)]) == 2
     assert "none of --estimators dreg estimates the elbo gradient" in capsys.readouterr().err
+    assert main(["grads", str(saved["z3"]), "--estimators", "reparam,stl", "--k", "2", "--snr-signal", "stl",
+                 "--out", str(tmp_path)]) == 2
+    assert "--snr-signal stl: expected own, best or one of the measured estimators unbiased for the iwae " \
+           "gradient (reparam)" in capsys.readouterr().err
+    assert main(["grads", str(saved["z3"]), "--estimators", "stl", "--k", "2", "--snr-signal", "best",
+                 "--out", str(tmp_path)]) == 2
+    assert "--snr-signal best: none of stl is unbiased for the iwae gradient" in capsys.readouterr().err
     assert main(["grads", str(saved["cvae"]), "--k", "2", "--out", str(tmp_path)]) == 2
     assert "a prior of its own" in capsys.readouterr().err
     assert main(["grads", str(saved["z3"]), "--k", "0,5"]) == 2
