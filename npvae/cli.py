@@ -394,10 +394,33 @@ def _dataset_for(args, meta):
     return _load_data(args, meta.get("train_config", {}).get("seed", 0), source)
 
 
+def _split_arrays(dataset, split: str):
+    """The images, labels and paired targets of ``split``: test, val, or all (every example of a
+    held-out ``--data``: its training and validation parts)."""
+    if split != "all":
+        return tuple(getattr(dataset, f"{split}_{a}") for a in ("x", "y", "target"))
+    joined = [(getattr(dataset, f"train_{a}"), getattr(dataset, f"val_{a}")) for a in ("x", "y", "target")]
+    return tuple(None if t is None else np.concatenate([t, v]) for t, v in joined)
+
+
+def _check_held_out(args, meta) -> None:
+    """``--split all`` scores every example of ``--data``, so that data must be new to the run."""
+    if args.split != "all":
+        return
+    if getattr(args, "data", None) is None:
+        raise CLIError("--split all evaluates every example of held-out data: pass --data PATH (and --target DIR "
+                       "for a paired run); the run's own data holds the images it trained on")
+    source = meta.get("data_source") or {}
+    if source.get("kind") == "path" and source.get("path") and \
+            Path(args.data).expanduser().resolve() == Path(source["path"]).resolve():
+        raise CLIError(f"--split all evaluates every example of --data, but {args.data} is the data the run trained "
+                       "on; pass held-out data, or --split test for its validation part")
+
+
 def _split_target(dataset, split: str, model, meta, n: int | None = None):
     """The paired targets of ``split`` (first ``n``), prepared as the run's final test report prepared
     them; None when the run reconstructed its inputs (no ``--target``)."""
-    target = dataset.test_target if split == "test" else dataset.val_target
+    target = _split_arrays(dataset, split)[2]
     if target is None:
         return None
     tc = meta.get("train_config", {})
@@ -416,7 +439,7 @@ def _split_data(args, model, meta, n: int | None = None, fresh_binarization: boo
 
     dataset = _dataset_for(args, meta)
     tc = meta.get("train_config", {})
-    images, labels = (dataset.test_x, dataset.test_y) if args.split == "test" else (dataset.val_x, dataset.val_y)
+    images, labels, _ = _split_arrays(dataset, args.split)
     if n is not None:
         images, labels = images[:n], None if labels is None else labels[:n]
     binarize = tc.get("binarize", "none")
@@ -458,6 +481,7 @@ def cmd_evaluate(args) -> int:
             raise CLIError(f"--iw-samples estimates log p(x) of an unconditional VAE; {args.checkpoint} holds a "
                            f"{model.kind}" + (" (its bound would need the learned prior p(z|y))"
                                               if isinstance(model, Conditional) else ""))
+    _check_held_out(args, meta)
     dataset, x, labels, note = _split_data(args, model, meta, args.n, args.fresh_binarization)
     target = _split_target(dataset, args.split, model, meta, args.n)
     if target is not None and args.iw_samples is not None:
@@ -983,7 +1007,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "(before) and of the outputs (after cleaning) against them.")
     p.add_argument("checkpoint", help="a checkpoint.npz or best.npz")
     _add_data_args(p)
-    p.add_argument("--split", choices=("test", "val"), default="test", help="the images to evaluate")
+    p.add_argument("--split", choices=("test", "val", "all"), default="test",
+                   help="the images to evaluate; all: every example of held-out --data (with --target for a "
+                        "paired run), e.g. pages rendered with another seed")
     p.add_argument("--seed", type=_count(0, 2**63 - 1), default=0, help="seeds the noise draws")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
     p.add_argument("--iw-samples", type=_count(1, 1_000_000), default=None, metavar="K",

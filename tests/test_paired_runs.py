@@ -1,6 +1,7 @@
 """Paired runs (input -> target, ``npvae train --data noisy --target clean``): evaluate scores the model
 against the run's targets, not its noisy inputs, and reports the per-pixel RMSE of the inputs ("before")
-and of the outputs ("after cleaning") against them; plot reconstructions and reconstruct draw the
+and of the outputs ("after cleaning") against them, on the run's validation pages or on every page of
+held-out data (``--split all``); plot reconstructions and reconstruct draw the
 targets as a third row. Tiny pages from scripts/make_documents.py and tiny models, one epoch each.
 """
 
@@ -22,6 +23,7 @@ pytest.importorskip("matplotlib")
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 H, W, N = 16, 32, 20  # the smallest pages make_documents draws; 2 of the 20 are held out
+HELD = 5  # pages of another seed, never trained on
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("paired")
     assert make_documents.main(["--out", str(root / "docs"), "--n", str(N), "--height", str(H), "--width", str(W),
                                 "--seed", "0"]) == 0
+    assert make_documents.main(["--out", str(root / "held"), "--n", str(HELD), "--height", str(H), "--width", str(W),
+                                "--seed", "1"]) == 0
     pairs = ["--data", str(root / "docs" / "noisy"), "--target", str(root / "docs" / "clean"), "--epochs", "1",
              "--no-progress", "--no-pictures"]
     assert main(["train", "--model", "conv-doc-dae", *pairs, "--out", str(root / "doc")]) == 0
@@ -98,3 +102,31 @@ def test_the_pictures_show_the_targets(runs, tmp_path, monkeypatch):
     for target in seen:
         assert target is not None and np.allclose(target, clean, rtol=0, atol=1e-7)
     assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_split_all_scores_every_page_of_held_out_data(runs, capsys):
+    held = runs / "held"
+    result, text = evaluate_json(capsys, runs / "doc" / "best.npz", "--data", held / "noisy", "--target",
+                                 held / "clean", "--split", "all")
+    model, _ = load_model(runs / "doc" / "best.npz")
+    data = load_path(held / "noisy", held / "clean", seed=0)
+    x = np.concatenate([data.train_x, data.val_x]) / 255.0
+    clean = np.concatenate([data.train_target, data.val_target]) / 255.0
+    assert result["split"] == "all" and result["examples"] == HELD and result["paired"] is True
+    out = model.reconstruct(x.astype(np.float32)).astype(np.float64)
+    assert result["loss"] == pytest.approx(((out - clean) ** 2).sum((1, 2)).mean(), rel=1e-5)
+    assert result["rmse_input_target"] == pytest.approx(np.sqrt(((x - clean) ** 2).mean()), rel=1e-6)
+    assert result["rmse_output_target"] == pytest.approx(np.sqrt(((out - clean) ** 2).mean()), rel=1e-5)
+    # the default split of the same folder is its validation part only
+    part, _ = evaluate_json(capsys, runs / "doc" / "best.npz", "--data", held / "noisy", "--target", held / "clean")
+    assert part["examples"] == len(data.val_x) < HELD
+
+
+def test_split_all_needs_held_out_data(runs, capsys):
+    best = str(runs / "doc" / "best.npz")
+    assert main(["evaluate", best, "--split", "all"]) == 2
+    err = capsys.readouterr().err
+    assert "--split all evaluates every example of held-out data: pass --data PATH" in err and len(err.strip().splitlines()) == 1
+    docs = runs / "docs"
+    assert main(["evaluate", best, "--data", str(docs / "noisy"), "--target", str(docs / "clean"), "--split", "all"]) == 2
+    assert "is the data the run trained on" in capsys.readouterr().err

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from npvae.cli import main
-from npvae.models import CVAE, VAE, Autoencoder, DenoisingAutoencoder, LossNames, PoorMansVAE
+from npvae.models import (CVAE, VAE, Autoencoder, ConvAutoencoder, ConvDenoisingAutoencoder, ConvDocumentDAE, ConvVAE,
+                          Denoising, DenoisingAutoencoder, LossNames, PoorMansVAE)
 from npvae.train import fit
 
 
@@ -21,10 +22,23 @@ from npvae.train import fit
     (Autoencoder(784, (8,), 2), "squared error", None, None),
     (DenoisingAutoencoder(784, (8,), 2), "squared error", None, None),
     (PoorMansVAE(784, (8,), 2), "squared error + code norm", "code norm", None),
+    (ConvVAE(input_shape=(8, 8)), "negative ELBO", "KL", "nats"),
+    (ConvVAE(input_shape=(8, 8), parameterization="log_sigma"), "negative ELBO", "KL", "nats"),
+    (ConvVAE(input_shape=(8, 8), beta=5e-4), "recon + 0.0005 KL", "KL", "nats"),
+    (ConvDenoisingAutoencoder(), "squared error", None, None),
+    (ConvAutoencoder(), "squared error", None, None),
+    (ConvDocumentDAE(input_shape=(8, 16)), "squared error", None, None),
 ])
 def test_each_model_declares_its_loss_and_unit(model, total, reg, unit):
     names = model.loss_names
     assert isinstance(names, LossNames) and (names.total, names.reg, names.unit) == (total, reg, unit)
+
+
+def test_the_denoisers_and_only_they_are_denoising():
+    assert isinstance(ConvDenoisingAutoencoder(), Denoising) and isinstance(DenoisingAutoencoder(784, (8,), 2), Denoising)
+    for model in (ConvAutoencoder(), ConvDocumentDAE(input_shape=(8, 16)), ConvVAE(input_shape=(8, 8)),
+                  Autoencoder(784, (8,), 2)):
+        assert not isinstance(model, Denoising), model.kind
 
 
 def test_loss_names_format_the_terms_a_model_has():
@@ -46,6 +60,12 @@ def test_the_training_lines_use_the_models_names():
     assert "ELBO" not in ae_line and "nats" not in ae_line and "KL" not in ae_line and "recon" not in ae_line
     (vae_line,) = _lines_of_fit(VAE(16, (8,), 2), x)
     assert vae_line.startswith("epoch 1/1  negative ELBO (nats): train ") and "KL" in vae_line
+    images = np.random.default_rng(1).random((32, 8, 8)).astype(np.float32)
+    (conv_vae_line,) = _lines_of_fit(ConvVAE(input_shape=(8, 8)), images)
+    assert conv_vae_line.startswith("epoch 1/1  negative ELBO (nats): train ") and "KL" in conv_vae_line
+    (conv_dae_line,) = _lines_of_fit(ConvDenoisingAutoencoder(), np.random.default_rng(2).random((32, 784)).astype(np.float32))
+    assert conv_dae_line.startswith("epoch 1/1  squared error: train ")
+    assert "ELBO" not in conv_dae_line and "nats" not in conv_dae_line and "KL" not in conv_dae_line
 
 
 def test_the_cli_reports_a_denoising_autoencoder_by_its_own_loss(tmp_path, capsys):

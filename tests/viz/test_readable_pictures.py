@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from npvae.models import CVAE, VAE, Autoencoder, DenoisingAutoencoder
+from npvae.models import CVAE, VAE, Autoencoder, ConvAutoencoder, ConvDenoisingAutoencoder, ConvDocumentDAE, DenoisingAutoencoder
 from npvae.viz import figures, plots
 
 pytest.importorskip("matplotlib")
@@ -172,6 +172,34 @@ def test_a_denoisers_picture_shows_corrupted_input_output_and_clean_original(cap
     np.testing.assert_array_equal(call["targets"], x)
     np.testing.assert_allclose(call["reconstructions"], np.clip(dae.reconstruct(call["originals"]), -1, 1))
     assert "corrupted" in call["title"] and "clean originals" in call["title"]
+
+
+def test_the_conv_denoiser_shows_corrupted_input_output_and_clean_original(captured, tmp_path):
+    dae = ConvDenoisingAutoencoder(input_shape=(28, 28))
+    x = digits(4).reshape(4, 28, 28)
+    figures.reconstructions(dae, x, tmp_path / "r.png", rng=np.random.default_rng(3))
+    call = captured[0]
+    assert call["row_labels"] == ("corrupted input", "output", "clean original")
+    corrupted = dae.corrupt(x, np.random.default_rng(3))
+    np.testing.assert_array_equal(call["originals"], corrupted)
+    assert {0.0, 1.0} <= set(np.unique(corrupted[corrupted != x]))  # salt and pepper
+    np.testing.assert_array_equal(call["targets"], x)
+    np.testing.assert_allclose(call["reconstructions"], np.clip(dae.reconstruct(corrupted), 0, 1))
+
+
+@pytest.mark.parametrize("model, paired, rows", [
+    (ConvDocumentDAE(input_shape=(8, 16)), True, ("input", "output", "target")),
+    (ConvAutoencoder(input_shape=(28, 28)), False, ("input", "reconstruction")),
+])
+def test_the_other_conv_autoencoders_show_their_inputs_as_they_are(captured, tmp_path, model, paired, rows):
+    lo, hi = model.value_range
+    x = lo + (hi - lo) * np.random.default_rng(4).random((3, *model.input_shape)).astype(np.float32)
+    target = np.clip(x + 0.1, lo, hi) if paired else None
+    figures.reconstructions(model, x, tmp_path / "r.png", target=target)
+    call = captured[0]
+    assert call["row_labels"] == rows
+    np.testing.assert_array_equal(call["originals"], x)
+    assert (call["targets"] is None) == (not paired)
 
 
 def test_paired_data_adds_its_targets_and_a_plain_model_shows_two_rows(captured, tmp_path):
