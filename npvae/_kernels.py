@@ -951,3 +951,91 @@ def upsample_backward(dy, sh, sw, out):
                         for e in range(sw):
                             acc += dy[n, ch, u * sh + a, v * sw + e]
                     out[n, ch, u, v] = acc
+
+
+# ----------------------------------------------------------------------------- direct correlations
+# A convolution with one input or one output channel gives im2col a product of K = kH kW rows or
+# N = 1 column, where BLAS runs at a few GFLOP/s and the column matrix (kH kW times the input) costs
+# more to write than the product; these loops correlate directly. Both keep the innermost loop
+# elementwise over an output row (no reduction there), so LLVM vectorises it without fastmath.
+
+
+def _window(xp, a, b, sh, sw, oh, ow):
+    """xp[:, :, i sh + a, j sw + b] for i < oh, j < ow: (B, C, oh, ow), a view."""
+    return xp[:, :, a : a + (oh - 1) * sh + 1 : sh, b : b + (ow - 1) * sw + 1 : sw]
+
+
+def _conv_direct_forward_np(xp, w, sh, sw, out):
+    oh, ow = out.shape[2:]
+    out[...] = 0
+    for a in range(w.shape[2]):
+        for b in range(w.shape[3]):
+            out += np.einsum("nchw,oc->nohw", _window(xp, a, b, sh, sw, oh, ow), w[:, :, a, b])
+
+
+@kernel(_conv_direct_forward_np)
+def conv_direct_forward(xp, w, sh, sw, out):
+    """out[n, o, i, j] = sum_{c, a, b} w[o, c, a, b] xp[n, c, i sh + a, j sw + b] (a padded input's
+    correlation with w (O, C, kH, kW); out (B, O, OH, OW)), tap by tap over whole output rows."""
+    bsz, c_in = xp.shape[0], xp.shape[1]
+    c_out, kh, kw = w.shape[0], w.shape[2], w.shape[3]
+    oh, ow = out.shape[2], out.shape[3]
+    for n in range(bsz):
+        for o in range(c_out):
+            y = out[n, o]
+            y[:, :] = 0.0
+            for c in range(c_in):
+                img = xp[n, c]
+                for a in range(kh):
+                    for b in range(kw):
+                        wv = w[o, c, a, b]
+                        for i in range(oh):
+                            row = img[i * sh + a]
+                            if sw == 1:
+                                for j in range(ow):
+                                    y[i, j] += wv * row[j + b]
+                            else:
+                                for j in range(ow):
+                                    y[i, j] += wv * row[j * sw + b]
+
+
+def _conv_direct_weight_grad_np(xp, dy, sh, sw, acc, dw):
+    oh, ow = dy.shape[2:]
+    for a in range(dw.shape[2]):
+        for b in range(dw.shape[3]):
+            dw[:, :, a, b] = np.einsum("nohw,nchw->oc", dy, _window(xp, a, b, sh, sw, oh, ow))
+
+
+@kernel(_conv_direct_weight_grad_np)
+def conv_direct_weight_grad(xp, dy, sh, sw, acc, dw):
+    """dw[o, c, a, b] = sum_{n, i, j} dy[n, o, i, j] xp[n, c, i sh + a, j sw + b] (dy (B, O, OH, OW),
+    dw (O, C, kH, kW)); acc (O, C, kH, kW, OW) float64 scratch holds one partial sum per output column
+    (so the inner loop is elementwise), summed at the end."""
+    bsz, c_in = xp.shape[0], xp.shape[1]
+    c_out, kh, kw = dw.shape[0], dw.shape[2], dw.shape[3]
+    oh, ow = dy.shape[2], dy.shape[3]
+    acc[...] = 0.0
+    for n in range(bsz):
+        for o in range(c_out):
+            g = dy[n, o]
+            for c in range(c_in):
+                img = xp[n, c]
+                for a in range(kh):
+                    for b in range(kw):
+                        s = acc[o, c, a, b]
+                        for i in range(oh):
+                            row = img[i * sh + a]
+                            if sw == 1:
+                                for j in range(ow):
+                                    s[j] += g[i, j] * row[j + b]
+                            else:
+                                for j in range(ow):
+                                    s[j] += g[i, j] * row[j * sw + b]
+    for o in range(c_out):
+        for c in range(c_in):
+            for a in range(kh):
+                for b in range(kw):
+                    t = 0.0
+                    for j in range(ow):
+                        t += acc[o, c, a, b, j]
+                    dw[o, c, a, b] = t
