@@ -1039,3 +1039,44 @@ def conv_direct_weight_grad(xp, dy, sh, sw, acc, dw):
                     for j in range(ow):
                         t += acc[o, c, a, b, j]
                     dw[o, c, a, b] = t
+
+
+
+def _col2im_np(cols, kh, kw, sh, sw, top, left, h, w, out):
+    out[...] = 0
+    n, c_out, oh, ow = out.shape
+    c6 = cols.reshape(n, c_out, kh, kw, h, w)
+    for a in range(kh):
+        i0 = max(0, -(-(top - a) // sh))  # the first input row landing at u = i sh + a - top >= 0
+        i1 = min(h, (oh - 1 + top - a) // sh + 1) if oh - 1 + top - a >= 0 else 0
+        for b in range(kw):
+            j0 = max(0, -(-(left - b) // sw))
+            j1 = min(w, (ow - 1 + left - b) // sw + 1) if ow - 1 + left - b >= 0 else 0
+            if i1 > i0 and j1 > j0:
+                u0, v0 = i0 * sh + a - top, j0 * sw + b - left
+                out[:, :, u0 : u0 + (i1 - i0 - 1) * sh + 1 : sh, v0 : v0 + (j1 - j0 - 1) * sw + 1 : sw] += \
+                    c6[:, :, a, b, i0:i1, j0:j1]
+
+
+@kernel(_col2im_np)
+def col2im(cols, kh, kw, sh, sw, top, left, h, w, out):
+    """out[n, o, i sh + a - top, j sw + b - left] += cols[n, (o, a, b), i w + j] over the taps (a, b)
+    and input pixels (i, j) whose target lies in out (B, C_out, OH, OW) (zeroed first; targets outside
+    it are cropped away). cols : (B, C_out kH kW, h w), the per-pixel contributions of a transposed
+    convolution."""
+    bsz, c_out, oh, ow = out.shape
+    for n in range(bsz):
+        for o in range(c_out):
+            y = out[n, o]
+            y[:, :] = 0.0
+            for a in range(kh):
+                for b in range(kw):
+                    src = cols[n, (o * kh + a) * kw + b]
+                    for i in range(h):
+                        u = i * sh + a - top
+                        if u < 0 or u >= oh:
+                            continue
+                        for j in range(w):
+                            v = j * sw + b - left
+                            if v >= 0 and v < ow:
+                                y[u, v] += src[i * w + j]

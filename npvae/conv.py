@@ -312,30 +312,14 @@ def _weight_grad_scratch(buffers, tag, cols, xp, dy_shape, kernel, dtype):
             _scratch(buffers, f"{tag}:dwsum", (c_out, cols.shape[1]), dtype))
 
 
-def _phase_rows(n: int, k: int, s: int, crop: tuple[int, int], p: int):
-    """One axis of phase p of a transposed correlation (see :func:`_transposed`).
-
-    Returns (taps, first output row, count, pads of x): output rows u = first + t s, t < count, are
-    the full rows r = u + crop[0] with r = p (mod s), r = q s + p, q from q0 = ceil((crop[0] - p) / s);
-    their values are a stride-1 correlation of x padded by ``pads`` with the phase's taps flipped.
-    """
-    taps = len(range(p, k, s))
-    out = (n - 1) * s + k - crop[0] - crop[1]
-    q0 = -((p - crop[0]) // s)
-    q1 = (crop[0] + out - 1 - p) // s
-    count = max(q1 - q0 + 1, 0)
-    return taps, p + q0 * s - crop[0], count, (taps - 1 - q0, q1 + 1 - n)
-
-
 def _transposed(x, w, stride, crops, buffers, tag: str):
     """The transposed correlation: y[n, o, i s + a - top, j s + b - left] += x[n, c, i, j] w[c, o, a, b].
 
-    Split by the output's phase (u + top) mod s, (v + left) mod s: the output rows of phase p are
-    reached by the taps a = p, p + s, ... alone, so each phase is a stride-1 correlation of x (padded,
-    or cropped, to just the rows it needs) with those taps flipped, ``w[c, o, a, b]`` laid out
-    (C_out, C_in, taps). Every product then has the shape of a forward one with no zeros multiplied
-    (correlating x dilated by the stride would multiply s^2 - 1 zeros for every value). A phase with
-    no taps (a kernel smaller than the stride) leaves its rows 0.
+    Stride 1: a correlation of x padded by ``k - 1 - crop`` with w flipped and channel-swapped (laid out
+    (C_out, C_in, kH, kW)): a product of a forward's shape. Stride s > 1: per image, the contributions
+    ``cols_b = W_m^T x_b`` ((C_out kH kW, C_in) @ (C_in, H W), no zeros of a dilated input multiplied)
+    scattered into y by :func:`npvae._kernels.col2im` a chunk of images at a time (measured at batch
+    128, 64 -> 32 channels on 14x14: 12 ms against 20 for one stride-1 correlation per output phase).
 
     x : (B, C_in, H, W); w : (C_in, C_out, kH, kW). Returns y : (B, C_out, OH, OW).
     """
@@ -344,27 +328,23 @@ def _transposed(x, w, stride, crops, buffers, tag: str):
     (sh, sw), (ch, cw) = stride, crops
     oh, ow = (h - 1) * sh + kh - ch[0] - ch[1], (wd - 1) * sw + kw - cw[0] - cw[1]
     y = _scratch(buffers, f"{tag}:ty", (bsz, c_out, oh, ow), x.dtype)
-    phases = [(ph, pw) for ph in range(sh) for pw in range(sw)]
-    if (sh, sw) != (1, 1) and (kh < sh or kw < sw):
-        y.fill(0)
-    for ph, pw in phases:
-        mh, u0, nh, pads_h = _phase_rows(h, kh, sh, ch, ph)
-        mw, v0, nw, pads_w = _phase_rows(wd, kw, sw, cw, pw)
-        if mh == 0 or mw == 0 or nh == 0 or nw == 0:
-            continue
-        name = f"{tag}:{ph}.{pw}"
-        padded = (h + pads_h[0] + pads_h[1], wd + pads_w[0] + pads_w[1])
-        xp = _pad_dilate(x, (1, 1), (pads_h, pads_w), _scratch(buffers, f"{name}:padded", (bsz, c_in, *padded), x.dtype))
-        flipped = _scratch(buffers, f"{name}:flipped", (c_out, c_in, mh, mw), x.dtype)
-        np.copyto(flipped, w[:, :, ph::sh, pw::sw].transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
-        cols = _cols_buffer(buffers, f"{name}:cols", xp.shape, c_out, (mh, mw), (nh, nw), x.dtype)
-        if (sh, sw) == (1, 1):
-            z = y
-        else:
-            z = _scratch(buffers, f"{name}:y", (bsz, c_out, nh, nw), x.dtype)
-        _correlate(xp, flipped, (1, 1), (nh, nw), z, cols)
-        if z is not y:
-            y[:, :, u0 : u0 + (nh - 1) * sh + 1 : sh, v0 : v0 + (nw - 1) * sw + 1 : sw] = z
+    if (sh, sw) == (1, 1):
+        pads = ((kh - 1 - ch[0], kh - 1 - ch[1]), (kw - 1 - cw[0], kw - 1 - cw[1]))
+        padded = (h + sum(pads[0]), wd + sum(pads[1]))
+        xp = _pad_dilate(x, (1, 1), pads, _scratch(buffers, f"{tag}:padded", (bsz, c_in, *padded), x.dtype))
+        flipped = _scratch(buffers, f"{tag}:flipped", (c_out, c_in, kh, kw), x.dtype)
+        np.copyto(flipped, w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+        cols = _cols_buffer(buffers, f"{tag}:cols", xp.shape, c_out, (kh, kw), (oh, ow), x.dtype)
+        return _correlate(xp, flipped, (1, 1), (oh, ow), y, cols)
+    k, p = c_out * kh * kw, h * wd
+    wt = _scratch(buffers, f"{tag}:wt", (k, c_in), x.dtype)
+    np.copyto(wt, w.reshape(c_in, k).T)
+    x3 = x.reshape(bsz, c_in, p)
+    n = min(bsz, _chunk_images(k, p, x.dtype))
+    cols = _scratch(buffers, f"{tag}:contrib", (n, k, p), x.dtype)
+    for start, stop in _chunks(bsz, n):
+        c = np.matmul(wt, x3[start:stop], out=cols[: stop - start])
+        K.col2im(c, kh, kw, sh, sw, ch[0], cw[0], h, wd, y[start:stop])
     return y
 
 
