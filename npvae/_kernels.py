@@ -255,6 +255,39 @@ def bias_act_forward(a, b, code, alpha, out):
         _bias_act_loops(a, b, code, alpha, out)
 
 
+def _channel_bias_act_np(y, b, code, alpha, zeros):
+    y3 = y.reshape(y.shape[0], y.shape[1], -1)
+    y3 += b[:, None]
+    flat = y.reshape(y.shape[0], -1)
+    _bias_act_forward_np(flat, 0.0, code, alpha, flat)
+
+
+@kernel(_channel_bias_act_np)
+def channel_bias_act(y, b, code, alpha, zeros):
+    """y[n, c, p] = act(y[n, c, p] + b[c]) in place, y (B, C, P): one pass over a convolution's output.
+    ``zeros`` is a (P,) zero scratch, the bias of the generic per-activation loops that ReLU,
+    LeakyReLU and identity (inlined here) do not need."""
+    bsz, c_in, p = y.shape
+    for n in range(bsz):
+        for c in range(c_in):
+            bc = b[c]
+            row = y[n, c]
+            if code == 1:
+                for j in range(p):
+                    v = row[j] + bc
+                    row[j] = 0.0 if v < 0 else v  # NaN passes through, as in np.maximum
+            elif code == 2:
+                for j in range(p):
+                    v = row[j] + bc
+                    row[j] = alpha * v if v < 0 else v
+            else:
+                for j in range(p):
+                    row[j] += bc
+                if code != 0:
+                    rows = y[n, c : c + 1]
+                    _bias_act_loops(rows, zeros, code, alpha, rows)
+
+
 def _act_backward_np(dy, y, code, alpha, out):
     if code == 0:
         out[...] = dy

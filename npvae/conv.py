@@ -40,6 +40,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _kernels as K
+from . import ops
 from .backend import get_backend
 
 # ----------------------------------------------------------------------------- arguments and sizes
@@ -353,6 +354,40 @@ def _add_bias(y, b):
         y += b[:, None, None]
 
 
+def bias_activation_forward(y, b, activation="identity", alpha=0.01, zeros=None):
+    """``y <- f(y + b_c)`` in place over a convolution's output, one pass (the bias and the activation
+    fused): what a layer with an activation applies after a bias-free :func:`conv2d_forward` or
+    :func:`conv_transpose2d_forward`.
+
+    .. math:: y_{n,c,i,j} \\leftarrow f(y_{n,c,i,j} + b_c)
+
+    Parameters
+    ----------
+    y : (B, C, OH, OW) C-contiguous array (overwritten)
+    b : (C,) array
+    activation : str, one of :data:`npvae.ops.ACTIVATIONS`
+    alpha : float
+        LeakyReLU's slope.
+    zeros : (OH OW,) zero array, optional (scratch of the generic activation loops)
+
+    Returns
+    -------
+    y : the same array
+    cache : the cache of :func:`npvae.ops.activation_forward` over ``y.reshape(B, -1)``: its backward
+        (``da = dy f'(a)`` through y) is :func:`npvae.ops.activation_backward`, and ``db`` is
+        ``dy``'s sum over (n, i, j) as in :func:`conv2d_backward`.
+    """
+    code = ops._activation_code(activation, alpha)
+    b = np.asarray(b, dtype=y.dtype)
+    if y.ndim != 4 or not y.flags.c_contiguous or b.shape != (y.shape[1],):
+        raise ValueError(f"bias_activation_forward: expected a C-contiguous y (B, C, H, W) and b (C,), got {y.shape} "
+                         f"and {b.shape}")
+    p = y.shape[2] * y.shape[3]
+    zeros = np.zeros(p, y.dtype) if zeros is None else zeros
+    K.channel_bias_act(y.reshape(y.shape[0], y.shape[1], p), b, code, float(alpha), zeros)
+    return y, (y.reshape(y.shape[0], -1), code, float(alpha))
+
+
 def _bias_grad(dy):
     return dy.sum(axis=(0, 2, 3), dtype=np.float64).astype(dy.dtype)
 
@@ -425,6 +460,8 @@ def conv2d_backward(dy, cache, need_dx=True, dw=None, db=None):
     need_dx : bool
         False skips the data gradient (a first layer).
     dw, db : arrays of w's and b's shapes, optional
+        db is written when the forward had a bias, or when given (a bias added outside the op, as
+        :func:`bias_activation_forward` does).
 
     Returns
     -------
@@ -441,12 +478,10 @@ def conv2d_backward(dy, cache, need_dx=True, dw=None, db=None):
     kernel = w.shape[2:]
     scratch = _weight_grad_scratch(buffers, "conv", cols, xp, dy.shape, kernel, w.dtype)
     _correlate_weight_grad(xp, dy, stride, dw, cols, scratch, built=True)  # the forward's columns, when kept
-    if has_bias:
+    if has_bias or db is not None:
         if db is None:
             db = np.empty(c_out, w.dtype)
         db[...] = _bias_grad(dy)
-    else:
-        db = None
     if not need_dx:
         return None, dw, db
     h, wd = x_shape[2:]
@@ -503,7 +538,8 @@ def conv_transpose2d_backward(dy, cache, need_dx=True, dw=None, db=None):
         \\qquad db_o = \\sum dy_{n,o,\\cdot,\\cdot}
 
     i.e. dx is conv2d(dy, W) with the crops as padding (negative crops crop dy), and dW is that
-    conv2d's weight gradient with x in the role of its output gradient.
+    conv2d's weight gradient with x in the role of its output gradient. ``db`` is written when the
+    forward had a bias or when given (see :func:`conv2d_backward`).
 
     Returns
     -------
@@ -528,12 +564,10 @@ def conv_transpose2d_backward(dy, cache, need_dx=True, dw=None, db=None):
     scratch = _weight_grad_scratch(buffers, "convt", cols, dyp, x.shape, kernel, w.dtype)
     # dx's columns, when the whole batch's were kept: dx and dW multiply the same matrix
     _correlate_weight_grad(dyp, x, stride, dw, cols, scratch, built=need_dx)
-    if has_bias:
+    if has_bias or db is not None:
         if db is None:
             db = np.empty(c_out, w.dtype)
         db[...] = _bias_grad(dy)
-    else:
-        db = None
     return dx, dw, db
 
 
@@ -659,7 +693,7 @@ def upsample_nearest2d_backward(dy, cache, out=None):
 
 
 __all__ = [
-    "conv2d_forward", "conv2d_backward", "conv_transpose2d_forward", "conv_transpose2d_backward",
+    "conv2d_forward", "conv2d_backward", "conv_transpose2d_forward", "conv_transpose2d_backward", "bias_activation_forward",
     "max_pool2d_forward", "max_pool2d_backward", "upsample_nearest2d_forward", "upsample_nearest2d_backward",
     "conv2d_output_shape", "conv_transpose2d_output_shape", "max_pool2d_output_shape",
     "as_pair", "conv_pads", "pool_pads", "transpose_crops", "output_size",
