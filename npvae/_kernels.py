@@ -288,6 +288,24 @@ def channel_bias_act(y, b, code, alpha, zeros):
                     _bias_act_loops(rows, zeros, code, alpha, rows)
 
 
+def _channel_sum_np(d, work, out):
+    out[...] = np.sum(d, axis=(0, 2), dtype=np.float64)
+
+
+@kernel(_channel_sum_np)
+def channel_sum(d, work, out):
+    """out[c] = sum_{n, p} d[n, c, p] (d (B, C, P)), accumulated in float64 in ``work`` (C,): a
+    convolution's bias gradient."""
+    bsz, c_in = d.shape[0], d.shape[1]
+    work[:] = 0.0
+    for n in range(bsz):
+        rows = d[n]
+        for c in range(c_in):
+            work[c] += _loop_row_sum(rows, c)
+    for c in range(c_in):
+        out[c] = work[c]
+
+
 def _act_backward_np(dy, y, code, alpha, out):
     if code == 0:
         out[...] = dy

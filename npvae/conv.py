@@ -388,8 +388,11 @@ def bias_activation_forward(y, b, activation="identity", alpha=0.01, zeros=None)
     return y, (y.reshape(y.shape[0], -1), code, float(alpha))
 
 
-def _bias_grad(dy):
-    return dy.sum(axis=(0, 2, 3), dtype=np.float64).astype(dy.dtype)
+def _bias_grad(dy, db, buffers, tag):
+    """db (C,) = sum of dy (B, C, H, W) over (n, i, j), in float64."""
+    work = _scratch(buffers, f"{tag}:dbsum", (dy.shape[1],), np.float64)
+    K.channel_sum(dy.reshape(dy.shape[0], dy.shape[1], -1), work, db)
+    return db
 
 
 # ----------------------------------------------------------------------------- conv2d
@@ -481,7 +484,7 @@ def conv2d_backward(dy, cache, need_dx=True, dw=None, db=None):
     if has_bias or db is not None:
         if db is None:
             db = np.empty(c_out, w.dtype)
-        db[...] = _bias_grad(dy)
+        _bias_grad(dy, db, buffers, "conv")
     if not need_dx:
         return None, dw, db
     h, wd = x_shape[2:]
@@ -567,7 +570,7 @@ def conv_transpose2d_backward(dy, cache, need_dx=True, dw=None, db=None):
     if has_bias or db is not None:
         if db is None:
             db = np.empty(c_out, w.dtype)
-        db[...] = _bias_grad(dy)
+        _bias_grad(dy, db, buffers, "convt")
     return dx, dw, db
 
 
