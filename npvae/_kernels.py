@@ -1038,6 +1038,13 @@ def conv_direct_forward(xp, w, sh, sw, out):
             for c in range(c_in):
                 img = xp[n, c]
                 for a in range(kh):
+                    if kw == 3 and sw == 1:  # the common 3x3 kernel: a row's three taps in one pass
+                        w0, w1, w2 = w[o, c, a, 0], w[o, c, a, 1], w[o, c, a, 2]
+                        for i in range(oh):
+                            row = img[i * sh + a]
+                            for j in range(ow):
+                                y[i, j] += w0 * row[j] + w1 * row[j + 1] + w2 * row[j + 2]
+                        continue
                     for b in range(kw):
                         wv = w[o, c, a, b]
                         for i in range(oh):
@@ -1072,6 +1079,16 @@ def conv_direct_weight_grad(xp, dy, sh, sw, acc, dw):
             for c in range(c_in):
                 img = xp[n, c]
                 for a in range(kh):
+                    if kw == 3 and sw == 1:  # the common 3x3 kernel: a row's three taps in one pass
+                        s0, s1, s2 = acc[o, c, a, 0], acc[o, c, a, 1], acc[o, c, a, 2]
+                        for i in range(oh):
+                            row = img[i * sh + a]
+                            for j in range(ow):
+                                v = g[i, j]
+                                s0[j] += v * row[j]
+                                s1[j] += v * row[j + 1]
+                                s2[j] += v * row[j + 2]
+                        continue
                     for b in range(kw):
                         s = acc[o, c, a, b]
                         for i in range(oh):
