@@ -20,16 +20,27 @@ Formulation (and why)
 Every product is a *correlation* of a padded input with a kernel, computed as im2col around BLAS:
 the windows of the padded input are copied (one strided copy) into ``cols`` of shape
 ``(n, C kH kW, OH OW)`` for a chunk of n images and ``y_b = W_m cols_b`` with
-``W_m = W.reshape(C_out, C kH kW)``: one GEMM per image, whose output is already NCHW. The weight
-gradient rebuilds the same columns chunk by chunk from the cached padded input (a copy is cheap
-beside the product; keeping a whole batch's columns took a GB at batch 2048). The data gradient of a convolution is itself a
-correlation, of the padded ``dy`` with the flipped, channel-swapped kernel (for a stride s, one
-correlation per output phase with the taps of that phase: no zeros of a dilated ``dy`` multiplied),
-so its product has a forward product's shape (K = kH kW C_out, N = C_in) instead of writing the 9x
-larger column matrix (see ``/work/shared/notes/conv-speed-facts.md``: that product ran at 19 GFLOP/s, a
-forward-shaped one at ~110). A transposed convolution is exactly that data gradient, so
-:func:`conv_transpose2d_forward` and conv2d's backward share one routine, and conv_transpose's
-backward is conv2d's forward and weight gradient.
+``W_m = W.reshape(C_out, C kH kW)``: one GEMM per image, whose output is already NCHW. When a
+batch's whole column matrix fits in :data:`KEEP_COLS_BYTES` (64 MB: every layer of the conv VAE at
+batch 128), the forward leaves it behind and the weight gradient multiplies it as it is; beyond
+that (an evaluation batch of 1,000, the denoising preset's batch of 2,048) the weight gradient
+rebuilds the columns chunk by chunk. The data gradient of a convolution is itself a
+correlation, of the padded ``dy`` with the flipped, channel-swapped kernel, so its product has a
+forward product's shape (K = kH kW C_out, N = C_in) instead of writing the 9x larger column matrix
+(see ``/work/shared/notes/conv-speed-facts.md``: that product ran at 19 GFLOP/s, a forward-shaped
+one at ~110). For a stride s > 1 it is computed instead as per-image products ``W_m^T dy_b``
+scattered into dx by a compiled col2im (no zeros of a dilated ``dy`` multiplied; 35% faster at the
+conv VAE's sizes than one stride-1 correlation per output phase). A transposed convolution is
+exactly that data gradient, so :func:`conv_transpose2d_forward` and conv2d's backward share one
+routine (:func:`_transposed`), and conv_transpose's backward is conv2d's forward and weight
+gradient, sharing one column matrix.
+
+A correlation with a single output channel (the output convolutions of the presets: N = 1, a
+matrix-vector product) runs as a direct compiled loop instead (:func:`npvae._kernels.conv_direct_forward`
+and ``conv_direct_weight_grad``); one with a single *input* channel stays with BLAS, which measured
+faster there. Layers add the bias and apply their activation in one compiled pass over the output
+(:func:`bias_activation_forward`). A training step at a fixed batch size allocates no arrays: every
+buffer comes from the layer's workspace (``buffers``).
 
 Pooling and upsampling are direct loops: :mod:`npvae._kernels`' ``max_pool_*`` and
 ``upsample_*`` kernels, with NumPy twins.
@@ -215,7 +226,8 @@ def _im2col(xp, kernel, stride, out_hw, cols):
     return cols
 
 
-CHUNK_BYTES = 8 << 20  # the column matrix is built for this many bytes of images at a time
+CHUNK_BYTES = 2 << 20  # the column matrix is built for this many bytes of images at a time (measured: 2 MB
+# chunks ran the conv-VAE step 1-2% faster than 8 MB, 16 MB 3% slower, 0.5 MB 4% slower)
 KEEP_COLS_BYTES = 64 << 20  # a batch's whole column matrix up to this size is kept for the weight gradient
 
 
