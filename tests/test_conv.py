@@ -356,3 +356,25 @@ def test_chunked_columns_give_the_same_numbers(monkeypatch, case, tcase):
     ty.backward(torch.tensor(dy))
     for a, ref in zip(ours, (ty.detach(), tx.grad, tw.grad, tb.grad)):
         assert rel_error(a, ref.numpy()) <= TORCH_TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["identity", "relu", "leaky_relu", "sigmoid", "tanh", "softplus"])
+def test_bias_activation_forward_is_the_bias_then_the_activation(backend, activation):
+    """The fused pass of the conv layers equals adding the bias, then ops.activation_forward; its
+    cache serves ops.activation_backward."""
+    from npvae import ops
+
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((3, 4, 5, 6)) * 3
+    b = rng.standard_normal(4)
+    with use_backend(backend):
+        y, cache = conv.bias_activation_forward(a.copy(), b, activation, 0.1)
+        ref, ref_cache = ops.activation_forward((a + b[:, None, None]).reshape(3, -1), activation, 0.1)
+        dy = rng.standard_normal(y.shape)
+        da = ops.activation_backward(dy.reshape(3, -1), cache)
+        ref_da = ops.activation_backward(dy.reshape(3, -1), ref_cache)
+    assert rel_error(y.reshape(3, -1), ref) <= 1e-15
+    assert rel_error(da, ref_da) <= 1e-15
+    with pytest.raises(ValueError, match="bias_activation_forward: expected a C-contiguous y"):
+        conv.bias_activation_forward(a[:, :, :, ::2], b, activation)
