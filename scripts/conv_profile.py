@@ -17,7 +17,8 @@ median over the measured steps. The pieces are timed by wrapping npvae's functio
 - direct loops: the 32 -> 1 output convolution's forward and weight gradient.
 
 A layer's products (BLAS) are its time minus the pieces inside it. ``tracemalloc`` reports what a
-steady-state step allocates.
+steady-state step allocates. The comparison with PyTorch's step uses process CPU time (all threads)
+on both sides, so work a framework hands to a thread of its own is counted.
 """
 
 from __future__ import annotations
