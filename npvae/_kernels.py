@@ -1057,18 +1057,19 @@ def conv_direct_forward(xp, w, sh, sw, out):
                                     y[i, j] += wv * row[j * sw + b]
 
 
-def _conv_direct_weight_grad_np(xp, dy, sh, sw, acc, dw):
+def _conv_direct_weight_grad_np(xp, dy, sh, sw, work, dw):
     oh, ow = dy.shape[2:]
     for a in range(dw.shape[2]):
         for b in range(dw.shape[3]):
-            dw[:, :, a, b] = np.einsum("nohw,nchw->oc", dy, _window(xp, a, b, sh, sw, oh, ow))
+            dw[:, :, a, b] = np.einsum("nohw,nchw->oc", dy, _window(xp, a, b, sh, sw, oh, ow), dtype=np.float64)
 
 
 @kernel(_conv_direct_weight_grad_np)
-def conv_direct_weight_grad(xp, dy, sh, sw, acc, dw):
+def conv_direct_weight_grad(xp, dy, sh, sw, work, dw):
     """dw[o, c, a, b] = sum_{n, i, j} dy[n, o, i, j] xp[n, c, i sh + a, j sw + b] (dy (B, O, OH, OW),
-    dw (O, C, kH, kW)); acc (O, C, kH, kW, OW) float64 scratch holds one partial sum per output column
-    (so the inner loop is elementwise), summed at the end."""
+    dw (O, C, kH, kW)); work (O, C, kH, kW, OW) float64 scratch holds one partial sum per output
+    column (so the inner loop is elementwise), summed at the end."""
+    acc = work
     bsz, c_in = xp.shape[0], xp.shape[1]
     c_out, kh, kw = dw.shape[0], dw.shape[2], dw.shape[3]
     oh, ow = dy.shape[2], dy.shape[3]

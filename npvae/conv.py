@@ -391,7 +391,7 @@ def bias_activation_forward(y, b, activation="identity", alpha=0.01, zeros=None)
         (``da = dy f'(a)`` through y) is :func:`npvae.ops.activation_backward`, and ``db`` is
         ``dy``'s sum over (n, i, j) as in :func:`conv2d_backward`.
     """
-    code = ops._activation_code(activation, alpha)
+    code = ops.activation_code(activation, alpha)
     b = np.asarray(b, dtype=y.dtype)
     if y.ndim != 4 or not y.flags.c_contiguous or b.shape != (y.shape[1],):
         raise ValueError(f"bias_activation_forward: expected a C-contiguous y (B, C, H, W) and b (C,), got {y.shape} "
