@@ -255,6 +255,57 @@ def bias_act_forward(a, b, code, alpha, out):
         _bias_act_loops(a, b, code, alpha, out)
 
 
+def _channel_bias_act_np(y, b, code, alpha, zeros):
+    y3 = y.reshape(y.shape[0], y.shape[1], -1)
+    y3 += b[:, None]
+    flat = y.reshape(y.shape[0], -1)
+    _bias_act_forward_np(flat, 0.0, code, alpha, flat)
+
+
+@kernel(_channel_bias_act_np)
+def channel_bias_act(y, b, code, alpha, zeros):
+    """y[n, c, p] = act(y[n, c, p] + b[c]) in place, y (B, C, P): one pass over a convolution's output.
+    ``zeros`` is a (P,) zero scratch, the bias of the generic per-activation loops that ReLU,
+    LeakyReLU and identity (inlined here) do not need."""
+    bsz, c_in, p = y.shape
+    for n in range(bsz):
+        for c in range(c_in):
+            bc = b[c]
+            row = y[n, c]
+            if code == 1:
+                for j in range(p):
+                    v = row[j] + bc
+                    row[j] = 0.0 if v < 0 else v  # NaN passes through, as in np.maximum
+            elif code == 2:
+                for j in range(p):
+                    v = row[j] + bc
+                    row[j] = alpha * v if v < 0 else v
+            else:
+                for j in range(p):
+                    row[j] += bc
+                if code != 0:
+                    rows = y[n, c : c + 1]
+                    _bias_act_loops(rows, zeros, code, alpha, rows)
+
+
+def _channel_sum_np(d, work, out):
+    out[...] = np.sum(d, axis=(0, 2), dtype=np.float64)
+
+
+@kernel(_channel_sum_np)
+def channel_sum(d, work, out):
+    """out[c] = sum_{n, p} d[n, c, p] (d (B, C, P)), accumulated in float64 in ``work`` (C,): a
+    convolution's bias gradient."""
+    bsz, c_in = d.shape[0], d.shape[1]
+    work[:] = 0.0
+    for n in range(bsz):
+        rows = d[n]
+        for c in range(c_in):
+            work[c] += _loop_row_sum(rows, c)
+    for c in range(c_in):
+        out[c] = work[c]
+
+
 def _act_backward_np(dy, y, code, alpha, out):
     if code == 0:
         out[...] = dy
@@ -951,3 +1002,150 @@ def upsample_backward(dy, sh, sw, out):
                         for e in range(sw):
                             acc += dy[n, ch, u * sh + a, v * sw + e]
                     out[n, ch, u, v] = acc
+
+
+# ----------------------------------------------------------------------------- direct correlations
+# A convolution with one input or one output channel gives im2col a product of K = kH kW rows or
+# N = 1 column, where BLAS runs at a few GFLOP/s and the column matrix (kH kW times the input) costs
+# more to write than the product; these loops correlate directly. Both keep the innermost loop
+# elementwise over an output row (no reduction there), so LLVM vectorises it without fastmath.
+
+
+def _window(xp, a, b, sh, sw, oh, ow):
+    """xp[:, :, i sh + a, j sw + b] for i < oh, j < ow: (B, C, oh, ow), a view."""
+    return xp[:, :, a : a + (oh - 1) * sh + 1 : sh, b : b + (ow - 1) * sw + 1 : sw]
+
+
+def _conv_direct_forward_np(xp, w, sh, sw, out):
+    oh, ow = out.shape[2:]
+    out[...] = 0
+    for a in range(w.shape[2]):
+        for b in range(w.shape[3]):
+            out += np.einsum("nchw,oc->nohw", _window(xp, a, b, sh, sw, oh, ow), w[:, :, a, b])
+
+
+@kernel(_conv_direct_forward_np)
+def conv_direct_forward(xp, w, sh, sw, out):
+    """out[n, o, i, j] = sum_{c, a, b} w[o, c, a, b] xp[n, c, i sh + a, j sw + b] (a padded input's
+    correlation with w (O, C, kH, kW); out (B, O, OH, OW)), tap by tap over whole output rows."""
+    bsz, c_in = xp.shape[0], xp.shape[1]
+    c_out, kh, kw = w.shape[0], w.shape[2], w.shape[3]
+    oh, ow = out.shape[2], out.shape[3]
+    for n in range(bsz):
+        for o in range(c_out):
+            y = out[n, o]
+            y[:, :] = 0.0
+            for c in range(c_in):
+                img = xp[n, c]
+                for a in range(kh):
+                    if kw == 3 and sw == 1:  # the common 3x3 kernel: a row's three taps in one pass
+                        w0, w1, w2 = w[o, c, a, 0], w[o, c, a, 1], w[o, c, a, 2]
+                        for i in range(oh):
+                            row = img[i * sh + a]
+                            for j in range(ow):
+                                y[i, j] += w0 * row[j] + w1 * row[j + 1] + w2 * row[j + 2]
+                        continue
+                    for b in range(kw):
+                        wv = w[o, c, a, b]
+                        for i in range(oh):
+                            row = img[i * sh + a]
+                            if sw == 1:
+                                for j in range(ow):
+                                    y[i, j] += wv * row[j + b]
+                            else:
+                                for j in range(ow):
+                                    y[i, j] += wv * row[j * sw + b]
+
+
+def _conv_direct_weight_grad_np(xp, dy, sh, sw, work, dw):
+    oh, ow = dy.shape[2:]
+    for a in range(dw.shape[2]):
+        for b in range(dw.shape[3]):
+            dw[:, :, a, b] = np.einsum("nohw,nchw->oc", dy, _window(xp, a, b, sh, sw, oh, ow), dtype=np.float64)
+
+
+@kernel(_conv_direct_weight_grad_np)
+def conv_direct_weight_grad(xp, dy, sh, sw, work, dw):
+    """dw[o, c, a, b] = sum_{n, i, j} dy[n, o, i, j] xp[n, c, i sh + a, j sw + b] (dy (B, O, OH, OW),
+    dw (O, C, kH, kW)); work (O, C, kH, kW, OW) float64 scratch holds one partial sum per output
+    column (so the inner loop is elementwise), summed at the end."""
+    acc = work
+    bsz, c_in = xp.shape[0], xp.shape[1]
+    c_out, kh, kw = dw.shape[0], dw.shape[2], dw.shape[3]
+    oh, ow = dy.shape[2], dy.shape[3]
+    acc[...] = 0.0
+    for n in range(bsz):
+        for o in range(c_out):
+            g = dy[n, o]
+            for c in range(c_in):
+                img = xp[n, c]
+                for a in range(kh):
+                    if kw == 3 and sw == 1:  # the common 3x3 kernel: a row's three taps in one pass
+                        s0, s1, s2 = acc[o, c, a, 0], acc[o, c, a, 1], acc[o, c, a, 2]
+                        for i in range(oh):
+                            row = img[i * sh + a]
+                            for j in range(ow):
+                                v = g[i, j]
+                                s0[j] += v * row[j]
+                                s1[j] += v * row[j + 1]
+                                s2[j] += v * row[j + 2]
+                        continue
+                    for b in range(kw):
+                        s = acc[o, c, a, b]
+                        for i in range(oh):
+                            row = img[i * sh + a]
+                            if sw == 1:
+                                for j in range(ow):
+                                    s[j] += g[i, j] * row[j + b]
+                            else:
+                                for j in range(ow):
+                                    s[j] += g[i, j] * row[j * sw + b]
+    for o in range(c_out):
+        for c in range(c_in):
+            for a in range(kh):
+                for b in range(kw):
+                    t = 0.0
+                    for j in range(ow):
+                        t += acc[o, c, a, b, j]
+                    dw[o, c, a, b] = t
+
+
+
+def _col2im_np(cols, kh, kw, sh, sw, top, left, h, w, out):
+    out[...] = 0
+    n, c_out, oh, ow = out.shape
+    c6 = cols.reshape(n, c_out, kh, kw, h, w)
+    for a in range(kh):
+        i0 = max(0, -(-(top - a) // sh))  # the first input row landing at u = i sh + a - top >= 0
+        i1 = min(h, (oh - 1 + top - a) // sh + 1) if oh - 1 + top - a >= 0 else 0
+        for b in range(kw):
+            j0 = max(0, -(-(left - b) // sw))
+            j1 = min(w, (ow - 1 + left - b) // sw + 1) if ow - 1 + left - b >= 0 else 0
+            if i1 > i0 and j1 > j0:
+                u0, v0 = i0 * sh + a - top, j0 * sw + b - left
+                out[:, :, u0 : u0 + (i1 - i0 - 1) * sh + 1 : sh, v0 : v0 + (j1 - j0 - 1) * sw + 1 : sw] += \
+                    c6[:, :, a, b, i0:i1, j0:j1]
+
+
+@kernel(_col2im_np)
+def col2im(cols, kh, kw, sh, sw, top, left, h, w, out):
+    """out[n, o, i sh + a - top, j sw + b - left] += cols[n, (o, a, b), i w + j] over the taps (a, b)
+    and input pixels (i, j) whose target lies in out (B, C_out, OH, OW) (zeroed first; targets outside
+    it are cropped away). cols : (B, C_out kH kW, h w), the per-pixel contributions of a transposed
+    convolution."""
+    bsz, c_out, oh, ow = out.shape
+    for n in range(bsz):
+        for o in range(c_out):
+            y = out[n, o]
+            y[:, :] = 0.0
+            for a in range(kh):
+                for b in range(kw):
+                    src = cols[n, (o * kh + a) * kw + b]
+                    for i in range(h):
+                        u = i * sh + a - top
+                        if u < 0 or u >= oh:
+                            continue
+                        for j in range(w):
+                            v = j * sw + b - left
+                            if v >= 0 and v < ow:
+                                y[u, v] += src[i * w + j]

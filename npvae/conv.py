@@ -20,16 +20,27 @@ Formulation (and why)
 Every product is a *correlation* of a padded input with a kernel, computed as im2col around BLAS:
 the windows of the padded input are copied (one strided copy) into ``cols`` of shape
 ``(n, C kH kW, OH OW)`` for a chunk of n images and ``y_b = W_m cols_b`` with
-``W_m = W.reshape(C_out, C kH kW)``: one GEMM per image, whose output is already NCHW. The weight
-gradient rebuilds the same columns chunk by chunk from the cached padded input (a copy is cheap
-beside the product; keeping a whole batch's columns took a GB at batch 2048). The data gradient of a convolution is itself a
-correlation, of the padded ``dy`` with the flipped, channel-swapped kernel (for a stride s, one
-correlation per output phase with the taps of that phase: no zeros of a dilated ``dy`` multiplied),
-so its product has a forward product's shape (K = kH kW C_out, N = C_in) instead of writing the 9x
-larger column matrix (see ``/work/shared/notes/conv-speed-facts.md``: that product ran at 19 GFLOP/s, a
-forward-shaped one at ~110). A transposed convolution is exactly that data gradient, so
-:func:`conv_transpose2d_forward` and conv2d's backward share one routine, and conv_transpose's
-backward is conv2d's forward and weight gradient.
+``W_m = W.reshape(C_out, C kH kW)``: one GEMM per image, whose output is already NCHW. When a
+batch's whole column matrix fits in :data:`KEEP_COLS_BYTES` (64 MB: every layer of the conv VAE at
+batch 128), the forward leaves it behind and the weight gradient multiplies it as it is; beyond
+that (an evaluation batch of 1,000, the denoising preset's batch of 2,048) the weight gradient
+rebuilds the columns chunk by chunk. The data gradient of a convolution is itself a
+correlation, of the padded ``dy`` with the flipped, channel-swapped kernel, so its product has a
+forward product's shape (K = kH kW C_out, N = C_in) instead of writing the 9x larger column matrix
+(see ``/work/shared/notes/conv-speed-facts.md``: that product ran at 19 GFLOP/s, a forward-shaped
+one at ~110). For a stride s > 1 it is computed instead as per-image products ``W_m^T dy_b``
+scattered into dx by a compiled col2im (no zeros of a dilated ``dy`` multiplied; 35% faster at the
+conv VAE's sizes than one stride-1 correlation per output phase). A transposed convolution is
+exactly that data gradient, so :func:`conv_transpose2d_forward` and conv2d's backward share one
+routine (:func:`_transposed`), and conv_transpose's backward is conv2d's forward and weight
+gradient, sharing one column matrix.
+
+A correlation with a single output channel (the output convolutions of the presets: N = 1, a
+matrix-vector product) runs as a direct compiled loop instead (:func:`npvae._kernels.conv_direct_forward`
+and ``conv_direct_weight_grad``); one with a single *input* channel stays with BLAS, which measured
+faster there. Layers add the bias and apply their activation in one compiled pass over the output
+(:func:`bias_activation_forward`). A training step at a fixed batch size allocates no arrays: every
+buffer comes from the layer's workspace (``buffers``).
 
 Pooling and upsampling are direct loops: :mod:`npvae._kernels`' ``max_pool_*`` and
 ``upsample_*`` kernels, with NumPy twins.
@@ -40,6 +51,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _kernels as K
+from . import ops
+from .backend import get_backend
 
 # ----------------------------------------------------------------------------- arguments and sizes
 
@@ -207,23 +220,46 @@ def _im2col(xp, kernel, stride, out_hw, cols):
     bsz, c = xp.shape[:2]
     (kh, kw), (sh, sw), (oh, ow) = kernel, stride, out_hw
     s0, s1, s2, s3 = xp.strides
-    windows = np.lib.stride_tricks.as_strided(
-        xp, (bsz, c, kh, kw, oh, ow), (s0, s1, s2, s3, s2 * sh, s3 * sw), writeable=False)
+    # a read-only view (writeable=False) would be safer, but NumPy 2 keeps ~60 bytes alive for every
+    # view whose flag is cleared (tracemalloc: a step's im2col calls grew the heap ~8 kB a step); the
+    # overlapping windows are only read, by this copy
+    windows = np.lib.stride_tricks.as_strided(xp, (bsz, c, kh, kw, oh, ow), (s0, s1, s2, s3, s2 * sh, s3 * sw))
     np.copyto(cols.reshape(bsz, c, kh, kw, oh, ow), windows)
     return cols
 
 
-CHUNK_BYTES = 8 << 20  # the column matrix is built for this many bytes of images at a time
+CHUNK_BYTES = 2 << 20  # the column matrix is built for this many bytes of images at a time (measured: 2 MB
+# chunks ran the conv-VAE step 1-2% faster than 8 MB, 16 MB 3% slower, 0.5 MB 4% slower)
+KEEP_COLS_BYTES = 64 << 20  # a batch's whole column matrix up to this size is kept for the weight gradient
 
 
-def _cols_buffer(buffers, name, xp_shape, kernel, out_hw, dtype):
-    """The column buffer of a chunk of n images, (n, C kH kW, OH OW), n such that it holds about
-    :data:`CHUNK_BYTES`: the column matrix is 9x the input, so building it for a whole batch costs
-    memory (a GB at batch 2048) and cache misses; a chunk stays in the last-level cache between its
-    copy and its product."""
+def _direct(c_in: int, c_out: int) -> bool:
+    """Whether a correlation runs as a direct loop: one output channel (N = 1, a matrix-vector product
+    at a few GFLOP/s, after writing a column matrix kH kW times the input), with the compiled kernels
+    (NumPy's own best form is still im2col + BLAS). One *input* channel (K = kH kW) stays with BLAS:
+    measured at batch 128 on 28x28, its products beat the direct loop (1.7 against 9.5 ms forward)."""
+    return c_out == 1 and get_backend() == "numba"
+
+
+def _chunk_images(k: int, p: int, dtype) -> int:
+    """Images per chunk of the column matrix: about :data:`CHUNK_BYTES` of columns, which stay in the
+    last-level cache between their copy and their product."""
+    return max(1, CHUNK_BYTES // (k * p * np.dtype(dtype).itemsize))
+
+
+def _cols_buffer(buffers, name, xp_shape, c_out, kernel, out_hw, dtype, keep=False):
+    """The column buffer (n, C kH kW, OH OW), or None for a direct correlation (see :func:`_direct`).
+
+    n is the chunk size of :func:`_chunk_images`, or, with ``keep`` and when the whole batch's columns
+    fit in :data:`KEEP_COLS_BYTES`, the batch: the forward then leaves every image's columns behind
+    and the weight gradient multiplies them without rebuilding them (at batch 128 the largest, of a
+    64-channel 3x3 layer on 14x14, is 58 MB; an evaluation batch of 1,000 is chunked instead)."""
+    if _direct(xp_shape[1], c_out):
+        return None
     k = xp_shape[1] * kernel[0] * kernel[1]
     p = out_hw[0] * out_hw[1]
-    n = int(min(xp_shape[0], max(1, CHUNK_BYTES // (k * p * np.dtype(dtype).itemsize))))
+    whole = xp_shape[0] * k * p * np.dtype(dtype).itemsize <= KEEP_COLS_BYTES
+    n = xp_shape[0] if keep and whole else min(xp_shape[0], _chunk_images(k, p, dtype))
     return _scratch(buffers, name, (n, k, p), dtype)
 
 
@@ -232,57 +268,73 @@ def _chunks(batch: int, n: int):
         yield start, min(start + n, batch)
 
 
-def _correlate(xp, wm, kernel, stride, out_hw, out, cols):
-    """out (B, O, OH OW) = wm (O, C kH kW) @ im2col(xp), chunk by chunk of images (cols: (n, K, P))."""
-    for start, stop in _chunks(xp.shape[0], cols.shape[0]):
-        c = _im2col(xp[start:stop], kernel, stride, out_hw, cols[: stop - start])
-        np.matmul(wm, c, out=out[start:stop])
+def _chunk_views(cols, batch: int):
+    """(start, stop, columns of images start:stop) for every chunk: slices of a whole-batch buffer,
+    or the front of a chunk-sized one."""
+    whole = cols.shape[0] == batch
+    for start, stop in _chunks(batch, min(cols.shape[0], _chunk_images(cols.shape[1], cols.shape[2], cols.dtype))):
+        yield start, stop, cols[start:stop] if whole else cols[: stop - start]
+
+
+def _correlate(xp, w, stride, out_hw, out, cols):
+    """out (B, O, OH, OW) = the correlation of xp (B, C, Hp, Wp) with w (O, C, kH, kW).
+
+    With a column buffer cols (n, K, P): ``out_b = W_m im2col(xp)_b``, chunk by chunk of images;
+    with cols None: the direct loop :func:`npvae._kernels.conv_direct_forward`.
+    """
+    if cols is None:
+        K.conv_direct_forward(xp, w, stride[0], stride[1], out)
+        return out
+    wm, out3 = w.reshape(w.shape[0], -1), out.reshape(out.shape[0], out.shape[1], -1)
+    for start, stop, c in _chunk_views(cols, xp.shape[0]):
+        _im2col(xp[start:stop], w.shape[2:], stride, out_hw, c)
+        np.matmul(wm, c, out=out3[start:stop])
     return out
 
 
-def _correlate_weight_grad(xp, dy, kernel, stride, out_hw, out, cols, tmp, total):
-    """out (O, K) = sum_b dy_b (O, P) @ im2col(xp)_b^T (P, K), the columns rebuilt chunk by chunk.
+def _correlate_weight_grad(xp, dy, stride, out, cols, scratch, built=False):
+    """out (O, C, kH, kW) = sum_{n,i,j} dy[n, o, i, j] xp[n, c, i sH + a, j sW + b].
 
-    tmp : (n, O, K) scratch for a chunk's per-image products; total : (O, K) scratch for their sum.
+    dy : (B, O, OH, OW). With cols: ``sum_b dy_b (O, P) @ im2col(xp)_b^T (P, K)``, the columns rebuilt
+    chunk by chunk unless ``built`` (a whole batch's columns already in cols); scratch is
+    ``(tmp (n, O, K), total (O, K))``. With cols None: the direct loop, scratch its (O, C, kH, kW, OW)
+    float64 partial sums.
     """
-    out.fill(0)
-    for start, stop in _chunks(xp.shape[0], cols.shape[0]):
+    if cols is None:
+        K.conv_direct_weight_grad(xp, dy, stride[0], stride[1], scratch, out)
+        return out
+    tmp, total = scratch
+    bsz, c_out = dy.shape[:2]
+    dy3, out2 = dy.reshape(bsz, c_out, -1), out.reshape(c_out, -1)
+    built = built and cols.shape[0] == bsz
+    out2.fill(0)
+    for start, stop, c in _chunk_views(cols, bsz):
         m = stop - start
-        c = _im2col(xp[start:stop], kernel, stride, out_hw, cols[:m])
-        np.matmul(dy[start:stop], c.transpose(0, 2, 1), out=tmp[:m])
-        out += np.sum(tmp[:m], axis=0, out=total)
+        if not built:
+            _im2col(xp[start:stop], out.shape[2:], stride, dy.shape[2:], c)
+        np.matmul(dy3[start:stop], c.transpose(0, 2, 1), out=tmp[:m])
+        out2 += np.sum(tmp[:m], axis=0, out=total)
     return out
 
 
-def _weight_grad_scratch(buffers, tag, cols, n_out, dtype):
-    return (_scratch(buffers, f"{tag}:dwtmp", (cols.shape[0], n_out, cols.shape[1]), dtype),
-            _scratch(buffers, f"{tag}:dwsum", (n_out, cols.shape[1]), dtype))
-
-
-def _phase_rows(n: int, k: int, s: int, crop: tuple[int, int], p: int):
-    """One axis of phase p of a transposed correlation (see :func:`_transposed`).
-
-    Returns (taps, first output row, count, pads of x): output rows u = first + t s, t < count, are
-    the full rows r = u + crop[0] with r = p (mod s), r = q s + p, q from q0 = ceil((crop[0] - p) / s);
-    their values are a stride-1 correlation of x padded by ``pads`` with the phase's taps flipped.
-    """
-    taps = len(range(p, k, s))
-    out = (n - 1) * s + k - crop[0] - crop[1]
-    q0 = -((p - crop[0]) // s)
-    q1 = (crop[0] + out - 1 - p) // s
-    count = max(q1 - q0 + 1, 0)
-    return taps, p + q0 * s - crop[0], count, (taps - 1 - q0, q1 + 1 - n)
+def _weight_grad_scratch(buffers, tag, cols, xp, dy_shape, kernel, dtype):
+    """The scratch of :func:`_correlate_weight_grad` for its columns (or their absence)."""
+    c_out = dy_shape[1]
+    if cols is None:
+        return _scratch(buffers, f"{tag}:dwacc", (c_out, xp.shape[1], *kernel, dy_shape[3]), np.float64)
+    n = min(cols.shape[0], _chunk_images(cols.shape[1], cols.shape[2], dtype))
+    return (_scratch(buffers, f"{tag}:dwtmp", (n, c_out, cols.shape[1]), dtype),
+            _scratch(buffers, f"{tag}:dwsum", (c_out, cols.shape[1]), dtype))
 
 
 def _transposed(x, w, stride, crops, buffers, tag: str):
     """The transposed correlation: y[n, o, i s + a - top, j s + b - left] += x[n, c, i, j] w[c, o, a, b].
 
-    Split by the output's phase (u + top) mod s, (v + left) mod s: the output rows of phase p are
-    reached by the taps a = p, p + s, ... alone, so each phase is a stride-1 correlation of x (padded,
-    or cropped, to just the rows it needs) with those taps flipped, ``w[c, o, a, b]`` laid out
-    (C_out, C_in, taps). Every product then has the shape of a forward one with no zeros multiplied
-    (correlating x dilated by the stride would multiply s^2 - 1 zeros for every value). A phase with
-    no taps (a kernel smaller than the stride) leaves its rows 0.
+    Stride 1: a correlation of x padded by ``k - 1 - crop`` with w flipped and channel-swapped (laid out
+    (C_out, C_in, kH, kW)): a product of a forward's shape. Stride s > 1: per image, the contributions
+    ``cols_b = W_m^T x_b`` ((C_out kH kW, C_in) @ (C_in, H W), no zeros of a dilated input multiplied)
+    scattered into y by :func:`npvae._kernels.col2im` a chunk of images at a time (measured at batch
+    128, 64 -> 32 channels on 14x14: 12 ms against 20 for one stride-1 correlation per output phase).
 
     x : (B, C_in, H, W); w : (C_in, C_out, kH, kW). Returns y : (B, C_out, OH, OW).
     """
@@ -291,27 +343,23 @@ def _transposed(x, w, stride, crops, buffers, tag: str):
     (sh, sw), (ch, cw) = stride, crops
     oh, ow = (h - 1) * sh + kh - ch[0] - ch[1], (wd - 1) * sw + kw - cw[0] - cw[1]
     y = _scratch(buffers, f"{tag}:ty", (bsz, c_out, oh, ow), x.dtype)
-    phases = [(ph, pw) for ph in range(sh) for pw in range(sw)]
-    if (sh, sw) != (1, 1) and (kh < sh or kw < sw):
-        y.fill(0)
-    for ph, pw in phases:
-        mh, u0, nh, pads_h = _phase_rows(h, kh, sh, ch, ph)
-        mw, v0, nw, pads_w = _phase_rows(wd, kw, sw, cw, pw)
-        if mh == 0 or mw == 0 or nh == 0 or nw == 0:
-            continue
-        name = f"{tag}:{ph}.{pw}"
-        padded = (h + pads_h[0] + pads_h[1], wd + pads_w[0] + pads_w[1])
-        xp = _pad_dilate(x, (1, 1), (pads_h, pads_w), _scratch(buffers, f"{name}:padded", (bsz, c_in, *padded), x.dtype))
-        flipped = _scratch(buffers, f"{name}:flipped", (c_out, c_in, mh, mw), x.dtype)
-        np.copyto(flipped, w[:, :, ph::sh, pw::sw].transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
-        cols = _cols_buffer(buffers, f"{name}:cols", xp.shape, (mh, mw), (nh, nw), x.dtype)
-        if (sh, sw) == (1, 1):
-            z = y
-        else:
-            z = _scratch(buffers, f"{name}:y", (bsz, c_out, nh, nw), x.dtype)
-        _correlate(xp, flipped.reshape(c_out, -1), (mh, mw), (1, 1), (nh, nw), z.reshape(bsz, c_out, -1), cols)
-        if z is not y:
-            y[:, :, u0 : u0 + (nh - 1) * sh + 1 : sh, v0 : v0 + (nw - 1) * sw + 1 : sw] = z
+    if (sh, sw) == (1, 1):
+        pads = ((kh - 1 - ch[0], kh - 1 - ch[1]), (kw - 1 - cw[0], kw - 1 - cw[1]))
+        padded = (h + sum(pads[0]), wd + sum(pads[1]))
+        xp = _pad_dilate(x, (1, 1), pads, _scratch(buffers, f"{tag}:padded", (bsz, c_in, *padded), x.dtype))
+        flipped = _scratch(buffers, f"{tag}:flipped", (c_out, c_in, kh, kw), x.dtype)
+        np.copyto(flipped, w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+        cols = _cols_buffer(buffers, f"{tag}:cols", xp.shape, c_out, (kh, kw), (oh, ow), x.dtype)
+        return _correlate(xp, flipped, (1, 1), (oh, ow), y, cols)
+    k, p = c_out * kh * kw, h * wd
+    wt = _scratch(buffers, f"{tag}:wt", (k, c_in), x.dtype)
+    np.copyto(wt, w.reshape(c_in, k).T)
+    x3 = x.reshape(bsz, c_in, p)
+    n = min(bsz, _chunk_images(k, p, x.dtype))
+    cols = _scratch(buffers, f"{tag}:contrib", (n, k, p), x.dtype)
+    for start, stop in _chunks(bsz, n):
+        c = np.matmul(wt, x3[start:stop], out=cols[: stop - start])
+        K.col2im(c, kh, kw, sh, sw, ch[0], cw[0], h, wd, y[start:stop])
     return y
 
 
@@ -320,8 +368,45 @@ def _add_bias(y, b):
         y += b[:, None, None]
 
 
-def _bias_grad(dy):
-    return dy.sum(axis=(0, 2, 3), dtype=np.float64).astype(dy.dtype)
+def bias_activation_forward(y, b, activation="identity", alpha=0.01, zeros=None):
+    """``y <- f(y + b_c)`` in place over a convolution's output, one pass (the bias and the activation
+    fused): what a layer with an activation applies after a bias-free :func:`conv2d_forward` or
+    :func:`conv_transpose2d_forward`.
+
+    .. math:: y_{n,c,i,j} \\leftarrow f(y_{n,c,i,j} + b_c)
+
+    Parameters
+    ----------
+    y : (B, C, OH, OW) C-contiguous array (overwritten)
+    b : (C,) array
+    activation : str, one of :data:`npvae.ops.ACTIVATIONS`
+    alpha : float
+        LeakyReLU's slope.
+    zeros : (OH OW,) zero array, optional (scratch of the generic activation loops)
+
+    Returns
+    -------
+    y : the same array
+    cache : the cache of :func:`npvae.ops.activation_forward` over ``y.reshape(B, -1)``: its backward
+        (``da = dy f'(a)`` through y) is :func:`npvae.ops.activation_backward`, and ``db`` is
+        ``dy``'s sum over (n, i, j) as in :func:`conv2d_backward`.
+    """
+    code = ops.activation_code(activation, alpha)
+    b = np.asarray(b, dtype=y.dtype)
+    if y.ndim != 4 or not y.flags.c_contiguous or b.shape != (y.shape[1],):
+        raise ValueError(f"bias_activation_forward: expected a C-contiguous y (B, C, H, W) and b (C,), got {y.shape} "
+                         f"and {b.shape}")
+    p = y.shape[2] * y.shape[3]
+    zeros = np.zeros(p, y.dtype) if zeros is None else zeros
+    K.channel_bias_act(y.reshape(y.shape[0], y.shape[1], p), b, code, float(alpha), zeros)
+    return y, (y.reshape(y.shape[0], -1), code, float(alpha))
+
+
+def _bias_grad(dy, db, buffers, tag):
+    """db (C,) = sum of dy (B, C, H, W) over (n, i, j), in float64."""
+    work = _scratch(buffers, f"{tag}:dbsum", (dy.shape[1],), np.float64)
+    K.channel_sum(dy.reshape(dy.shape[0], dy.shape[1], -1), work, db)
+    return db
 
 
 # ----------------------------------------------------------------------------- conv2d
@@ -362,14 +447,14 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, out=None, buffers=None):
         xp = x
     else:
         xp = _pad_dilate(x, (1, 1), pads, _scratch(buffers, "conv:padded", (bsz, x.shape[1], *padded), x.dtype))
-    cols = _cols_buffer(buffers, "conv:cols", xp.shape, kernel, (oh, ow), x.dtype)
+    cols = _cols_buffer(buffers, "conv:cols", xp.shape, c_out, kernel, (oh, ow), x.dtype, keep=True)
     if out is None:
         out = np.empty((bsz, c_out, oh, ow), x.dtype)
     elif out.shape != (bsz, c_out, oh, ow) or out.dtype != x.dtype:
         raise ValueError(f"{op}: expected out of shape {(bsz, c_out, oh, ow)} {x.dtype}, got {out.shape} {out.dtype}")
-    _correlate(xp, w.reshape(c_out, -1), kernel, stride, (oh, ow), out.reshape(bsz, c_out, -1), cols)
+    _correlate(xp, w, stride, (oh, ow), out, cols)
     _add_bias(out, b)
-    return out, (x.shape, w, b is not None, stride, pads, xp, cols, buffers)
+    return out, (x.shape, w, b is not None, stride, pads, xp, cols, (oh, ow), buffers)
 
 
 def conv2d_backward(dy, cache, need_dx=True, dw=None, db=None):
@@ -392,28 +477,28 @@ def conv2d_backward(dy, cache, need_dx=True, dw=None, db=None):
     need_dx : bool
         False skips the data gradient (a first layer).
     dw, db : arrays of w's and b's shapes, optional
+        db is written when the forward had a bias, or when given (a bias added outside the op, as
+        :func:`bias_activation_forward` does).
 
     Returns
     -------
     dx : (B, C_in, H, W) array or None, dw : (C_out, C_in, kH, kW) array, db : (C_out,) array or None
     """
-    x_shape, w, has_bias, stride, pads, xp, cols, buffers = cache
+    x_shape, w, has_bias, stride, pads, xp, cols, out_hw, buffers = cache
     dy = np.asarray(dy, dtype=w.dtype)
     bsz, c_out = x_shape[0], w.shape[0]
-    if dy.ndim != 4 or dy.shape[:2] != (bsz, c_out) or dy.shape[2] * dy.shape[3] != cols.shape[2]:
-        raise ValueError(f"conv2d backward: dy of shape {dy.shape} does not match the forward's output")
-    dy3 = dy.reshape(bsz, c_out, -1)
+    if dy.shape != (bsz, c_out, *out_hw):
+        raise ValueError(f"conv2d backward: dy of shape {dy.shape} does not match the forward's output "
+                         f"{(bsz, c_out, *out_hw)}")
     if dw is None:
         dw = np.empty(w.shape, w.dtype)
     kernel = w.shape[2:]
-    tmp, total = _weight_grad_scratch(buffers, "conv", cols, c_out, w.dtype)
-    _correlate_weight_grad(xp, dy3, kernel, stride, dy.shape[2:], dw.reshape(c_out, -1), cols, tmp, total)
-    if has_bias:
+    scratch = _weight_grad_scratch(buffers, "conv", cols, xp, dy.shape, kernel, w.dtype)
+    _correlate_weight_grad(xp, dy, stride, dw, cols, scratch, built=True)  # the forward's columns, when kept
+    if has_bias or db is not None:
         if db is None:
             db = np.empty(c_out, w.dtype)
-        db[...] = _bias_grad(dy)
-    else:
-        db = None
+        _bias_grad(dy, db, buffers, "conv")
     if not need_dx:
         return None, dw, db
     h, wd = x_shape[2:]
@@ -470,7 +555,8 @@ def conv_transpose2d_backward(dy, cache, need_dx=True, dw=None, db=None):
         \\qquad db_o = \\sum dy_{n,o,\\cdot,\\cdot}
 
     i.e. dx is conv2d(dy, W) with the crops as padding (negative crops crop dy), and dW is that
-    conv2d's weight gradient with x in the role of its output gradient.
+    conv2d's weight gradient with x in the role of its output gradient. ``db`` is written when the
+    forward had a bias or when given (see :func:`conv2d_backward`).
 
     Returns
     -------
@@ -486,21 +572,19 @@ def conv_transpose2d_backward(dy, cache, need_dx=True, dw=None, db=None):
     full = tuple((n - 1) * s + k for n, s, k in zip((h, wd), stride, kernel))
     pads = tuple((c[0], f - c[0] - m) for c, f, m in zip(crops, full, dy.shape[2:]))
     dyp = _pad_dilate(dy, (1, 1), pads, _scratch(buffers, "convt:dypad", (bsz, c_out, *full), w.dtype))
-    cols = _cols_buffer(buffers, "convt:cols", dyp.shape, kernel, (h, wd), w.dtype)
+    cols = _cols_buffer(buffers, "convt:cols", dyp.shape, c_in, kernel, (h, wd), w.dtype, keep=need_dx)
     dx = _scratch(buffers, "convt:dx", (bsz, c_in, h, wd), w.dtype) if need_dx else None
     if need_dx:
-        _correlate(dyp, w.reshape(c_in, -1), kernel, stride, (h, wd), dx.reshape(bsz, c_in, -1), cols)
+        _correlate(dyp, w, stride, (h, wd), dx, cols)
     if dw is None:
         dw = np.empty(w.shape, w.dtype)
-    tmp, total = _weight_grad_scratch(buffers, "convt", cols, c_in, w.dtype)
-    _correlate_weight_grad(dyp, x.reshape(bsz, c_in, -1), kernel, stride, (h, wd), dw.reshape(c_in, -1), cols, tmp,
-                           total)
-    if has_bias:
+    scratch = _weight_grad_scratch(buffers, "convt", cols, dyp, x.shape, kernel, w.dtype)
+    # dx's columns, when the whole batch's were kept: dx and dW multiply the same matrix
+    _correlate_weight_grad(dyp, x, stride, dw, cols, scratch, built=need_dx)
+    if has_bias or db is not None:
         if db is None:
             db = np.empty(c_out, w.dtype)
-        db[...] = _bias_grad(dy)
-    else:
-        db = None
+        _bias_grad(dy, db, buffers, "convt")
     return dx, dw, db
 
 
@@ -626,7 +710,7 @@ def upsample_nearest2d_backward(dy, cache, out=None):
 
 
 __all__ = [
-    "conv2d_forward", "conv2d_backward", "conv_transpose2d_forward", "conv_transpose2d_backward",
+    "conv2d_forward", "conv2d_backward", "conv_transpose2d_forward", "conv_transpose2d_backward", "bias_activation_forward",
     "max_pool2d_forward", "max_pool2d_backward", "upsample_nearest2d_forward", "upsample_nearest2d_backward",
     "conv2d_output_shape", "conv_transpose2d_output_shape", "max_pool2d_output_shape",
     "as_pair", "conv_pads", "pool_pads", "transpose_crops", "output_size",

@@ -465,9 +465,10 @@ class _ConvBase(Layer):
         return lambda name, shape, dtype: self.buffer(batch, name, shape, dtype)
 
     def _activate(self, y):
-        if self.activation != "identity":
-            flat = y.reshape(y.shape[0], -1)
-            _, self._act_cache = ops.activation_forward(flat, self.activation, self.alpha, out=flat)
+        """The bias and the activation in one pass over y (the op ran without the bias)."""
+        zeros = self.buffer(y.shape[0], "zeros", (y.shape[2] * y.shape[3],), y.dtype)
+        zeros.fill(0)
+        _, self._act_cache = conv.bias_activation_forward(y, self.bias, self.activation, self.alpha, zeros)
         return y
 
     def output_grad_buffer(self, batch: int):
@@ -518,7 +519,7 @@ class Conv2d(_ConvBase):
         batch = x.shape[0]
         shape = conv.conv2d_output_shape(x.shape[1:], self.out_channels, self.kernel_size, self.stride, self.padding)
         y = self.buffer(batch, "y", (batch, *shape), x.dtype)
-        y, self.cache = conv.conv2d_forward(x, self.weight, self.bias, self.stride, self.padding, out=y,
+        y, self.cache = conv.conv2d_forward(x, self.weight, None, self.stride, self.padding, out=y,
                                             buffers=self._buffers(batch))
         return self._activate(y)
 
@@ -556,7 +557,7 @@ class ConvTranspose2d(_ConvBase):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """x (B, C_in, H, W) -> y (B, C_out, OH, OW)."""
-        y, self.cache = conv.conv_transpose2d_forward(x, self.weight, self.bias, self.stride, self.padding,
+        y, self.cache = conv.conv_transpose2d_forward(x, self.weight, None, self.stride, self.padding,
                                                       self.output_padding, buffers=self._buffers(x.shape[0]))
         return self._activate(y)
 

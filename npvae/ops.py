@@ -165,7 +165,8 @@ def affine_backward(dout, cache, dx=None, dw=None, db=None, work=None):
     return dx, dw, db
 
 
-def _activation_code(name: str, alpha: float) -> int:
+def activation_code(name: str, alpha: float) -> int:
+    """The kernels' code of activation ``name`` (see :data:`npvae._kernels.ACTIVATION_CODES`); alpha >= 0."""
     # the derivative is read off the output (y > 0), which needs a negative slope >= 0
     if alpha < 0:
         raise ValueError(f"expected alpha >= 0 for leaky_relu, got {alpha}")
@@ -206,7 +207,7 @@ def activation_forward(a, name="relu", alpha=0.01, out=None):
     cache : tuple ``(y, code, alpha)``
     """
     a = _float_array(a, "a")
-    code = _activation_code(name, alpha)
+    code = activation_code(name, alpha)
     out = _buffer(out, a.shape, a.dtype, "out")
     K.bias_act_forward(a, np.zeros(a.shape[1], dtype=a.dtype), code, float(alpha), out)
     return out, (out, code, float(alpha))
@@ -252,7 +253,7 @@ def dense_forward(x, w, b, activation="identity", alpha=0.01, out=None):
         raise ValueError(f"expected x of shape (B, {w.shape[1]}) for w of shape {w.shape}, got {x.shape}")
     w = _like(x, w, "w", w.shape)
     b = _like(x, b, "b", (w.shape[0],))
-    code = _activation_code(activation, alpha)
+    code = activation_code(activation, alpha)
     out = _buffer(out, (x.shape[0], w.shape[0]), x.dtype, "out")
     np.matmul(x, w.T, out=out)
     K.bias_act_forward(out, b, code, float(alpha), out)

@@ -56,13 +56,16 @@ whichever rows ran last; a row reports its fastest round, since noise only ever 
 
 ``--model conv-vae`` benchmarks the Keras write-up's convolutional VAE instead (latent 20, Bernoulli
 decoder, npvae's ``ConvVAE``; 10,000 training images per epoch unless ``--limit`` says otherwise):
-npvae (both backends) against the same network in PyTorch eager, started from npvae's initial
-weights, with Keras' "same" padding written as explicit pads and crops. JAX and the bare-matmul
-peer are MLP-only and skipped; the test negative ELBO is computed by npvae's float64 ConvVAE (which
-the tests hold to torch's within 1e-12) on the first 2,000 test images, with the same noise for
-every peer::
+npvae (both backends) against the same network in PyTorch eager and in JAX (the whole step jitted),
+all started from npvae's initial weights, with Keras' "same" padding written as explicit pads and
+crops; the ``matmul`` peer times the bare matrix products of the im2col formulation of each step
+(:class:`ConvMatmulPeer`: ~136 MFLOP per image, every product one GEMM over the batch, no copies).
+A framework that is not installed is reported as skipped. The test negative ELBO is computed by
+npvae's float64 ConvVAE (which the tests hold to torch's within 1e-12) on the first 2,000 test
+images, with the same noise for every peer. One thread per framework::
 
-    PYTHONPATH=. python scripts/bench.py --model conv-vae --data-dir ../shared/data/fashion-mnist --epochs 3
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 XLA_FLAGS="--xla_cpu_multi_thread_eigen=false" \\
+        PYTHONPATH=. python scripts/bench.py --model conv-vae --data-dir ../shared/data/fashion-mnist --epochs 3
 
 ``--json PATH`` writes every number (per-epoch times included) for CI or the README.
 """
@@ -486,6 +489,140 @@ class ConvTorchPeer(Peer):
         return {k: p.detach().numpy().copy() for k, p in zip(self.keys, self.model.parameters())}
 
 
+class ConvJaxPeer(Peer):
+    """The Keras write-up's conv VAE in JAX (jit of the whole step: loss, gradients, Adam), from npvae's
+    ConvVAE's initial weights; Keras' "same" as explicit pads, the transposed convolution as a
+    convolution of the stride-dilated input with the flipped kernel, cropped as npvae's."""
+
+    def __init__(self, arrays, cfg):
+        super().__init__(arrays, cfg)
+        import jax
+        import jax.numpy as jnp
+        from jax import lax
+
+        latent, lr = self.latent, cfg["lr"]
+        beta1, beta2, adam_eps = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
+        dims = ("NCHW", "OIHW", "NCHW")
+
+        def conv(x, w, b, stride, pads):
+            return lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=dims) + b[:, None, None]
+
+        def loss_fn(p, x, eps):  # batch-mean negative ELBO
+            h = x.reshape(-1, 1, 28, 28)
+            h = jax.nn.relu(conv(h, p["encoder.1.weight"], p["encoder.1.bias"], 1, [(1, 1), (1, 1)]))
+            h = jax.nn.relu(conv(h, p["encoder.2.weight"], p["encoder.2.bias"], 2, [(0, 1), (0, 1)]))
+            h = jax.nn.relu(conv(h, p["encoder.3.weight"], p["encoder.3.bias"], 1, [(1, 1), (1, 1)]))
+            h = jax.nn.relu(conv(h, p["encoder.4.weight"], p["encoder.4.bias"], 1, [(1, 1), (1, 1)]))
+            h = jax.nn.relu(h.reshape(len(x), -1) @ p["encoder.6.weight"].T + p["encoder.6.bias"])
+            mu = h @ p["mu.weight"].T + p["mu.bias"]
+            logvar = h @ p["logvar.weight"].T + p["logvar.bias"]
+            z = mu + jnp.exp(0.5 * logvar) * eps
+            d = jax.nn.relu(z @ p["decoder.0.weight"].T + p["decoder.0.bias"]).reshape(-1, 64, 14, 14)
+            wt = p["decoder.2.weight"].transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]  # (C_out, C_in, kH, kW), flipped
+            d = lax.conv_general_dilated(d, wt, (1, 1), [(2, 1), (2, 1)], lhs_dilation=(2, 2), dimension_numbers=dims)
+            d = jax.nn.relu(d + p["decoder.2.bias"][:, None, None])  # 29 rows cropped to 28 at the bottom
+            logits = conv(d, p["decoder.3.weight"], p["decoder.3.bias"], 1, [(1, 1), (1, 1)]).reshape(len(x), -1)
+            recon = jnp.sum(jax.nn.softplus(logits) - x * logits)
+            kl = 0.5 * jnp.sum(mu**2 + jnp.exp(logvar) - 1.0 - logvar)
+            return (recon + kl) / x.shape[0]
+
+        def train_step(state, images, idx):
+            params, m, v, t, key = state
+            t = t + 1
+            eps = jax.random.normal(jax.random.fold_in(key, t), (idx.shape[0], latent), jnp.float32)
+            loss, grads = jax.value_and_grad(loss_fn)(params, jnp.take(images, idx, axis=0), eps)
+            m = jax.tree.map(lambda m, g: beta1 * m + (1 - beta1) * g, m, grads)
+            v = jax.tree.map(lambda v, g: beta2 * v + (1 - beta2) * g * g, v, grads)
+            tf = t.astype(jnp.float32)
+            step_size = lr / (1 - beta1**tf)
+            bias2_sqrt = jnp.sqrt(1 - beta2**tf)
+            params = jax.tree.map(lambda p, m, v: p - step_size * m / (jnp.sqrt(v) / bias2_sqrt + adam_eps),
+                                  params, m, v)
+            return (params, m, v, t, key), loss
+
+        self.jax = jax
+        self.loss_fn = loss_fn
+        self.step = jax.jit(train_step)
+        params = {k: jnp.asarray(v) for k, v in conv_initial_state(latent, self.seed).items()}
+        m0, v0 = jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params)
+        self.state = (params, m0, v0, jnp.int32(0), jax.random.key(self.seed))
+        self.host_x = aligned_floats(self.train_u8)
+        self.data = jnp.from_dlpack(self.host_x)
+
+    def epoch(self) -> dict:
+        return JaxPeer.epoch(self)
+
+    def state_dict(self) -> dict:
+        return {k: np.asarray(v) for k, v in self.state[0].items()}
+
+
+class ConvMatmulPeer(Peer):
+    """The bare matrix products of one epoch of the conv VAE in the im2col formulation, nothing else.
+
+    Per step of batch B, for every layer, each product as one GEMM over the whole batch through
+    NumPy's BLAS, on fixed random operands with ``out=`` buffers (no im2col or col2im copies, no
+    bias, activation, loss or Adam): a convolution's forward ``W_m (O, C k^2) @ cols (C k^2, B P)``,
+    its weight gradient ``dY (O, B P) @ cols^T``, and its data gradient in npvae's form, a product of
+    a forward's shape (stride 1: the correlation of dY with the flipped kernel; stride 2: the
+    per-pixel contributions ``W_m^T (C k^2, O) @ dY (O, B P)`` that col2im scatters); the transposed
+    convolution likewise; the dense layers' three products. The 32 -> 1 output convolution is
+    included in this form too (npvae runs it as a direct loop instead).
+    """
+
+    def __init__(self, arrays, cfg):
+        super().__init__(arrays, cfg)
+        self.rng = np.random.default_rng(self.seed)
+        self.plans: dict[int, list] = {}
+        self.pool = self.out_pool = None
+
+    def _plan(self, b: int) -> list:
+        if b not in self.plans:
+            shapes = conv_products(b, self.latent)
+            need_in = max(max(m * k, k * n) for m, k, n in shapes)
+            need_out = max(m * n for m, k, n in shapes)
+            if self.pool is None or self.pool.size < need_in:
+                self.pool = self.rng.standard_normal(need_in, dtype=np.float32)
+            if self.out_pool is None or self.out_pool.size < need_out:
+                self.out_pool = np.empty(need_out, np.float32)
+            self.plans[b] = [(self.pool[: m * k].reshape(m, k), self.pool[: k * n].reshape(k, n),
+                              self.out_pool[: m * n].reshape(m, n)) for m, k, n in shapes]
+        return self.plans[b]
+
+    def epoch(self) -> dict:
+        plans = [self._plan(min(self.batch, self.n - i)) for i in range(0, self.n, self.batch)]
+        mm = np.matmul
+        start = time.perf_counter()
+        for plan in plans:
+            for a, bm, out in plan:
+                mm(a, bm, out=out)
+        seconds = time.perf_counter() - start
+        self.epochs_done += 1
+        return {"seconds": seconds, "gflops_per_second": conv_epoch_flops(self.n, self.batch, self.latent) / seconds / 1e9}
+
+
+def conv_products(b: int, z: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of every product of a conv-VAE step at batch b and latent z, as :class:`ConvMatmulPeer` runs them."""
+    p28, p14 = b * 784, b * 196
+
+    def conv(o, ck, p):  # forward, weight gradient
+        return [(o, ck, p), (o, p, ck)]
+
+    return [*conv(32, 9, p28),  # encoder.1 (1 -> 32): no data gradient
+            *conv(64, 288, p14), (288, 64, p14),  # encoder.2 (32 -> 64, stride 2), dx as contributions
+            *conv(64, 576, p14), (64, 576, p14),  # encoder.3, dx a stride-1 correlation
+            *conv(64, 576, p14), (64, 576, p14),  # encoder.4
+            (b, 12544, 32), (32, b, 12544), (b, 32, 12544),  # encoder.6 dense
+            (b, 32, 2 * z), (2 * z, b, 32), (b, 2 * z, 32),  # heads
+            (b, z, 12544), (12544, b, z), (b, 12544, z),  # decoder.0 dense
+            (288, 64, p14), (64, p14, 288), (64, 288, p14),  # decoder.2 transposed: contributions, dW, dx
+            *conv(1, 288, p28), (32, 9, p28)]  # decoder.3 (32 -> 1), dx a stride-1 correlation
+
+
+def conv_epoch_flops(n: int, batch: int, z: int) -> int:
+    """Multiply-add FLOPs of one epoch's products (:func:`conv_products`), ragged last batch included."""
+    return sum(2 * m * k * q for i in range(0, n, batch) for m, k, q in conv_products(min(batch, n - i), z))
+
+
 def conv_initial_state(latent: int, seed: int) -> dict:
     """npvae's ConvVAE's initial weights (state-dict order: encoder, mu, logvar, decoder)."""
     return npvae.ConvVAE(latent_dim=latent, seed=seed).state_dict()
@@ -625,7 +762,7 @@ class MatmulPeer(Peer):
 
 
 PEER_CLASSES = {"npvae": NpvaePeer, "npvae-numpy": NpvaePeer, "torch": TorchPeer, "jax": JaxPeer, "matmul": MatmulPeer,
-                "torch-conv": ConvTorchPeer}
+                "torch-conv": ConvTorchPeer, "jax-conv": ConvJaxPeer, "matmul-conv": ConvMatmulPeer}
 
 
 def thread_report(kind: str) -> dict:
@@ -673,7 +810,8 @@ def worker_main() -> None:
                     baseline = max_rss_mib()
                 if peer is not None:
                     peer.close()
-                peer = PEER_CLASSES["torch-conv" if kind == "torch" and cfg.get("model") == "conv-vae" else kind](arrays, cfg)
+                conv_kind = f"{kind}-conv" if cfg.get("model") == "conv-vae" else None
+                peer = PEER_CLASSES[conv_kind if conv_kind in PEER_CLASSES else kind](arrays, cfg)
                 result = {"n_train": peer.n, "n_test": len(arrays["test_x"]), "description": arrays["description"],
                           "rss_baseline_mib": baseline}
             elif op == "epoch":
@@ -817,16 +955,13 @@ def run_benchmark(args, echo) -> dict:
     skipped = {}
     conv = args.model == "conv-vae"
     for peer in args.peers:
-        if conv and peer == "jax":
-            skipped[peer] = "written for the MLP VAE only"
-        elif importlib.util.find_spec(peer) is not None:
+        if importlib.util.find_spec(peer) is not None:
             kinds.append(peer)
         else:
             skipped[peer] = f"{peer} is not installed"
     if args.numpy_backend:
         kinds.append("npvae-numpy")
-    if not conv:
-        kinds.append("matmul")
+    kinds.append("matmul")
     epochs = {kind: args.epochs for kind in kinds}
     if args.numpy_backend:
         epochs["npvae-numpy"] = max(2, min(args.numpy_epochs, args.epochs))
@@ -865,7 +1000,8 @@ def run_benchmark(args, echo) -> dict:
             row["test_neg_elbo"] = fin["test_neg_elbo"]
             row["train_loss"] = [r["train_loss"] for r in records[kind]]
         if kind == "matmul":
-            row["gflops_per_second"] = epoch_flops(n, args.batch_size) / row["seconds_per_epoch"] / 1e9
+            flops = conv_epoch_flops(n, args.batch_size, base["latent"]) if conv else epoch_flops(n, args.batch_size)
+            row["gflops_per_second"] = flops / row["seconds_per_epoch"] / 1e9
         peers[kind] = row
     ratios, targets = targets_of(peers, CONV_TARGETS if conv else TARGETS)
     return {
@@ -1010,20 +1146,22 @@ def benchmark_markdown(res: dict) -> str:
     out = [f"    $ {res['command']}", "",
            f"{cfg['data']}, {cfg['n_train']:,} training images, batch {cfg['batch_size']}, {cfg['model']}, "
            f"float32, Adam {cfg['lr']:g}; {res['machine']['cpus']} CPUs ({res['machine']['cpu']}).", "",
-           "| peer | s/epoch | images/s | spread | others' load (cores) | quiet epochs: s/epoch (n) "
+           "| peer | s/epoch | npvae ÷ peer | images/s | spread | others' load (cores) | quiet epochs: s/epoch (n) "
            "| first-epoch overhead (s) | peak RSS (MiB) | RSS growth (MiB) | test −ELBO (nats) | epochs |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ours = peers["npvae"]["seconds_per_epoch"]
     for kind, row in peers.items():
         title = TITLES[kind]
         if kind == "matmul":
             title += f", {row['gflops_per_second']:.0f} GFLOP/s"
         quiet = f"{_fmt(row.get('quiet_seconds_per_epoch'), '.2f')} ({row.get('quiet_epochs', '–')})"
-        out.append(f"| {title} | {row['seconds_per_epoch']:.2f} | {row['images_per_second']:,.0f} | "
+        out.append(f"| {title} | {row['seconds_per_epoch']:.2f} | {ours / row['seconds_per_epoch']:.2f} | "
+                   f"{row['images_per_second']:,.0f} | "
                    f"{_fmt(row['spread'], '.0%')} | {_fmt(row.get('other_cores'), '.2f')} | {quiet} | "
                    f"{row['first_epoch_overhead_s']:+.2f} | {row['peak_rss_mib']:,.0f} | {row['rss_delta_mib']:,.0f} | "
                    f"{_fmt(row.get('test_neg_elbo'), '.2f')} | {row['epochs']} |")
     for kind, why in res["skipped"].items():
-        out.append(f"| {TITLES[kind]} | – | – | – | – | – | – | – | – | – | skipped: {why} |")
+        out.append(f"| {TITLES[kind]} | – | – | – | – | – | – | – | – | – | – | skipped: {why} |")
     out += ["", "| target | threshold | ratio of s/epoch | result | ratio, quiet epochs | result, quiet epochs |",
             "|---|---:|---:|---|---:|---|"]
     for t in res["targets"]:

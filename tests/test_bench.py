@@ -153,3 +153,46 @@ def test_tiny_sweep(tmp_path, capsys):
     assert rows[1]["epoch_seconds"] == rows[2]["epoch_seconds"] == rows[3]["epoch_seconds"]
     table = capsys.readouterr().out
     assert "| varied | value |" in table and "| training images | 384 |" in table
+
+
+def test_conv_jax_peer_computes_npvaes_loss_and_gradients():
+    """The JAX conv VAE of ``--model conv-vae`` starts from npvae's weights and computes npvae's loss and gradients."""
+    pytest.importorskip("jax")
+    import jax
+
+    import npvae
+
+    rng = np.random.default_rng(1)
+    arrays = {"train_x": rng.integers(0, 256, (8, 784), dtype=np.uint8)}
+    cfg = {"seed": 2, "batch_size": 8, "hidden": 400, "latent": 5, "limit": None, "lr": 1e-3}
+    peer = bench.ConvJaxPeer(arrays, cfg)
+    model = npvae.ConvVAE(latent_dim=5, seed=2)
+    x = npvae.data.to_float(arrays["train_x"])
+    eps = rng.standard_normal((8, 5), dtype=np.float32)
+    terms, grads = model.loss_and_grads(x, eps=eps)
+    loss, jgrads = jax.value_and_grad(peer.loss_fn)(peer.state[0], x, eps)
+    assert float(loss) == pytest.approx(terms.total, rel=1e-5)
+    assert list(peer.state_dict()) == list(model.state_dict())
+    for key, g in grads.items():
+        scale = max(np.abs(g).max(), 1e-3)
+        assert np.abs(np.asarray(jgrads[key]) - g).max() <= 1e-4 * scale, key
+
+
+def test_conv_products_count_the_issues_flops():
+    # the issue: one forward and backward pass of the conv VAE costs about 130 MFLOP per image
+    per_image = bench.conv_epoch_flops(128, 128, 20) / 128
+    assert 130e6 < per_image < 140e6
+    assert bench.conv_epoch_flops(300, 128, 20) == 2 * bench.conv_epoch_flops(128, 128, 20) + bench.conv_epoch_flops(
+        44, 44, 20)
+
+
+def test_conv_matmul_peer_runs_every_product():
+    rng = np.random.default_rng(0)
+    arrays = {"train_x": rng.integers(0, 256, (40, 784), dtype=np.uint8)}
+    cfg = {"seed": 0, "batch_size": 16, "hidden": 400, "latent": 4, "limit": None, "lr": 1e-3}
+    peer = bench.ConvMatmulPeer(arrays, cfg)
+    record = peer.epoch()
+    assert record["seconds"] > 0 and record["gflops_per_second"] > 0
+    assert set(peer.plans) == {16, 8}  # two full batches and a ragged one of 8
+    for (m, k, n), (a, b, out) in zip(bench.conv_products(8, 4), peer.plans[8]):
+        assert a.shape == (m, k) and b.shape == (k, n) and out.shape == (m, n)

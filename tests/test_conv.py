@@ -79,34 +79,40 @@ def _conv_inputs(case, dtype=np.float64):
 # ----------------------------------------------------------------------------- conv2d
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=SLOW)
+@pytest.mark.parametrize("backend", BACKENDS)  # the loops (direct correlations, col2im) and their twins
+@settings(max_examples=60, deadline=None, suppress_health_check=SLOW)
 @given(case=conv_cases())
-def test_conv2d_matches_torch(case):
+def test_conv2d_matches_torch(backend, case):
     x, w, b, rng = _conv_inputs(case)
-    y, cache = conv.conv2d_forward(x, w, b, case["stride"], case["padding"])
+    with use_backend(backend):
+        y, cache = conv.conv2d_forward(x, w, b, case["stride"], case["padding"])
     tx, tw, tb = _t(x), _t(w), _t(b)
     ty = torch_conv2d(tx, tw, tb, case)
     assert y.shape == tuple(ty.shape)
     assert rel_error(y, ty.detach().numpy()) <= TORCH_TOL
     dy = rng.standard_normal(y.shape)
     ty.backward(torch.tensor(dy))
-    dx, dw, db = conv.conv2d_backward(dy, cache)
+    with use_backend(backend):
+        dx, dw, db = conv.conv2d_backward(dy, cache)
     for ours, ref, name in ((dx, tx.grad, "dx"), (dw, tw.grad, "dw"), (db, tb.grad, "db")):
         assert rel_error(ours, ref.numpy()) <= TORCH_TOL, name
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=SLOW)
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=50, deadline=None, suppress_health_check=SLOW)
 @given(case=conv_cases(transposed=True))
-def test_conv_transpose2d_matches_torch(case):
+def test_conv_transpose2d_matches_torch(backend, case):
     x, w, b, rng = _conv_inputs(case)
-    y, cache = conv.conv_transpose2d_forward(x, w, b, case["stride"], case["padding"], case["output_padding"])
+    with use_backend(backend):
+        y, cache = conv.conv_transpose2d_forward(x, w, b, case["stride"], case["padding"], case["output_padding"])
     tx, tw, tb = _t(x), _t(w), _t(b)
     ty = torch_conv_transpose2d(tx, tw, tb, case)
     assert y.shape == tuple(ty.shape)
     assert rel_error(y, ty.detach().numpy()) <= TORCH_TOL
     dy = rng.standard_normal(y.shape)
     ty.backward(torch.tensor(dy))
-    dx, dw, db = conv.conv_transpose2d_backward(dy, cache)
+    with use_backend(backend):
+        dx, dw, db = conv.conv_transpose2d_backward(dy, cache)
     for ours, ref, name in ((dx, tx.grad, "dx"), (dw, tw.grad, "dw"), (db, tb.grad, "db")):
         assert rel_error(ours, ref.numpy()) <= TORCH_TOL, name
 
@@ -326,9 +332,11 @@ def test_errors_name_the_op_and_the_shapes():
 @settings(max_examples=10, deadline=None, suppress_health_check=SLOW + [HealthCheck.function_scoped_fixture])
 @given(case=conv_cases(), tcase=conv_cases(transposed=True))
 def test_chunked_columns_give_the_same_numbers(monkeypatch, case, tcase):
-    """The column matrix is built a chunk of images at a time: with one image per chunk, every op and
-    gradient still matches torch."""
+    """The column matrix is built a chunk of images at a time: with one image per chunk, and no whole
+    batch's columns kept for the weight gradient (so it rebuilds them), every op and gradient still
+    matches torch. (The other tests keep them: their batches fit.)"""
     monkeypatch.setattr(conv, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(conv, "KEEP_COLS_BYTES", 0)
     x, w, b, rng = _conv_inputs(case)
     y, cache = conv.conv2d_forward(x, w, b, case["stride"], case["padding"])
     dy = rng.standard_normal(y.shape)
@@ -348,3 +356,25 @@ def test_chunked_columns_give_the_same_numbers(monkeypatch, case, tcase):
     ty.backward(torch.tensor(dy))
     for a, ref in zip(ours, (ty.detach(), tx.grad, tw.grad, tb.grad)):
         assert rel_error(a, ref.numpy()) <= TORCH_TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["identity", "relu", "leaky_relu", "sigmoid", "tanh", "softplus"])
+def test_bias_activation_forward_is_the_bias_then_the_activation(backend, activation):
+    """The fused pass of the conv layers equals adding the bias, then ops.activation_forward; its
+    cache serves ops.activation_backward."""
+    from npvae import ops
+
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((3, 4, 5, 6)) * 3
+    b = rng.standard_normal(4)
+    with use_backend(backend):
+        y, cache = conv.bias_activation_forward(a.copy(), b, activation, 0.1)
+        ref, ref_cache = ops.activation_forward((a + b[:, None, None]).reshape(3, -1), activation, 0.1)
+        dy = rng.standard_normal(y.shape)
+        da = ops.activation_backward(dy.reshape(3, -1), cache)
+        ref_da = ops.activation_backward(dy.reshape(3, -1), ref_cache)
+    assert rel_error(y.reshape(3, -1), ref) <= 1e-15
+    assert rel_error(da, ref_da) <= 1e-15
+    with pytest.raises(ValueError, match="bias_activation_forward: expected a C-contiguous y"):
+        conv.bias_activation_forward(a[:, :, :, ::2], b, activation)

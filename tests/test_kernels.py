@@ -182,8 +182,54 @@ def _max_pool_backward(d):
     return [(d(-2, 2, out.shape), argmax, d.empty(x.shape))]
 
 
+def _channel_bias_act(d):
+    p = d.m
+    zeros = np.zeros(p, d.dtype)
+    return [(d(-100, 100, (2, 3, p)), d(-3, 3, (3,)), code, 0.1, zeros) for code in CODES]
+
+
+def _col2im(d):
+    """Contributions of (2, C_out kh kw, h w) scattered into outputs cropped, or extended (a negative
+    crop), at stride 1, 2 and (2, 1)."""
+    h, w = d.n % 5 + 1, d.m % 5 + 1
+    cases = []
+    for (kh, kw), (sh, sw), (top, bottom), (left, right) in (
+            ((3, 3), (1, 1), (1, 1), (1, 1)), ((3, 3), (2, 2), (0, 1), (0, 1)), ((2, 3), (2, 1), (0, 0), (1, 0)),
+            ((1, 1), (2, 2), (0, -1), (0, -1))):
+        oh, ow = (h - 1) * sh + kh - top - bottom, (w - 1) * sw + kw - left - right
+        if oh < 1 or ow < 1:
+            continue
+        cases.append((d(-2, 2, (2, 2 * kh * kw, h * w)), kh, kw, sh, sw, top, left, h, w, d.empty((2, 2, oh, ow))))
+    return cases
+
+
+def _direct_geometry(d):
+    """(xp, (kh, kw), (sh, sw), (oh, ow)) of padded inputs (2, 3, Hp, Wp) for a few kernels and strides."""
+    hp, wp = d.n % 9 + 3, d.m % 9 + 3
+    out = []
+    for (kh, kw), (sh, sw) in (((3, 3), (1, 1)), ((2, 3), (2, 1)), ((3, 2), (1, 2)), ((1, 1), (1, 1))):
+        out.append((d(-2, 2, (2, 3, hp, wp)), (kh, kw), (sh, sw), ((hp - kh) // sh + 1, (wp - kw) // sw + 1)))
+    return out
+
+
+def _conv_direct_forward(d):
+    return [(xp, d(-1, 1, (c_out, 3, kh, kw)), sh, sw, d.empty((2, c_out, oh, ow)))
+            for xp, (kh, kw), (sh, sw), (oh, ow) in _direct_geometry(d) for c_out in (1, 2)]
+
+
+def _conv_direct_weight_grad(d):
+    return [(xp, d(-1, 1, (2, c_out, oh, ow)), sh, sw, np.full((c_out, 3, kh, kw, ow), np.nan),
+             d.empty((c_out, 3, kh, kw)))
+            for xp, (kh, kw), (sh, sw), (oh, ow) in _direct_geometry(d) for c_out in (1, 2)]
+
+
 BUILDERS = {
     "max_pool_forward": _max_pool_forward,
+    "col2im": _col2im,
+    "conv_direct_forward": _conv_direct_forward,
+    "conv_direct_weight_grad": _conv_direct_weight_grad,
+    "channel_bias_act": _channel_bias_act,
+    "channel_sum": lambda d: [(d(-10, 10, (2, d.n % 7 + 1, d.m)), np.empty(d.n % 7 + 1), d.empty((d.n % 7 + 1,)))],
     "max_pool_backward": _max_pool_backward,
     "upsample_forward": lambda d: [(x, 2, 3, d.empty((2, 2, x.shape[2] * 2, x.shape[3] * 3))) for x in [_images(d, -5, 5)]],
     "upsample_backward": lambda d: [(d(-2, 2, (2, 2, 3 * (d.n % 5 + 1), 2 * (d.m % 5 + 1))), 3, 2,
