@@ -489,6 +489,29 @@ class ConvTorchPeer(Peer):
         return {k: p.detach().numpy().copy() for k, p in zip(self.keys, self.model.parameters())}
 
 
+def _jax_adam_train_step(loss_fn, latent: int, lr: float, beta1=0.9, beta2=0.999, adam_eps=1e-8):
+    """One JAX training step (to be jitted): fresh eps, the loss's gradients, and Adam written as
+    torch.optim.Adam computes it (its defaults; no optax here)."""
+    import jax
+    import jax.numpy as jnp
+
+    def train_step(state, images, idx):
+        params, m, v, t, key = state
+        t = t + 1
+        eps = jax.random.normal(jax.random.fold_in(key, t), (idx.shape[0], latent), jnp.float32)
+        loss, grads = jax.value_and_grad(loss_fn)(params, jnp.take(images, idx, axis=0), eps)
+        m = jax.tree.map(lambda m, g: beta1 * m + (1 - beta1) * g, m, grads)
+        v = jax.tree.map(lambda v, g: beta2 * v + (1 - beta2) * g * g, v, grads)
+        tf = t.astype(jnp.float32)
+        step_size = lr / (1 - beta1**tf)
+        bias2_sqrt = jnp.sqrt(1 - beta2**tf)
+        params = jax.tree.map(lambda p, m, v: p - step_size * m / (jnp.sqrt(v) / bias2_sqrt + adam_eps),
+                              params, m, v)
+        return (params, m, v, t, key), loss
+
+    return train_step
+
+
 class ConvJaxPeer(Peer):
     """The Keras write-up's conv VAE in JAX (jit of the whole step: loss, gradients, Adam), from npvae's
     ConvVAE's initial weights; Keras' "same" as explicit pads, the transposed convolution as a
@@ -501,7 +524,6 @@ class ConvJaxPeer(Peer):
         from jax import lax
 
         latent, lr = self.latent, cfg["lr"]
-        beta1, beta2, adam_eps = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
         dims = ("NCHW", "OIHW", "NCHW")
 
         def conv(x, w, b, stride, pads):
@@ -526,23 +548,9 @@ class ConvJaxPeer(Peer):
             kl = 0.5 * jnp.sum(mu**2 + jnp.exp(logvar) - 1.0 - logvar)
             return (recon + kl) / x.shape[0]
 
-        def train_step(state, images, idx):
-            params, m, v, t, key = state
-            t = t + 1
-            eps = jax.random.normal(jax.random.fold_in(key, t), (idx.shape[0], latent), jnp.float32)
-            loss, grads = jax.value_and_grad(loss_fn)(params, jnp.take(images, idx, axis=0), eps)
-            m = jax.tree.map(lambda m, g: beta1 * m + (1 - beta1) * g, m, grads)
-            v = jax.tree.map(lambda v, g: beta2 * v + (1 - beta2) * g * g, v, grads)
-            tf = t.astype(jnp.float32)
-            step_size = lr / (1 - beta1**tf)
-            bias2_sqrt = jnp.sqrt(1 - beta2**tf)
-            params = jax.tree.map(lambda p, m, v: p - step_size * m / (jnp.sqrt(v) / bias2_sqrt + adam_eps),
-                                  params, m, v)
-            return (params, m, v, t, key), loss
-
         self.jax = jax
         self.loss_fn = loss_fn
-        self.step = jax.jit(train_step)
+        self.step = jax.jit(_jax_adam_train_step(loss_fn, latent, lr))
         params = {k: jnp.asarray(v) for k, v in conv_initial_state(latent, self.seed).items()}
         m0, v0 = jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params)
         self.state = (params, m0, v0, jnp.int32(0), jax.random.key(self.seed))
@@ -656,7 +664,6 @@ class JaxPeer(Peer):
         import jax.numpy as jnp
 
         latent, lr = self.latent, cfg["lr"]
-        beta1, beta2, adam_eps = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults
 
         def loss_fn(p, x, eps):  # batch-mean negative ELBO
             h = jax.nn.relu(x @ p["enc_w"].T + p["enc_b"])
@@ -668,23 +675,8 @@ class JaxPeer(Peer):
             kl = 0.5 * jnp.sum(mu**2 + jnp.exp(logvar) - 1.0 - logvar)
             return (recon + kl) / x.shape[0]
 
-        def train_step(state, images, idx):
-            # Adam written as torch.optim.Adam computes it (no optax here).
-            params, m, v, t, key = state
-            t = t + 1
-            eps = jax.random.normal(jax.random.fold_in(key, t), (idx.shape[0], latent), jnp.float32)
-            loss, grads = jax.value_and_grad(loss_fn)(params, jnp.take(images, idx, axis=0), eps)
-            m = jax.tree.map(lambda m, g: beta1 * m + (1 - beta1) * g, m, grads)
-            v = jax.tree.map(lambda v, g: beta2 * v + (1 - beta2) * g * g, v, grads)
-            tf = t.astype(jnp.float32)
-            step_size = lr / (1 - beta1**tf)
-            bias2_sqrt = jnp.sqrt(1 - beta2**tf)
-            params = jax.tree.map(lambda p, m, v: p - step_size * m / (jnp.sqrt(v) / bias2_sqrt + adam_eps),
-                                  params, m, v)
-            return (params, m, v, t, key), loss
-
         self.jax = jax
-        self.step = jax.jit(train_step)
+        self.step = jax.jit(_jax_adam_train_step(loss_fn, latent, lr))
         params = {k: jnp.asarray(v) for k, v in fused(initial_state(self.hidden, latent, self.seed)).items()}
         m0, v0 = jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params)
         self.state = (params, m0, v0, jnp.int32(0), jax.random.key(self.seed))  # (params, m, v, step, key)

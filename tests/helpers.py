@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -22,6 +24,16 @@ import pytest
 
 from npvae import ops
 from npvae.backend import numba_available
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """A script of scripts/ (``"bench"`` -> scripts/bench.py) imported as a module, for its tests."""
+    spec = importlib.util.spec_from_file_location(f"npvae_script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 try:
     import torch

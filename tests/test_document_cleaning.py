@@ -4,9 +4,7 @@ weights at the page's size) and the noisy / cleaned / clean picture. Tiny pages,
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,12 +14,10 @@ pytest.importorskip("PIL")
 
 from npvae.data import read_png  # noqa: E402
 from npvae.models import ConvDocumentDAE, load_model  # noqa: E402
+from tests.helpers import load_script  # noqa: E402
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("npvae_document_cleaning", REPO / "scripts" / "document_cleaning.py")
-document_cleaning = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(document_cleaning)
+document_cleaning = load_script("document_cleaning")
 
 H, W, TILE = 16, 32, 8
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +12,9 @@ pytest.importorskip("PIL")
 
 from npvae.data import load_path  # noqa: E402
 from npvae.data.png import PNG_SIGNATURE, read_png  # noqa: E402
+from tests.helpers import load_script  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("npvae_make_documents", REPO / "scripts" / "make_documents.py")
-make_documents = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(make_documents)
+make_documents = load_script("make_documents")
 
 H, W, N = 40, 96, 4
 

@@ -7,7 +7,6 @@ targets as a third row. Tiny pages from scripts/make_documents.py and tiny model
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,19 +17,17 @@ from npvae.cli import main
 from npvae.data import load_path
 from npvae.models import load_model
 from npvae.viz import figures
+from tests.helpers import load_script
 
 pytest.importorskip("matplotlib")
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 H, W, N = 16, 32, 20  # the smallest pages make_documents draws; 2 of the 20 are held out
 HELD = 5  # pages of another seed, never trained on
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("npvae_make_documents", REPO / "scripts" / "make_documents.py")
-    make_documents = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_documents)
+    make_documents = load_script("make_documents")
     root = tmp_path_factory.mktemp("paired")
     assert make_documents.main(["--out", str(root / "docs"), "--n", str(N), "--height", str(H), "--width", str(W),
                                 "--seed", "0"]) == 0

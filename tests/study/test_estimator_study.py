@@ -3,26 +3,16 @@ the linear Gaussian model, and the likelihood part's pieces (the README's reprod
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import load_script
 
-
-def load_study():
-    spec = importlib.util.spec_from_file_location("npvae_estimator_study", REPO / "scripts" / "estimator_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-study = load_study()
+study = load_script("estimator_study")
 
 
 def test_the_linear_gaussian_encoder_is_the_exact_posterior():

@@ -3,7 +3,6 @@ manifold ticks on the grid's own codes, and a denoiser's picture that shows the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,13 +11,11 @@ import pytest
 
 from npvae.models import CVAE, VAE, Autoencoder, ConvAutoencoder, ConvDenoisingAutoencoder, ConvDocumentDAE, DenoisingAutoencoder
 from npvae.viz import figures, plots
+from tests.helpers import load_script
 
 pytest.importorskip("matplotlib")
 
-REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("npvae_blank_bands", REPO / "scripts" / "blank_bands.py")
-blank_bands_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(blank_bands_script)
+blank_bands_script = load_script("blank_bands")
 blank_bands, MAX_BAND = blank_bands_script.blank_bands, blank_bands_script.MAX_BAND
 
 
