@@ -18,7 +18,7 @@ import socket
 import sys
 from pathlib import Path
 
-from .checkpoint import fsync_directory
+from .checkpoint import atomic_write
 
 LOCK = ".npvae.lock"
 
@@ -164,13 +164,8 @@ def check_writable(directory) -> Path:
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".npvae-write-test-{os.getpid()}"
-        with open(probe, "wb") as f:
-            f.write(b"npvae")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(probe, probe.with_suffix(".moved"))
-        probe.with_suffix(".moved").unlink()
+        probe = atomic_write(directory / f".npvae-write-test-{os.getpid()}", lambda f: f.write(b"npvae"))
+        probe.unlink()
     except OSError as exc:
         raise OutputError(exc.errno, f"cannot write to {directory}: {exc.strerror or exc}") from None
     return directory
@@ -232,11 +227,6 @@ def reconcile_log(path, history: list[dict], step: int) -> int:
             changes += 1
     if changes:
         kept.sort(key=lambda r: (r.get("step") if isinstance(r.get("step"), int) else 0))
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_directory(path.parent)
+        text = "".join(json.dumps(r) + "\n" for r in kept).encode()
+        atomic_write(path, lambda f: f.write(text))
     return changes
