@@ -62,6 +62,14 @@ def raise_on_sigterm(signum, frame):
     raise Terminated(signum)
 
 
+def _is_integer(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 10  # passes over the training set
@@ -96,11 +104,10 @@ class TrainConfig:
                 raise ValueError(f"expected {name} {expected}, got {value!r}")
 
         def integer(lo):
-            return lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
+            return lambda v: _is_integer(v) and v >= lo
 
         def number(ok):
-            return lambda v: (isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
-                              and math.isfinite(v) and ok(v))
+            return lambda v: _is_number(v) and math.isfinite(v) and ok(v)
 
         check("epochs", integer(1), "an integer >= 1")
         check("batch_size", integer(1), "an integer >= 1")
@@ -173,11 +180,10 @@ def check_run_meta(meta: dict, path, training: bool = True) -> dict:
     def bad(key, expected):
         raise CheckpointError(f"{path}: metadata {key!r} should be {expected}, got {meta.get(key)!r:.80}")
 
-    def is_int(v, lo=0):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+    def is_int(v):
+        return _is_integer(v) and v >= 0
 
-    def is_number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    is_number = _is_number
 
     for key in ("train_config", "data_source"):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
