@@ -1,6 +1,6 @@
 """npvae.torch: every preset crosses to PyTorch and back with the same forward, the same gradients
-(float64) and the same weights; parts replaced in torch come back as npvae layers; the README's
-round trip runs as written.
+(float64) and the same weights; parts replaced in torch come back as npvae layers; the round trip
+of docs/torch.md runs as written.
 
 Two independent witnesses: npvae's own forward and gradients, and (for the presets they cover) the
 reference models of tests/torch_models.py, written from the math without npvae.torch.
@@ -222,22 +222,22 @@ def test_importing_npvae_never_imports_torch():
     assert out.stdout.strip() == "False", out.stderr
 
 
-def readme_section(title: str) -> list[str]:
-    """The ```python blocks of the README section under ``## title``."""
-    text = (REPO / "README.md").read_text()
+def docs_section(title: str) -> list[str]:
+    """The ```python blocks of docs/torch.md's section under ``## title``."""
+    text = (REPO / "docs" / "torch.md").read_text(encoding="utf-8")
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
     return re.findall(r"```python\n(.*?)```", text[start:end if end > 0 else None], re.S)
 
 
 @pytest.mark.slow
-def test_the_readme_round_trip_runs_as_written(tmp_path, monkeypatch):
-    blocks = readme_section("Train here on a CPU, continue in PyTorch on a GPU")
+def test_the_documented_round_trip_runs_as_written(tmp_path, monkeypatch):
+    blocks = docs_section("Train here on a CPU, continue in PyTorch on a GPU")
     assert len(blocks) == 2
     monkeypatch.chdir(tmp_path)
     namespace = {}
     for code in blocks:  # the second block continues the first
-        exec(compile(code, "README.md", "exec"), namespace)
+        exec(compile(code, "docs/torch.md", "exec"), namespace)
     assert isinstance(namespace["module"], NpvaeModule) and isinstance(namespace["model"], npvae.CVAE)
     assert namespace["sevens"].shape == (8, 28, 28)
     model, _ = npvae.load_model(tmp_path / "vae.npz")
