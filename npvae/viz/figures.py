@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import ops
 from ..checkpoint import atomic_write
-from ..models import Conditional, Denoising, GaussianLatent, LossNames, StandardNormalPrior
+from ..models import MODELS, Conditional, Denoising, GaussianLatent, LossNames, StandardNormalPrior
 from ..registry import Registry
 from . import plots
 
@@ -131,7 +131,8 @@ def _names(model) -> list[str]:
 def _check_label(model, label) -> None:
     """A label for pictures of one class: needs a conditional model and a class it knows."""
     if not isinstance(model, Conditional):
-        raise ValueError(f"a label needs a conditional model (cvae); this is a {model.kind}")
+        conditional = ", ".join(MODELS.where(lambda cls: issubclass(cls, Conditional)))
+        raise ValueError(f"a label needs a conditional model ({conditional}); this is a {model.kind}")
     model.check_labels(np.array([label]))
 
 
@@ -373,7 +374,7 @@ class Figure:
     default_n: int | None = None  # what --n means is in the help; None: the figure takes no --n
     needs_images: bool = False  # the split's images (from the run's data, or --data)
     needs_log: bool = False  # the run's log.jsonl beside the checkpoint
-    conditional: bool = False  # only for models of p(x | y)
+    needs_conditional: bool = False  # only for models of p(x | y)
     options: tuple[str, ...] = ()  # the plot options it reads besides --n, --seed and --out (label, steps, ...)
     images: Callable[[int, int, object], int] = lambda n, steps, model: n
 
@@ -417,7 +418,7 @@ for _figure in (
     Figure("classes", "one row of samples per class, drawn from each class's prior (--n per row)",
            lambda r: (class_grid(r.model, r.out, r.rng, n_per_class=r.n,
                                  names=class_names(r.dataset_name, r.model.num_classes)), []),
-           default_n=10, conditional=True, images=lambda n, steps, model: n * model.num_classes),
+           default_n=10, needs_conditional=True, images=lambda n, steps, model: n * model.num_classes),
     Figure("interpolation", "decoded straight lines between two test images' posterior means\n"
            "(--n rows; --steps per row, default 10)",
            lambda r: (interpolation(r.model, r.x, r.out, r.y, rows=r.n, steps=r.steps), []),
