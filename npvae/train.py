@@ -29,10 +29,12 @@ from . import backend, data as datasets
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .models import GaussianLatent, Model
 from .models.saving import model_meta, model_state, save_model
-from .objectives import Objective
-from .optim import clip_grad_norm, make_optimizer
+from .objectives import TRAINING_OBJECTIVES, Objective
+from .optim import OPTIMIZERS, clip_grad_norm, make_optimizer
+from .registry import option
 from .rundir import OutputError, RunLock, append_log, check_writable, reconcile_log
 
+BINARIZATIONS = ("none", "static", "dynamic")  # none, one fixed Bernoulli draw, a fresh draw per use
 CHECKPOINT = "checkpoint.npz"
 BEST = "best.npz"
 LOG = "log.jsonl"
@@ -72,24 +74,39 @@ def _is_number(v) -> bool:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10  # passes over the training set
-    batch_size: int = 128  # examples per step
-    lr: float = 1e-3  # learning rate
-    optimizer: str = "adam"  # sgd | rmsprop | adam | adamw
-    weight_decay: float = 0.0  # L2 (adam, sgd, rmsprop) or decoupled (adamw)
-    momentum: float = 0.0  # sgd / rmsprop momentum
-    clip_grad_norm: float | None = None  # clip the global gradient norm to this value
-    binarize: str = "none"  # none | static (one fixed draw) | dynamic (fresh draw per use)
-    kl_warmup_epochs: float = 0.0  # anneal the KL weight linearly from 0 to beta over this many epochs
-    patience: int | None = 5  # stop after this many epochs without a better validation loss (None: never)
-    seed: int = 0  # seeds the batch order, the noise and the model's initialisation
-    pictures: bool = True  # write reconstructions and samples each epoch (needs matplotlib)
-    log_grad_norms: bool = False  # log each layer's gradient norm (every grad_norm_every steps)
-    grad_norm_every: int = 50  # steps between gradient-norm records
-    eval_batch_size: int = 1000  # batch size of evaluation passes
-    objective: str = "elbo"  # what training minimises: elbo | iwae (npvae.objectives)
-    k: int = 1  # samples of z per example for the objective
-    estimator: str = "reparam"  # its gradient estimator: reparam | stl | dreg (iwae only)
+    # Each field is one ``npvae train`` option (see npvae.registry.option): ``bounds`` for whole numbers,
+    # ``const`` for switches (the value the flag sets), ``none_as`` the flag value that means None,
+    # ``resumable`` for what a resumed run may change.
+    epochs: int = option(10, "passes over the training set (default: 10, or 50 on the demo digits)",
+                         bounds=(1, 1_000_000), resumable=True)
+    batch_size: int = option(128, "examples per step", bounds=(1, 1_000_000))
+    lr: float = option(1e-3, "learning rate")
+    optimizer: str = option("adam", "the optimizer", choices=tuple(OPTIMIZERS))
+    weight_decay: float = option(0.0, "L2 penalty (adam, sgd, rmsprop) or decoupled weight decay (adamw)")
+    momentum: float = option(0.0, "momentum, for sgd and rmsprop")
+    clip_grad_norm: float | None = option(None, "clip the global gradient norm to MAX (default: no clipping)",
+                                          metavar="MAX")
+    binarize: str = option("none", "binarize the images: one fixed Bernoulli draw (static) or a fresh one per "
+                           "batch (dynamic)", choices=BINARIZATIONS)
+    kl_warmup_epochs: float = option(0.0, "epochs over which the KL weight rises from 0 to beta", flag="--kl-warmup",
+                                     metavar="EPOCHS")
+    patience: int | None = option(5, "early stopping patience in epochs: stop after this many without a better "
+                                  "validation loss (never: 0 on the command line, None in a config)",
+                                  bounds=(0, 1_000_000), none_as=0, resumable=True)
+    seed: int = option(0, "seeds the initialisation, the split, the batches and the noise", bounds=(0, 2**63 - 1))
+    pictures: bool = option(True, "no pictures each epoch (they need matplotlib)", flag="--no-pictures", const=False,
+                            resumable=True)
+    log_grad_norms: bool = option(False, "log per-layer gradient norms to log.jsonl (every grad_norm_every steps)",
+                                  const=True, resumable=True)
+    grad_norm_every: int = option(50, "steps between gradient-norm records", cli=False)
+    eval_batch_size: int = option(1000, "batch size of evaluation passes", cli=False)
+    objective: str = option("elbo", "vae: the training bound, the ELBO or the importance-weighted bound of --k "
+                            "samples", choices=tuple(TRAINING_OBJECTIVES))
+    k: int = option(1, "samples of z per image for --objective", bounds=(1, 10_000))
+    estimator: str = option("reparam", "the encoder's gradient estimator: reparam (plain), stl (sticking the "
+                            "landing: no score term), dreg (doubly reparameterized, iwae only). Not the default "
+                            "elbo/1/reparam: a Monte-Carlo KL, beta = 1, no KL warm-up",
+                            choices=tuple(dict.fromkeys(e for names in TRAINING_OBJECTIVES.values() for e in names)))
 
     def training_objective(self):
         """The :class:`npvae.objectives.Objective` these settings name (checked)."""
@@ -118,10 +135,10 @@ class TrainConfig:
         check("weight_decay", number(lambda v: v >= 0), "a finite number >= 0")
         check("momentum", number(lambda v: v >= 0), "a finite number >= 0")
         check("kl_warmup_epochs", number(lambda v: v >= 0), "a finite number >= 0")
-        if self.optimizer not in ("sgd", "rmsprop", "adam", "adamw"):
-            raise ValueError(f"expected optimizer sgd, rmsprop, adam or adamw, got {self.optimizer!r}")
-        if self.binarize not in ("none", "static", "dynamic"):
-            raise ValueError(f"expected binarize none, static or dynamic, got {self.binarize!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"expected optimizer one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.binarize not in BINARIZATIONS:
+            raise ValueError(f"expected binarize one of {', '.join(BINARIZATIONS)}, got {self.binarize!r}")
         if self.clip_grad_norm is not None:
             check("clip_grad_norm", number(lambda v: v > 0), "a positive finite number or None")
         if self.patience is not None:

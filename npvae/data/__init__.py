@@ -20,7 +20,7 @@ One concern per module:
 Everything public is importable from here: ``from npvae import data; data.load_dataset("demo")``.
 """
 
-from .datasets import DEMO_SIZE, Dataset, load_dataset, load_demo
+from .datasets import DEFAULT_DATASET, DEMO, DEMO_SIZE, Dataset, builtin_datasets, dataset_title, load_dataset, load_demo
 from .files import IMAGE_SUFFIXES, DataFileError, load_path
 from .idx import IDX_DTYPES, MAX_IDX_BYTES, IDXFormatError, read_idx
 from .png import PNGFormatError, read_png, write_png
@@ -32,8 +32,8 @@ from .sources import (DATASETS, SPLITS, SYSTEM_DATA_DIRS, DatasetSpec, DownloadE
 __all__ = [
     "IDXFormatError", "DownloadError", "DataFileError", "PNGFormatError", "IDXFile", "DatasetSpec", "DATASETS",
     "Dataset", "read_idx", "read_png", "write_png", "cache_dir", "find_dataset_dir", "download", "load_mnist_like", "load_demo",
-    "load_dataset", "load_path", "to_model_range", "to_float", "binarize_static", "binarize_dynamic",
+    "load_dataset", "builtin_datasets", "dataset_title", "load_path", "to_model_range", "to_float", "binarize_static", "binarize_dynamic",
     "epoch_permutation", "batch_indices",
     # constants callers read (and tests patch in the module that owns them)
-    "DEMO_SIZE", "IMAGE_SUFFIXES", "IDX_DTYPES", "MAX_IDX_BYTES", "SPLITS", "SYSTEM_DATA_DIRS",
+    "DEMO", "DEMO_SIZE", "DEFAULT_DATASET", "IMAGE_SUFFIXES", "IDX_DTYPES", "MAX_IDX_BYTES", "SPLITS", "SYSTEM_DATA_DIRS",
 ]

@@ -21,7 +21,8 @@ import numpy as np
 
 from . import sources
 
-__all__ = ["Dataset", "DEMO_SIZE", "load_demo", "load_dataset"]
+__all__ = ["Dataset", "DEMO", "DEMO_SIZE", "DEFAULT_DATASET", "builtin_datasets", "dataset_title", "load_demo",
+           "load_dataset"]
 
 _PARTS = ("train", "val", "test")
 
@@ -312,7 +313,21 @@ def _stratified_split(labels: np.ndarray, val_fraction: float, seed: int,
     return rng.permutation(np.concatenate(train_parts)), rng.permutation(np.concatenate(val_parts))
 
 
+DEMO = "demo"  # the shipped digits' name, beside the downloadable datasets of npvae.data.sources.DATASETS
 DEMO_SIZE = 5000  # digits in mnist_demo.npz, 500 per class
+DEFAULT_DATASET = "mnist"  # load_dataset(None): this one when on disk or downloadable, else the demo digits
+
+
+def builtin_datasets() -> tuple[str, ...]:
+    """The names :func:`load_dataset` takes: every dataset of :data:`npvae.data.DATASETS`, then the demo."""
+    return (*sources.DATASETS, DEMO)
+
+
+def dataset_title(name) -> str:
+    """A built-in dataset's name in words ("Fashion-MNIST", "the demo digits"); other names as they are."""
+    if name == DEMO:
+        return "the demo digits"
+    return sources.DATASETS[name].title if name in sources.DATASETS else str(name)
 
 
 def _read_demo() -> tuple[np.ndarray, np.ndarray]:
@@ -353,9 +368,9 @@ def load_demo(val_fraction: float = 0.1, seed: int = 0) -> Dataset:
     description = (f"demo subset: {DEMO_SIZE:,} real MNIST digits shipped with npvae "
                    f"({train_idx.size:,} train / {val_idx.size:,} validation, stratified, seed {seed}; "
                    f"test = validation) — not the full dataset")
-    return Dataset("demo", images[train_idx], labels[train_idx], val_x, val_y, val_x, val_y,
+    return Dataset(DEMO, images[train_idx], labels[train_idx], val_x, val_y, val_x, val_y,
                    num_classes=10, description=description, is_demo=True,
-                   source={"kind": "builtin", "name": "demo", "data_dir": None})
+                   source={"kind": "builtin", "name": DEMO, "data_dir": None})
 
 
 def load_dataset(name: str | None = None, data_dir=None, val_size: int | None = None, seed: int = 0,
@@ -390,7 +405,7 @@ def load_dataset(name: str | None = None, data_dir=None, val_size: int | None = 
     if name is None:
         return _load_default(data_dir, val_size, seed, download)
     key = name.lower().replace("_", "-")
-    if key == "demo":
+    if key == DEMO:
         if val_size is None:
             return load_demo(seed=seed)
         return load_demo(val_fraction=_check_val_size(val_size, DEMO_SIZE) / DEMO_SIZE, seed=seed)
@@ -415,16 +430,16 @@ def _check_val_size(val_size, n: int) -> int:
 
 
 def _load_default(data_dir, val_size, seed: int, allow_download: bool) -> Dataset:
-    spec = sources._spec("mnist")
-    if sources.find_dataset_dir("mnist", data_dir) is not None:
-        return load_dataset("mnist", data_dir, val_size, seed, download=False)
+    spec = sources._spec(DEFAULT_DATASET)
+    if sources.find_dataset_dir(DEFAULT_DATASET, data_dir) is not None:
+        return load_dataset(DEFAULT_DATASET, data_dir, val_size, seed, download=False)
     if not allow_download:
         reason = "full MNIST not found on disk and downloads are disabled"
     elif not sources._reachable(spec.mirrors):
         reason = "full MNIST not found on disk and the machine seems to be offline"
     else:
         try:
-            return load_dataset("mnist", data_dir, val_size, seed, download=True)
+            return load_dataset(DEFAULT_DATASET, data_dir, val_size, seed, download=True)
         except sources.DownloadError as exc:
             reason = f"full MNIST not found on disk and the download failed: {str(exc).splitlines()[0]}"
     demo = load_demo(seed=seed)

@@ -31,6 +31,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..checkpoint import fsync_directory
+from ..registry import Registry
 from .idx import _CHUNK, MAX_IDX_BYTES, IDXFormatError, _read_idx
 
 __all__ = [
@@ -72,8 +73,9 @@ class DatasetSpec:
 # for the original releases. Both were checked against shared/data: every raw md5 matches there
 # (MNIST t10k images and labels, train labels; all four Fashion-MNIST files), while the .gz md5s
 # do not, because those copies were re-compressed (Fashion-MNIST's come from Debian's package).
-DATASETS: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec(
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+for _spec_entry in (
+    DatasetSpec(
         name="mnist",
         title="MNIST",
         mirrors=(
@@ -91,7 +93,7 @@ DATASETS: dict[str, DatasetSpec] = {
                                    "27ae3e4e09519cfbb04c329615203637", (10000,)),
         },
     ),
-    "fashion-mnist": DatasetSpec(
+    DatasetSpec(
         name="fashion-mnist",
         title="Fashion-MNIST",
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
@@ -106,7 +108,9 @@ DATASETS: dict[str, DatasetSpec] = {
                                    "15d484375f8d13e6eb1aabb0c3f46965", (10000,)),
         },
     ),
-}
+):
+    DATASETS.register(_spec_entry)
+del _spec_entry
 SPLITS = ("train", "test")
 # Folders that system packages install (Debian: dataset-fashion-mnist); searched last.
 SYSTEM_DATA_DIRS: dict[str, tuple[Path, ...]] = {

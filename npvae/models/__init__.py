@@ -15,7 +15,7 @@ from .base import Conditional, Denoising, GaussianLatent, LossNames, LossTerms, 
 from .convnets import ConvAutoencoder, ConvDenoisingAutoencoder, ConvDocumentDAE, ConvVAE
 from .cvae import CVAE
 from .likelihoods import LIKELIHOODS
-from .registry import MODEL_CLASSES, MODELS, build_model, from_spec
+from .registry import DEFAULT_PRESET, MODEL_CLASSES, MODELS, build_model, from_spec
 from .regularized import ContractiveAutoencoder, SparseAutoencoder
 from .saving import load_model, save_model
 from .vae import VAE
@@ -25,5 +25,5 @@ __all__ = [
     "VAE", "CVAE", "Autoencoder", "DenoisingAutoencoder", "PoorMansVAE",
     "SparseAutoencoder", "ContractiveAutoencoder",
     "ConvVAE", "ConvDenoisingAutoencoder", "ConvAutoencoder", "ConvDocumentDAE",
-    "LIKELIHOODS", "MODELS", "MODEL_CLASSES", "build_model", "from_spec", "load_model", "save_model",
+    "LIKELIHOODS", "MODELS", "DEFAULT_PRESET", "MODEL_CLASSES", "build_model", "from_spec", "load_model", "save_model",
 ]

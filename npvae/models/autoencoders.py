@@ -14,21 +14,27 @@ import numpy as np
 
 from .. import ops
 from ..layers import Sequential, mlp
+from ..registry import option
 from .base import Denoising, LossNames, Model, check_generator
 from .likelihoods import SquaredError
 from .vae import _positive, _sizes, check_stack, input_layers, output_layers, resolve_input_shape
 
 
+NOISES = ("salt_pepper", "gaussian")  # the denoising autoencoders' corruptions
+
+
 @dataclass
 class AutoencoderConfig:
-    input_dim: int = 784  # D
-    hidden: tuple[int, ...] | None = (128, 64, 12)  # encoder widths, the decoder mirrors them; None: your own layers
-    latent_dim: int = 3  # Z, the code
-    activation: str = "relu"  # hidden-layer activation
-    output_activation: str = "tanh"  # decoder output; tanh for data scaled to [-1, 1]
-    value_range: tuple[float, float] = (-1.0, 1.0)  # the data's range (and the DAE's clip range)
-    alpha: float = 0.01  # LeakyReLU slope
-    code_activation: str = "identity"  # the code layer's activation (sigmoid codes for the sparse and contractive AEs)
+    input_dim: int = option(784, "D, values per example", cli=False)
+    hidden: tuple[int, ...] | None = option(
+        (128, 64, 12), "encoder widths, e.g. --hidden 512 256; the decoder mirrors them", nargs="+")
+    latent_dim: int = option(3, "code size Z")
+    activation: str = option("relu", f"hidden activation: {', '.join(ops.ACTIVATIONS)}")
+    output_activation: str = option("tanh", "decoder output; tanh for data scaled to [-1, 1]", cli=False)
+    value_range: tuple[float, float] = option((-1.0, 1.0), "the data's range (and the DAE's clip range)", cli=False)
+    alpha: float = option(0.01, "LeakyReLU slope", cli=False)
+    code_activation: str = option("identity", "the code layer's activation (sigmoid codes for the sparse and "
+                                  "contractive AEs)", cli=False)
 
 
 class Autoencoder(Model):
@@ -40,6 +46,8 @@ class Autoencoder(Model):
     """
 
     kind = "ae"
+    help = "autoencoder: MLP encoder and decoder, squared error"
+    config_class = AutoencoderConfig
     loss_names = LossNames("squared error", "squared error")  # summed over pixels; an error, not a density
 
     def __init__(self, input_dim=784, hidden=(128, 64, 12), latent_dim=3, activation="relu", output_activation="tanh",
@@ -135,8 +143,9 @@ class Autoencoder(Model):
 
 @dataclass
 class DenoisingAutoencoderConfig(AutoencoderConfig):
-    noise: str = "salt_pepper"  # corruption: salt_pepper (pixels set to the range's ends) or gaussian
-    noise_level: float = 0.2  # salt_pepper: fraction of pixels hit; gaussian: noise std
+    noise: str = option("salt_pepper", "corruption: salt_pepper (pixels set to the range's ends) or gaussian",
+                        choices=NOISES)
+    noise_level: float = option(0.2, "fraction of pixels hit (salt_pepper) or noise std (gaussian)")
 
 
 class DenoisingAutoencoder(Autoencoder, Denoising):
@@ -144,9 +153,11 @@ class DenoisingAutoencoder(Autoencoder, Denoising):
     the reconstruction of the corrupted input with the clean input."""
 
     kind = "dae"
+    help = "denoising autoencoder: reconstructs clean images from corrupted ones"
+    config_class = DenoisingAutoencoderConfig
 
     def __init__(self, *args, noise: str = "salt_pepper", noise_level: float = 0.2, **kwargs):
-        if noise not in ("salt_pepper", "gaussian"):
+        if noise not in NOISES:
             raise ValueError(f"unknown noise {noise!r}: expected salt_pepper or gaussian")
         if not 0 <= noise_level <= (1 if noise == "salt_pepper" else np.inf):
             raise ValueError(f"expected noise_level in [0, 1] for salt_pepper or >= 0 for gaussian, got {noise_level}")
@@ -180,7 +191,7 @@ class PoorMansVAEConfig(AutoencoderConfig):
     activation: str = "sigmoid"
     output_activation: str = "sigmoid"
     value_range: tuple[float, float] = (0.0, 1.0)
-    noise_std: float = 1.0  # std of the noise added to the code
+    noise_std: float = option(1.0, "std of the noise added to the code", cli=False)
 
 
 class PoorMansVAE(Autoencoder):
@@ -193,6 +204,8 @@ class PoorMansVAE(Autoencoder):
     """
 
     kind = "poor"
+    help = "poor man's VAE: unit Gaussian noise on a deterministic code, its norm penalised"
+    config_class = PoorMansVAEConfig
     needs_noise = True
     loss_names = LossNames("squared error + code norm", "squared error", "code norm")
 

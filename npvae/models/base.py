@@ -109,12 +109,14 @@ class Model:
     """
 
     kind = "model"  # the CLI preset's name, for messages and checkpoints
+    help = ""  # the preset's one line for ``npvae train --help``
+    config_class = None  # the dataclass of ``self.config``; its option() fields are the preset's knobs
     value_range = (0.0, 1.0)
     loss_names = LossNames("loss", "recon", "regulariser")  # how reports name the loss, its terms and unit
     kl_weight = 1.0  # weight of the second term in the training loss
     eval_weight = 1.0  # weight of the second term in evaluate's total
     needs_noise = False  # True when forward draws noise (eps), so loss_and_grads needs eps or rng
-    train_defaults: dict = {}  # a preset's own training defaults (batch_size, patience, lr) for the CLI
+    train_defaults: dict = {}  # a preset's own TrainConfig defaults (batch_size, patience, lr) for the CLI
 
     # -- construction
 

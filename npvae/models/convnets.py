@@ -35,6 +35,7 @@ same function, finite for every logit); the model's means (``decode``) are the s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -42,7 +43,8 @@ import numpy as np
 
 from ..layers import (Conv2d, ConvTranspose2d, Dense, Flatten, GaussianHeads, MaxPool2d, Reshape, Sequential,
                       Upsample2d)
-from .autoencoders import Autoencoder, DenoisingAutoencoder
+from ..registry import option
+from .autoencoders import Autoencoder, AutoencoderConfig, DenoisingAutoencoder, DenoisingAutoencoderConfig
 from .vae import VAE, VAEConfig, _positive, resolve_input_shape
 
 PARAMETERIZATIONS = ("logvar", "log_sigma")
@@ -141,11 +143,31 @@ def conv_vae_stacks(input_shape, latent_dim: int, activation: str = "relu", outp
 # ----------------------------------------------------------------------------- the VAE
 
 
+# The conv presets' layers are the write-ups': widths do not apply (and the command line says why).
+_NO_WIDTHS = "sets MLP widths; --model {preset} has the write-up's convolutional layers"
+
+
 @dataclass
 class ConvVAEConfig(VAEConfig):
     latent_dim: int = 2
-    hidden: tuple[int, ...] | None = None  # the architecture is the preset's (its layers are in the spec)
-    parameterization: str = "logvar"  # what the second head emits: logvar (log sigma^2) or log_sigma
+    hidden: tuple[int, ...] | None = option(None, "the architecture is the preset's (its layers are in the spec)",
+                                            cli=False, refusal=_NO_WIDTHS)
+    parameterization: str = option("logvar", "the second head is log sigma^2 (logvar) or log sigma (log_sigma), "
+                                   "read the same way by the sampler and the KL", choices=PARAMETERIZATIONS)
+
+
+@dataclass
+class ConvAutoencoderConfig(AutoencoderConfig):
+    hidden: tuple[int, ...] | None = option(None, "the architecture is the preset's (its layers are in the spec)",
+                                            cli=False, refusal=_NO_WIDTHS)
+    latent_dim: int | None = option(None, "code size: the encoder's output (a latent size that differs is refused)")
+
+
+@dataclass
+class ConvDenoisingAutoencoderConfig(DenoisingAutoencoderConfig):
+    hidden: tuple[int, ...] | None = option(None, "the architecture is the preset's (its layers are in the spec)",
+                                            cli=False, refusal=_NO_WIDTHS)
+    latent_dim: int | None = option(None, "code size: the encoder's output (a latent size that differs is refused)")
 
 
 class ConvVAE(VAE):
@@ -174,6 +196,8 @@ class ConvVAE(VAE):
     """
 
     kind = "conv-vae"
+    help = "the Keras write-up's convolutional VAE (2-D latent)"
+    config_class = ConvVAEConfig
 
     def __init__(self, input_dim: int = 784, hidden=None, latent_dim: int = 2, activation: str = "relu",
                  likelihood: str = "bernoulli", beta: float = 1.0, alpha: float = 0.01, logvar_bounds=None,
@@ -217,6 +241,9 @@ class _ConvAutoencoderMixin:
     default_activation = "sigmoid"
     default_range = (0.0, 1.0)
 
+    def _make_config(self, *args):
+        return self.config_class(**dataclasses.asdict(super()._make_config(*args)))
+
     def _preset_stacks(self, input_dim, input_shape, latent_dim, activation, encoder, decoder, hidden,
                        code_activation="identity"):
         if hidden is not None:
@@ -238,6 +265,8 @@ class ConvAutoencoder(_ConvAutoencoderMixin, Autoencoder):
     """The PyTorch write-up's conv autoencoder (``--model conv-ae``): squared error on images in [-1, 1]."""
 
     kind = "conv-ae"
+    help = "the PyTorch write-up's convolutional autoencoder, images in [-1, 1]"
+    config_class = ConvAutoencoderConfig
     builder = staticmethod(conv_ae_stacks)
 
     def __init__(self, input_dim=784, hidden=None, latent_dim=None, activation="relu", output_activation="tanh",
@@ -254,6 +283,8 @@ class ConvDocumentDAE(_ConvAutoencoderMixin, Autoencoder):
     pairs of pages of any even size; squared error on [0, 1]."""
 
     kind = "conv-doc-dae"
+    help = "the document-cleaning convolutional autoencoder, trained on (noisy, clean) page pairs"
+    config_class = ConvAutoencoderConfig
     builder = staticmethod(conv_doc_dae_stacks)
     train_defaults = {"batch_size": 16, "patience": 5, "lr": 1e-3}
 
@@ -271,6 +302,8 @@ class ConvDenoisingAutoencoder(_ConvAutoencoderMixin, DenoisingAutoencoder):
     squared error on [0, 1]; the write-up's batch 2048 and patience 10 are its training defaults."""
 
     kind = "conv-dae"
+    help = "the denoising write-up's convolutional autoencoder (salt-and-pepper noise)"
+    config_class = ConvDenoisingAutoencoderConfig
     builder = staticmethod(conv_dae_stacks)
     train_defaults = {"batch_size": 2048, "patience": 10}
 

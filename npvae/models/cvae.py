@@ -12,7 +12,9 @@ import numpy as np
 
 from .. import ops
 from ..layers import GaussianHeads, Sequential, mlp
+from ..registry import option
 from .base import Conditional, _check_count, check_generator
+from .likelihoods import LIKELIHOODS
 from .vae import GaussianVAE, _positive, _sizes
 
 
@@ -33,16 +35,21 @@ def _fill_conditioned(buf: np.ndarray, k: int, head, y: np.ndarray) -> np.ndarra
 
 @dataclass
 class CVAEConfig:
-    input_dim: int = 784  # D, values per example
-    num_classes: int = 10  # C, labels are integers in [0, C)
-    hidden: tuple[int, ...] | None = (400,)  # encoder widths over [x, onehot(y)], the decoder mirrors them
-    latent_dim: int = 20  # Z
-    activation: str = "relu"  # hidden-layer activation, in all three networks
-    likelihood: str = "bernoulli"  # p(x|z,y): bernoulli (BCE on logits), gaussian (unit variance), continuous_bernoulli
-    beta: float = 1.0  # KL weight; beta = 1 gives the conditional ELBO
-    alpha: float = 0.01  # LeakyReLU slope, when activation = leaky_relu
-    learned_prior: bool = True  # p(z|y) = N(mu_p(y), diag exp(logvar_p(y))) from a prior network; False: N(0, I)
-    prior_hidden: tuple[int, ...] = (64,)  # prior-network widths over onehot(y); unused without a learned prior
+    input_dim: int = option(784, "D, values per example", cli=False)
+    num_classes: int = option(10, "C, labels are integers in [0, C) (the data's)", cli=False)
+    hidden: tuple[int, ...] | None = option(
+        (400,), "encoder widths over [x, onehot(y)], e.g. --hidden 512 256; the decoder mirrors them", nargs="+")
+    latent_dim: int = option(20, "latent size Z")
+    activation: str = option("relu", f"hidden activation, in all three networks: {', '.join(ops.ACTIVATIONS)}")
+    likelihood: str = option("bernoulli", "the decoder's p(x|z,y): bernoulli (BCE on logits), gaussian (unit "
+                             "variance) or continuous_bernoulli", choices=tuple(LIKELIHOODS))
+    beta: float = option(1.0, "KL weight (1 gives the conditional ELBO)")
+    alpha: float = option(0.01, "LeakyReLU slope, when activation = leaky_relu", cli=False)
+    # The flag turns the learned prior off: it sets the field to False.
+    learned_prior: bool = option(True, "use N(0, I) instead of the learned prior p(z|y) = N(mu_p(y), diag "
+                                 "exp(logvar_p(y))) of a prior network", flag="--fixed-prior", const=False)
+    prior_hidden: tuple[int, ...] = option((64,), "prior-network widths over onehot(y); unused without a learned "
+                                           "prior", cli=False)
 
 
 class CVAE(GaussianVAE, Conditional):
@@ -80,6 +87,8 @@ class CVAE(GaussianVAE, Conditional):
     """
 
     kind = "cvae"
+    help = "conditional VAE: p(x | y) for class labels y, a learned prior p(z | y)"
+    config_class = CVAEConfig
     objective = "negative conditional ELBO"
 
     def __init__(self, input_dim: int = 784, num_classes: int = 10, hidden=(400,), latent_dim: int = 20,

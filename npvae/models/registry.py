@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..layers import layer_from_spec
+from ..registry import Registry
 from .autoencoders import Autoencoder, DenoisingAutoencoder, PoorMansVAE
 from .base import Model
 from .convnets import CONV_MODELS
@@ -12,10 +13,16 @@ from .cvae import CVAE
 from .regularized import ContractiveAutoencoder, SparseAutoencoder
 from .vae import VAE
 
-MODEL_CLASSES = {cls.__name__: cls for cls in (VAE, CVAE, Autoencoder, DenoisingAutoencoder, PoorMansVAE,
+# Every model class a spec may name, in the order ``npvae train --model`` lists the presets.
+MODEL_CLASSES = {cls.__name__: cls for cls in (VAE, Autoencoder, DenoisingAutoencoder, PoorMansVAE, CVAE,
                                                SparseAutoencoder, ContractiveAutoencoder, *CONV_MODELS)}
-# the CLI presets: vae, ae, dae, poor, cvae, sparse-ae, contractive-ae, conv-vae, conv-dae, conv-ae, conv-doc-dae
-MODELS = {cls.kind: cls for cls in MODEL_CLASSES.values()}
+# The presets by name (``kind``): each class says its ``help``, its ``config_class`` (whose option() fields
+# are the command line's model flags) and its ``train_defaults``.
+MODELS: Registry = Registry("model preset")
+for _cls in MODEL_CLASSES.values():
+    MODELS.register(_cls, name=_cls.kind)
+del _cls
+DEFAULT_PRESET = VAE.kind  # what ``npvae train`` trains without --model
 
 
 def _config_kwargs(config: dict) -> dict:

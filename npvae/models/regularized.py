@@ -17,6 +17,7 @@ import numpy as np
 from .. import penalties
 from ..layers import Dense, Flatten, Sequential
 from .autoencoders import Autoencoder, AutoencoderConfig
+from ..registry import option
 from .base import LossNames
 
 SPARSITY_PENALTIES = ("kl", "l1")
@@ -49,9 +50,13 @@ class _SigmoidCodeConfig(AutoencoderConfig):
 
 @dataclass
 class SparseAutoencoderConfig(_SigmoidCodeConfig):
-    sparsity_penalty: str = "kl"  # kl: KL(rho || mean activation) per unit; l1: sum_j |h_j| per example
-    sparsity_weight: float = DEFAULT_SPARSITY_WEIGHT["kl"]  # beta (kl) or the L1 weight
-    sparsity_target: float = DEFAULT_SPARSITY_TARGET  # rho (kl only)
+    sparsity_penalty: str = option(
+        "kl", "kl (each code unit's mean activation over the batch pulled to --sparsity-target; sigmoid codes) or "
+        "l1 (sum of |code| per image, Keras' activity_regularizer=l1)", choices=SPARSITY_PENALTIES)
+    sparsity_weight: float = option(DEFAULT_SPARSITY_WEIGHT["kl"], "the penalty's weight (default: "
+                                    f"{DEFAULT_SPARSITY_WEIGHT['kl']:g} for kl, as beta in Ng's notes; "
+                                    f"{DEFAULT_SPARSITY_WEIGHT['l1']:g} for l1)")
+    sparsity_target: float = option(DEFAULT_SPARSITY_TARGET, "kl: the target mean activation rho of each code unit")
 
 
 class SparseAutoencoder(Autoencoder):
@@ -67,6 +72,8 @@ class SparseAutoencoder(Autoencoder):
     """
 
     kind = "sparse-ae"
+    help = "sparse autoencoder: a KL or L1 penalty keeps the sigmoid code mostly near 0"
+    config_class = SparseAutoencoderConfig
     loss_names = LossNames("squared error + sparsity penalty", "squared error", "sparsity")
 
     def __init__(self, input_dim=784, hidden=(), latent_dim=196, activation="sigmoid", output_activation="sigmoid",
@@ -116,7 +123,8 @@ class SparseAutoencoder(Autoencoder):
 
 @dataclass
 class ContractiveAutoencoderConfig(_SigmoidCodeConfig):
-    contraction_weight: float = DEFAULT_CONTRACTION_WEIGHT  # lambda
+    contraction_weight: float = option(DEFAULT_CONTRACTION_WEIGHT,
+                                       "lambda, the weight of ||d code / d x||_F^2 per image")
 
 
 def dense_layers(encoder) -> list[Dense]:
@@ -141,6 +149,8 @@ class ContractiveAutoencoder(Autoencoder):
     """
 
     kind = "contractive-ae"
+    help = "contractive autoencoder: penalises the encoder's Jacobian"
+    config_class = ContractiveAutoencoderConfig
     loss_names = LossNames("squared error + contraction penalty", "squared error", "contraction")
 
     def __init__(self, input_dim=784, hidden=(), latent_dim=196, activation="sigmoid", output_activation="sigmoid",

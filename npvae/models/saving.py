@@ -80,6 +80,12 @@ def load_model(path) -> tuple[Model, dict]:
         The checkpoint's metadata (config, epoch, history, ...).
     """
     arrays, meta = load_checkpoint(path)
+    return model_from_checkpoint(arrays, meta, path), meta
+
+
+def model_from_checkpoint(arrays: dict, meta: dict, path="checkpoint") -> Model:
+    """The model of a checkpoint already read (:func:`npvae.checkpoint.load_checkpoint`'s arrays and
+    metadata), its parameters loaded: a caller that needs the metadata too reads the file once."""
     stored = sum(v.size for k, v in arrays.items() if k.startswith("model/"))
     with parameter_limit(stored):
         model = model_from_meta(meta, path)
@@ -87,4 +93,4 @@ def load_model(path) -> tuple[Model, dict]:
         model.load_state_dict(model_state(arrays, meta))
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    return model, meta
+    return model

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import ops
+from ..registry import option
 from ..layers import Flatten, GaussianHeads, Reshape, Sequential, mlp
 from .base import GaussianLatent, LossNames, Model, StandardNormalPrior
 from .likelihoods import LIKELIHOODS, likelihood as make_likelihood
@@ -20,14 +21,17 @@ from .likelihoods import LIKELIHOODS, likelihood as make_likelihood
 
 @dataclass
 class VAEConfig:
-    input_dim: int = 784  # D, values per example
-    hidden: tuple[int, ...] | None = (400,)  # encoder widths, the decoder mirrors them; None: your own layers
-    latent_dim: int = 20  # Z
-    activation: str = "relu"  # hidden-layer activation
-    likelihood: str = "bernoulli"  # p(x|z): bernoulli (BCE on logits), gaussian (unit variance), continuous_bernoulli
-    beta: float = 1.0  # KL weight (beta-VAE); beta = 1 gives the ELBO
-    alpha: float = 0.01  # LeakyReLU slope, when activation = leaky_relu
-    logvar_bounds: tuple[float, float] | None = None  # clamp logvar into [lo, hi] (gradient 0 outside)
+    input_dim: int = option(784, "D, values per example", cli=False)
+    hidden: tuple[int, ...] | None = option(
+        (400,), "encoder widths, e.g. --hidden 512 256; the decoder mirrors them", nargs="+")
+    latent_dim: int = option(20, "latent size Z")
+    activation: str = option("relu", f"hidden activation: {', '.join(ops.ACTIVATIONS)}")
+    likelihood: str = option("bernoulli", "the decoder's p(x|z): bernoulli (BCE on logits), gaussian (unit variance) "
+                             "or continuous_bernoulli", choices=tuple(LIKELIHOODS))
+    beta: float = option(1.0, "KL weight (beta-VAE; 1 gives the ELBO)")
+    alpha: float = option(0.01, "LeakyReLU slope, when activation = leaky_relu", cli=False)
+    logvar_bounds: tuple[float, float] | None = option(
+        None, "clamp the encoder's logvar into [LO, HI] (its gradient is 0 outside)", nargs=2, metavar=("LO", "HI"))
 
 
 def _sizes(values, name: str) -> tuple[int, ...]:
@@ -81,6 +85,7 @@ class GaussianVAE(Model, GaussianLatent):
     """
 
     kind = "vae"
+    config_class = VAEConfig
     needs_noise = True
     objective = "negative ELBO"  # what recon + KL is, at beta = 1
     logvar_scale = 1.0  # logvar = logvar_scale * (the head's output): 2 when the head emits log sigma
@@ -333,3 +338,5 @@ class VAE(GaussianVAE, StandardNormalPrior):
     State-dict keys: ``encoder.{i}``, ``mu``, ``logvar``, ``decoder.{i}`` (each ``.weight``/``.bias``).
     The mu and logvar heads are one (2Z, H) layer whose halves are exported as the two heads.
     """
+
+    help = "Gaussian VAE: MLP encoder and decoder, prior N(0, I)"

@@ -1,17 +1,21 @@
 """The pictures of a model: which arrays to compute from a model and which plot draws them.
 
 :mod:`npvae.viz.plots` draws arrays and knows no models; this module runs a model to get those arrays.
+:data:`FIGURES` holds the pictures ``npvae plot WHAT`` draws, one :class:`Figure` entry each.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .. import ops
 from ..checkpoint import atomic_write
-from ..models import Conditional, Denoising, GaussianLatent, LossNames, StandardNormalPrior
+from ..models import MODELS, Conditional, Denoising, GaussianLatent, LossNames, StandardNormalPrior
+from ..registry import Registry
 from . import plots
 
 
@@ -127,7 +131,8 @@ def _names(model) -> list[str]:
 def _check_label(model, label) -> None:
     """A label for pictures of one class: needs a conditional model and a class it knows."""
     if not isinstance(model, Conditional):
-        raise ValueError(f"a label needs a conditional model (cvae); this is a {model.kind}")
+        conditional = ", ".join(MODELS.where(lambda cls: issubclass(cls, Conditional)))
+        raise ValueError(f"a label needs a conditional model ({conditional}); this is a {model.kind}")
     model.check_labels(np.array([label]))
 
 
@@ -322,3 +327,121 @@ def snr(rows, path, objective: str = "iwae") -> Path:
     """Signal-to-noise ratio against k, encoder and decoder (:func:`npvae.study.gradflow.estimator_snr`)."""
     bound = "IWAE bound" if objective == "iwae" else "k-sample ELBO"
     return plots.plot_snr(rows, path, title=f"Gradient of the {bound}: signal-to-noise ratio against k, by estimator")
+
+
+# ----------------------------------------------------------------------------- the registry (npvae plot WHAT)
+
+
+@dataclass(frozen=True)
+class FigureInput:
+    """What ``npvae plot`` hands a figure's ``draw``: the model, where to write, and the options.
+
+    ``x`` (N, ...) and ``y`` (N,) are the split's images, prepared as the run prepared them, and
+    ``target`` the paired targets of the first ``n`` (None for a run that reconstructed its inputs);
+    all three are None unless the figure ``needs_images``. ``log`` is the run's ``log.jsonl`` when the
+    figure ``needs_log``.
+    """
+
+    model: object
+    out: Path
+    rng: np.random.Generator
+    n: int | None = None
+    steps: int = 10
+    label: int | None = None
+    threshold: float = 0.01
+    near_zero: float = 0.05
+    split: str = "test"
+    dataset_name: str | None = None
+    x: np.ndarray | None = None
+    y: np.ndarray | None = None
+    target: np.ndarray | None = None
+    class_names: list[str] | None = None
+    log: Path | None = None
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One picture ``npvae plot`` draws: its name, its help, what it needs and how it is drawn.
+
+    ``draw(FigureInput) -> (path, lines)`` writes the picture and returns the lines to print beside it;
+    ``images(n, steps, model)`` is how many images one picture of ``--n`` holds (checked against the
+    limit before anything is drawn).
+    """
+
+    name: str
+    help: str  # for ``npvae plot --help``
+    draw: Callable[[FigureInput], tuple[Path, list[str]]]
+    default_n: int | None = None  # what --n means is in the help; None: the figure takes no --n
+    needs_images: bool = False  # the split's images (from the run's data, or --data)
+    needs_log: bool = False  # the run's log.jsonl beside the checkpoint
+    needs_conditional: bool = False  # only for models of p(x | y)
+    options: tuple[str, ...] = ()  # the plot options it reads besides --n, --seed and --out (label, steps, ...)
+    images: Callable[[int, int, object], int] = lambda n, steps, model: n
+
+
+FIGURES: Registry[Figure] = Registry("figure")
+
+
+def sparsity_text(stats: dict) -> str:
+    """:func:`npvae.study.regularity.code_sparsity`'s numbers in one line."""
+    return (f"mean activation {stats['mean_activation']:.4f}, mean |h| {stats['mean_abs']:.4f}, "
+            f"{100 * stats['near_zero']:.1f}% near zero (|h| <= {stats['threshold']:g})")
+
+
+def _draw_latent(r: FigureInput):
+    path, explained = latent_scatter(r.model, r.x, r.y, r.out, class_names=r.class_names)
+    lines = [] if explained is None else [
+        f"PCA of the {r.model.config.latent_dim}-D codes: the two components keep {100 * explained[0]:.1f}% and "
+        f"{100 * explained[1]:.1f}% of their variance"]
+    return path, lines
+
+
+def _draw_kl(r: FigureInput):
+    path, kl = kl_per_dim(r.model, r.x, r.out, r.y, threshold=r.threshold)
+    active = int((kl > r.threshold).sum())
+    return path, [f"mean KL per latent unit over {len(r.x)} {r.split} images (nats): " + " ".join(f"{v:.3f}" for v in kl),
+                  f"active units: {active} of {len(kl)} (mean KL > {r.threshold:g} nats); total KL {kl.sum():.3f}"]
+
+
+def _draw_code_histogram(r: FigureInput):
+    path, stats = code_histogram(r.model, r.x, r.out, r.y, threshold=r.near_zero)
+    return path, [f"code activations of {len(r.x)} {r.split} images: {sparsity_text(stats)}"]
+
+
+for _figure in (
+    Figure("reconstructions", "test images above their reconstructions (--n pairs); a denoising model's:\n"
+           "corrupted input, output and clean original, row under row; a paired run's: input, output, target",
+           lambda r: (reconstructions(r.model, r.x, r.out, r.y, n=r.n, rng=r.rng, target=r.target), []),
+           default_n=10, needs_images=True, images=lambda n, steps, model: 2 * n),
+    Figure("samples", "decoded draws from the prior (--n; --label for a conditional model)",
+           lambda r: (samples(r.model, r.out, r.rng, n=r.n, label=r.label), []), default_n=64, options=("label",)),
+    Figure("classes", "one row of samples per class, drawn from each class's prior (--n per row)",
+           lambda r: (class_grid(r.model, r.out, r.rng, n_per_class=r.n,
+                                 names=class_names(r.dataset_name, r.model.num_classes)), []),
+           default_n=10, needs_conditional=True, images=lambda n, steps, model: n * model.num_classes),
+    Figure("interpolation", "decoded straight lines between two test images' posterior means\n"
+           "(--n rows; --steps per row, default 10)",
+           lambda r: (interpolation(r.model, r.x, r.out, r.y, rows=r.n, steps=r.steps), []),
+           default_n=5, needs_images=True, options=("steps",), images=lambda n, steps, model: n * steps),
+    Figure("latent", "posterior means of the test images coloured by label (PCA when Z > 2)", _draw_latent,
+           needs_images=True),
+    Figure("manifold", "a 2-D model's decoder over a grid of Gaussian quantiles (--n per side;\n"
+           "--label for a conditional model); an error for Z != 2",
+           lambda r: (manifold(r.model, r.out, n=r.n, label=r.label), []), default_n=20, options=("label",),
+           images=lambda n, steps, model: n * n),
+    Figure("curves", "loss curves from the run's log.jsonl beside the checkpoint",
+           lambda r: (training_curves(r.log, r.out, r.model.loss_names), []), needs_log=True),
+    Figure("kl", "mean KL per latent unit over the test images and the number of active units\n"
+           "(KL > --threshold nats): the posterior-collapse diagnostic", _draw_kl, needs_images=True,
+           options=("threshold",)),
+    Figure("grad-norms", "per-layer gradient norms over training, from log.jsonl (train with --log-grad-norms)",
+           lambda r: (grad_norms(r.log, r.out), []), needs_log=True),
+    Figure("filters", "the first layer's weights as 28x28 tiles, one per unit (--n units); an\n"
+           "error for models whose first layer is not dense over 784 inputs",
+           lambda r: (filters(r.model, r.out, n=r.n), []), default_n=100),
+    Figure("code-histogram", "histogram of every code activation over the test images, the share with\n"
+           "|h| <= --near-zero shaded (sparse autoencoders: most should sit near 0)", _draw_code_histogram,
+           needs_images=True, options=("near_zero",)),
+):
+    FIGURES.register(_figure)
+del _figure

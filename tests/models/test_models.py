@@ -680,3 +680,17 @@ def test_evaluate_weights_slices_by_their_size():
     expected = model.loss_and_grads(x)[0]
     for ours, theirs in zip(astuple(model.evaluate(x, rng=np.random.default_rng(0), batch_size=3)), astuple(expected)):
         assert rel_error(ours, theirs) <= 1e-13
+
+
+def test_every_preset_describes_itself():
+    import dataclasses
+
+    from npvae.models import MODELS
+    from npvae.registry import UnknownName
+
+    for name, cls in MODELS.items():
+        assert cls.kind == name and len(cls.help) > 20, name
+        model = cls(input_shape=(28, 28))
+        assert type(model.config) is cls.config_class, name  # the config the command line's flags come from
+    with pytest.raises(UnknownName, match="unknown model preset 'vea': expected one of vae, ae"):
+        MODELS["vea"]

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from npvae.cli import PLOTS, main
+from npvae.cli import main
+from npvae.viz.figures import FIGURES
 from npvae.models import CVAE, VAE
 from npvae.models import save_model
 
@@ -55,7 +56,7 @@ def saved(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("what", [w for w in PLOTS if w != "classes"])  # classes: CVAE only, in test_cli.py
+@pytest.mark.parametrize("what", [w for w in FIGURES if w != "classes"])  # classes: CVAE only, in test_cli.py
 def test_every_picture_of_a_trained_run(run, what, tmp_path, capsys):
     out = tmp_path / f"{what}.png"
     assert main(["plot", str(run), what, "--out", str(out)]) == 0

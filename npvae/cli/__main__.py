@@ -1,0 +1,7 @@
+"""``python -m npvae.cli``: the ``npvae`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
