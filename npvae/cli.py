@@ -466,7 +466,7 @@ def _trained_objective(meta):
     if not isinstance(tc, dict):
         return None
     try:
-        return Objective(tc.get("objective", "elbo"), tc.get("k", 1), tc.get("estimator", "reparam"))
+        return Objective.from_config(tc)
     except ValueError:
         return None
 
@@ -918,6 +918,7 @@ def _int_list(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .objectives import BOUNDS, Objective, estimator_help, trainable
 
     parser = argparse.ArgumentParser(prog="npvae", description="Variational autoencoders in NumPy, trained on your "
                                      "CPU. Run 'npvae COMMAND --help' for a command's options.")
@@ -989,13 +990,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-pictures", action="store_true", help="no pictures each epoch")
     p.add_argument("--log-grad-norms", action="store_true", help="log per-layer gradient norms to log.jsonl")
-    p.add_argument("--objective", choices=("elbo", "iwae"), default="elbo",
+    p.add_argument("--objective", choices=tuple(BOUNDS), default=Objective.name,
                    help="vae: the training bound, the ELBO or the importance-weighted bound of --k samples")
-    p.add_argument("--k", type=_count(1, 10_000), default=1, help="samples of z per image for --objective")
-    p.add_argument("--estimator", choices=("reparam", "stl", "dreg"), default="reparam",
-                   help="the encoder's gradient estimator: reparam (plain), stl (sticking the landing: no score "
-                        "term), dreg (doubly reparameterized, iwae only). Not the default elbo/1/reparam: a Monte-"
-                        "Carlo KL, beta = 1, no KL warm-up")
+    p.add_argument("--k", type=_count(1, 10_000), default=Objective.k, help="samples of z per image for --objective")
+    p.add_argument("--estimator", choices=trainable(), default=Objective.estimator, help=estimator_help())
     p.set_defaults(func=cmd_train)
 
     p = _command(sub, "evaluate", "the model's loss and its terms on the test split (a VAE's negative ELBO, reconstruction and KL in nats)",

@@ -87,9 +87,9 @@ class TrainConfig:
     log_grad_norms: bool = False  # log each layer's gradient norm (every grad_norm_every steps)
     grad_norm_every: int = 50  # steps between gradient-norm records
     eval_batch_size: int = 1000  # batch size of evaluation passes
-    objective: str = "elbo"  # what training minimises: elbo | iwae (npvae.objectives)
-    k: int = 1  # samples of z per example for the objective
-    estimator: str = "reparam"  # its gradient estimator: reparam | stl | dreg (iwae only)
+    objective: str = Objective.name  # what training minimises: a bound of npvae.objectives.BOUNDS
+    k: int = Objective.k  # samples of z per example for the objective
+    estimator: str = Objective.estimator  # its gradient estimator: one whose registry entry trains the bound
 
     def training_objective(self):
         """The :class:`npvae.objectives.Objective` these settings name (checked)."""
@@ -355,7 +355,7 @@ class Trainer:
             raise CheckpointError(f"{path}: checkpoint is for {meta.get('model')} {meta.get('model_config')}, "
                              f"not this {self.model!r}; resume with the same model options")
         saved = meta.get("train_config") or {}
-        theirs = Objective(saved.get("objective", "elbo"), saved.get("k", 1), saved.get("estimator", "reparam"))
+        theirs = Objective.from_config(saved)
         if theirs != self.objective:
             raise ValueError(f"{path}: the run trained on the {theirs.describe()}, not the {self.objective.describe()}; "
                              "resume with the same objective, k and estimator")

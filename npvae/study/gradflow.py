@@ -3,7 +3,7 @@
 - :func:`decompose_gradients` splits every parameter's gradient of the batch-mean loss
   ``recon + beta * KL`` exactly into its reconstruction and KL parts (the model's backward with one
   upstream gradient set to zero), and :func:`decomposition_rows` summarises the split per parameter.
-- :func:`compare_estimators` runs every estimator of :mod:`npvae.study.estimators` (the
+- :func:`compare_estimators` runs every estimator of :mod:`npvae.objectives.estimators` (the
   reparameterization gradient, the score function with and without a baseline) on the same draws
   of the gradient of the expected reconstruction term with respect to the encoder's outputs.
 
@@ -18,8 +18,8 @@ import math
 import numpy as np
 
 from ..models import GaussianLatent
-from ..objectives import check_k_sample_model, encoder_backward, k_sample_draws
-from .estimators import ESTIMATORS, Draws, estimators, reduce_draws
+from ..objectives import ESTIMATORS, Draws, check_k_sample_model, encoder_backward, k_sample_draws, reduce_draws
+from ..objectives.estimators import estimators
 
 OBJECTIVE = "E_q[log p(x|z)]"  # what compare_estimators differentiates (to be maximised)
 DEFAULT_ROWS = 8192  # draws per forward pass in compare_estimators
@@ -119,7 +119,7 @@ def compare_estimators(model, x, n_draws: int, rng: np.random.Generator, y=None,
     """Estimates of the gradient of f = E_q[log p(x|z)] by every registered estimator, on the same draws.
 
     For each example, ``n_draws`` draws ``z = mu + std * eps`` feed every estimator of
-    :data:`npvae.study.estimators.ESTIMATORS` that applies to f (reparameterization, score function,
+    :data:`npvae.objectives.estimators.ESTIMATORS` that applies to f (reparameterization, score function,
     score function with a leave-one-out baseline; formulas there). f(z) = log p(x|z); the pathwise gradient is the
     model's own backward pass through the decoder, the score d log q(z|x) / d(mu, logvar) at fixed
     z is ``[eps / std, (eps^2 - 1) / 2]``. All of them estimate the same gradient, with respect to
