@@ -25,11 +25,11 @@ def test_the_training_table_is_what_each_entry_says_it_trains():
                     Objective(bound, 2, name)
 
 
-def test_every_training_estimator_is_unbiased_or_says_so_and_trains_from_one_draw_per_example():
+def test_every_entry_explains_itself_and_every_training_estimator_trains_from_one_draw_per_example():
+    assert all(entry.help and entry.label for entry in ESTIMATORS.values())
     for name in trainable():
         entry = ESTIMATORS[name]
-        assert entry.help and not entry.pools_draws
-        assert all(b in entry.objectives for b in entry.trains)
+        assert not entry.pools_draws and all(b in entry.objectives for b in entry.trains)
     assert not ESTIMATORS["stl"].is_unbiased("iwae") and ESTIMATORS["dreg"].is_unbiased("iwae")
 
 
