@@ -764,8 +764,7 @@ def cmd_grads(args) -> int:
         check_k_sample_model(model, "the --k study")
         snr_names = None if names is None else [n for n in names if args.objective in ESTIMATORS[n].objectives
                                                 and not ESTIMATORS[n].pools_draws]
-        measured = snr_names if snr_names is not None else [e.name for e in ESTIMATORS.values()
-                                                            if args.objective in e.objectives and not e.pools_draws]
+        measured = snr_names if snr_names is not None else gradflow.default_estimators(args.objective)
         unbiased = [n for n in measured if ESTIMATORS[n].is_unbiased(args.objective)]
         if measured and args.snr_signal == "best" and not unbiased:
             raise CLIError(f"--snr-signal best: none of {','.join(measured)} is unbiased for the {args.objective} gradient")
@@ -919,6 +918,7 @@ def _int_list(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .objectives import BOUNDS, Objective, estimator_help, trainable
+    from .study.gradflow import default_estimators
 
     parser = argparse.ArgumentParser(prog="npvae", description="Variational autoencoders in NumPy, trained on your "
                                      "CPU. Run 'npvae COMMAND --help' for a command's options.")
@@ -1075,8 +1075,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", type=_count(1, 65_536), default=3, help="latent dimensions shown (those with the largest KL)")
     p.add_argument("--estimators", type=lambda s: [n.strip() for n in s.split(",") if n.strip()], default=None,
                    help="comma-separated estimators to compare, the first the reference of the variance ratios "
-                        "(default: all of npvae.study.estimators.ESTIMATORS that apply: reparam,score,baseline "
-                        "for E_q[log p(x|z)], and stl and dreg too in the --k study)")
+                        f"(default: every registered one that applies: {','.join(default_estimators('recon'))} "
+                        f"for E_q[log p(x|z)], {','.join(default_estimators('iwae'))} in the --k study of iwae)")
     p.add_argument("--k", type=_int_list, default=None, metavar="K1,K2,...",
                    help="also measure each estimator's gradient of the k-sample --objective for these k: mean, "
                         "variance and signal-to-noise ratio (|mean| / std over --snr-draws draws) of the encoder's "

@@ -25,6 +25,15 @@ OBJECTIVE = "E_q[log p(x|z)]"  # what compare_estimators differentiates (to be m
 DEFAULT_ROWS = 8192  # draws per forward pass in compare_estimators
 
 
+def default_estimators(objective: str) -> tuple[str, ...]:
+    """The estimators a study of ``objective`` ("recon", "elbo" or "iwae") measures when none are named:
+    every registered one that estimates its gradient, in registry order; for the k-sample bounds only
+    those that take one draw each (there every draw is one estimate of the batch's gradient, so a
+    baseline pooling draws of one image does not apply)."""
+    return tuple(e.name for e in estimators() if objective in e.objectives
+                 and (objective == "recon" or not e.pools_draws))
+
+
 def _check_vae_family(model, what: str) -> None:
     if not isinstance(model, GaussianLatent):
         raise ValueError(f"{what} needs a VAE or CVAE (a reparameterized q(z|x) and a KL term), got a "
@@ -151,7 +160,7 @@ def compare_estimators(model, x, n_draws: int, rng: np.random.Generator, y=None,
     _check_vae_family(model, "the estimator comparison")
     if isinstance(n_draws, bool) or not isinstance(n_draws, (int, np.integer)) or n_draws < 2:
         raise ValueError(f"expected n_draws >= 2 (variances need two draws), got {n_draws!r}")
-    chosen = [e for e in estimators(names) if names is not None or "recon" in e.objectives]
+    chosen = estimators(names if names is not None else default_estimators("recon"))
     wrong = [e.name for e in chosen if "recon" not in e.objectives]
     if wrong:
         raise ValueError(f"estimators {wrong} do not estimate the gradient of {OBJECTIVE} (they are for "
@@ -303,7 +312,7 @@ def estimator_snr(model, x, ks, n_draws: int, rng: np.random.Generator, names=No
     ks = [int(k) for k in ks]
     if not ks or any(k < 1 for k in ks):
         raise ValueError(f"expected k values >= 1, got {ks}")
-    chosen = [e for e in estimators(names) if names is not None or (objective in e.objectives and not e.pools_draws)]
+    chosen = estimators(names if names is not None else default_estimators(objective))
     wrong = [e.name for e in chosen if objective not in e.objectives]
     if wrong:
         raise ValueError(f"estimators {wrong} do not estimate the gradient of the {objective} objective")
