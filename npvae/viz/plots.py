@@ -2,7 +2,7 @@
 
 Design:
 
-- Inputs are plain arrays, lists of dicts or callables; nothing here imports an npvae model. What a
+- Inputs are plain arrays, lists of dicts or callables; this module imports no npvae model. What a
   picture needs computed (the PCA of the codes, active units, the quantile grid of the manifold)
   comes from :mod:`npvae.study.statistics`; class names come with the caller (a dataset's
   ``class_names``).
@@ -628,8 +628,8 @@ def plot_latent_scatter(z: Any, labels: Any, path: PathLike,
                         class_names: Sequence[str] | None = None) -> Path:
     """Scatter the codes (e.g. encoder means) coloured by class.
 
-    ``Z == 2`` is drawn as is, ``Z > 2`` projected by :func:`npvae.study.statistics.pca_2d` (axes say how much variance
-    each component keeps), ``Z == 1`` as one jittered strip per class.
+    ``Z == 2`` is drawn as is, ``Z > 2`` projected by :func:`npvae.study.statistics.pca_2d` (axes say
+    how much variance each component keeps), ``Z == 1`` as one jittered strip per class.
 
     Parameters
     ----------
@@ -1156,7 +1156,8 @@ def plot_estimator_comparison(table: Mapping[str, Any], path: PathLike,
     return _save(fig, path)
 
 
-_DECODER_SNR_RATE = 0.5  # every estimator shares the decoder's gradient, whose IWAE SNR grows as √k (Rainforth et al. 2018)
+# Every estimator shares the decoder's gradient, whose IWAE SNR grows as √k (Rainforth et al. 2018).
+_DECODER_SNR_RATE = 0.5
 
 
 def _rate_label(slope: float) -> str:
@@ -1219,7 +1220,7 @@ def plot_snr(rows: Sequence[Mapping[str, Any]], path: PathLike,
             if fk:
                 ax.plot(fk, floor, linestyle=":", color=color, linewidth=1,
                         label="noise floor of the draws" if n == drawn[0][0] else None)
-        guides = {n: rates[n] for n in rates} if group == "encoder" else {None: _DECODER_SNR_RATE}
+        guides = dict(rates) if group == "encoder" else {None: _DECODER_SNR_RATE}
         for name, slope in guides.items():
             ks, snr = curves.get(name if name is not None else names[0], ((), ()))
             if len(ks) > 1:
