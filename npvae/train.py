@@ -29,7 +29,7 @@ from . import backend, data as datasets
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .models import GaussianLatent, Model
 from .models.saving import model_meta, model_state, save_model
-from .objectives import TRAINING_OBJECTIVES, Objective
+from .objectives import TRAINING_OBJECTIVES, Objective, estimator_help, trainable
 from .optim import OPTIMIZERS, clip_grad_norm, make_optimizer
 from .registry import option
 from .rundir import OutputError, RunLock, append_log, check_writable, reconcile_log
@@ -100,13 +100,10 @@ class TrainConfig:
                                   const=True, resumable=True)
     grad_norm_every: int = option(50, "steps between gradient-norm records", cli=False)
     eval_batch_size: int = option(1000, "batch size of evaluation passes", cli=False)
-    objective: str = option("elbo", "vae: the training bound, the ELBO or the importance-weighted bound of --k "
-                            "samples", choices=tuple(TRAINING_OBJECTIVES))
-    k: int = option(1, "samples of z per image for --objective", bounds=(1, 10_000))
-    estimator: str = option("reparam", "the encoder's gradient estimator: reparam (plain), stl (sticking the "
-                            "landing: no score term), dreg (doubly reparameterized, iwae only). Not the default "
-                            "elbo/1/reparam: a Monte-Carlo KL, beta = 1, no KL warm-up",
-                            choices=tuple(dict.fromkeys(e for names in TRAINING_OBJECTIVES.values() for e in names)))
+    objective: str = option(Objective.name, "vae: the training bound, the ELBO or the importance-weighted bound of "
+                            "--k samples", choices=tuple(TRAINING_OBJECTIVES))
+    k: int = option(Objective.k, "samples of z per image for --objective", bounds=(1, 10_000))
+    estimator: str = option(Objective.estimator, estimator_help(), choices=trainable())
 
     def training_objective(self):
         """The :class:`npvae.objectives.Objective` these settings name (checked)."""
@@ -372,7 +369,7 @@ class Trainer:
             raise CheckpointError(f"{path}: checkpoint is for {meta.get('model')} {meta.get('model_config')}, "
                              f"not this {self.model!r}; resume with the same model options")
         saved = meta.get("train_config") or {}
-        theirs = Objective(saved.get("objective", "elbo"), saved.get("k", 1), saved.get("estimator", "reparam"))
+        theirs = Objective.from_config(saved)
         if theirs != self.objective:
             raise ValueError(f"{path}: the run trained on the {theirs.describe()}, not the {self.objective.describe()}; "
                              "resume with the same objective, k and estimator")

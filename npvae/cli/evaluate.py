@@ -13,14 +13,12 @@ from .inputs import check_held_out, split_data, split_target
 def _trained_objective(meta):
     """The :class:`npvae.objectives.Objective` a checkpoint's run trained with (None when unknown)."""
     from ..objectives import Objective
-    from ..train import TrainConfig
 
-    tc, default = meta.get("train_config"), TrainConfig()  # a run from before the objectives trained the default
+    tc = meta.get("train_config")
     if not isinstance(tc, dict):
         return None
     try:
-        return Objective(tc.get("objective", default.objective), tc.get("k", default.k),
-                         tc.get("estimator", default.estimator))
+        return Objective.from_config(tc)
     except ValueError:
         return None
 

@@ -14,8 +14,8 @@ from .inputs import split_data
 def _snr_names(args, model, names):
     """The estimators of the --k study (None: every one that applies), checked before any work."""
     from ..models import StandardNormalPrior
-    from ..objectives import check_k_sample_model
-    from ..study.estimators import ESTIMATORS
+    from ..objectives import ESTIMATORS, check_k_sample_model
+    from ..study.gradflow import default_estimators
 
     if not isinstance(model, StandardNormalPrior):
         raise CLIError(f"--k studies the ELBO and IWAE bounds under the prior N(0, I); {args.checkpoint} holds "
@@ -23,8 +23,7 @@ def _snr_names(args, model, names):
     check_k_sample_model(model, "the --k study")
     snr_names = None if names is None else [n for n in names if args.objective in ESTIMATORS[n].objectives
                                             and not ESTIMATORS[n].pools_draws]
-    measured = snr_names if snr_names is not None else [e.name for e in ESTIMATORS.values()
-                                                        if args.objective in e.objectives and not e.pools_draws]
+    measured = snr_names if snr_names is not None else list(default_estimators(args.objective))
     unbiased = [n for n in measured if ESTIMATORS[n].is_unbiased(args.objective)]
     if measured and args.snr_signal == "best" and not unbiased:
         raise CLIError(f"--snr-signal best: none of {','.join(measured)} is unbiased for the {args.objective} gradient")
@@ -42,8 +41,8 @@ def _snr_names(args, model, names):
 
 def _estimator_table(args, model, x, labels, names, examples, rng):
     """Print and return the comparison of the estimators of E_q[log p(x|z)] (None when none was asked for)."""
+    from ..objectives import ESTIMATORS
     from ..study import gradflow
-    from ..study.estimators import ESTIMATORS
     from ..viz import figures
 
     recon_names = None if names is None else [n for n in names if "recon" in ESTIMATORS[n].objectives]
@@ -89,7 +88,7 @@ def _snr_study(args, model, x, names, snr_names, examples, rng):
 def cmd_grads(args) -> int:
     from ..models import GaussianLatent
     from ..study import gradflow
-    from ..study.estimators import estimators
+    from ..objectives.estimators import estimators
     from ..viz import figures
     from ..viz.plots import MatplotlibMissing
 

@@ -172,7 +172,8 @@ def _add_pictures(sub) -> None:
 
 def _add_grads(sub) -> None:
     from ..models import MODELS, GaussianLatent
-    from ..study.estimators import ESTIMATORS
+    from ..objectives import BOUNDS
+    from ..study.gradflow import default_estimators
     from .grads import cmd_grads
 
     p = _command(sub, "grads", "where the gradient comes from, and how noisy its estimators are",
@@ -191,17 +192,15 @@ def _add_grads(sub) -> None:
     p.add_argument("--draws", type=count(2, 100_000), default=1000, help="draws of z per image for the estimators")
     p.add_argument("--examples", type=count(1, 1_000), default=2, help="images whose estimator gradients are compared")
     p.add_argument("--dims", type=count(1, 65_536), default=3, help="latent dimensions shown (those with the largest KL)")
-    recon = ",".join(n for n, e in ESTIMATORS.items() if "recon" in e.objectives)
-    bounds = ",".join(n for n, e in ESTIMATORS.items() if "recon" not in e.objectives)
     p.add_argument("--estimators", type=lambda s: [n.strip() for n in s.split(",") if n.strip()], default=None,
                    help="comma-separated estimators to compare, the first the reference of the variance ratios "
-                        f"(default: all of npvae.study.estimators.ESTIMATORS that apply: {recon} for E_q[log p(x|z)], "
-                        f"and {bounds} too in the --k study)")
+                        f"(default: every registered one that applies: {','.join(default_estimators('recon'))} "
+                        f"for E_q[log p(x|z)], {','.join(default_estimators('iwae'))} in the --k study of iwae)")
     p.add_argument("--k", type=int_list, default=None, metavar="K1,K2,...",
                    help="also measure each estimator's gradient of the k-sample --objective for these k: mean, "
                         "variance and signal-to-noise ratio (|mean| / std over --snr-draws draws) of the encoder's "
                         "and decoder's gradients, on --examples images (snr.png)")
-    p.add_argument("--objective", choices=("iwae", "elbo"), default="iwae", help="the bound of the --k study")
+    p.add_argument("--objective", choices=tuple(BOUNDS), default="iwae", help="the bound of the --k study")
     p.add_argument("--snr-draws", type=count(2, 100_000), default=200, help="draws per estimator and k in the --k study")
     p.add_argument("--snr-signal", default="own", metavar="own|best|NAME",
                    help="the --k study's signal: own (each estimator's mean), best (per parameter, the mean of the "

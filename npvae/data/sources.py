@@ -67,6 +67,7 @@ class DatasetSpec:
     title: str                 # for messages, e.g. "Fashion-MNIST"
     mirrors: tuple[str, ...]   # base URLs, tried in order; each ends with "/"
     files: dict[str, IDXFile] = field(repr=False)  # keys: train-images, train-labels, test-images, test-labels
+    class_names: tuple[str, ...] = ()  # what each label means, indexed by label (pictures name classes with it)
 
 
 # The .gz md5s are torchvision's; the raw md5s are those of the decompressed files, as published
@@ -92,6 +93,7 @@ for _spec_entry in (
             "test-labels": IDXFile("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c",
                                    "27ae3e4e09519cfbb04c329615203637", (10000,)),
         },
+        class_names=tuple(str(d) for d in range(10)),
     ),
     DatasetSpec(
         name="fashion-mnist",
@@ -107,6 +109,8 @@ for _spec_entry in (
             "test-labels": IDXFile("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310",
                                    "15d484375f8d13e6eb1aabb0c3f46965", (10000,)),
         },
+        class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
     ),
 ):
     DATASETS.register(_spec_entry)

@@ -3,7 +3,7 @@
 - :func:`decompose_gradients` splits every parameter's gradient of the batch-mean loss
   ``recon + beta * KL`` exactly into its reconstruction and KL parts (the model's backward with one
   upstream gradient set to zero), and :func:`decomposition_rows` summarises the split per parameter.
-- :func:`compare_estimators` runs every estimator of :mod:`npvae.study.estimators` (the
+- :func:`compare_estimators` runs every estimator of :mod:`npvae.objectives.estimators` (the
   reparameterization gradient, the score function with and without a baseline) on the same draws
   of the gradient of the expected reconstruction term with respect to the encoder's outputs.
 
@@ -18,11 +18,20 @@ import math
 import numpy as np
 
 from ..models import GaussianLatent
-from ..objectives import check_k_sample_model, encoder_backward, k_sample_draws
-from .estimators import ESTIMATORS, Draws, estimators, reduce_draws
+from ..objectives import ESTIMATORS, Draws, check_k_sample_model, encoder_backward, k_sample_draws, reduce_draws
+from ..objectives.estimators import estimators
 
 OBJECTIVE = "E_q[log p(x|z)]"  # what compare_estimators differentiates (to be maximised)
 DEFAULT_ROWS = 8192  # draws per forward pass in compare_estimators
+
+
+def default_estimators(objective: str) -> tuple[str, ...]:
+    """The estimators a study of ``objective`` ("recon", "elbo" or "iwae") measures when none are named:
+    every registered one that estimates its gradient, in registry order; for the k-sample bounds only
+    those that take one draw each (there every draw is one estimate of the batch's gradient, so a
+    baseline pooling draws of one image does not apply)."""
+    return tuple(e.name for e in estimators() if objective in e.objectives
+                 and (objective == "recon" or not e.pools_draws))
 
 
 def _check_vae_family(model, what: str) -> None:
@@ -119,7 +128,7 @@ def compare_estimators(model, x, n_draws: int, rng: np.random.Generator, y=None,
     """Estimates of the gradient of f = E_q[log p(x|z)] by every registered estimator, on the same draws.
 
     For each example, ``n_draws`` draws ``z = mu + std * eps`` feed every estimator of
-    :data:`npvae.study.estimators.ESTIMATORS` that applies to f (reparameterization, score function,
+    :data:`npvae.objectives.estimators.ESTIMATORS` that applies to f (reparameterization, score function,
     score function with a leave-one-out baseline; formulas there). f(z) = log p(x|z); the pathwise gradient is the
     model's own backward pass through the decoder, the score d log q(z|x) / d(mu, logvar) at fixed
     z is ``[eps / std, (eps^2 - 1) / 2]``. All of them estimate the same gradient, with respect to
@@ -151,7 +160,7 @@ def compare_estimators(model, x, n_draws: int, rng: np.random.Generator, y=None,
     _check_vae_family(model, "the estimator comparison")
     if isinstance(n_draws, bool) or not isinstance(n_draws, (int, np.integer)) or n_draws < 2:
         raise ValueError(f"expected n_draws >= 2 (variances need two draws), got {n_draws!r}")
-    chosen = [e for e in estimators(names) if names is not None or "recon" in e.objectives]
+    chosen = estimators(names if names is not None else default_estimators("recon"))
     wrong = [e.name for e in chosen if "recon" not in e.objectives]
     if wrong:
         raise ValueError(f"estimators {wrong} do not estimate the gradient of {OBJECTIVE} (they are for "
@@ -303,7 +312,7 @@ def estimator_snr(model, x, ks, n_draws: int, rng: np.random.Generator, names=No
     ks = [int(k) for k in ks]
     if not ks or any(k < 1 for k in ks):
         raise ValueError(f"expected k values >= 1, got {ks}")
-    chosen = [e for e in estimators(names) if names is not None or (objective in e.objectives and not e.pools_draws)]
+    chosen = estimators(names if names is not None else default_estimators(objective))
     wrong = [e.name for e in chosen if objective not in e.objectives]
     if wrong:
         raise ValueError(f"estimators {wrong} do not estimate the gradient of the {objective} objective")

@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import ops
 from ..models import GaussianLatent, StandardNormalPrior
+from ..objectives import Objective
 
 DEFAULT_ROWS = 8192  # (example, sample) rows per decoder pass in evaluation
 
@@ -130,9 +131,9 @@ def iwae_loss_and_grads(model, x, k: int, eps=None, rng=None):
               \\nabla L = -\\frac1B \\sum_{i,j} \\tilde w_{ij} \\nabla \\log w_{ij},
               \\quad \\tilde w_{i\\cdot} = \\operatorname{softmax}_j \\log w_{i\\cdot}
 
-    ``Objective("iwae", k, "reparam")`` of :mod:`npvae.objectives`: the encoder runs once per
-    example; its mu and logvar are tiled k times, and their gradients are summed over the k copies
-    before the heads' backward. With k = 1 this is the ELBO with a
+    ``Objective("iwae", k)`` (the reparameterization gradient) of :mod:`npvae.objectives`: the
+    encoder runs once per example; its mu and logvar are tiled k times, and their gradients are
+    summed over the k copies before the heads' backward. With k = 1 this is the ELBO with a
     Monte-Carlo KL (log q(z|x) - log p(z) at the sampled z): its reconstruction part and its
     gradient equal :meth:`VAE.loss_and_grads`'s for the same eps; its KL part agrees in expectation.
 
@@ -154,7 +155,5 @@ def iwae_loss_and_grads(model, x, k: int, eps=None, rng=None):
         Gradients of ``loss``, keyed like :meth:`VAE.state_dict` (views of ``model.params.grad``;
         overwritten by the next call).
     """
-    from ..objectives import Objective
-
-    terms, grads = Objective("iwae", _check_k(k), "reparam").loss_and_grads(model, x, eps=eps, rng=rng)
+    terms, grads = Objective("iwae", _check_k(k)).loss_and_grads(model, x, eps=eps, rng=rng)
     return terms.total, grads

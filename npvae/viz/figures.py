@@ -14,8 +14,10 @@ import numpy as np
 
 from .. import ops
 from ..checkpoint import atomic_write
+from ..data import DATASETS
 from ..models import MODELS, Conditional, Denoising, GaussianLatent, LossNames, StandardNormalPrior
 from ..registry import Registry
+from ..study import statistics
 from . import plots
 
 
@@ -29,9 +31,10 @@ def _clip(images: np.ndarray, model) -> np.ndarray:
 
 
 def class_names(dataset_name: str | None, num_classes: int) -> list[str]:
-    if dataset_name == "fashion-mnist" and num_classes == 10:
-        return list(plots.FASHION_CLASSES)
-    return [str(c) for c in range(num_classes)]
+    """The dataset's own names for its classes (its spec's ``class_names``), else the labels as text."""
+    spec = DATASETS.get(dataset_name)
+    names = spec.class_names if spec is not None else ()
+    return list(names) if len(names) == num_classes else [str(c) for c in range(num_classes)]
 
 
 def _reconstruction_rows(model, paired: bool) -> tuple[tuple[str, ...], str]:
@@ -207,7 +210,7 @@ def latent_scatter(model, x, y, path, class_names=None, title: str | None = None
     """
     _check_latent_model(model, "latent")
     codes = model.codes(x, y)
-    explained = plots.pca_2d(codes)[1] if codes.shape[1] > 2 else None
+    explained = statistics.pca_2d(codes)[1] if codes.shape[1] > 2 else None
     if title is None:
         title = ("Posterior means of the test images" if isinstance(model, GaussianLatent) else
                  "Codes of the test images") + ("" if y is None else ", coloured by class")

@@ -1,4 +1,4 @@
-"""Tests of npvae.study.estimators and npvae.objectives: every estimator against a PyTorch autograd
+"""Tests of npvae.objectives (its estimators and k-sample objectives): every estimator against a PyTorch autograd
 implementation of its definition (stop-gradients as .detach()), on the same fixed noise, in float64.
 
 Two levels: each estimator's d bound / d[mu, logvar] per row against torch with mu and logvar as
@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 from npvae.gradcheck import relative_error
 from npvae.models import VAE
 from npvae.objectives import TRAINING_OBJECTIVES, Objective
-from npvae.study import estimators as E
+from npvae.objectives import estimators as E
 from npvae.study.gradflow import sample_draws
 
 torch = pytest.importorskip("torch")

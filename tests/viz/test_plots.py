@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -11,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from npvae.viz import plots
+from npvae.data import DATASETS
+from npvae.viz import figures, plots
 
 pytest.importorskip("matplotlib")
 import matplotlib.image as mpimg  # noqa: E402
@@ -48,10 +46,6 @@ def digits(n: int, seed: int = 0) -> np.ndarray:
     return out.reshape(n, 784)
 
 
-def phi(x: float) -> float:
-    return 0.5 * math.erfc(-x / math.sqrt(2.0))
-
-
 # --------------------------------------------------------------------------------------------------
 # Every plot writes a real PNG
 # --------------------------------------------------------------------------------------------------
@@ -69,14 +63,14 @@ PLOTS = {
     "reconstructions": lambda p: plots.plot_reconstructions(digits(12), digits(12, 1), p, ncols=5),
     "interpolation": lambda p: plots.plot_interpolation(digits(3 * 7).reshape(3, 7, 784), p),
     "class_grid": lambda p: plots.plot_class_grid(digits(40).reshape(10, 4, 784), p,
-                                                  class_names=plots.FASHION_CLASSES),
+                                                  class_names=DATASETS["fashion-mnist"].class_names),
     "manifold": lambda p: plots.plot_manifold(
         lambda z: digits(len(z)) * (0.5 + 0.5 * np.tanh(z[:, :1]) ** 2), p, n=6),
     "scatter_1d": lambda p: plots.plot_latent_scatter(
         np.random.default_rng(0).normal(size=(200, 1)), np.arange(200) % 10, p),
     "scatter_2d": lambda p: plots.plot_latent_scatter(
         np.random.default_rng(0).normal(size=(200, 2)), np.arange(200) % 10, p,
-        class_names=plots.MNIST_CLASSES),
+        class_names=DATASETS["mnist"].class_names),
     "scatter_pca": lambda p: plots.plot_latent_scatter(
         np.random.default_rng(0).normal(size=(200, 8)), np.arange(200) % 10, p),
     "scatter_unlabelled": lambda p: plots.plot_latent_scatter(
@@ -278,49 +272,8 @@ def test_tile_images_defaults_and_errors():
 
 
 # --------------------------------------------------------------------------------------------------
-# PCA
+# The latent scatter
 # --------------------------------------------------------------------------------------------------
-
-def _reference_pca(z):
-    zc = z - z.mean(axis=0)
-    evals, evecs = np.linalg.eigh(np.cov(zc, rowvar=False))
-    order = np.argsort(evals)[::-1]
-    evals, evecs = evals[order], evecs[:, order[:2]].T  # (2, Z)
-    idx = np.argmax(np.abs(evecs), axis=1)
-    evecs *= np.sign(evecs[np.arange(2), idx])[:, None]
-    return zc @ evecs.T, evals[:2] / evals.sum()
-
-
-@pytest.mark.parametrize("n, zdim", [(200, 5), (50, 2), (30, 16), (3, 10)])
-def test_pca_2d_matches_eigh_of_covariance(n, zdim):
-    rng = np.random.default_rng(n + zdim)
-    z = rng.normal(size=(n, zdim)) @ rng.normal(size=(zdim, zdim)) + rng.normal(size=zdim)
-    proj, ratio = plots.pca_2d(z)
-    ref_proj, ref_ratio = _reference_pca(z)
-    assert proj.shape == (n, 2) and ratio.shape == (2,)
-    np.testing.assert_allclose(proj, ref_proj, atol=1e-9)
-    np.testing.assert_allclose(ratio, ref_ratio, atol=1e-12)
-    assert ratio.sum() <= 1 + 1e-12 and ratio[0] >= ratio[1] >= 0
-
-
-def test_pca_2d_sign_convention_is_deterministic():
-    rng = np.random.default_rng(1)
-    z = rng.normal(size=(100, 4)) * [3.0, 2.0, 1.0, 0.5]
-    proj, _ = plots.pca_2d(z)
-    proj_neg, _ = plots.pca_2d(-z)  # same components, same signs: the projection flips
-    np.testing.assert_allclose(proj_neg, -proj, atol=1e-10)
-    # the largest-magnitude loading of each component is positive: here axes 0 and 1
-    assert proj[np.argmax(z[:, 0]), 0] > 0 and proj[np.argmax(z[:, 1]), 1] > 0
-
-
-def test_pca_2d_constant_codes_and_errors():
-    proj, ratio = plots.pca_2d(np.ones((5, 3)))
-    np.testing.assert_array_equal(ratio, 0.0)
-    np.testing.assert_allclose(proj, 0.0)
-    for shape in [(1, 3), (5, 1), (5,)]:
-        with pytest.raises(ValueError, match="pca_2d expects z of shape"):
-            plots.pca_2d(np.zeros(shape))
-
 
 def test_latent_scatter_errors(tmp_path):
     out = tmp_path / "x.png"
@@ -336,63 +289,8 @@ def test_latent_scatter_errors(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Normal quantiles and the manifold grid
+# The manifold
 # --------------------------------------------------------------------------------------------------
-
-@settings(max_examples=500, deadline=None)
-@given(st.one_of(st.floats(1e-10, 1 - 1e-10),
-                 st.floats(-10, math.log10(0.5)).map(lambda e: 10.0 ** e),
-                 st.floats(-10, math.log10(0.5)).map(lambda e: 1.0 - 10.0 ** e)))
-def test_norm_ppf_round_trip(p):
-    x = plots.norm_ppf(p)
-    assert isinstance(x, float)
-    assert abs(phi(x) - p) <= 1e-12
-    # and relatively, in whichever tail p lies
-    if p <= 0.5:
-        assert abs(phi(x) - p) <= 1e-13 * p
-    else:
-        assert abs(0.5 * math.erfc(x / math.sqrt(2.0)) - (1.0 - p)) <= 1e-13 * (1.0 - p)
-
-
-def test_norm_ppf_known_values_symmetry_and_shape():
-    assert plots.norm_ppf(0.5) == 0.0
-    assert plots.norm_ppf(0.975) == pytest.approx(1.959963984540054, abs=1e-14)
-    assert plots.norm_ppf(0.05) == pytest.approx(-1.6448536269514722, abs=1e-14)
-    assert plots.norm_ppf(1e-10) == pytest.approx(-6.361340902404056, abs=1e-12)
-    p = np.linspace(0.01, 0.5, 50)
-    np.testing.assert_allclose(plots.norm_ppf(p), -plots.norm_ppf(1 - p), atol=1e-14)
-    out = plots.norm_ppf(np.full((2, 3), 0.3))
-    assert isinstance(out, np.ndarray) and out.shape == (2, 3)
-    assert np.all(np.diff(plots.norm_ppf(np.linspace(1e-6, 1 - 1e-6, 1001))) > 0)
-
-
-@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5, float("nan"), [0.2, 1.0]])
-def test_norm_ppf_rejects_outside_open_unit_interval(bad):
-    with pytest.raises(ValueError, match=r"strictly inside \(0, 1\)"):
-        plots.norm_ppf(bad)
-
-
-def test_manifold_grid_symmetric_and_on_quantiles():
-    n = 7
-    z = plots.manifold_grid(n, (0.05, 0.95))
-    assert z.shape == (n * n, 2)
-    grid = z.reshape(n, n, 2)
-    v = grid[0, :, 0]  # z[0] along the top row, left to right
-    np.testing.assert_allclose([phi(x) for x in v], np.linspace(0.05, 0.95, n), atol=1e-14)
-    np.testing.assert_allclose(v, -v[::-1], atol=1e-12)  # symmetric about 0
-    assert v[n // 2] == pytest.approx(0.0, abs=1e-12)
-    # picture order: z[0] constant down columns, z[1] decreasing down rows (up is positive)
-    np.testing.assert_array_equal(grid[:, :, 0], np.broadcast_to(v, (n, n)))
-    np.testing.assert_array_equal(grid[:, :, 1], np.broadcast_to(v[::-1, None], (n, n)))
-    assert grid[0, 0, 1] > 0 > grid[-1, 0, 1]
-
-
-def test_manifold_grid_errors():
-    with pytest.raises(ValueError, match="n must be an integer >= 2"):
-        plots.manifold_grid(1)
-    with pytest.raises(ValueError, match="0 < lo < hi < 1"):
-        plots.manifold_grid(5, (0.0, 0.95))
-
 
 def test_plot_manifold_checks_latent_dim_and_decoder(tmp_path):
     calls = []
@@ -457,33 +355,12 @@ def test_grad_norms_errors_and_event_filter(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Active units and KL per dimension
+# KL per dimension
 # --------------------------------------------------------------------------------------------------
-
-def test_active_units_counts_strictly_above_threshold():
-    kl = [2.0, 0.5, 0.011, 0.01, 0.009, 0.0, 1e-5]
-    assert plots.active_units(kl) == 3
-    assert plots.active_units(kl, threshold=0.001) == 5
-    assert plots.active_units(kl, threshold=10.0) == 0
-    assert plots.active_units(np.zeros(8)) == 0
-
-
-def test_active_units_cov_matches_variance_of_means():
-    rng = np.random.default_rng(0)
-    scales = np.array([1.0, 0.5, 0.2, 0.05, 0.0])  # variances 1, .25, .04, .0025, 0
-    mu = rng.standard_normal((20000, 5)) * scales + 3.0
-    count, variances = plots.active_units_cov(mu)
-    assert count == 3
-    np.testing.assert_allclose(variances, mu.var(axis=0))
-    np.testing.assert_allclose(variances, scales ** 2, rtol=0.05, atol=1e-12)
-    assert plots.active_units_cov(mu, threshold=0.001)[0] == 4
-    with pytest.raises(ValueError, match=r"mu of shape \(N, Z\)"):
-        plots.active_units_cov(np.zeros((1, 4)))
-
 
 def test_kl_per_dim_errors_and_title(tmp_path):
     with pytest.raises(ValueError, match=r"kl_per_dim of shape \(Z,\)"):
-        plots.active_units(np.zeros((4, 3)))
+        plots.plot_kl_per_dim(np.zeros((4, 3)), tmp_path / "k.png")
     with pytest.raises(ValueError, match="non-negative"):
         plots.plot_kl_per_dim([1.0, -0.5], tmp_path / "k.png")
     with pytest.raises(ValueError, match="threshold"):
@@ -511,7 +388,33 @@ def test_estimator_comparison_errors_and_table_n_draws(tmp_path):
         plots.plot_estimator_comparison(base, tmp_path / "x.png", n_draws=0)
 
 
-def test_class_name_constants():
-    assert plots.MNIST_CLASSES == [str(d) for d in range(10)]
-    assert len(plots.FASHION_CLASSES) == 10 and len(set(plots.FASHION_CLASSES)) == 10
-    assert plots.FASHION_CLASSES[0] == "T-shirt/top" and plots.FASHION_CLASSES[9] == "Ankle boot"
+def test_the_pictures_name_classes_as_the_dataset_spec_does():
+    fashion = DATASETS["fashion-mnist"].class_names
+    assert len(fashion) == 10 and len(set(fashion)) == 10
+    assert fashion[0] == "T-shirt/top" and fashion[9] == "Ankle boot"
+    assert figures.class_names("fashion-mnist", 10) == list(fashion)
+    assert figures.class_names("mnist", 10) == [str(d) for d in range(10)] == list(DATASETS["mnist"].class_names)
+    assert figures.class_names(None, 3) == figures.class_names("fashion-mnist", 3) == ["0", "1", "2"]
+
+
+def _snr_rows(names, ks=(1, 10, 100)):
+    return [{"estimator": n, "k": k, "group": g, "snr": (1.0 + i) * k ** (0.5 if g == "decoder" else -0.5)}
+            for i, n in enumerate(names) for k in ks for g in ("encoder", "decoder")]
+
+
+def test_snr_guides_come_from_the_estimators_published_rates(tmp_path, monkeypatch):
+    legends = []
+
+    def keep(fig, path):
+        legends.append([[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes])
+        return Path(path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.plot_snr(_snr_rows(["reparam", "stl", "dreg"]), tmp_path / "s.png")
+    encoder, decoder = legends[-1]
+    assert "∝ 1/√k (reparam)" in encoder and "∝ √k (dreg)" in encoder and not any("(stl)" in t for t in encoder)
+    assert "∝ √k" in decoder
+    plots.plot_snr(_snr_rows(["a", "b"]), tmp_path / "s.png", rates={"b": 0.25})
+    assert "∝ k^0.25 (b)" in legends[-1][0]
+    monkeypatch.undo()
+    assert_real_png(plots.plot_snr(_snr_rows(["reparam", "dreg"]), tmp_path / "s.png"))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from npvae.models import CVAE, VAE, Autoencoder, ConvAutoencoder, ConvDenoisingAutoencoder, ConvDocumentDAE, DenoisingAutoencoder
+from npvae.study import statistics
 from npvae.viz import figures, plots
 from tests.helpers import load_script
 
@@ -131,7 +132,7 @@ def test_manifold_ticks_name_the_code_of_the_cells_under_them(monkeypatch, tmp_p
     monkeypatch.setattr(plots, "_save", keep)
     n = 20
     plots.plot_manifold(lambda z: np.full((len(z), 784), 0.5), tmp_path / "m.png", n=n)
-    ax, z = drawn["ax"], plots.manifold_grid(n)
+    ax, z = drawn["ax"], statistics.manifold_grid(n)
     xs, ys = ax.get_xticks(), ax.get_yticks()
     assert len(xs) == len(ys) == n  # at the default size every cell is labelled
     assert [t.get_text() for t in ax.get_xticklabels()] == [plots._fmt_code(v) for v in z[:n, 0]]

@@ -1,21 +1,20 @@
-"""Training objectives and their gradient estimators: what ``npvae train --objective --k --estimator`` picks.
+"""The k-sample training objectives: a sampler shared by every estimator, and :class:`Objective`.
 
 The trainer calls one public method, :meth:`Objective.loss_and_grads`, and knows nothing else. The
-default, ``Objective("elbo", 1, "reparam")``, is the model's own :meth:`~npvae.models.base.Model.loss_and_grads`
-(one sample, analytic KL), unchanged. Every other choice runs the k-sample sampler of
-:func:`k_sample_draws` and one estimator of :data:`npvae.study.estimators.ESTIMATORS` on its draws:
+default, ``Objective()`` (the ELBO, k = 1, reparam), is the model's own
+:meth:`~npvae.models.base.Model.loss_and_grads` (one sample, analytic KL), unchanged. Every other
+choice runs the k-sample sampler of :func:`k_sample_draws` and one estimator of
+:data:`npvae.objectives.estimators.ESTIMATORS` on its draws. The loss per example (nats) is
 
-============  ==============================  =======================================================
-objective     estimators                      loss per example (nats)
-============  ==============================  =======================================================
-``elbo``      ``reparam``, ``stl``            :math:`-\\frac1k \\sum_j \\log w_j` (k = 1 reparam: analytic KL)
-``iwae``      ``reparam``, ``stl``, ``dreg``  :math:`-\\log \\frac1k \\sum_j w_j`
-============  ==============================  =======================================================
+- ``elbo``: :math:`-\\frac1k \\sum_j \\log w_j` (k = 1 reparam: the analytic KL instead),
+- ``iwae``: :math:`-\\log \\frac1k \\sum_j w_j`,
 
-with :math:`\\log w_j = \\log p(x|z_j) + \\log p(z_j) - \\log q(z_j|x)` (a Monte-Carlo KL). The
-decoder's gradient is :math:`-\\sum_j \\tilde w_j \\nabla_\\theta \\log p(x|z_j)` for every estimator;
-the estimators differ in the encoder's. They need a VAE with the prior N(0, I) and beta = 1 (the
-bounds have no beta-weighted form).
+with :math:`\\log w_j = \\log p(x|z_j) + \\log p(z_j) - \\log q(z_j|x)` (a Monte-Carlo KL). Which
+estimators train which bound is each registry entry's ``trains`` (collected in
+:data:`~npvae.objectives.estimators.TRAINING_OBJECTIVES`). The decoder's gradient is
+:math:`-\\sum_j \\tilde w_j \\nabla_\\theta \\log p(x|z_j)` for every estimator; the estimators differ
+in the encoder's. They need a VAE with the prior N(0, I) and beta = 1 (the bounds have no
+beta-weighted form).
 """
 
 from __future__ import annotations
@@ -24,11 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ops
-from .models.base import GaussianLatent, LossTerms, StandardNormalPrior, check_generator
-from .study.estimators import ESTIMATORS, bound_and_weights, reduce_draws
-
-TRAINING_OBJECTIVES = {"elbo": ("reparam", "stl"), "iwae": ("reparam", "stl", "dreg")}
+from .. import ops
+from ..models.base import GaussianLatent, LossTerms, StandardNormalPrior, check_generator
+from .estimators import BOUNDS, ESTIMATORS, bound_and_weights, reduce_draws, trainable
 
 
 def check_k_sample_model(model, what: str) -> None:
@@ -59,7 +56,7 @@ def k_sample_draws(model, x: np.ndarray, eps: np.ndarray, objective: str, decode
     x : (B, *input_shape) array, checked
     eps : (B, k, Z) array of the model's dtype
     objective : "recon", "elbo" or "iwae" (recon: log w = log p(x|z), as in
-        :mod:`npvae.study.estimators`)
+        :mod:`npvae.objectives.estimators`)
     decoder_scale : float, not zero
 
     Returns
@@ -106,9 +103,9 @@ class Objective:
 
     Parameters
     ----------
-    name : "elbo" or "iwae"
+    name : a key of :data:`~npvae.objectives.estimators.BOUNDS` ("elbo" or "iwae")
     k : int >= 1, samples of z per example
-    estimator : a name in :data:`TRAINING_OBJECTIVES` for ``name``
+    estimator : the name of an estimator whose entry ``trains`` this bound
     """
 
     name: str = "elbo"
@@ -116,26 +113,34 @@ class Objective:
     estimator: str = "reparam"
 
     def __post_init__(self):
-        if self.name not in TRAINING_OBJECTIVES:
-            raise ValueError(f"unknown objective {self.name!r}: expected one of {', '.join(TRAINING_OBJECTIVES)}")
+        if self.name not in BOUNDS:
+            raise ValueError(f"unknown objective {self.name!r}: expected one of {', '.join(BOUNDS)}")
         if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 1:
             raise ValueError(f"expected k >= 1 samples per example (an integer), got {self.k!r}")
-        allowed = TRAINING_OBJECTIVES[self.name]
+        allowed = trainable(self.name)
         if self.estimator not in allowed:
-            hint = " (dreg is IWAE's estimator; for the ELBO use stl)" if self.estimator == "dreg" else ""
+            trains = ESTIMATORS[self.estimator].trains if self.estimator in ESTIMATORS else ()
+            hint = f" ({self.estimator} is {'/'.join(b.upper() for b in trains)}'s estimator)" if trains else ""
             raise ValueError(f"estimator {self.estimator!r} does not train objective {self.name!r}: expected one of "
                              f"{', '.join(allowed)}{hint}")
+
+    @classmethod
+    def from_config(cls, config) -> "Objective":
+        """The objective a training config (a mapping, e.g. a checkpoint's ``train_config``) names; the
+        defaults fill what it lacks (runs from before the k-sample objectives)."""
+        default = cls()
+        return cls(config.get("objective", default.name), config.get("k", default.k),
+                   config.get("estimator", default.estimator))
 
     @property
     def is_default(self) -> bool:
         """The model's own one-sample loss with the analytic KL."""
-        return (self.name, self.k, self.estimator) == ("elbo", 1, "reparam")
+        return self == Objective()
 
     def describe(self) -> str:
         if self.is_default:
             return "negative ELBO (one sample, analytic KL), reparameterization gradient"
-        bound = "ELBO" if self.name == "elbo" else "IWAE bound"
-        return f"negative {bound}, k = {self.k}, {ESTIMATORS[self.estimator].label} gradient"
+        return f"negative {BOUNDS[self.name]}, k = {self.k}, {ESTIMATORS[self.estimator].label} gradient"
 
     def check(self, model, paired: bool = False, kl_warmup: float = 0.0) -> None:
         """One clear line when this objective cannot train ``model`` (as the trainer is set up)."""
@@ -176,3 +181,11 @@ class Objective:
         total = -float(draws.bound.mean())
         recon = float((draws.weights * nll).sum(axis=1).mean())
         return LossTerms(total, recon, total - recon), model.gradients()
+
+
+def estimator_help() -> str:
+    """The ``--estimator`` help: each training estimator's one line, from the registry."""
+    default = Objective()
+    choices = ", ".join(f"{name} ({ESTIMATORS[name].help})" for name in trainable())
+    return (f"the encoder's gradient estimator: {choices}. Not the default {default.name}/{default.k}/"
+            f"{default.estimator}: a Monte-Carlo KL, beta = 1, no KL warm-up")
