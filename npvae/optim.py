@@ -464,11 +464,13 @@ class KerasRMSprop(Optimizer):
         m \leftarrow \mu m + \Delta, \quad p \leftarrow p - m
         \quad (\mu > 0; \text{ else } p \leftarrow p - \Delta)
 
-    The difference that matters: where the squared average is tiny (the first steps, or a weight whose
-    gradient has been near zero), torch divides by sqrt(v) + 1e-8 and Keras by sqrt(v + 1e-7) >= 3.2e-4,
-    so Keras' step is bounded by lr * |g| / 3.2e-4 where torch's is not. State buffers: ``velocity`` and
-    ``average_gradient`` (Keras' names), ``momentum_buffer`` (Keras' "momentum" is the factor's name here). The update runs as in-place NumPy over the preallocated scratch (no allocation per
-    step) in both backends: it is memory-bound, and a few passes over N cost little beside a model step.
+    Beside the defaults (rho 0.9 against torch's alpha 0.99: a first step of lr / sqrt(1 - rho), 3.2 lr
+    against 10 lr, on every weight), the rule differs in epsilon's place: where the squared average is
+    tiny, torch divides by sqrt(v) + 1e-8 and Keras by sqrt(v + 1e-7) >= 3.2e-4, so Keras' step is at
+    most lr |g| / 3.2e-4 where torch's is not bounded. State buffers: ``velocity`` and
+    ``average_gradient`` (Keras' names) and ``momentum_buffer`` (Keras' "momentum", renamed: here that
+    is the factor). The update runs as in-place NumPy over the preallocated scratch, in both backends
+    and with no allocation per step: it is memory-bound, a few passes over N beside a model's step.
     """
 
     _hyper = ("rho", "epsilon", "weight_decay", "momentum")

@@ -30,7 +30,8 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .models import GaussianLatent, Model
 from .models.saving import model_meta, model_state, save_model
 from .objectives import Objective
-from .optim import clip_grad_norm, make_optimizer
+from .registry import option
+from .optim import OPTIMIZERS, clip_grad_norm, hyperparameter_names
 from .rundir import OutputError, RunLock, append_log, check_writable, reconcile_log
 
 CHECKPOINT = "checkpoint.npz"
@@ -75,9 +76,21 @@ class TrainConfig:
     epochs: int = 10  # passes over the training set
     batch_size: int = 128  # examples per step
     lr: float = 1e-3  # learning rate
-    optimizer: str = "adam"  # sgd | rmsprop | adam | adamw
-    weight_decay: float = 0.0  # L2 (adam, sgd, rmsprop) or decoupled (adamw)
-    momentum: float = 0.0  # sgd / rmsprop momentum
+    optimizer: str = "adam"  # a name in npvae.optim.OPTIMIZERS (sgd, rmsprop, adam, adamw, keras-rmsprop, keras-adam)
+    weight_decay: float = 0.0  # L2 (adam, sgd, rmsprop) or decoupled (adamw, keras-*)
+    momentum: float = 0.0  # sgd / rmsprop / keras-rmsprop momentum, in [0, 1)
+    # The optimizer's other hyperparameters (npvae.optim's option names). None takes the optimizer's own
+    # default, so a run saved before these fields existed resumes with exactly the optimizer it had.
+    rho: float | None = option(None, "RMSprop's squared-gradient decay, in [0, 1) (torch's alpha; default: the "
+                                     "optimizer's, 0.99 for rmsprop, 0.9 for keras-rmsprop)")
+    epsilon: float | None = option(None, "the optimizer's epsilon, added where its convention adds it (default: the "
+                                         "optimizer's, 1e-8 for PyTorch's, 1e-7 for Keras')")
+    beta1: float = option(0.9, "Adam's first-moment decay, in [0, 1)")
+    beta2: float = option(0.999, "Adam's second-moment decay, in [0, 1)")
+    amsgrad: bool = option(False, "Adam: divide by the running maximum of the second moment")
+    centered: bool = option(False, "RMSprop: divide by the gradient's estimated standard deviation")
+    nesterov: bool = option(False, "SGD: Nesterov momentum (needs momentum > 0)")
+    dampening: float = option(0.0, "SGD: dampening of the momentum average, in [0, 1]")
     clip_grad_norm: float | None = None  # clip the global gradient norm to this value
     binarize: str = "none"  # none | static (one fixed draw) | dynamic (fresh draw per use)
     kl_warmup_epochs: float = 0.0  # anneal the KL weight linearly from 0 to beta over this many epochs
@@ -90,6 +103,23 @@ class TrainConfig:
     objective: str = "elbo"  # what training minimises: elbo | iwae (npvae.objectives)
     k: int = 1  # samples of z per example for the objective
     estimator: str = "reparam"  # its gradient estimator: reparam | stl | dreg (iwae only)
+
+    def optimizer_options(self):
+        """The hyperparameters of the optimizer these settings name: its defaults, overridden by the fields
+        set here (:class:`npvae.optim.OptimizerOptions`, checked: one-line ValueError or TypeError)."""
+        entry = OPTIMIZERS[self.optimizer]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        settings = {}
+        for name in hyperparameter_names():
+            value = getattr(self, name)
+            if name in entry.option_names:
+                if value is not None:
+                    settings[name] = value
+            # A setting this optimizer does not take is an error unless left at its default; momentum was
+            # accepted and ignored by adam and adamw before, so runs saved with it still load.
+            elif value is not None and value != defaults[name] and name != "momentum":
+                settings[name] = value
+        return entry.options_from(settings)
 
     def training_objective(self):
         """The :class:`npvae.objectives.Objective` these settings name (checked)."""
@@ -118,8 +148,10 @@ class TrainConfig:
         check("weight_decay", number(lambda v: v >= 0), "a finite number >= 0")
         check("momentum", number(lambda v: v >= 0), "a finite number >= 0")
         check("kl_warmup_epochs", number(lambda v: v >= 0), "a finite number >= 0")
-        if self.optimizer not in ("sgd", "rmsprop", "adam", "adamw"):
-            raise ValueError(f"expected optimizer sgd, rmsprop, adam or adamw, got {self.optimizer!r}")
+        try:
+            self.optimizer_options()
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
         if self.binarize not in ("none", "static", "dynamic"):
             raise ValueError(f"expected binarize none, static or dynamic, got {self.binarize!r}")
         if self.clip_grad_norm is not None:
@@ -264,10 +296,8 @@ class Trainer:
         if config.binarize != "none" and tuple(model.value_range) != (0.0, 1.0):
             raise ValueError(f"binarize={config.binarize!r} needs a model of data in [0, 1]; "
                              f"{model.kind} models data in {list(model.value_range)}")
-        kwargs = {"weight_decay": config.weight_decay}
-        if config.optimizer in ("sgd", "rmsprop"):
-            kwargs["momentum"] = config.momentum
-        self.optimizer = make_optimizer(config.optimizer, model.params.data, model.params.grad, config.lr, **kwargs)
+        self.optimizer = OPTIMIZERS[config.optimizer].build(model.params.data, model.params.grad, config.lr,
+                                                            config.optimizer_options())
         self.train_x = prepare_split(dataset.train_x, model, "none" if config.binarize == "dynamic" else config.binarize, config.seed)
         self.val_x = prepare_split(dataset.val_x, model, config.binarize, config.seed + 1)
         model.check_input(self.train_x, "the training data")
