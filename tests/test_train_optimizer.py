@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from npvae import data, optim
 from npvae.checkpoint import load_checkpoint, save_checkpoint
 from npvae.models import VAE
 from npvae.train import TrainConfig, Trainer, check_run_meta
+from tests.helpers import load_script
 
 # The TrainConfig fields this change added: a checkpoint written before it has none of them.
 NEW_FIELDS = ("rho", "epsilon", "beta1", "beta2", "amsgrad", "centered", "nesterov", "dampening")
@@ -125,3 +127,24 @@ def test_keras_conventions_resume_bit_identically(tiny_dataset, tmp_path, kw):
     _, meta = load_checkpoint(tmp_path / "resumed" / "checkpoint.npz")
     assert meta["train_config"]["optimizer"] == kw["optimizer"]
     assert meta["optimizer_scalars"]["epsilon" if kw["optimizer"] == "keras-rmsprop" else "eps"] == 1e-7
+
+
+FASHION = Path("/work/shared/data/fashion-mnist")
+
+
+@pytest.mark.slow
+def test_keras_conv_vae_diverges_under_torch_rmsprop_and_trains_under_keras():
+    """The write-up's conv VAE (latent 2, KL weight 0.392, batch 16, lr 1e-3) on 64 Fashion-MNIST images:
+    torch's RMSprop (alpha 0.99) blows up at step 2, Keras' (rho 0.9, epsilon inside the root) trains,
+    and so does torch's rule with rho 0.9 (the decay decides it; scripts/optimizer_conventions.py)."""
+    if not (FASHION / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"no Fashion-MNIST files at {FASHION}")
+    script = load_script("optimizer_conventions")
+    images, _ = data.load_mnist_like("fashion-mnist", "train", data_dir=FASHION, download=False)
+    x = (images[:64].reshape(64, 784) / np.float32(255)).astype(np.float32)
+    torch_rms = script.losses("rmsprop", {}, x, steps=2)
+    assert 400 < torch_rms[0] < 700 and torch_rms[1] > 1e6 * torch_rms[0]
+    for name, settings in (("keras-rmsprop", {}), ("rmsprop", {"rho": 0.9})):
+        trace = script.losses(name, settings, x, steps=8)
+        assert trace[0] == torch_rms[0]  # same initialisation, batch and noise
+        assert max(trace) < 2 * trace[0] and np.mean(trace[4:]) < np.mean(trace[:4]), (name, trace)
