@@ -1,4 +1,4 @@
-"""Optimizers that update one flat parameter buffer in place, step for step like ``torch.optim``.
+"""Optimizers that update one flat parameter buffer in place, step for step like ``torch.optim`` or Keras.
 
 A model keeps all its parameters in one contiguous 1-D array ``params`` and all gradients in a second
 array ``grads`` of the same size and dtype; per-layer arrays are views into them. An optimizer holds
@@ -9,6 +9,15 @@ parameters' dtype before the kernel sees them, so float32 training stays float32
 
 ``state_dict()`` returns plain arrays and numbers (hyperparameters, ``step``, state buffers), ready
 for :func:`npvae.checkpoint.save_checkpoint`; ``load_state_dict`` checks keys and shapes first.
+
+:data:`OPTIMIZERS` has one entry per optimizer: its name, help, whose convention it follows, and its
+hyperparameters as an :class:`OptimizerOptions` dataclass (defaults, help, bounds), which the trainer's
+settings and the command line read. Two conventions, named as such, because the same name means
+different updates: ``rmsprop``/``adam``/``adamw``/``sgd`` are PyTorch's (``torch.optim``'s defaults and
+formulas), ``keras-rmsprop``/``keras-adam`` are Keras 3's (what ``compile(optimizer='rmsprop')`` and
+``'adam'`` build: other defaults, epsilon elsewhere, decoupled weight decay). A ``convention`` switch
+on one entry would make every default depend on another setting, and the state buffers differ; one
+entry per convention keeps each entry's defaults its framework's own.
 """
 
 from __future__ import annotations
@@ -744,32 +753,31 @@ class OptimizerEntry:
 
 
 OPTIMIZERS: Registry[OptimizerEntry] = Registry("optimizer")
-for _entry in (
-    OptimizerEntry("sgd", "stochastic gradient descent with momentum, as torch.optim.SGD", "pytorch", SGD,
-                   SGDOptions, dataclasses.asdict),
-    OptimizerEntry("rmsprop", "RMSprop as torch.optim.RMSprop (alpha 0.99, eps 1e-8 outside the root)",
-                   "pytorch", RMSprop, TorchRMSpropOptions,
-                   lambda o: dict(alpha=o.rho, eps=o.epsilon, weight_decay=o.weight_decay, momentum=o.momentum,
-                                  centered=o.centered)),
-    OptimizerEntry("adam", "Adam as torch.optim.Adam (eps 1e-8 after bias correction, L2 weight decay)",
-                   "pytorch", Adam, TorchAdamOptions,
-                   lambda o: dict(betas=(o.beta1, o.beta2), eps=o.epsilon, weight_decay=o.weight_decay,
-                                  amsgrad=o.amsgrad)),
-    OptimizerEntry("adamw", "AdamW as torch.optim.AdamW (decoupled weight decay)", "pytorch", AdamW,
-                   TorchAdamWOptions,
-                   lambda o: dict(betas=(o.beta1, o.beta2), eps=o.epsilon, weight_decay=o.weight_decay,
-                                  amsgrad=o.amsgrad)),
-    OptimizerEntry("keras-rmsprop", "RMSprop as Keras 3's 'rmsprop' (rho 0.9, epsilon 1e-7 inside the root)",
-                   "keras", KerasRMSprop, KerasRMSpropOptions,
-                   lambda o: dict(rho=o.rho, epsilon=o.epsilon, weight_decay=o.weight_decay, momentum=o.momentum,
-                                  centered=o.centered)),
-    OptimizerEntry("keras-adam", "Adam as Keras 3's 'adam' (epsilon 1e-7 before bias correction)", "keras",
-                   KerasAdam, KerasAdamOptions,
-                   lambda o: dict(betas=(o.beta1, o.beta2), eps=o.epsilon, weight_decay=o.weight_decay,
-                                  amsgrad=o.amsgrad)),
-):
-    OPTIMIZERS.register(_entry)
-del _entry
+
+
+def _adam_kwargs(o) -> dict:
+    return dict(betas=(o.beta1, o.beta2), eps=o.epsilon, weight_decay=o.weight_decay, amsgrad=o.amsgrad)
+
+
+OPTIMIZERS.register(OptimizerEntry(
+    "sgd", "stochastic gradient descent with momentum, as torch.optim.SGD", "pytorch", SGD, SGDOptions,
+    dataclasses.asdict))
+OPTIMIZERS.register(OptimizerEntry(
+    "rmsprop", "RMSprop as torch.optim.RMSprop (alpha 0.99, eps 1e-8 outside the root)", "pytorch", RMSprop,
+    TorchRMSpropOptions, lambda o: dict(alpha=o.rho, eps=o.epsilon, weight_decay=o.weight_decay,
+                                        momentum=o.momentum, centered=o.centered)))
+OPTIMIZERS.register(OptimizerEntry(
+    "adam", "Adam as torch.optim.Adam (eps 1e-8 after bias correction, L2 weight decay)", "pytorch", Adam,
+    TorchAdamOptions, _adam_kwargs))
+OPTIMIZERS.register(OptimizerEntry(
+    "adamw", "AdamW as torch.optim.AdamW (decoupled weight decay)", "pytorch", AdamW, TorchAdamWOptions,
+    _adam_kwargs))
+OPTIMIZERS.register(OptimizerEntry(
+    "keras-rmsprop", "RMSprop as Keras 3's 'rmsprop' (rho 0.9, epsilon 1e-7 inside the root)", "keras",
+    KerasRMSprop, KerasRMSpropOptions, dataclasses.asdict))
+OPTIMIZERS.register(OptimizerEntry(
+    "keras-adam", "Adam as Keras 3's 'adam' (epsilon 1e-7 before bias correction, decoupled weight decay)",
+    "keras", KerasAdam, KerasAdamOptions, _adam_kwargs))
 
 
 def hyperparameter_names() -> tuple[str, ...]:
