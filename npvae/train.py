@@ -30,8 +30,8 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .models import GaussianLatent, Model
 from .models.saving import model_meta, model_state, save_model
 from .objectives import Objective
-from .registry import option
 from .optim import OPTIMIZERS, clip_grad_norm, hyperparameter_names
+from .registry import option
 from .rundir import OutputError, RunLock, append_log, check_writable, reconcile_log
 
 CHECKPOINT = "checkpoint.npz"
@@ -76,7 +76,7 @@ class TrainConfig:
     epochs: int = 10  # passes over the training set
     batch_size: int = 128  # examples per step
     lr: float = 1e-3  # learning rate
-    optimizer: str = "adam"  # a name in npvae.optim.OPTIMIZERS (sgd, rmsprop, adam, adamw, keras-rmsprop, keras-adam)
+    optimizer: str = "adam"  # a name in npvae.optim.OPTIMIZERS (PyTorch's conventions, or Keras' as keras-*)
     weight_decay: float = 0.0  # L2 (adam, sgd, rmsprop) or decoupled (adamw, keras-*)
     momentum: float = 0.0  # sgd / rmsprop / keras-rmsprop momentum, in [0, 1)
     # The optimizer's other hyperparameters (npvae.optim's option names). None takes the optimizer's own
