@@ -1,4 +1,4 @@
-"""Optimizers that update one flat parameter buffer in place, step for step like ``torch.optim``.
+"""Optimizers that update one flat parameter buffer in place, step for step like ``torch.optim`` or Keras.
 
 A model keeps all its parameters in one contiguous 1-D array ``params`` and all gradients in a second
 array ``grads`` of the same size and dtype; per-layer arrays are views into them. An optimizer holds
@@ -9,16 +9,28 @@ parameters' dtype before the kernel sees them, so float32 training stays float32
 
 ``state_dict()`` returns plain arrays and numbers (hyperparameters, ``step``, state buffers), ready
 for :func:`npvae.checkpoint.save_checkpoint`; ``load_state_dict`` checks keys and shapes first.
+
+:data:`OPTIMIZERS` has one entry per optimizer: its name, help, whose convention it follows, and its
+hyperparameters as an :class:`OptimizerOptions` dataclass (defaults, help, bounds), which the trainer's
+settings and the command line read. Two conventions, named as such, because the same name means
+different updates: ``rmsprop``/``adam``/``adamw``/``sgd`` are PyTorch's (``torch.optim``'s defaults and
+formulas), ``keras-rmsprop``/``keras-adam`` are Keras 3's (what ``compile(optimizer='rmsprop')`` and
+``'adam'`` build: other defaults, epsilon elsewhere, decoupled weight decay). A ``convention`` switch
+on one entry would make every default depend on another setting, and the state buffers differ; one
+entry per convention keeps each entry's defaults its framework's own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from . import _kernels
+from .registry import Registry, option
 
 StateDict = dict[str, "np.ndarray | float | int"]
 
@@ -216,9 +228,9 @@ class SGD(Optimizer):
     lr : float
         Learning rate.
     momentum : float, default 0
-        Momentum factor, >= 0. Nonzero allocates ``momentum_buffer``.
+        Momentum factor in [0, 1). Nonzero allocates ``momentum_buffer``.
     dampening : float, default 0
-        Dampening for momentum.
+        Dampening for momentum, in [0, 1].
     nesterov : bool, default False
         Nesterov momentum (needs momentum > 0 and dampening = 0).
     weight_decay : float, default 0
@@ -245,8 +257,8 @@ class SGD(Optimizer):
             self._state["momentum_buffer"] = np.zeros_like(params)
 
     def _configure(self, momentum, dampening, weight_decay):
-        momentum = _number("momentum", momentum)
-        dampening = _number("dampening", dampening, low=-math.inf)
+        momentum = _number("momentum", momentum, high=1.0, high_open=True)
+        dampening = _number("dampening", dampening, high=1.0)
         weight_decay = _number("weight_decay", weight_decay)
         if self.nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError(
@@ -273,13 +285,13 @@ class RMSprop(Optimizer):
     lr : float, default 1e-2
         Learning rate.
     alpha : float, default 0.99
-        Smoothing constant of the squared-gradient average.
+        Smoothing constant of the squared-gradient average, in [0, 1).
     eps : float, default 1e-8
         Added to the root mean square.
     weight_decay : float, default 0
         L2 penalty, added to the gradient.
     momentum : float, default 0
-        Momentum factor, >= 0. Positive allocates ``momentum_buffer``.
+        Momentum factor in [0, 1). Positive allocates ``momentum_buffer``.
     centered : bool, default False
         Normalise by an estimate of the gradient's variance (allocates ``grad_avg``).
 
@@ -310,10 +322,10 @@ class RMSprop(Optimizer):
             self._state["momentum_buffer"] = np.zeros_like(params)
 
     def _configure(self, alpha, eps, weight_decay, momentum):
-        alpha = _number("alpha", alpha)
+        alpha = _number("alpha", alpha, high=1.0, high_open=True)
         eps = _number("eps", eps)
         weight_decay = _number("weight_decay", weight_decay)
-        momentum = _number("momentum", momentum)
+        momentum = _number("momentum", momentum, high=1.0, high_open=True)
         self.alpha, self.eps, self.weight_decay, self.momentum = alpha, eps, weight_decay, momentum
 
     def _update(self, t):
@@ -361,6 +373,8 @@ class Adam(Optimizer):
 
     _hyper = ("beta1", "beta2", "eps", "weight_decay")
     _flags = ("amsgrad", "decoupled_weight_decay")
+    # the state buffers: first moment, second moment, running maximum of the second (amsgrad)
+    _moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     decoupled_weight_decay = False
 
     def __init__(self, params, grads, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False):
@@ -371,10 +385,11 @@ class Adam(Optimizer):
         except (TypeError, ValueError):
             raise ValueError(f"expected betas to be a pair (beta1, beta2), got {betas!r}") from None
         self._configure(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-        self._state["exp_avg"] = np.zeros_like(params)
-        self._state["exp_avg_sq"] = np.zeros_like(params)
+        first, second, peak = self._moments
+        self._state[first] = np.zeros_like(params)
+        self._state[second] = np.zeros_like(params)
         if self.amsgrad:
-            self._state["max_exp_avg_sq"] = np.zeros_like(params)
+            self._state[peak] = np.zeros_like(params)
 
     @property
     def betas(self) -> tuple[float, float]:
@@ -422,6 +437,141 @@ class AdamW(Adam):
         super().__init__(params, grads, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
 
 
+class KerasRMSprop(Optimizer):
+    r"""RMSprop as Keras 3 computes it (``keras.optimizers.RMSprop``, what ``compile(optimizer='rmsprop')`` builds).
+
+    Parameters
+    ----------
+    params, grads : ndarray, shape (N,)
+        Flat parameter and gradient buffers (see :class:`Optimizer`).
+    lr : float, default 1e-3
+        Learning rate.
+    rho : float, default 0.9
+        Decay of the squared-gradient average, in [0, 1) (torch calls it alpha, default 0.99).
+    epsilon : float, default 1e-7
+        Added to the squared-gradient average *inside* the square root (torch adds its eps outside).
+    weight_decay : float, default 0
+        Decoupled decay, as every Keras optimizer applies it: the parameters shrink before the step.
+    momentum : float, default 0
+        Momentum factor in [0, 1). Positive allocates ``momentum_buffer``, which accumulates lr-scaled steps.
+    centered : bool, default False
+        Subtract the squared mean gradient in the denominator (allocates ``average_gradient``).
+
+    Notes
+    -----
+    Following ``keras/src/optimizers/rmsprop.py`` and its torch-backend twin
+    ``keras/src/backend/torch/optimizers/torch_rmsprop.py`` (Keras 3.15):
+
+    .. math::
+        p \leftarrow (1 - \mathrm{lr}\,\lambda)\, p, \quad
+        v \leftarrow \rho v + (1 - \rho) g^2, \quad
+        a \leftarrow \rho a + (1 - \rho) g
+
+        d = \sqrt{v + \epsilon - a^2 \text{ (centered) or } v + \epsilon}, \quad
+        \Delta = \mathrm{lr}\, g / d
+
+        m \leftarrow \mu m + \Delta, \quad p \leftarrow p - m
+        \quad (\mu > 0; \text{ else } p \leftarrow p - \Delta)
+
+    Beside the defaults (rho 0.9 against torch's alpha 0.99: a first step of lr / sqrt(1 - rho), 3.2 lr
+    against 10 lr, on every weight), the rule differs in epsilon's place: where the squared average is
+    tiny, torch divides by sqrt(v) + 1e-8 and Keras by sqrt(v + 1e-7) >= 3.2e-4, so Keras' step is at
+    most lr |g| / 3.2e-4 where torch's is not bounded. State buffers: ``velocity`` and
+    ``average_gradient`` (Keras' names) and ``momentum_buffer`` (Keras' "momentum", renamed: here that
+    is the factor). The update runs as in-place NumPy over the preallocated scratch, in both backends
+    and with no allocation per step: it is memory-bound, a few passes over N beside a model's step.
+    """
+
+    _hyper = ("rho", "epsilon", "weight_decay", "momentum")
+    _flags = ("centered",)
+
+    def __init__(self, params, grads, lr=1e-3, rho=0.9, epsilon=1e-7, weight_decay=0.0, momentum=0.0,
+                 centered=False):
+        super().__init__(params, grads, lr)
+        self.centered = bool(centered)
+        self._configure(rho=rho, epsilon=epsilon, weight_decay=weight_decay, momentum=momentum)
+        self._state["velocity"] = np.zeros_like(params)
+        if self.centered:
+            self._state["average_gradient"] = np.zeros_like(params)
+        if self.momentum > 0:
+            self._state["momentum_buffer"] = np.zeros_like(params)
+
+    def _configure(self, rho, epsilon, weight_decay, momentum):
+        rho = _number("rho", rho, high=1.0, high_open=True)
+        epsilon = _number("epsilon", epsilon)
+        weight_decay = _number("weight_decay", weight_decay)
+        momentum = _number("momentum", momentum, high=1.0, high_open=True)
+        self.rho, self.epsilon, self.weight_decay, self.momentum = rho, epsilon, weight_decay, momentum
+
+    def _update(self, t):
+        dt = self.params.dtype.type
+        p, g, v = self.params, self.grads, self._state["velocity"]
+        w, inc = self._work
+        if self.weight_decay != 0:
+            np.multiply(p, dt(1 - self.weight_decay * self.lr), out=p)
+        rho, keep = dt(self.rho), dt(1 - self.rho)
+        np.multiply(v, rho, out=v)
+        np.multiply(g, g, out=w)
+        v += np.multiply(w, keep, out=w)
+        np.add(v, dt(self.epsilon), out=w)
+        if self.centered:
+            a = self._state["average_gradient"]
+            np.multiply(a, rho, out=a)
+            a += np.multiply(g, keep, out=inc)
+            w -= np.multiply(a, a, out=inc)
+        np.sqrt(w, out=w)
+        np.divide(np.multiply(g, dt(self.lr), out=inc), w, out=inc)
+        if self.momentum > 0:
+            m = self._state["momentum_buffer"]
+            np.multiply(m, dt(self.momentum), out=m)
+            m += inc
+            p -= m
+        else:
+            p -= inc
+
+
+class KerasAdam(Adam):
+    r"""Adam as Keras 3 computes it (``keras.optimizers.Adam``, what ``compile(optimizer='adam')`` builds).
+
+    Parameters as :class:`Adam`, except: ``eps`` (default 1e-7) is added to the root of the *uncorrected*
+    second moment, the bias corrections fold into the step size, and ``weight_decay`` is decoupled
+    (Keras' weight decay: the parameters shrink by ``1 - lr * weight_decay`` before the step).
+
+    Notes
+    -----
+    Following ``keras/src/optimizers/adam.py`` and ``keras/src/backend/torch/optimizers/torch_adam.py``
+    (Keras 3.15), with g = grad and step t:
+
+    .. math::
+        m \leftarrow \beta_1 m + (1 - \beta_1) g, \quad v \leftarrow \beta_2 v + (1 - \beta_2) g^2,
+        \quad \hat v \leftarrow \max(\hat v, v) \text{ (amsgrad; used for } v)
+
+        \alpha_t = \mathrm{lr} \, \frac{\sqrt{1 - \beta_2^t}}{1 - \beta_1^t}, \quad
+        p \leftarrow p - \alpha_t \, \frac{m}{\sqrt{v} + \epsilon}
+
+    That is torch's update with epsilon divided by sqrt(1 - beta2^t): early on (t = 1, beta2 = 0.999)
+    Keras' 1e-7 acts as torch's 3.2e-6. It runs on the Adam kernel with the step size alpha_t and a
+    bias correction of 1. State buffers carry Keras' names: ``momentum``, ``velocity``, ``velocity_hat``.
+    """
+
+    _flags = ("amsgrad",)
+    _moments = ("momentum", "velocity", "velocity_hat")
+
+    def __init__(self, params, grads, lr=1e-3, betas=(0.9, 0.999), eps=1e-7, weight_decay=0.0, amsgrad=False):
+        super().__init__(params, grads, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+
+    def _update(self, t):
+        dt = self.params.dtype.type
+        alpha = self.lr * math.sqrt(1 - self.beta2**t) / (1 - self.beta1**t)
+        w1 = dt(1 - self.beta1)
+        _kernels.adam_step(
+            self.params, self.grads, self._state["momentum"], self._state["velocity"],
+            self._buffer("velocity_hat"), w1, dt(1) - w1, bool(abs(w1) < 0.5), dt(self.beta2),
+            dt(1 - self.beta2), dt(-alpha), dt(1), dt(self.eps), dt(0), dt(1 - self.lr * self.weight_decay),
+            self.amsgrad, self._work,
+        )
+
+
 def clip_grad_norm(grads: np.ndarray, max_norm: float) -> float:
     r"""Scale ``grads`` in place so its L2 norm is at most ``max_norm``, as ``torch.nn.utils.clip_grad_norm_``.
 
@@ -458,15 +608,184 @@ def clip_grad_norm(grads: np.ndarray, max_norm: float) -> float:
     return norm
 
 
-OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "rmsprop": RMSprop, "adam": Adam, "adamw": AdamW}
+# ----------------------------------------------------------------------------- the registry
+
+
+def _hyper(default, help: str, low: float = 0.0, high: float = math.inf, high_open: bool = False):
+    """An optimizer option: a number in [low, high] (or [low, high)), or a switch when ``default`` is a bool."""
+    return option(default, help, bounds=(low, high, high_open))
+
+
+@dataclass(frozen=True)
+class OptimizerOptions:
+    """Base of the hyperparameter dataclasses: every field is checked against its bounds on construction.
+
+    The field names are one vocabulary across conventions (``rho`` is torch's alpha and Keras' rho,
+    ``epsilon`` torch's eps and Keras' epsilon, ``beta1``/``beta2`` torch's betas), so a setting means
+    the same thing whichever optimizer reads it; :class:`npvae.train.TrainConfig` has one field for each.
+    """
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(f.default, bool):
+                if not isinstance(value, (bool, np.bool_)):
+                    raise TypeError(f"expected {f.name} to be True or False, got {value!r}")
+            elif isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"expected {f.name} to be a number, got {value!r}")
+            else:
+                _number(f.name, value, *f.metadata["bounds"])
+
+
+_UNIT = dict(high=1.0, high_open=True)  # a decay rate or momentum factor: [0, 1)
+
+
+@dataclass(frozen=True)
+class SGDOptions(OptimizerOptions):
+    momentum: float = _hyper(0.0, "momentum factor", **_UNIT)
+    dampening: float = _hyper(0.0, "dampening of the momentum average", high=1.0)
+    nesterov: bool = _hyper(False, "Nesterov momentum (needs momentum > 0 and dampening 0)")
+    weight_decay: float = _hyper(0.0, "L2 penalty added to the gradient")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("Nesterov momentum needs momentum > 0 and dampening = 0, "
+                             f"got momentum={self.momentum}, dampening={self.dampening}")
+
+
+@dataclass(frozen=True)
+class TorchRMSpropOptions(OptimizerOptions):
+    rho: float = _hyper(0.99, "decay of the squared-gradient average (torch's alpha)", **_UNIT)
+    epsilon: float = _hyper(1e-8, "added to the root mean square (torch's eps, outside the root)")
+    momentum: float = _hyper(0.0, "momentum factor", **_UNIT)
+    centered: bool = _hyper(False, "divide by the gradient's estimated standard deviation, not its RMS")
+    weight_decay: float = _hyper(0.0, "L2 penalty added to the gradient")
+
+
+@dataclass(frozen=True)
+class TorchAdamOptions(OptimizerOptions):
+    beta1: float = _hyper(0.9, "decay of the first-moment average", **_UNIT)
+    beta2: float = _hyper(0.999, "decay of the second-moment average", **_UNIT)
+    epsilon: float = _hyper(1e-8, "added to the bias-corrected root of the second moment (torch's eps)")
+    amsgrad: bool = _hyper(False, "divide by the running maximum of the second moment")
+    weight_decay: float = _hyper(0.0, "L2 penalty added to the gradient")
+
+
+@dataclass(frozen=True)
+class TorchAdamWOptions(TorchAdamOptions):
+    weight_decay: float = _hyper(1e-2, "decoupled decay: parameters shrink by 1 - lr * weight_decay each step")
+
+
+@dataclass(frozen=True)
+class KerasRMSpropOptions(OptimizerOptions):
+    rho: float = _hyper(0.9, "decay of the squared-gradient average", **_UNIT)
+    epsilon: float = _hyper(1e-7, "added to the squared-gradient average inside the root")
+    momentum: float = _hyper(0.0, "momentum factor (the buffer holds lr-scaled steps)", **_UNIT)
+    centered: bool = _hyper(False, "subtract the squared mean gradient inside the root")
+    weight_decay: float = _hyper(0.0, "decoupled decay: parameters shrink by 1 - lr * weight_decay each step")
+
+
+@dataclass(frozen=True)
+class KerasAdamOptions(OptimizerOptions):
+    beta1: float = _hyper(0.9, "decay of the first-moment average (Keras' beta_1)", **_UNIT)
+    beta2: float = _hyper(0.999, "decay of the second-moment average (Keras' beta_2)", **_UNIT)
+    epsilon: float = _hyper(1e-7, "added to the root of the uncorrected second moment")
+    amsgrad: bool = _hyper(False, "divide by the running maximum of the second moment")
+    weight_decay: float = _hyper(0.0, "decoupled decay: parameters shrink by 1 - lr * weight_decay each step")
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """One optimizer: its name, what it is, whose convention it follows and its hyperparameters.
+
+    Attributes
+    ----------
+    name : str
+        What ``--optimizer`` and recipes call it.
+    help : str
+        One line for listings.
+    convention : str
+        Whose update rule and defaults it reproduces: ``"pytorch"`` or ``"keras"``.
+    cls : type
+        The :class:`Optimizer` it builds.
+    options : type
+        Its :class:`OptimizerOptions` dataclass (fields, defaults, help, bounds).
+    kwargs : callable
+        options -> ``cls``'s constructor keywords (the classes keep their framework's argument names).
+    """
+
+    name: str
+    help: str
+    convention: str
+    cls: type
+    options: type
+    kwargs: Callable[[Any], dict]
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.options))
+
+    def options_from(self, settings: Mapping[str, Any]) -> OptimizerOptions:
+        """This optimizer's options with ``settings`` (option name -> value) applied over its defaults.
+
+        Raises
+        ------
+        ValueError, TypeError
+            One line naming this optimizer: a setting it does not take, or a value out of range.
+        """
+        foreign = sorted(set(settings) - set(self.option_names))
+        if foreign:
+            raise ValueError(f"optimizer {self.name} takes no {', '.join(foreign)}; "
+                             f"its options are {', '.join(self.option_names)}")
+        try:
+            return self.options(**settings)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"optimizer {self.name}: {exc}") from None
+
+    def build(self, params: np.ndarray, grads: np.ndarray, lr: float,
+              options: OptimizerOptions | None = None) -> Optimizer:
+        """The optimizer over the flat buffers, with ``options`` (default: this entry's defaults)."""
+        options = self.options() if options is None else options
+        if not isinstance(options, self.options):
+            raise TypeError(f"optimizer {self.name} needs {self.options.__name__}, got {type(options).__name__}")
+        return self.cls(params, grads, lr=lr, **self.kwargs(options))
+
+
+OPTIMIZERS: Registry[OptimizerEntry] = Registry("optimizer")
+
+
+def _adam_kwargs(o) -> dict:
+    return dict(betas=(o.beta1, o.beta2), eps=o.epsilon, weight_decay=o.weight_decay, amsgrad=o.amsgrad)
+
+
+OPTIMIZERS.register(OptimizerEntry(
+    "sgd", "stochastic gradient descent with momentum, as torch.optim.SGD", "pytorch", SGD, SGDOptions,
+    dataclasses.asdict))
+OPTIMIZERS.register(OptimizerEntry(
+    "rmsprop", "RMSprop as torch.optim.RMSprop (alpha 0.99, eps 1e-8 outside the root)", "pytorch", RMSprop,
+    TorchRMSpropOptions, lambda o: dict(alpha=o.rho, eps=o.epsilon, weight_decay=o.weight_decay,
+                                        momentum=o.momentum, centered=o.centered)))
+OPTIMIZERS.register(OptimizerEntry(
+    "adam", "Adam as torch.optim.Adam (eps 1e-8 after bias correction, L2 weight decay)", "pytorch", Adam,
+    TorchAdamOptions, _adam_kwargs))
+OPTIMIZERS.register(OptimizerEntry(
+    "adamw", "AdamW as torch.optim.AdamW (decoupled weight decay)", "pytorch", AdamW, TorchAdamWOptions,
+    _adam_kwargs))
+OPTIMIZERS.register(OptimizerEntry(
+    "keras-rmsprop", "RMSprop as Keras 3's 'rmsprop' (rho 0.9, epsilon 1e-7 inside the root)", "keras",
+    KerasRMSprop, KerasRMSpropOptions, dataclasses.asdict))
+OPTIMIZERS.register(OptimizerEntry(
+    "keras-adam", "Adam as Keras 3's 'adam' (epsilon 1e-7 before bias correction, decoupled weight decay)",
+    "keras", KerasAdam, KerasAdamOptions, _adam_kwargs))
+
+
+def hyperparameter_names() -> tuple[str, ...]:
+    """Every option name some registered optimizer takes, in first-seen order (TrainConfig has one field each)."""
+    return tuple(dict.fromkeys(name for entry in OPTIMIZERS.values() for name in entry.option_names))
 
 
 def make_optimizer(name: str, params: np.ndarray, grads: np.ndarray, lr: float, **kw) -> Optimizer:
-    """Build an optimizer by name: ``"sgd"``, ``"rmsprop"``, ``"adam"`` or ``"adamw"`` (any case).
-
-    Extra keyword arguments go to the optimizer's constructor.
-    """
-    cls = OPTIMIZERS.get(str(name).lower())
-    if cls is None:
-        raise ValueError(f"unknown optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")
-    return cls(params, grads, lr=lr, **kw)
+    """Build a registered optimizer by name (any case), passing ``kw`` to its class's constructor
+    (the class's own argument names: ``betas``, ``eps``, ``alpha`` for torch's)."""
+    return OPTIMIZERS[str(name).lower()].cls(params, grads, lr=lr, **kw)

@@ -30,7 +30,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .models import GaussianLatent, Model
 from .models.saving import model_meta, model_state, save_model
 from .objectives import TRAINING_OBJECTIVES, Objective, estimator_help, trainable
-from .optim import OPTIMIZERS, clip_grad_norm, make_optimizer
+from .optim import OPTIMIZERS, clip_grad_norm, hyperparameter_names
 from .registry import option
 from .rundir import OutputError, RunLock, append_log, check_writable, reconcile_log
 
@@ -81,9 +81,22 @@ class TrainConfig:
                          bounds=(1, 1_000_000), resumable=True)
     batch_size: int = option(128, "examples per step", bounds=(1, 1_000_000))
     lr: float = option(1e-3, "learning rate")
-    optimizer: str = option("adam", "the optimizer", choices=tuple(OPTIMIZERS))
-    weight_decay: float = option(0.0, "L2 penalty (adam, sgd, rmsprop) or decoupled weight decay (adamw)")
-    momentum: float = option(0.0, "momentum, for sgd and rmsprop")
+    optimizer: str = option("adam", "the optimizer: PyTorch's conventions, or Keras' as keras-*",
+                            choices=tuple(OPTIMIZERS))
+    weight_decay: float = option(0.0, "L2 penalty (adam, sgd, rmsprop) or decoupled weight decay (adamw, keras-*)")
+    momentum: float = option(0.0, "momentum, for sgd, rmsprop and keras-rmsprop, in [0, 1)")
+    # The optimizer's other hyperparameters (npvae.optim's option names). None takes the optimizer's own
+    # default, so a run saved before these fields existed resumes with exactly the optimizer it had.
+    rho: float | None = option(None, "RMSprop's squared-gradient decay, in [0, 1) (torch's alpha; default: the "
+                                     "optimizer's, 0.99 for rmsprop, 0.9 for keras-rmsprop)")
+    epsilon: float | None = option(None, "the optimizer's epsilon, added where its convention adds it (default: the "
+                                         "optimizer's, 1e-8 for PyTorch's, 1e-7 for Keras')")
+    beta1: float = option(0.9, "Adam's first-moment decay, in [0, 1)")
+    beta2: float = option(0.999, "Adam's second-moment decay, in [0, 1)")
+    amsgrad: bool = option(False, "Adam: divide by the running maximum of the second moment")
+    centered: bool = option(False, "RMSprop: divide by the gradient's estimated standard deviation")
+    nesterov: bool = option(False, "SGD: Nesterov momentum (needs momentum > 0)")
+    dampening: float = option(0.0, "SGD: dampening of the momentum average, in [0, 1]")
     clip_grad_norm: float | None = option(None, "clip the global gradient norm to MAX (default: no clipping)",
                                           metavar="MAX")
     binarize: str = option("none", "binarize the images: one fixed Bernoulli draw (static) or a fresh one per "
@@ -104,6 +117,23 @@ class TrainConfig:
                             "--k samples", choices=tuple(TRAINING_OBJECTIVES))
     k: int = option(Objective.k, "samples of z per image for --objective", bounds=(1, 10_000))
     estimator: str = option(Objective.estimator, estimator_help(), choices=trainable())
+
+    def optimizer_options(self):
+        """The hyperparameters of the optimizer these settings name: its defaults, overridden by the fields
+        set here (:class:`npvae.optim.OptimizerOptions`, checked: one-line ValueError or TypeError)."""
+        entry = OPTIMIZERS[self.optimizer]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        settings = {}
+        for name in hyperparameter_names():
+            value = getattr(self, name)
+            if name in entry.option_names:
+                if value is not None:
+                    settings[name] = value
+            # A setting this optimizer does not take is an error unless left at its default; momentum was
+            # accepted and ignored by adam and adamw before, so runs saved with it still load.
+            elif value is not None and value != defaults[name] and name != "momentum":
+                settings[name] = value
+        return entry.options_from(settings)
 
     def training_objective(self):
         """The :class:`npvae.objectives.Objective` these settings name (checked)."""
@@ -132,8 +162,10 @@ class TrainConfig:
         check("weight_decay", number(lambda v: v >= 0), "a finite number >= 0")
         check("momentum", number(lambda v: v >= 0), "a finite number >= 0")
         check("kl_warmup_epochs", number(lambda v: v >= 0), "a finite number >= 0")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"expected optimizer one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        try:
+            self.optimizer_options()
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
         if self.binarize not in BINARIZATIONS:
             raise ValueError(f"expected binarize one of {', '.join(BINARIZATIONS)}, got {self.binarize!r}")
         if self.clip_grad_norm is not None:
@@ -278,10 +310,8 @@ class Trainer:
         if config.binarize != "none" and tuple(model.value_range) != (0.0, 1.0):
             raise ValueError(f"binarize={config.binarize!r} needs a model of data in [0, 1]; "
                              f"{model.kind} models data in {list(model.value_range)}")
-        kwargs = {"weight_decay": config.weight_decay}
-        if config.optimizer in ("sgd", "rmsprop"):
-            kwargs["momentum"] = config.momentum
-        self.optimizer = make_optimizer(config.optimizer, model.params.data, model.params.grad, config.lr, **kwargs)
+        self.optimizer = OPTIMIZERS[config.optimizer].build(model.params.data, model.params.grad, config.lr,
+                                                            config.optimizer_options())
         self.train_x = prepare_split(dataset.train_x, model, "none" if config.binarize == "dynamic" else config.binarize, config.seed)
         self.val_x = prepare_split(dataset.val_x, model, config.binarize, config.seed + 1)
         model.check_input(self.train_x, "the training data")

@@ -1,6 +1,6 @@
 """Optimizers against torch.optim, step for step, in both backends and both float dtypes.
 
-Each optimizer runs 20 steps over a flat vector on one fixed sequence of random gradients (with a
+Each optimizer runs 50 steps over a flat vector on one fixed sequence of random gradients (with a
 learning-rate change half way, as a schedule would make); torch runs the same steps on one parameter
 tensor holding that vector (single-tensor code path, ``foreach=False``). Float64 parameters and state
 agree to 1e-10 relative; torch's CPU kernels use FMA and a vectorised sqrt that is not always
@@ -10,6 +10,7 @@ largest entry. The Numba loops and their NumPy twins agree bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tracemalloc
 
@@ -18,6 +19,7 @@ import pytest
 
 from npvae import backend, optim
 from npvae.backend import numba_available
+from npvae.registry import field_help
 
 torch = pytest.importorskip("torch")
 
@@ -26,7 +28,7 @@ BACKENDS = [
     pytest.param("numba", id="numba", marks=pytest.mark.skipif(not numba_available(), reason="numba not installed")),
 ]
 N = 300
-STEPS = 20
+STEPS = 50
 
 # (name, kwargs): every switch, and both branches of torch's lerp (weight 1 - beta below/above 0.5).
 GRID = [
@@ -48,7 +50,20 @@ GRID = [
     ("adamw", dict(lr=1e-2, amsgrad=True)),
     ("adamw", dict(lr=1e-2, betas=(0.3, 0.8), weight_decay=0.5)),
 ]
-GRID_IDS = [name + "-" + "-".join(f"{k}={v}" for k, v in kw.items()) for name, kw in GRID]
+# Keras' conventions (tests/test_optim_keras.py checks their updates against Keras and its source)
+KERAS_GRID = [
+    ("keras-rmsprop", dict(lr=1e-2)),
+    ("keras-rmsprop", dict(lr=1e-2, rho=0.3, epsilon=1e-4, centered=True, momentum=0.5, weight_decay=0.1)),
+    ("keras-adam", dict(lr=1e-2)),
+    ("keras-adam", dict(lr=1e-2, betas=(0.3, 0.8), eps=1e-4, weight_decay=0.1, amsgrad=True)),
+]
+
+
+def ids(grid):
+    return [name + "-" + "-".join(f"{k}={v}" for k, v in kw.items()) for name, kw in grid]
+
+
+GRID_IDS = ids(GRID)
 TORCH = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
@@ -111,7 +126,7 @@ def test_matches_torch(name, kw, dtype, tol, be):
 
 @pytest.mark.skipif(not numba_available(), reason="numba not installed")
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("name, kw", GRID, ids=GRID_IDS)
+@pytest.mark.parametrize("name, kw", GRID + KERAS_GRID, ids=ids(GRID + KERAS_GRID))
 def test_backends_bit_identical(name, kw, dtype):
     p0, grads = problem(dtype, seed=1)
     a, opt_a = run_ours(name, kw, p0, grads, "numpy")
@@ -132,7 +147,7 @@ def npz_round_trip(state):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("name, kw", GRID, ids=GRID_IDS)
+@pytest.mark.parametrize("name, kw", GRID + KERAS_GRID, ids=ids(GRID + KERAS_GRID))
 def test_state_dict_resume_is_exact(name, kw, dtype):
     p0, grads = problem(dtype, seed=2)
     straight = p0.copy()
@@ -291,6 +306,8 @@ def test_clip_grad_norm_edge_cases():
         ("rmsprop", dict(lr=1e-2, centered=True, momentum=0.9, weight_decay=0.1)),
         ("adam", dict(lr=1e-3, amsgrad=True, weight_decay=0.1)),
         ("adamw", dict(lr=1e-3)),
+        ("keras-rmsprop", dict(lr=1e-3, centered=True, momentum=0.9, weight_decay=0.1)),
+        ("keras-adam", dict(lr=1e-3, amsgrad=True, weight_decay=0.1)),
     ],
 )
 def test_numba_step_allocates_nothing(name, kw):
@@ -315,3 +332,116 @@ def test_numba_step_allocates_nothing(name, kw):
             tracemalloc.stop()
     assert peak - base < 1024, f"step() allocated: peak {peak - base} B above the baseline"
     assert current - base < 256, f"step() kept {current - base} B"
+
+
+# ----------------------------------------------------------------------------- the registry and its options
+
+# Settings in the options' vocabulary (rho, epsilon, beta1, beta2) and torch's names for the same.
+TORCH_NAMES = {"rho": "alpha", "epsilon": "eps"}
+OPTION_GRID = [
+    ("sgd", dict(momentum=0.9, dampening=0.2, weight_decay=0.1)),
+    ("sgd", dict(momentum=0.5, nesterov=True)),
+    ("rmsprop", dict(rho=0.5, epsilon=1e-5, momentum=0.7, centered=True, weight_decay=0.1)),
+    ("adam", dict(beta1=0.8, beta2=0.9, epsilon=1e-5, amsgrad=True, weight_decay=0.1)),
+    ("adamw", dict(beta1=0.3, beta2=0.7, epsilon=1e-6, weight_decay=0.3)),
+]
+
+
+def torch_kwargs(settings):
+    kw = {TORCH_NAMES.get(k, k): v for k, v in settings.items() if k not in ("beta1", "beta2")}
+    if "beta1" in settings:
+        kw["betas"] = (settings["beta1"], settings["beta2"])
+    return kw
+
+
+@pytest.mark.parametrize("name, settings", OPTION_GRID, ids=ids(OPTION_GRID))
+def test_registry_options_reach_torch_semantics(name, settings):
+    """Options set through the registry (the trainer's path) give torch.optim's update, 50 float64 steps."""
+    p0, grads = problem(np.float64, seed=5)
+    params, g = p0.copy(), np.zeros_like(p0)
+    entry = optim.OPTIMIZERS[name]
+    opt = entry.build(params, g, 1e-2, entry.options_from(settings))
+    for gt in grads:
+        g[...] = gt
+        opt.step()
+    tp = torch.tensor(p0, requires_grad=True)
+    topt = TORCH[name]([tp], lr=1e-2, foreach=False, **torch_kwargs(settings))
+    for gt in grads:
+        tp.grad = torch.tensor(gt)
+        topt.step()
+    assert_close(params, tp.detach().numpy(), 1e-10, f"{name} {settings}")
+
+
+def test_registry_defaults_are_the_classes_defaults():
+    """Each entry's default options build exactly its class with no keywords (today's optimizers unchanged)."""
+    for name, entry in optim.OPTIMIZERS.items():
+        a, b = np.zeros(4), np.zeros(4)
+        built = entry.build(a, np.zeros(4), 1e-3).state_dict()
+        plain = entry.cls(b, np.zeros(4), lr=1e-3).state_dict()
+        assert built.keys() == plain.keys(), name
+        for key in plain:
+            np.testing.assert_array_equal(built[key], plain[key], err_msg=f"{name} {key}")
+    assert list(optim.OPTIMIZERS)[:4] == ["sgd", "rmsprop", "adam", "adamw"]
+    assert {e.convention for e in optim.OPTIMIZERS.values()} == {"pytorch", "keras"}
+    keras = optim.OPTIMIZERS["keras-rmsprop"].options()
+    assert (keras.rho, keras.epsilon) == (0.9, 1e-7)
+    torch_rms = optim.OPTIMIZERS["rmsprop"].options()
+    assert (torch_rms.rho, torch_rms.epsilon) == (0.99, 1e-8)
+    assert optim.OPTIMIZERS["keras-adam"].options().epsilon == 1e-7
+
+
+def test_every_option_has_help():
+    for name, entry in optim.OPTIMIZERS.items():
+        assert entry.help
+        for f in dataclasses.fields(entry.options):
+            assert field_help(f), f"{name}.{f.name} has no help"
+    assert set(optim.hyperparameter_names()) == {
+        "momentum", "dampening", "nesterov", "weight_decay", "rho", "epsilon", "centered", "beta1", "beta2", "amsgrad"}
+
+
+@pytest.mark.parametrize(
+    "name, settings, match",
+    [
+        ("sgd", dict(momentum=1.0), r"optimizer sgd: expected momentum in \[0.0, 1.0\)"),
+        ("rmsprop", dict(momentum=1.5), r"optimizer rmsprop: expected momentum in \[0.0, 1.0\)"),
+        ("keras-rmsprop", dict(momentum=-0.1), "expected momentum"),
+        ("keras-rmsprop", dict(rho=1.0), r"expected rho in \[0.0, 1.0\)"),
+        ("rmsprop", dict(rho=float("nan")), "expected rho"),
+        ("adam", dict(beta1=1.0), r"expected beta1 in \[0.0, 1.0\)"),
+        ("keras-adam", dict(beta2=-0.5), "expected beta2"),
+        ("adam", dict(epsilon=-1e-8), "expected epsilon"),
+        ("adamw", dict(weight_decay=-1.0), "expected weight_decay"),
+        ("sgd", dict(dampening=1.5), r"expected dampening in \[0.0, 1.0\]"),
+        ("sgd", dict(nesterov=True), "Nesterov momentum needs momentum > 0"),
+        ("adam", dict(amsgrad=1), "expected amsgrad to be True or False"),
+        ("adam", dict(beta1=True), "expected beta1 to be a number"),
+        ("adam", dict(epsilon="small"), "expected epsilon to be a number"),
+        ("adam", dict(rho=0.9), "optimizer adam takes no rho; its options are beta1, beta2, epsilon"),
+        ("keras-rmsprop", dict(nesterov=True, beta1=0.9), "optimizer keras-rmsprop takes no beta1, nesterov"),
+    ],
+)
+def test_options_refuse_bad_values_in_one_line(name, settings, match):
+    with pytest.raises((ValueError, TypeError), match=match) as info:
+        optim.OPTIMIZERS[name].options_from(settings)
+    assert "\n" not in str(info.value)
+
+
+def test_class_constructors_refuse_momentum_of_one():
+    for build in (lambda: make("sgd", momentum=1.0), lambda: make("rmsprop", momentum=1.0),
+                  lambda: make("keras-rmsprop", momentum=1.0), lambda: make("rmsprop", alpha=1.0)):
+        with pytest.raises(ValueError, match=r"in \[0.0, 1.0\)"):
+            build()
+
+
+def test_build_wants_its_own_options():
+    with pytest.raises(TypeError, match="optimizer adam needs TorchAdamOptions, got KerasAdamOptions"):
+        optim.OPTIMIZERS["adam"].build(np.zeros(2), np.zeros(2), 1e-3, optim.KerasAdamOptions())
+
+
+def test_state_does_not_cross_conventions():
+    """A torch Adam state cannot be loaded into Keras' Adam (different buffers): no silent switch of update rule."""
+    torch_state = make("adam").state_dict()
+    with pytest.raises(ValueError, match="missing keys"):
+        make("keras-adam").load_state_dict(torch_state)
+    with pytest.raises(ValueError, match="missing keys"):
+        make("keras-rmsprop").load_state_dict(make("rmsprop").state_dict())

@@ -80,8 +80,8 @@ def _base_type(hint):
 
 def _argparse_kwargs(meta: dict, hint) -> dict:
     kind, item = _base_type(hint)
-    if "const" in meta:
-        return {"action": "store_const", "const": meta["const"]}
+    if "const" in meta or kind is bool:  # a switch: the flag sets const (default True), no value follows
+        return {"action": "store_const", "const": meta.get("const", True)}
     kw = {k: meta[k] for k in ("choices", "nargs", "metavar") if k in meta}
     scalar = item if kind is tuple else kind
     if scalar is int:
