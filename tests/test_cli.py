@@ -165,3 +165,17 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_uninterrupted_result(tmp_
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+
+def test_keras_optimizer_settings_train_from_flags_and_show_in_info(tmp_path, capsys):
+    out = tmp_path / "keras"
+    assert main(["train", *SMALL, "--epochs", "1", "--no-pictures", "--out", str(out), "--optimizer", "keras-rmsprop",
+                 "--rho", "0.9", "--epsilon", "1e-7", "--batch-size", "16"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out / "checkpoint.npz"), "--json"]) == 0
+    tc = json.loads(capsys.readouterr().out)["train_config"]
+    assert (tc["optimizer"], tc["rho"], tc["epsilon"], tc["batch_size"]) == ("keras-rmsprop", 0.9, 1e-7, 16)
+    # a switch takes no value; a setting the optimizer does not take is one line
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(tmp_path / "x"), "--amsgrad", "--optimizer", "sgd"]) == 2
+    assert "amsgrad" in capsys.readouterr().err
