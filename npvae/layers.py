@@ -15,9 +15,13 @@ A layer maps a batch ``x`` of shape ``(B, *in_shape)`` to ``y`` of shape ``(B, *
 - ``backward(dy, need_dx=True) -> dx``: writes (not adds) the parameter gradients and returns
   dL/dx (None when ``need_dx`` is False and the layer can skip it);
 - ``output_grad_buffer(batch)``: a ``(B, *out_shape)`` array that ``backward`` reads in place, so a
-  loss can write dL/dy straight into it (saves a copy per step).
+  loss can write dL/dy straight into it (saves a copy per step);
+- ``get_config()`` / ``from_config(config)``: its constructor's arguments as JSON-able data and back
+  (Keras' pattern); by default read from the attributes of the same names.
 
-:class:`Sequential` composes layers (as ``torch.nn.Sequential``), naming the i-th ``"{i}"``.
+Every layer class registers itself in :data:`LAYER_TYPES` by defining it (``__init_subclass__``), so
+that :func:`layer_spec` and :func:`layer_from_spec` (the specs checkpoints store) handle it without
+a list of types. :class:`Sequential` composes layers (as ``torch.nn.Sequential``), naming the i-th ``"{i}"``.
 
 Every model keeps all its parameters in one flat buffer and all gradients in a twin flat buffer
 (:class:`Parameters`), so an optimizer updates the whole model with one fused kernel and a

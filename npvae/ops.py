@@ -108,7 +108,8 @@ def _zeros(y, d1, alpha):
 
 
 def _identity(a, alpha, out):
-    np.copyto(out, a)
+    if a is not out:  # the twins apply activations in place
+        np.copyto(out, a)
 
 
 def _leaky_relu(a, alpha, out):
