@@ -8,7 +8,10 @@ first compile. Row sums accumulate in float64 and are stored in the output's dty
 stays float32. The math of each op is documented in :mod:`npvae.ops`, which is the public face of
 these kernels.
 
-Activation codes (``code`` arguments): see :data:`ACTIVATION_CODES`.
+Activation codes (``code`` arguments): each :data:`npvae.ops.ACTIVATIONS` entry says its code. The
+compiled loops branch on the code (one tight loop per activation, which a call through a function
+table would not be); the NumPy twins look the entry up in :data:`ACTIVATIONS_BY_CODE` and call its
+NumPy form.
 """
 
 from __future__ import annotations
@@ -20,16 +23,9 @@ import numpy as np
 
 from .backend import before_first_compile, kernel
 
-ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4, "softplus": 5}
-
-
-def _stable_sigmoid(v):
-    e = np.exp(-np.abs(v))
-    return np.where(v >= 0, 1.0, e) / (1.0 + e)
-
-
-def _softplus(v):
-    return np.maximum(v, 0) + np.log1p(np.exp(-np.abs(v)))
+#: kernel code -> its :class:`npvae.ops.ActivationInfo`, filled as npvae.ops registers each activation
+#: (ops sits above this module, so it hands the entries down rather than being imported here).
+ACTIVATIONS_BY_CODE: dict = {}
 
 
 def _rowsum(values, rows):
@@ -196,16 +192,7 @@ def numba_extensions() -> None:
 
 def _bias_act_forward_np(a, b, code, alpha, out):
     np.add(a, b, out=out)
-    if code == 1:
-        np.maximum(out, 0, out=out)
-    elif code == 2:
-        np.multiply(out, np.where(out < 0, alpha, 1.0).astype(out.dtype), out=out)
-    elif code == 3:
-        out[...] = _stable_sigmoid(out)
-    elif code == 4:
-        np.tanh(out, out=out)
-    elif code == 5:
-        out[...] = _softplus(out)
+    ACTIVATIONS_BY_CODE[code].forward(out, alpha, out)
 
 
 def _bias_act_loops(src, b, code, alpha, out):
@@ -307,18 +294,7 @@ def channel_sum(d, work, out):
 
 
 def _act_backward_np(dy, y, code, alpha, out):
-    if code == 0:
-        out[...] = dy
-    elif code == 1:
-        np.multiply(dy, y > 0, out=out)
-    elif code == 2:
-        np.multiply(dy, np.where(y > 0, 1.0, alpha).astype(out.dtype), out=out)
-    elif code == 3:
-        np.multiply(dy, y * (1 - y), out=out)
-    elif code == 4:
-        np.multiply(dy, 1 - y * y, out=out)
-    elif code == 5:
-        np.multiply(dy, -np.expm1(-y), out=out)
+    np.multiply(dy, ACTIVATIONS_BY_CODE[code].derivative(y, alpha), out=out)
 
 
 def _act_backward_loops(dy, y, code, alpha, out):

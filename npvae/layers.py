@@ -15,9 +15,13 @@ A layer maps a batch ``x`` of shape ``(B, *in_shape)`` to ``y`` of shape ``(B, *
 - ``backward(dy, need_dx=True) -> dx``: writes (not adds) the parameter gradients and returns
   dL/dx (None when ``need_dx`` is False and the layer can skip it);
 - ``output_grad_buffer(batch)``: a ``(B, *out_shape)`` array that ``backward`` reads in place, so a
-  loss can write dL/dy straight into it (saves a copy per step).
+  loss can write dL/dy straight into it (saves a copy per step);
+- ``get_config()`` / ``from_config(config)``: its constructor's arguments as JSON-able data and back
+  (Keras' pattern); by default read from the attributes of the same names.
 
-:class:`Sequential` composes layers (as ``torch.nn.Sequential``), naming the i-th ``"{i}"``.
+Every layer class registers itself in :data:`LAYER_TYPES` by defining it (``__init_subclass__``), so
+that :func:`layer_spec` and :func:`layer_from_spec` (the specs checkpoints store) handle it without
+a list of types. :class:`Sequential` composes layers (as ``torch.nn.Sequential``), naming the i-th ``"{i}"``.
 
 Every model keeps all its parameters in one flat buffer and all gradients in a twin flat buffer
 (:class:`Parameters`), so an optimizer updates the whole model with one fused kernel and a
@@ -29,12 +33,14 @@ the same batch size (copy what you keep).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import OrderedDict
 
 import numpy as np
 
 from . import conv, ops
+from .registry import Registry
 
 DTYPES = (np.float32, np.float64)
 
@@ -160,14 +166,73 @@ class Workspace:
         return f"Workspace({len(self)} batch sizes of at most {self.max_batch_sizes}, {self.dtype})"
 
 
+#: Every layer class by name, as specs name them; each concrete :class:`Layer` subclass registers itself.
+LAYER_TYPES: Registry[type] = Registry("layer type")
+
+
+def _init_parameters(cls) -> dict[str, inspect.Parameter]:
+    """The named parameters of ``cls.__init__`` (self aside): a layer's config keys."""
+    if cls.__init__ is object.__init__:
+        return {}
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY) for p in params):
+        raise TypeError(f"{cls.__name__}.__init__ takes *args, **kwargs or positional-only arguments: "
+                        "override get_config and from_config")
+    return {p.name: p for p in params}
+
+
+def _json_value(value):
+    """A config value as JSON holds it: tuples as lists."""
+    return [_json_value(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
 class Layer:
     """Base of every layer; see the module docstring for the protocol.
 
-    A parameter-free layer overrides ``output_shape``, ``forward`` and ``backward`` only.
+    A parameter-free layer overrides ``output_shape``, ``forward`` and ``backward`` only. Every
+    subclass whose name does not start with ``_`` registers itself in :data:`LAYER_TYPES` under its
+    class name, so specs can name it (``class Mine(Layer, register=False)`` opts out); its config is
+    its constructor's arguments (:meth:`get_config`, :meth:`from_config`, as Keras' layers).
     """
 
     path = "layer"
     workspace: Workspace | None = None
+
+    def __init_subclass__(cls, register: bool = True, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if register and not cls.__name__.startswith("_"):
+            old = LAYER_TYPES.get(cls.__name__)
+            again = old is not None and (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)
+            LAYER_TYPES.register(cls, name=cls.__name__, replace=again)  # a class defined again replaces itself
+
+    def get_config(self) -> dict:
+        """The constructor arguments that rebuild this layer, JSON-able: each ``__init__`` argument read
+        from the attribute of the same name (tuples as lists). Override where they differ."""
+        config = {}
+        for name in _init_parameters(type(self)):
+            if not hasattr(self, name):
+                raise TypeError(f"{type(self).__name__}.get_config: no attribute {name!r} for the constructor "
+                                f"argument {name!r}: keep it under that name, or override get_config")
+            config[name] = _json_value(getattr(self, name))
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict) -> Layer:
+        """The layer of a :meth:`get_config` dict; keys checked against the constructor's arguments."""
+        params = _init_parameters(cls)
+        expected = f"(expected {', '.join(params)})" if params else "(it takes none)"
+        for key in config:
+            if key not in params:
+                raise ValueError(f"layer spec does not fit {cls.__name__}: unknown key {key!r} {expected}")
+        for key, param in params.items():
+            if param.default is param.empty and key not in config:
+                raise ValueError(f"layer spec does not fit {cls.__name__}: missing key {key!r} {expected}")
+        return cls(**config)
+
+    def state_items(self, path: str):
+        """(state-dict key, value view, gradient view) of each parameter, keys ``{path}.{name}``."""
+        for name in self.param_shapes():
+            yield f"{path}.{name}", self.params[name], self.grads[name]
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {}
@@ -219,8 +284,7 @@ class Dense(Layer):
     """
 
     def __init__(self, in_dim: int, out_dim: int, activation: str = "identity", alpha: float = 0.01):
-        if activation not in ops.ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}: expected one of {', '.join(ops.ACTIVATIONS)}")
+        ops.ACTIVATIONS.check(activation)
         self.in_dim, self.out_dim = _positive_int(in_dim, "in_dim"), _positive_int(out_dim, "out_dim")
         self.activation, self.alpha = activation, float(alpha)
         self.weight = self.bias = self.dweight = self.dbias = None
@@ -280,10 +344,13 @@ class GaussianHeads(Dense):
     def __init__(self, in_dim: int, latent_dim: int, names: tuple[str, str] = ("mu", "logvar")):
         self.latent_dim = _positive_int(latent_dim, "latent_dim")
         super().__init__(in_dim, 2 * self.latent_dim)
+        if (not isinstance(names, (tuple, list)) or len(names) != 2 or names[0] == names[1]
+                or not all(isinstance(n, str) and n for n in names)):
+            raise ValueError(f"expected names two different non-empty strings, got {names!r}")
         self.names = tuple(names)
 
-    def exported(self):
-        """(key, value view, gradient view) of the two heads, in order."""
+    def state_items(self, path: str):
+        """(key, value view, gradient view) of the two heads, in order, keyed by their own names (not ``path``)."""
         z = self.latent_dim
         for head, part in zip(self.names, (slice(None, z), slice(z, None))):
             yield f"{head}.weight", self.weight[part], self.dweight[part]
@@ -304,8 +371,7 @@ class Activation(Layer):
     """
 
     def __init__(self, name: str, alpha: float = 0.01):
-        if name not in ops.ACTIVATIONS:
-            raise ValueError(f"unknown activation {name!r}: expected one of {', '.join(ops.ACTIVATIONS)}")
+        ops.ACTIVATIONS.check(name)
         self.name, self.alpha = name, float(alpha)
         self.cache = None
 
@@ -321,7 +387,8 @@ class Activation(Layer):
         return ops.activation_backward(flat, self.cache, out=dx).reshape(dy.shape)
 
     def __repr__(self) -> str:
-        return f"Activation({self.name!r})" if self.name != "leaky_relu" else f"Activation('leaky_relu', alpha={self.alpha:g})"
+        alpha = f", alpha={self.alpha:g}" if ops.ACTIVATIONS[self.name].takes_alpha else ""
+        return f"Activation({self.name!r}{alpha})"
 
 
 def ReLU() -> Activation:
@@ -420,10 +487,6 @@ def _padding_arg(padding):
     return padding
 
 
-def _spec_value(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
 class _ConvBase(Layer):
     """What Conv2d and ConvTranspose2d share: parameters, torch's default init, the fused activation."""
 
@@ -438,8 +501,7 @@ class _ConvBase(Layer):
         self.stride = conv.as_pair(stride, "stride", name, 1)
         self.padding = _padding_arg(padding)
         conv.conv_pads(self.padding, self.kernel_size, self.kernel_size, self.stride, name)  # a padding it knows
-        if activation not in ops.ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}: expected one of {', '.join(ops.ACTIVATIONS)}")
+        ops.ACTIVATIONS.check(activation)
         self.activation, self.alpha = activation, float(alpha)
         self.weight = self.bias = self.dweight = self.dbias = None
         self.cache = self._act_cache = None
@@ -709,6 +771,16 @@ class Sequential(Layer):
             dy = self.layers[i].backward(dy, need_dx=need_dx or i > first)
         return None if not need_dx else dy
 
+    def get_config(self) -> dict:
+        return {"layers": [layer_spec(layer) for layer in self.layers]}
+
+    @classmethod
+    def from_config(cls, config: dict) -> Sequential:
+        if set(config) != {"layers"} or not isinstance(config["layers"], list):
+            raise ValueError(f"expected a Sequential spec with one key, 'layers', a list of layer specs; got keys "
+                             f"{', '.join(map(repr, config)) or 'none'}")
+        return cls([layer_from_spec(child) for child in config["layers"]])
+
     def __repr__(self) -> str:
         return "Sequential(" + ", ".join(map(repr, self.layers)) + ")"
 
@@ -726,59 +798,23 @@ def mlp(sizes, activation: str = "relu", out_activation: str = "identity", alpha
 # ----------------------------------------------------------------------------- specs: layers as JSON
 
 
-def _layer_config(layer: Layer) -> dict:
-    """The constructor arguments that rebuild ``layer``."""
-    if isinstance(layer, GaussianHeads):
-        return {"in_dim": layer.in_dim, "latent_dim": layer.latent_dim, "names": list(layer.names)}
-    if isinstance(layer, Dense):
-        return {"in_dim": layer.in_dim, "out_dim": layer.out_dim, "activation": layer.activation, "alpha": layer.alpha}
-    if isinstance(layer, Activation):
-        return {"name": layer.name, "alpha": layer.alpha}
-    if isinstance(layer, ConvTranspose2d):
-        return {"in_channels": layer.in_channels, "out_channels": layer.out_channels,
-                "kernel_size": list(layer.kernel_size), "stride": list(layer.stride),
-                "padding": _spec_value(layer.padding), "output_padding": list(layer.output_padding),
-                "activation": layer.activation, "alpha": layer.alpha}
-    if isinstance(layer, Conv2d):
-        return {"in_channels": layer.in_channels, "out_channels": layer.out_channels,
-                "kernel_size": list(layer.kernel_size), "stride": list(layer.stride),
-                "padding": _spec_value(layer.padding), "activation": layer.activation, "alpha": layer.alpha}
-    if isinstance(layer, MaxPool2d):
-        return {"kernel_size": list(layer.kernel_size), "stride": list(layer.stride), "padding": _spec_value(layer.padding)}
-    if isinstance(layer, Upsample2d):
-        return {"scale": list(layer.scale)}
-    if isinstance(layer, Reshape):
-        return {"shape": list(layer.shape)}
-    if isinstance(layer, Flatten):
-        return {}
-    raise TypeError(f"{type(layer).__name__} has no spec: register it in npvae.layers.LAYER_TYPES with a config")
-
-
 def layer_spec(layer: Layer) -> dict:
-    """A JSON-able description of ``layer`` (``{"type": ..., **arguments}``), read by :func:`layer_from_spec`."""
-    if isinstance(layer, Sequential):
-        return {"type": "Sequential", "layers": [layer_spec(child) for child in layer]}
-    return {"type": type(layer).__name__, **_layer_config(layer)}
-
-
-LAYER_TYPES = {cls.__name__: cls for cls in (Dense, GaussianHeads, Activation, Flatten, Reshape, Conv2d,
-                                              ConvTranspose2d, MaxPool2d, Upsample2d)}
+    """A JSON-able description of ``layer``, ``{"type": class name, **layer.get_config()}``, read by
+    :func:`layer_from_spec`."""
+    name = type(layer).__name__
+    if LAYER_TYPES.get(name) is not type(layer):
+        raise TypeError(f"{name} has no spec: it is not the layer type {name!r} of npvae.layers.LAYER_TYPES "
+                        "(a class declared with register=False, or another class took the name)")
+    return {"type": name, **layer.get_config()}
 
 
 def layer_from_spec(spec) -> Layer:
-    """Rebuild a layer from :func:`layer_spec`'s description; only the types in :data:`LAYER_TYPES`."""
+    """Rebuild a layer from :func:`layer_spec`'s description. A spec is data, never code: only the
+    classes in :data:`LAYER_TYPES` are built, from config keys their constructors take."""
     if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
         raise ValueError(f"expected a layer spec, a dict with a 'type', got {type(spec).__name__}")
-    kind = spec["type"]
-    if kind == "Sequential":
-        children = spec.get("layers")
-        if not isinstance(children, list):
-            raise ValueError("expected a Sequential spec with a list of 'layers'")
-        return Sequential([layer_from_spec(child) for child in children])
-    if kind not in LAYER_TYPES:
-        raise ValueError(f"unknown layer type {kind!r}: expected one of Sequential, {', '.join(LAYER_TYPES)}")
-    kwargs = {k: v for k, v in spec.items() if k != "type"}
+    cls = LAYER_TYPES[spec["type"]]
     try:
-        return LAYER_TYPES[kind](**kwargs)
+        return cls.from_config({k: v for k, v in spec.items() if k != "type"})
     except TypeError as exc:
-        raise ValueError(f"layer spec does not fit {kind}: {exc}") from None
+        raise ValueError(f"layer spec does not fit {cls.__name__}: {exc}") from None

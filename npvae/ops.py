@@ -28,13 +28,125 @@ The loops themselves live in :mod:`npvae._kernels` and run under the active back
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from . import _kernels as K
+from .registry import Registry
 
-ACTIVATIONS = tuple(K.ACTIVATION_CODES)
 REDUCTIONS = ("none", "sum", "batchmean", "mean")
+
+
+# ----------------------------------------------------------------------------- the activations
+#
+# One entry per activation: its math in NumPy (the kernels' twins and the contractive penalty call
+# it), its code (the compiled loops in npvae._kernels branch on it, one tight loop per activation),
+# and its PyTorch equivalent as data (npvae.torch builds and reads torch modules from it, so this
+# module stays NumPy-only). Adding an activation: one entry here and one branch per compiled loop
+# (tests/test_kernels.py compares every entry's compiled loops with its NumPy form).
+
+
+@dataclass(frozen=True)
+class ActivationInfo:
+    """Everything about one elementwise activation ``y = f(a)``.
+
+    Attributes
+    ----------
+    name : str
+        Its name (``Dense(..., activation=name)``, ``--activation``).
+    help : str
+        The forward and the derivative, one line.
+    code : int
+        The integer the compiled kernels branch on.
+    forward : callable ``(a, alpha, out)``
+        Writes f(a) into ``out`` (which may be ``a`` itself); NumPy, any shape.
+    derivative : callable ``(y, alpha) -> f'(a)``
+        Read off the output y = f(a), an array of y's shape and dtype.
+    second_derivative : callable ``(y, d1, alpha) -> f''(a)``
+        Read off y and ``d1 = f'(a)`` (the contractive penalty's gradient needs it).
+    takes_alpha : bool
+        Whether ``alpha`` (a slope) changes it.
+    torch : str
+        The ``torch.nn`` module class that computes the same function.
+    torch_alpha : str or None
+        That class's argument (and attribute) holding alpha.
+    torch_fixed : dict
+        Attributes the torch module must have to compute npvae's function (``beta=1`` for Softplus).
+    """
+
+    name: str
+    help: str
+    code: int
+    forward: Callable
+    derivative: Callable
+    second_derivative: Callable
+    takes_alpha: bool = False
+    torch: str = ""
+    torch_alpha: str | None = None
+    torch_fixed: dict = field(default_factory=dict)
+
+
+ACTIVATIONS: Registry[ActivationInfo] = Registry("activation")
+
+
+def activation_info(code: int) -> ActivationInfo:
+    """The :data:`ACTIVATIONS` entry of kernel code ``code`` (as the caches hold it)."""
+    return K.ACTIVATIONS_BY_CODE[code]
+
+
+def _register_activation(entry: ActivationInfo) -> None:
+    if entry.code in K.ACTIVATIONS_BY_CODE:
+        raise ValueError(f"activation code {entry.code} is taken by {K.ACTIVATIONS_BY_CODE[entry.code].name!r}")
+    ACTIVATIONS.register(entry)
+    K.ACTIVATIONS_BY_CODE[entry.code] = entry  # what the kernels' NumPy twins dispatch on
+
+
+def _zeros(y, d1, alpha):
+    return np.zeros_like(y)
+
+
+def _identity(a, alpha, out):
+    if a is not out:  # the twins apply activations in place
+        np.copyto(out, a)
+
+
+def _leaky_relu(a, alpha, out):
+    np.multiply(a, np.where(a < 0, alpha, 1.0).astype(out.dtype), out=out)
+
+
+def _sigmoid(a, alpha, out):
+    e = np.exp(-np.abs(a))  # <= 1: never overflows
+    out[...] = np.where(a >= 0, 1.0, e) / (1.0 + e)
+
+
+def _softplus(a, alpha, out):
+    out[...] = np.maximum(a, 0) + np.log1p(np.exp(-np.abs(a)))
+
+
+def _softplus_second(y, d1, alpha):
+    return d1 * np.exp(-y)  # sigmoid(a) (1 - sigmoid(a)), with 1 - sigmoid(a) = e^-softplus(a)
+
+
+for _entry in (
+    ActivationInfo("identity", "a; derivative 1", 0, _identity, lambda y, alpha: np.ones_like(y), _zeros,
+                   torch="Identity"),
+    ActivationInfo("relu", "max(a, 0); derivative [y > 0] (0 at a = 0, as PyTorch)", 1,
+                   lambda a, alpha, out: np.maximum(a, 0, out=out),
+                   lambda y, alpha: (y > 0).astype(y.dtype), _zeros, torch="ReLU"),
+    ActivationInfo("leaky_relu", "a if a > 0 else alpha a (alpha >= 0); derivative 1 if y > 0 else alpha", 2,
+                   _leaky_relu, lambda y, alpha: np.where(y > 0, y.dtype.type(1), y.dtype.type(alpha)), _zeros,
+                   takes_alpha=True, torch="LeakyReLU", torch_alpha="negative_slope"),
+    ActivationInfo("sigmoid", "1 / (1 + e^-a), from e^-abs(a); derivative y (1 - y)", 3, _sigmoid,
+                   lambda y, alpha: y * (1 - y), lambda y, d1, alpha: d1 * (1 - 2 * y), torch="Sigmoid"),
+    ActivationInfo("tanh", "tanh(a); derivative 1 - y^2", 4, lambda a, alpha, out: np.tanh(a, out=out),
+                   lambda y, alpha: 1 - y * y, lambda y, d1, alpha: -2 * y * d1, torch="Tanh"),
+    ActivationInfo("softplus", "max(a, 0) + log1p(e^-abs(a)); derivative 1 - e^-y (= sigmoid(a))", 5, _softplus,
+                   lambda y, alpha: -np.expm1(-y), _softplus_second, torch="Softplus", torch_fixed={"beta": 1.0}),
+):
+    _register_activation(_entry)
+del _entry
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -166,29 +278,15 @@ def affine_backward(dout, cache, dx=None, dw=None, db=None, work=None):
 
 
 def activation_code(name: str, alpha: float) -> int:
-    """The kernels' code of activation ``name`` (see :data:`npvae._kernels.ACTIVATION_CODES`); alpha >= 0."""
+    """The kernels' code of activation ``name`` (its :data:`ACTIVATIONS` entry's ``code``); alpha >= 0."""
     # the derivative is read off the output (y > 0), which needs a negative slope >= 0
     if alpha < 0:
         raise ValueError(f"expected alpha >= 0 for leaky_relu, got {alpha}")
-    try:
-        return K.ACTIVATION_CODES[name]
-    except KeyError:
-        raise ValueError(f"unknown activation {name!r}: expected one of {', '.join(ACTIVATIONS)}") from None
+    return ACTIVATIONS[name].code
 
 
 def activation_forward(a, name="relu", alpha=0.01, out=None):
-    """Elementwise activation ``y = f(a)``.
-
-    ==============  ===========================================  ===========================
-    name            forward                                      derivative, through y
-    ==============  ===========================================  ===========================
-    ``identity``    a                                            1
-    ``relu``        max(a, 0)                                    [y > 0]
-    ``leaky_relu``  a if a > 0 else alpha a                      1 if y > 0 else alpha
-    ``sigmoid``     1 / (1 + e^-a), from e^-abs(a)               y (1 - y)
-    ``tanh``        tanh(a)                                      1 - y^2
-    ``softplus``    max(a, 0) + log1p(e^-abs(a))                 1 - e^-y  (= sigmoid(a))
-    ==============  ===========================================  ===========================
+    """Elementwise activation ``y = f(a)``, any entry of :data:`ACTIVATIONS` (its table gives f and f').
 
     The derivative is written through the output, so the cache holds ``y`` alone. At ``a = 0``,
     ReLU's derivative is 0 and LeakyReLU's is alpha (PyTorch's convention); ``alpha`` must be >= 0.
@@ -196,7 +294,7 @@ def activation_forward(a, name="relu", alpha=0.01, out=None):
     Parameters
     ----------
     a : (B, H) array
-    name : str
+    name : str, one of :data:`ACTIVATIONS`
     alpha : float
         LeakyReLU's negative slope.
     out : (B, H) array, optional (may be ``a`` itself)
@@ -713,7 +811,7 @@ def continuous_bernoulli_mean(logits):
     small = np.abs(logits) < 0.1
     safe = np.where(small, logits.dtype.type(1), logits)
     sig = np.empty_like(logits)
-    K.bias_act_forward(safe, np.zeros(logits.shape[1], logits.dtype), K.ACTIVATION_CODES["sigmoid"], 0.0, sig)
+    K.bias_act_forward(safe, np.zeros(logits.shape[1], logits.dtype), ACTIVATIONS["sigmoid"].code, 0.0, sig)
     mean = sig / np.tanh(0.5 * safe) - 1 / safe
     l2 = logits * logits
     series = 0.5 + logits * (1 / 12 + l2 * (-1 / 720 + l2 * (1 / 30240 - l2 / 1209600)))

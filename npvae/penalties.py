@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _kernels as K
-from .ops import _buffer, _check_reduction, _float_array, _reduce, _row_scale
-
-_ACTIVATION_NAMES = {code: name for name, code in K.ACTIVATION_CODES.items()}
+from .ops import ACTIVATIONS, _buffer, _check_reduction, _float_array, _reduce, _row_scale, activation_info
 
 
 # ----------------------------------------------------------------------------- activation derivatives
@@ -52,25 +49,10 @@ def activation_derivatives(y, name: str, alpha: float = 0.01):
     -------
     d1, d2 : (B, H) arrays of y's dtype, f'(a) and f''(a)
     """
+    entry = ACTIVATIONS[name]
     y = _float_array(y, "y", ndim=None)
-    one = y.dtype.type(1)
-    if name == "identity":
-        return np.ones_like(y), np.zeros_like(y)
-    if name == "relu":
-        return (y > 0).astype(y.dtype), np.zeros_like(y)
-    if name == "leaky_relu":
-        return np.where(y > 0, one, y.dtype.type(alpha)), np.zeros_like(y)
-    if name == "sigmoid":
-        d1 = y * (one - y)
-        return d1, d1 * (one - 2 * y)
-    if name == "tanh":
-        d1 = one - y * y
-        return d1, -2 * y * d1
-    if name == "softplus":
-        e = np.exp(-y)
-        s = -np.expm1(-y)
-        return s, s * e
-    raise ValueError(f"unknown activation {name!r}: expected one of {', '.join(K.ACTIVATION_CODES)}")
+    d1 = entry.derivative(y, alpha)
+    return d1, entry.second_derivative(y, d1, alpha)
 
 
 # ----------------------------------------------------------------------------- sparsity
@@ -220,7 +202,7 @@ def _check_dense_caches(caches):
         x, w, y, code, alpha = cache
         if i and x.shape != layers[-1][2].shape:
             raise ValueError(f"layer {i}: its input {x.shape} is not layer {i - 1}'s output {layers[-1][2].shape}")
-        layers.append((x, w, y, _ACTIVATION_NAMES[code], alpha))
+        layers.append((x, w, y, activation_info(code).name, alpha))
     return layers
 
 

@@ -44,14 +44,15 @@ class Registry(Mapping, Generic[T]):
         self.kind = kind
         self._entries: dict[str, T] = {}
 
-    def register(self, entry: T | None = None, *, name: str | None = None):
+    def register(self, entry: T | None = None, *, name: str | None = None, replace: bool = False):
         """Add ``entry`` under ``name`` (default: ``entry.name``); returns the entry, so it can decorate
-        a class or function. A name registered twice is an error: one entry per thing."""
+        a class or function. A name registered twice is an error: one entry per thing (``replace=True``
+        lets a redefinition of the same thing, e.g. a class defined again, take its place)."""
         def add(item: T) -> T:
             key = name if name is not None else getattr(item, "name", None)
             if not isinstance(key, str) or not key:
                 raise ValueError(f"a {self.kind} needs a name (a non-empty string), got {key!r}")
-            if key in self._entries and self._entries[key] is not item:
+            if key in self._entries and self._entries[key] is not item and not replace:
                 raise ValueError(f"{self.kind} {key!r} is registered twice")
             self._entries[key] = item
             return item

@@ -19,13 +19,20 @@ and ``sample`` match npvae's too.
 Layer-driven
 ------------
 Nothing here knows a model's architecture: each part is translated layer by layer through
-:data:`LAYERS`, which maps an npvae layer type to a builder of its torch module and back
-(:class:`LayerBridge`). A new npvae layer needs one :func:`register_layer` call. Torch's own
-``nn.Linear``, ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.Sigmoid``, ``nn.Tanh``, ``nn.Softplus``,
-``nn.Identity``, ``nn.Flatten``, ``nn.Unflatten``, ``nn.Conv2d``, ``nn.ConvTranspose2d``,
-``nn.MaxPool2d`` and ``nn.Upsample`` (nearest, integer factors) are read back too, so a part replaced
-in torch by a stack of those comes back to npvae as a model with its own layers. A subclass of one
-of them with a ``forward`` of its own is refused: npvae cannot know what it computes.
+:data:`LAYERS`, which maps an npvae layer type (a class of :data:`npvae.layers.LAYER_TYPES`) to a
+builder of its torch module and back (:class:`LayerBridge`). A new npvae layer needs one
+:func:`register_layer` call. Activations cross through their :data:`npvae.ops.ACTIVATIONS` entries,
+each naming its ``torch.nn`` class (a new activation needs nothing here). Torch's own ``nn.Linear``,
+those activation classes (``nn.ReLU``, ``nn.LeakyReLU``, ...), ``nn.Flatten``, ``nn.Unflatten``,
+``nn.Conv2d``, ``nn.ConvTranspose2d``, ``nn.MaxPool2d`` and ``nn.Upsample`` (nearest, integer
+factors) are read back too, so a part replaced in torch by a stack of those comes back to npvae as a
+model with its own layers. A subclass of one of them with a ``forward`` of its own is refused: npvae
+cannot know what it computes.
+
+What torch shares, npvae either represents exactly or refuses by name: a parameter-free module used
+at two places comes back at both; a module with parameters used twice, or parameters tied between
+modules, are refused (every npvae layer owns its parameters). A head assigned in torch
+(``module.mu = nn.Linear(...)``) is the one that runs and the one that comes back.
 
 Image layers
 ------------
@@ -41,6 +48,7 @@ Importing this module imports torch; ``import npvae`` never imports this module.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -54,7 +62,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only where torch is missing
     raise ImportError("npvae.torch needs PyTorch: pip install torch") from exc
 
-from . import conv
+from . import conv, ops
 from . import layers as L
 from .models import from_spec
 from .models.base import Model
@@ -67,21 +75,26 @@ LOG_2PI = math.log(2 * math.pi)
 # ----------------------------------------------------------------------------- torch modules of npvae layers
 
 
-ACTIVATIONS = {
-    "identity": lambda a, alpha: a,
-    "relu": lambda a, alpha: torch.relu(a),
-    "leaky_relu": lambda a, alpha: F.leaky_relu(a, alpha),
-    "sigmoid": lambda a, alpha: torch.sigmoid(a),
-    "tanh": lambda a, alpha: torch.tanh(a),
-    # Not F.softplus: above its threshold (20) it returns a itself, 2e-9 off npvae's log(1 + e^a).
-    "softplus": lambda a, alpha: torch.logaddexp(a, torch.zeros_like(a)),
+# Where a torch.nn class computes an activation only approximately, the exact form used instead.
+# nn.Softplus returns a itself above its threshold (20): 2e-9 off npvae's log(1 + e^a) there.
+_EXACT_FORMS: dict[type, Callable[[Tensor], Tensor]] = {
+    nn.Softplus: lambda a: torch.logaddexp(a, torch.zeros_like(a)),
 }
 
 
-def _check_activation(name: str) -> str:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}: expected one of {', '.join(ACTIVATIONS)}")
-    return name
+@functools.lru_cache(maxsize=None)
+def _activation(name: str, alpha: float) -> Callable[[Tensor], Tensor]:
+    """npvae's activation ``name`` in torch, from its :data:`npvae.ops.ACTIVATIONS` entry: the torch.nn
+    class it names (parameter-free, so one instance serves every layer), or that class's exact form."""
+    entry = ops.ACTIVATIONS[name]
+    cls = getattr(nn, entry.torch)
+    if cls in _EXACT_FORMS:
+        return _EXACT_FORMS[cls]
+    return cls(**({entry.torch_alpha: alpha} if entry.takes_alpha else {}), **entry.torch_fixed)
+
+
+def _alpha_repr(name: str, alpha: float) -> str:
+    return f", alpha={alpha:g}" if ops.ACTIVATIONS[name].takes_alpha else ""
 
 
 class Dense(nn.Linear):
@@ -90,10 +103,10 @@ class Dense(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, activation: str = "identity", alpha: float = 0.01, **kw):
         super().__init__(in_features, out_features, **kw)
-        self.activation, self.alpha = _check_activation(activation), float(alpha)
+        self.activation, self.alpha = ops.ACTIVATIONS.check(activation), float(alpha)
 
     def forward(self, x: Tensor) -> Tensor:
-        return ACTIVATIONS[self.activation](super().forward(x), self.alpha)
+        return _activation(self.activation, self.alpha)(super().forward(x))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.activation == "identity" else f", activation={self.activation}")
@@ -104,13 +117,13 @@ class Activation(nn.Module):
 
     def __init__(self, name: str, alpha: float = 0.01):
         super().__init__()
-        self.name, self.alpha = _check_activation(name), float(alpha)
+        self.name, self.alpha = ops.ACTIVATIONS.check(name), float(alpha)
 
     def forward(self, x: Tensor) -> Tensor:
-        return ACTIVATIONS[self.name](x, self.alpha)
+        return _activation(self.name, self.alpha)(x)
 
     def extra_repr(self) -> str:
-        return repr(self.name) + (f", alpha={self.alpha:g}" if self.name == "leaky_relu" else "")
+        return repr(self.name) + _alpha_repr(self.name, self.alpha)
 
 
 class Reshape(nn.Module):
@@ -152,17 +165,17 @@ class Conv2d(nn.Conv2d):
                  alpha: float = 0.01, **kw):
         super().__init__(in_channels, out_channels, kernel_size, stride, _numeric_padding(padding), **kw)
         self.npvae_padding = padding
-        self.activation, self.alpha = _check_activation(activation), float(alpha)
+        self.activation, self.alpha = ops.ACTIVATIONS.check(activation), float(alpha)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.npvae_padding != "same":
-            return ACTIVATIONS[self.activation](super().forward(x), self.alpha)
+            return _activation(self.activation, self.alpha)(super().forward(x))
         left, right, top, bottom = _image_pads("same", x, self.kernel_size, self.stride)
         if (left, top) == (right, bottom):
             y = F.conv2d(x, self.weight, self.bias, self.stride, (top, left))
         else:
             y = F.conv2d(F.pad(x, (left, right, top, bottom)), self.weight, self.bias, self.stride)
-        return ACTIVATIONS[self.activation](y, self.alpha)
+        return _activation(self.activation, self.alpha)(y)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -186,16 +199,16 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, _numeric_padding(padding), output_padding,
                          **kw)
         self.npvae_padding, self.npvae_output_padding = padding, output_padding
-        self.activation, self.alpha = _check_activation(activation), float(alpha)
+        self.activation, self.alpha = ops.ACTIVATIONS.check(activation), float(alpha)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.npvae_padding != "same":
-            return ACTIVATIONS[self.activation](super().forward(x), self.alpha)
+            return _activation(self.activation, self.alpha)(super().forward(x))
         (top, bottom), (left, right) = conv.transpose_crops("same", 0, self.kernel_size, self.stride)
         y = F.conv_transpose2d(x, self.weight, self.bias, self.stride,
                                output_padding=(max(-bottom, 0), max(-right, 0)))
         y = y[:, :, top: y.shape[2] - max(bottom, 0), left: y.shape[3] - max(right, 0)]
-        return ACTIVATIONS[self.activation](y, self.alpha)
+        return _activation(self.activation, self.alpha)(y)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -227,17 +240,22 @@ class MaxPool2d(nn.MaxPool2d):
 
 
 class GaussianHeads(nn.Module):
-    """npvae's :class:`~npvae.layers.GaussianHeads`: two ``nn.Linear`` heads (mu, logvar) named ``names``.
+    """npvae's :class:`~npvae.layers.GaussianHeads`: two ``nn.Linear`` heads (mu, logvar), given by name.
+
+    Parameters
+    ----------
+    heads : dict of name -> nn.Linear
+        ``{"mu": ..., "logvar": ...}`` in that order (the CVAE's prior: ``prior_mu``, ``prior_logvar``).
 
     :class:`NpvaeModule` registers the two linears under those names (npvae's state-dict keys
-    ``mu.weight``, ...), not under the part's name.
+    ``mu.weight``, ...), once, and assembles this module from them when it runs.
     """
 
-    def __init__(self, in_features: int, latent_dim: int, names=("mu", "logvar")):
+    def __init__(self, heads: dict[str, nn.Module]):
         super().__init__()
-        self.in_features, self.latent_dim, self.names = int(in_features), int(latent_dim), tuple(names)
-        for name in self.names:
-            self.add_module(name, nn.Linear(self.in_features, self.latent_dim))
+        self.names = tuple(heads)
+        for name, head in heads.items():
+            self.add_module(name, head)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """h (B, H) -> mu (B, Z), logvar (B, Z)."""
@@ -287,19 +305,16 @@ def _linear_from_torch(module: nn.Linear) -> L.Dense:
                    getattr(module, "alpha", 0.01))
 
 
-_TORCH_ACTIVATIONS = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Identity: "identity"}
-
-
 def _activation_from_torch(module: nn.Module) -> L.Activation:
     if isinstance(module, Activation):
         return L.Activation(module.name, module.alpha)
-    if isinstance(module, nn.LeakyReLU):
-        return L.Activation("leaky_relu", module.negative_slope)
-    if isinstance(module, nn.Softplus):
-        if module.beta != 1:
-            raise ValueError(f"{module}: npvae's softplus has beta = 1")
-        return L.Activation("softplus")
-    return L.Activation(_TORCH_ACTIVATIONS[type(module)])
+    for entry in ops.ACTIVATIONS.values():
+        if isinstance(module, getattr(nn, entry.torch)):
+            for attr, value in entry.torch_fixed.items():
+                if getattr(module, attr) != value:
+                    raise ValueError(f"{module}: npvae's {entry.name} is {entry.torch} with {attr}={value:g}")
+            return L.Activation(entry.name, *([getattr(module, entry.torch_alpha)] if entry.takes_alpha else []))
+    raise TypeError(f"{module}: npvae has no activation for a torch {type(module).__name__}")
 
 
 def _flatten_from_torch(module: nn.Flatten) -> L.Flatten:
@@ -315,8 +330,27 @@ def _reshape_from_torch(module: nn.Module) -> L.Reshape:
     return L.Reshape(module.shape if isinstance(module, Reshape) else module.unflattened_size)
 
 
-def _sequential_from_torch(module: nn.Sequential) -> L.Sequential:
-    return L.Sequential([layer_from_torch(child, name) for name, child in module.named_children()])
+def _children(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, child) of every place in ``module``: a child used at two places is listed at both, where
+    ``named_children`` lists it once."""
+    return [(name, child) for name, child in module._modules.items() if child is not None]
+
+
+def _sequential_from_torch(module: nn.Sequential, path: str = "module") -> L.Sequential:
+    return L.Sequential([layer_from_torch(child, f"{path}.{name}") for name, child in _children(module)])
+
+
+def _heads_from_torch(module: GaussianHeads) -> L.GaussianHeads:
+    """The heads as they are now (a head assigned in torch included): two affine maps of one shape."""
+    heads = [layer_from_torch(getattr(module, name), name) for name in module.names]
+    for name, head in zip(module.names, heads):
+        if type(head) is not L.Dense or head.activation != "identity":
+            raise ValueError(f"{name} is {head!r}: npvae's Gaussian heads are affine maps (an nn.Linear each)")
+    if len({(head.in_dim, head.out_dim) for head in heads}) != 1:
+        shapes = " and ".join(f"{name} {head.in_dim} -> {head.out_dim}" for name, head in zip(module.names, heads))
+        raise ValueError(f"the heads differ ({shapes}): npvae's Gaussian heads read the same features and give "
+                         "codes of the same size")
+    return L.GaussianHeads(heads[0].in_dim, heads[0].out_dim, module.names)
 
 
 def _plain_padding(padding):
@@ -378,10 +412,10 @@ def _upsample_from_torch(module: nn.Upsample) -> L.Upsample2d:
 
 register_layer(L.Dense, lambda l: Dense(l.in_dim, l.out_dim, l.activation, l.alpha), _linear_from_torch,
                (Dense, nn.Linear))
-register_layer(L.GaussianHeads, lambda l: GaussianHeads(l.in_dim, l.latent_dim, l.names),
-               lambda m: L.GaussianHeads(m.in_features, m.latent_dim, m.names), GaussianHeads)
+register_layer(L.GaussianHeads, lambda l: GaussianHeads({name: nn.Linear(l.in_dim, l.latent_dim) for name in l.names}),
+               _heads_from_torch, GaussianHeads)
 register_layer(L.Activation, lambda l: Activation(l.name, l.alpha), _activation_from_torch,
-               (Activation, nn.LeakyReLU, nn.Softplus, *_TORCH_ACTIVATIONS))
+               (Activation, *(getattr(nn, entry.torch) for entry in ops.ACTIVATIONS.values())))
 register_layer(L.Flatten, lambda l: nn.Flatten(), _flatten_from_torch, nn.Flatten)
 register_layer(L.Reshape, lambda l: Reshape(l.shape), _reshape_from_torch, (Reshape, nn.Unflatten))
 register_layer(L.Conv2d, lambda l: Conv2d(l.in_channels, l.out_channels, l.kernel_size, l.stride, l.padding,
@@ -416,7 +450,7 @@ def layer_from_torch(module: nn.Module, path: str = "module") -> L.Layer:
                 raise TypeError(f"{path} is a {type(module).__name__}, a torch {cls.__name__} with a forward of its "
                                 f"own, which npvae cannot read (it reads {cls.__name__} as torch computes it)")
             if cls is nn.Sequential:
-                return L.Sequential([layer_from_torch(child, f"{path}.{name}") for name, child in module.named_children()])
+                return _sequential_from_torch(module, path)
             return readers[cls].from_torch(module)
     known = sorted({t.__name__ for t in readers})
     raise TypeError(f"{path} is a torch {type(module).__name__}, which npvae has no layer for (it reads "
@@ -466,18 +500,21 @@ class NpvaeModule(nn.Module):
         self.spec = spec
         self.part_names = list(parts)
         self.input_shape = tuple(spec["input_shape"])
-        self._heads: dict[str, GaussianHeads] = {}
+        self._heads: dict[str, tuple[str, ...]] = {}  # a heads part -> the names its linears are registered under
         for name, module in parts.items():
             if isinstance(module, GaussianHeads):
-                self._heads[name] = module
-                for head in module.names:  # npvae's keys: mu.weight, not heads.mu.weight
-                    self.add_module(head, getattr(module, head))
+                self._heads[name] = module.names
+                for head in module.names:  # npvae's keys: mu.weight, not heads.mu.weight; registered here only,
+                    self.add_module(head, getattr(module, head))  # so a head assigned anew is the one that runs
             else:
                 self.add_module(name, module)
 
     def part(self, name: str) -> nn.Module:
-        """The module of npvae's part ``name`` (``encoder``, ``heads``, ...)."""
-        return self._heads[name] if name in self._heads else getattr(self, name)
+        """The module of npvae's part ``name`` (``encoder``, ``heads``, ...); a heads part is assembled from
+        the head modules registered now."""
+        if name in self._heads:
+            return GaussianHeads({head: getattr(self, head) for head in self._heads[name]})
+        return getattr(self, name)
 
     def _noise(self, like: Tensor, eps: Tensor | None) -> Tensor:
         return torch.randn_like(like) if eps is None else eps
@@ -695,6 +732,27 @@ def to_torch(model: Model, dtype: torch.dtype | None = None, device=None) -> Npv
     return module
 
 
+def _check_nothing_shared(module: nn.Module) -> None:
+    """Refuse what torch shares and npvae cannot: every npvae layer owns its parameters. A parameter-free
+    module used at two places is fine (it computes the same at each, and comes back at each)."""
+    first: dict[int, str] = {}
+    for path, sub in module.named_modules(remove_duplicate=False):
+        if id(sub) in first and next(sub.parameters(), None) is not None:
+            raise ValueError(f"{path} is the module {first[id(sub)]} again (one {type(sub).__name__} at two places, "
+                             "sharing its parameters): npvae's layers own their parameters; use a copy "
+                             "(copy.deepcopy) at one place")
+        first.setdefault(id(sub), path)
+    owners: dict[tuple, str] = {}
+    for key, p in module.named_parameters(remove_duplicate=False):
+        # one Parameter under two names, or two Parameters over the same memory
+        for tag in [("object", id(p))] + ([("memory", str(p.device), p.data_ptr())] if p.numel() else []):
+            if tag in owners:
+                raise ValueError(f"{key} and {owners[tag]} are one tensor (tied parameters): npvae's parameters are "
+                                 f"separate, so the model would untie them; give {key} its own copy "
+                                 "(nn.Parameter(p.detach().clone()))")
+            owners[tag] = key
+
+
 def from_torch(module: NpvaeModule, dtype=None) -> Model:
     """The npvae model of a module built by :func:`to_torch` (trained, moved, cast: all fine), with its
     weights copied to the CPU.
@@ -716,6 +774,7 @@ def from_torch(module: NpvaeModule, dtype=None) -> Model:
         raise TypeError(f"from_torch reads the modules npvae.torch.to_torch builds (they carry the npvae spec), "
                         f"got a {type(module).__name__}; for your own module with npvae's state-dict keys, use "
                         "model.load_state_dict({k: v.detach().cpu().numpy() for k, v in module.state_dict().items()})")
+    _check_nothing_shared(module)
     if dtype is None:
         dtype = np.float64 if next(module.parameters()).dtype == torch.float64 else np.float32
     parts = {name: L.layer_spec(layer_from_torch(module.part(name), name)) for name in module.part_names}

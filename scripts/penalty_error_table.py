@@ -38,7 +38,7 @@ from tests.torch_models import rel_error as scaled_error  # noqa: E402
 
 def contractive_case(rng) -> tuple[float, float]:
     sizes = [int(s) for s in rng.integers(1, 9, size=rng.integers(2, 6))]
-    acts = [str(a) for a in rng.choice(ops.ACTIVATIONS, size=len(sizes) - 1)]
+    acts = [str(a) for a in rng.choice(list(ops.ACTIVATIONS), size=len(sizes) - 1)]
     alpha = float(rng.choice([0.0, 0.01, 0.3]))
     batch = int(rng.integers(1, 9))
     x, weights, biases = draw_stack(rng, sizes, float(rng.choice([0.3, 1.0, 3.0])), batch)
@@ -77,14 +77,14 @@ def sparsity_case(rng) -> tuple[float, float]:
 def model_case(rng, kind: str) -> tuple[float, float]:
     d, z, b = int(rng.integers(1, 11)), int(rng.integers(1, 7)), int(rng.integers(1, 13))
     hidden = tuple(int(s) for s in rng.integers(1, 9, size=rng.integers(0, 3)))
-    act = str(rng.choice(ops.ACTIVATIONS))
+    act = str(rng.choice(list(ops.ACTIVATIONS)))
     seed = int(rng.integers(2**31))
     if kind == "contractive":
-        model = ContractiveAutoencoder(d, hidden, z, act, code_activation=str(rng.choice(ops.ACTIVATIONS)),
+        model = ContractiveAutoencoder(d, hidden, z, act, code_activation=str(rng.choice(list(ops.ACTIVATIONS))),
                                        contraction_weight=float(rng.choice([0.1, 1.0, 10.0])), dtype=np.float64,
                                        seed=seed)
     elif kind == "sparse-l1":
-        model = SparseAutoencoder(d, hidden, z, act, code_activation=str(rng.choice(ops.ACTIVATIONS)),
+        model = SparseAutoencoder(d, hidden, z, act, code_activation=str(rng.choice(list(ops.ACTIVATIONS))),
                                   sparsity_penalty="l1", sparsity_weight=0.5, dtype=np.float64, seed=seed)
     else:
         model = SparseAutoencoder(d, hidden, z, act, sparsity_weight=3.0, dtype=np.float64, seed=seed)

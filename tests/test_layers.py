@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from npvae.layers import (Activation, Conv2d, ConvTranspose2d, Dense, Flatten, MaxPool2d, Parameters, Reshape,
-                          Sequential, Upsample2d, Workspace, layer_from_spec, layer_spec, mlp)
+from npvae.layers import (LAYER_TYPES, Activation, Conv2d, ConvTranspose2d, Dense, Flatten, GaussianHeads, Layer,
+                          MaxPool2d, Parameters, Reshape, Sequential, Upsample2d, Workspace, layer_from_spec, layer_spec,
+                          mlp)
 
 from tests.helpers import rel_error
 
@@ -119,8 +122,68 @@ def test_specs_round_trip_and_refuse_unknown_types():
     assert repr(rebuilt) == repr(stack) and layer_spec(rebuilt) == spec
     with pytest.raises(ValueError, match="unknown layer type 'Lambda'"):
         layer_from_spec({"type": "Lambda", "code": "import os"})
-    with pytest.raises(ValueError, match="does not fit Dense"):
+    with pytest.raises(ValueError, match=r"^layer spec does not fit Dense: missing key 'out_dim' \(expected in_dim, "
+                                         r"out_dim, activation, alpha\)$"):
         layer_from_spec({"type": "Dense", "in_dim": 2})
+    with pytest.raises(ValueError, match=r"^layer spec does not fit Dense: unknown key 'bias'"):
+        layer_from_spec({"type": "Dense", "in_dim": 2, "out_dim": 3, "bias": False})
+    with pytest.raises(ValueError, match=r"^layer spec does not fit Flatten: unknown key 'dims' \(it takes none\)$"):
+        layer_from_spec({"type": "Flatten", "dims": 2})
+    with pytest.raises(ValueError, match=r"^expected a Sequential spec with one key, 'layers'"):
+        layer_from_spec({"type": "Sequential", "layers": {}})
+    with pytest.raises(ValueError, match=r"^expected names two different non-empty strings"):
+        layer_from_spec({"type": "GaussianHeads", "in_dim": 2, "latent_dim": 1, "names": ["mu", "mu"]})
+    with pytest.raises(ValueError, match=r"^unknown activation 'gelu': expected one of identity, relu"):
+        layer_from_spec({"type": "Activation", "name": "gelu"})
+
+
+# one of each layer type npvae defines, for the registry's round trip
+EXAMPLES = [Dense(3, 2, "leaky_relu", 0.3), GaussianHeads(4, 2, ("prior_mu", "prior_logvar")), Activation("tanh"),
+            Flatten(), Reshape((2, 3)), Conv2d(1, 2, (3, 1), 2, "same", "softplus"),
+            ConvTranspose2d(2, 1, 3, 2, 1, 1, "sigmoid"), MaxPool2d(3, 2, "same"), Upsample2d((1, 2)),
+            Sequential(Flatten(), Sequential(Dense(6, 2)))]
+
+
+def test_every_layer_type_registers_itself_and_describes_its_own_config():
+    assert {type(layer) for layer in EXAMPLES} == {cls for cls in LAYER_TYPES.values() if cls.__module__ == "npvae.layers"}
+    for layer in EXAMPLES:
+        spec = layer_spec(layer)
+        assert spec == {"type": type(layer).__name__, **layer.get_config()}
+        again = layer_from_spec(json.loads(json.dumps(spec)))
+        assert type(again) is type(layer) and repr(again) == repr(layer) and layer_spec(again) == spec
+
+
+def test_a_layer_of_ones_own_is_a_spec_type_by_defining_it():
+    class Scale(Layer):
+        def __init__(self, factor: float = 2.0, axes=(1,)):
+            self.factor, self.axes = float(factor), tuple(axes)
+
+    assert LAYER_TYPES["Scale"] is Scale
+    assert layer_spec(Scale(3.0)) == {"type": "Scale", "factor": 3.0, "axes": [1]}
+    assert layer_from_spec({"type": "Scale", "factor": 0.5}).factor == 0.5
+
+    class Scale(Layer):  # noqa: F811 - defined again (a notebook cell run twice): the new class replaces it
+        def __init__(self, factor: float = 2.0):
+            self.factor = factor
+
+    assert LAYER_TYPES["Scale"] is Scale
+
+    class Hidden(Layer, register=False):
+        pass
+
+    assert "Hidden" not in LAYER_TYPES
+    with pytest.raises(TypeError, match="Hidden has no spec"):
+        layer_spec(Hidden())
+
+    class Forgetful(Layer, register=False):
+        def __init__(self, size: int):
+            pass
+
+    with pytest.raises(TypeError, match=r"Forgetful.get_config: no attribute 'size'"):
+        Forgetful(2).get_config()
+    with pytest.raises(ValueError, match=r"layer type 'Dense' is registered twice"):
+        class Dense(Layer):  # noqa: F811 - a second class of a taken name
+            pass
 
 
 def test_reprs_are_readable():
@@ -208,8 +271,6 @@ def test_image_layer_specs_round_trip_and_init_like_torch():
     stack = Sequential(Conv2d(1, 4, 3, stride=(2, 1), padding="same", activation="relu"), MaxPool2d(2, 1, (1, 0)),
                        Upsample2d((2, 3)), ConvTranspose2d(4, 2, (3, 2), 2, (1, 0), (1, 0), "tanh"), Flatten())
     spec = layer_spec(stack)
-    import json
-
     again = layer_from_spec(json.loads(json.dumps(spec)))
     assert layer_spec(again) == spec and repr(again) == repr(stack)
     assert again.output_shape((1, 7, 6)) == stack.output_shape((1, 7, 6))

@@ -523,3 +523,17 @@ def test_float32_stays_float32_with_float64_partners():
     z, cache = ops.reparameterize_forward(x32, X, rng=np.random.default_rng(0))
     assert z.dtype == np.float32 and cache[0].dtype == np.float32
     assert math.isfinite(float(ops.kl_gaussians_forward(x32, X, X, X)[0]))
+
+
+def test_the_activation_registry_is_the_one_list():
+    """Every entry is reachable by its kernel code (the twins dispatch on it); a code is taken once; an
+    unknown name is one line naming the choices."""
+    assert all(ops.activation_info(entry.code) is entry for entry in ops.ACTIVATIONS.values())
+    assert len({entry.code for entry in ops.ACTIVATIONS.values()}) == len(ops.ACTIVATIONS)
+    taken = ops.ACTIVATIONS["relu"]
+    with pytest.raises(ValueError, match="activation code 1 is taken by 'relu'"):
+        ops._register_activation(ops.ActivationInfo("relu6", "min(max(a, 0), 6)", taken.code, taken.forward,
+                                                    taken.derivative, taken.second_derivative))
+    assert "relu6" not in ops.ACTIVATIONS
+    with pytest.raises(ValueError, match=r"^unknown activation 'gelu': expected one of identity, relu, leaky_relu"):
+        ops.dense_forward(np.ones((1, 1)), np.ones((1, 1)), np.ones(1), "gelu")

@@ -63,7 +63,7 @@ def torch_contraction(x, weights, biases, activations, alpha):
        data=st.data(), alpha=st.sampled_from([0.0, 0.01, 0.3]), scale=st.sampled_from([0.3, 1.0, 3.0]),
        reduction=st.sampled_from(ops.REDUCTIONS), seed=seeds)
 def test_contractive_penalty_matches_torch_double_backward(sizes, batch, data, alpha, scale, reduction, seed):
-    activations = data.draw(st.lists(st.sampled_from(ops.ACTIVATIONS), min_size=len(sizes) - 1,
+    activations = data.draw(st.lists(st.sampled_from(list(ops.ACTIVATIONS)), min_size=len(sizes) - 1,
                                      max_size=len(sizes) - 1), "activations")
     rng = np.random.default_rng(seed)
     x, weights, biases = draw_stack(rng, sizes, scale, batch)
@@ -126,7 +126,7 @@ def test_kl_sparsity_matches_torch(b, h, rho, spread, seed):
 
 
 @examples
-@given(name=st.sampled_from(ops.ACTIVATIONS), alpha=st.sampled_from([0.0, 0.3]), seed=seeds)
+@given(name=st.sampled_from(list(ops.ACTIVATIONS)), alpha=st.sampled_from([0.0, 0.3]), seed=seeds)
 def test_activation_derivatives_match_torch(name, alpha, seed):
     a = np.random.default_rng(seed).standard_normal((3, 5)) * 4
     y, _ = ops.activation_forward(a, name, alpha)

@@ -204,7 +204,7 @@ def test_what_cannot_cross_is_named():
         with pytest.raises(TypeError, match=f"npvae.torch has no module for {type(penalised).__name__}"):
             to_torch(penalised)
 
-    class Negate(L.Layer):
+    class Negate(L.Layer, register=False):
         pass
 
     with pytest.raises(TypeError, match="no torch module for Negate: register one with npvae.torch.register_layer"):
@@ -212,7 +212,79 @@ def test_what_cannot_cross_is_named():
 
 
 def test_every_npvae_layer_type_is_registered():
-    assert set(L.LAYER_TYPES.values()) | {L.Sequential} <= set(LAYERS)
+    assert {cls for cls in L.LAYER_TYPES.values() if cls.__module__ == L.__name__} <= set(LAYERS)
+
+
+def test_every_activation_crosses_as_its_torch_module_names_it():
+    a = torch.linspace(-30, 30, 121, dtype=torch.float64)[None]  # beyond nn.Softplus' threshold of 20
+    for name, entry in npvae.ops.ACTIVATIONS.items():
+        alpha = 0.2 if entry.takes_alpha else 0.01
+        ours, _ = npvae.ops.activation_forward(a.numpy().copy(), name, alpha)
+        module = getattr(torch.nn, entry.torch)(*([alpha] if entry.takes_alpha else []))
+        assert npvae.torch.layer_from_torch(module).get_config() == {"name": name, "alpha": alpha}
+        assert rel_error(npvae.torch.layer_to_torch(L.Activation(name, alpha))(a).numpy(), ours) < 1e-15, name
+        assert rel_error(module(a).numpy(), ours) < 1e-8, name  # torch's own, nn.Softplus 2e-9 off above 20
+    with pytest.raises(ValueError, match="npvae's softplus is Softplus with beta=1"):
+        npvae.torch.layer_from_torch(torch.nn.Softplus(beta=2))
+
+
+# ----------------------------------------------------------------------------- what torch shares
+
+
+def _loss_pair(module, back, seed=2):
+    x, _, eps = batch(back, 5, seed)
+    with torch.no_grad():
+        theirs = [a.numpy() for a in module(t(x), eps=t(eps))]
+    return back.forward(x, eps=eps), theirs
+
+
+def test_one_activation_module_at_two_places_comes_back_at_both():
+    module = to_torch(PRESETS["vae"]())
+    relu = torch.nn.ReLU()
+    module.encoder = torch.nn.Sequential(torch.nn.Linear(12, 9), relu, torch.nn.Linear(9, 5), relu).double()
+    back = from_torch(module)
+    assert repr(back.parts["encoder"]) == ("Sequential(Dense(12 -> 9), Activation('relu'), Dense(9 -> 5), "
+                                           "Activation('relu'))")
+    ours, theirs = _loss_pair(module, back)
+    assert all(rel_error(a, b, 1.0) < 1e-12 for a, b in zip(ours, theirs))
+
+
+def test_a_module_with_parameters_at_two_places_is_refused_by_name():
+    module = to_torch(PRESETS["vae"]())
+    square = torch.nn.Linear(9, 9)
+    module.encoder = torch.nn.Sequential(torch.nn.Linear(12, 9), square, torch.nn.ReLU(), square,
+                                         torch.nn.Linear(9, 5)).double()
+    with pytest.raises(ValueError, match=r"^encoder\.3 is the module encoder\.1 again \(one Linear at two places"):
+        from_torch(module)
+
+
+def test_tied_parameters_are_refused_by_name():
+    module = to_torch(PRESETS["vae"]())
+    module.logvar.weight = module.mu.weight  # both (3, 5)
+    with pytest.raises(ValueError, match=r"^logvar\.weight and mu\.weight are one tensor \(tied parameters\)"):
+        from_torch(module)
+    module = to_torch(PRESETS["vae"]())
+    module.logvar.weight = torch.nn.Parameter(module.mu.weight.data)  # two Parameters, one memory
+    with pytest.raises(ValueError, match=r"^logvar\.weight and mu\.weight are one tensor"):
+        from_torch(module)
+
+
+def test_a_head_assigned_in_torch_is_registered_once_and_is_the_one_that_runs():
+    model = PRESETS["vae"]()
+    module = to_torch(model)
+    module.mu = torch.nn.Linear(5, 3).double()
+    assert list(module.state_dict()) == list(model.state_dict())
+    assert sum(1 for _ in module.parameters()) == len(model.state_dict())
+    back = from_torch(module)
+    assert np.array_equal(back.state_dict()["mu.weight"], module.mu.weight.detach().numpy())
+    ours, theirs = _loss_pair(module, back)
+    assert all(rel_error(a, b, 1.0) < 1e-12 for a, b in zip(ours, theirs))
+    module.mu = torch.nn.Linear(5, 4).double()
+    with pytest.raises(ValueError, match=r"the heads differ \(mu 5 -> 4 and logvar 5 -> 3\)"):
+        from_torch(module)
+    module.mu = torch.nn.Sequential(torch.nn.Linear(5, 3)).double()
+    with pytest.raises(ValueError, match=r"mu is Sequential\(Dense\(5 -> 3\)\): npvae's Gaussian heads are affine"):
+        from_torch(module)
 
 
 def test_importing_npvae_never_imports_torch():

@@ -60,8 +60,7 @@ class Autoencoder(Model):
                                         tuple(float(v) for v in value_range), float(alpha), code_activation)
         c = self.config
         for act in (c.activation, c.output_activation, c.code_activation):
-            if act not in ops.ACTIVATIONS:
-                raise ValueError(f"unknown activation {act!r}: expected one of {', '.join(ops.ACTIVATIONS)}")
+            ops.ACTIVATIONS.check(act)
         if not (len(c.value_range) == 2 and c.value_range[0] < c.value_range[1]):
             raise ValueError(f"expected value_range (lo, hi) with lo < hi, got {c.value_range}")
         self.value_range = c.value_range

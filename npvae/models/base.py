@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..layers import GaussianHeads, Layer, Parameters, Sequential, Workspace, check_dtype, layer_spec
+from ..layers import Layer, Parameters, Sequential, Workspace, check_dtype, layer_spec
 
 
 @dataclass(frozen=True)
@@ -142,10 +142,7 @@ class Model:
             layer.bind({p: self.params.value(f"{path}.{p}") for p in names},
                        {p: self.params.gradient(f"{path}.{p}") for p in names}, self.workspace, path)
             layer.init(rng)
-            if isinstance(layer, GaussianHeads):
-                exported.extend(layer.exported())
-            else:
-                exported.extend((f"{path}.{p}", layer.params[p], layer.grads[p]) for p in names)
+            exported.extend(layer.state_items(path))
         for name, part in parts.items():
             if isinstance(part, Sequential):
                 part.bind({}, {}, self.workspace, name)

@@ -111,8 +111,7 @@ class GaussianVAE(Model, GaussianLatent):
 
     def _validate_config(self) -> None:
         c = self.config
-        if c.activation not in ops.ACTIVATIONS:
-            raise ValueError(f"unknown activation {c.activation!r}: expected one of {', '.join(ops.ACTIVATIONS)}")
+        ops.ACTIVATIONS.check(c.activation)
         if c.likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {c.likelihood!r}: expected one of {', '.join(LIKELIHOODS)}")
         if not c.beta >= 0:

@@ -132,7 +132,7 @@ MODEL_IDS = list(small_models())
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @settings(examples, max_examples=8)  # per likelihood and depth: 72 in all
 @given(d=input_dims, sizes=st.lists(widths, min_size=2, max_size=2), z=latent_dims, b=batch_sizes,
-       activation=st.sampled_from(ops.ACTIVATIONS), alpha=st.sampled_from([0.0, 0.01, 0.3]),
+       activation=st.sampled_from(list(ops.ACTIVATIONS)), alpha=st.sampled_from([0.0, 0.01, 0.3]),
        beta=st.sampled_from([0.0, 0.3, 1.0, 4.0]), logvar_bounds=st.sampled_from([None, (-0.5, 0.3), (-8.0, 8.0)]),
        scale=weight_scales, binary=st.booleans(), seed=seeds)
 def test_vae_gradients_match_torch(likelihood, depth, d, sizes, z, b, activation, alpha, beta, logvar_bounds, scale,
@@ -144,7 +144,7 @@ def test_vae_gradients_match_torch(likelihood, depth, d, sizes, z, b, activation
 
 @examples
 @given(d=input_dims, hidden=st.lists(widths, max_size=2), z=latent_dims, b=batch_sizes,
-       activation=st.sampled_from(ops.ACTIVATIONS), output_activation=st.sampled_from(ops.ACTIVATIONS),
+       activation=st.sampled_from(list(ops.ACTIVATIONS)), output_activation=st.sampled_from(list(ops.ACTIVATIONS)),
        value_range=st.sampled_from([(-1.0, 1.0), (0.0, 1.0)]), scale=weight_scales, seed=seeds)
 def test_autoencoder_gradients_match_torch(d, hidden, z, b, activation, output_activation, value_range, scale, seed):
     model = Autoencoder(d, hidden, z, activation, output_activation, value_range, dtype=np.float64, seed=seed)
@@ -155,7 +155,7 @@ def test_autoencoder_gradients_match_torch(d, hidden, z, b, activation, output_a
 @pytest.mark.parametrize("noise, levels", [("salt_pepper", [0.0, 0.2, 0.7, 1.0]), ("gaussian", [0.0, 0.3, 2.0])])
 @settings(examples, max_examples=12)
 @given(data=st.data(), d=input_dims, hidden=st.lists(widths, max_size=2), z=latent_dims, b=batch_sizes,
-       activation=st.sampled_from(ops.ACTIVATIONS), output_activation=st.sampled_from(["identity", "sigmoid", "tanh"]),
+       activation=st.sampled_from(list(ops.ACTIVATIONS)), output_activation=st.sampled_from(["identity", "sigmoid", "tanh"]),
        value_range=st.sampled_from([(-1.0, 1.0), (0.0, 1.0)]), seed=seeds)
 def test_denoising_autoencoder_gradients_match_torch(noise, levels, data, d, hidden, z, b, activation,
                                                      output_activation, value_range, seed):
@@ -167,7 +167,7 @@ def test_denoising_autoencoder_gradients_match_torch(noise, levels, data, d, hid
 
 @examples
 @given(d=input_dims, hidden=st.lists(widths, max_size=2), z=latent_dims, b=batch_sizes,
-       activation=st.sampled_from(ops.ACTIVATIONS), output_activation=st.sampled_from(["identity", "sigmoid", "tanh"]),
+       activation=st.sampled_from(list(ops.ACTIVATIONS)), output_activation=st.sampled_from(["identity", "sigmoid", "tanh"]),
        noise_std=st.sampled_from([0.0, 0.5, 1.0, 2.0]), scale=weight_scales, seed=seeds)
 def test_poor_mans_vae_gradients_match_torch(d, hidden, z, b, activation, output_activation, noise_std, scale, seed):
     model = PoorMansVAE(d, hidden, z, activation, output_activation, noise_std=noise_std, dtype=np.float64, seed=seed)
@@ -254,7 +254,7 @@ def test_finite_differences(name, backend):
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @settings(examples, max_examples=5)
 @given(d=input_dims, hidden=st.lists(widths, max_size=2), z=latent_dims, b=batch_sizes,
-       activation=st.sampled_from(ops.ACTIVATIONS), beta=st.sampled_from([0.0, 0.5, 3.0]), seed=seeds)
+       activation=st.sampled_from(list(ops.ACTIVATIONS)), beta=st.sampled_from([0.0, 0.5, 3.0]), seed=seeds)
 def test_vae_gradient_splits_into_recon_and_kl(likelihood, backend, d, hidden, z, b, activation, beta, seed):
     model = VAE(d, hidden, z, activation, likelihood, beta, dtype=np.float64, seed=seed)
     rng = np.random.default_rng(seed)

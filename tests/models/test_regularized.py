@@ -27,7 +27,7 @@ hidden_layers = st.lists(st.integers(1, 8), max_size=2)
 
 
 @settings(examples, max_examples=15)
-@given(d=input_dims, hidden=hidden_layers, z=code_dims, b=batch_sizes, activation=st.sampled_from(ops.ACTIVATIONS),
+@given(d=input_dims, hidden=hidden_layers, z=code_dims, b=batch_sizes, activation=st.sampled_from(list(ops.ACTIVATIONS)),
        weight=st.sampled_from([0.0, 0.5, 3.0]), rho=st.sampled_from([0.02, 0.05, 0.3]), scale=weight_scales,
        seed=seeds)
 def test_sparse_kl_gradients_match_torch(d, hidden, z, b, activation, weight, rho, scale, seed):
@@ -38,8 +38,8 @@ def test_sparse_kl_gradients_match_torch(d, hidden, z, b, activation, weight, rh
 
 
 @settings(examples, max_examples=15)
-@given(d=input_dims, hidden=hidden_layers, z=code_dims, b=batch_sizes, activation=st.sampled_from(ops.ACTIVATIONS),
-       code_activation=st.sampled_from(ops.ACTIVATIONS), weight=st.sampled_from([0.0, 0.1, 2.0]), scale=weight_scales,
+@given(d=input_dims, hidden=hidden_layers, z=code_dims, b=batch_sizes, activation=st.sampled_from(list(ops.ACTIVATIONS)),
+       code_activation=st.sampled_from(list(ops.ACTIVATIONS)), weight=st.sampled_from([0.0, 0.1, 2.0]), scale=weight_scales,
        seed=seeds)
 def test_sparse_l1_gradients_match_torch(d, hidden, z, b, activation, code_activation, weight, scale, seed):
     model = SparseAutoencoder(d, hidden, z, activation, "sigmoid", code_activation=code_activation,
@@ -49,8 +49,8 @@ def test_sparse_l1_gradients_match_torch(d, hidden, z, b, activation, code_activ
 
 
 @settings(examples, max_examples=20)
-@given(d=input_dims, hidden=hidden_layers, z=code_dims, b=batch_sizes, activation=st.sampled_from(ops.ACTIVATIONS),
-       code_activation=st.sampled_from(ops.ACTIVATIONS), output_activation=st.sampled_from(["sigmoid", "identity"]),
+@given(d=input_dims, hidden=hidden_layers, z=code_dims, b=batch_sizes, activation=st.sampled_from(list(ops.ACTIVATIONS)),
+       code_activation=st.sampled_from(list(ops.ACTIVATIONS)), output_activation=st.sampled_from(["sigmoid", "identity"]),
        weight=st.sampled_from([0.0, 0.1, 1.0, 10.0]), scale=weight_scales, seed=seeds)
 def test_contractive_gradients_match_torch_double_backward(d, hidden, z, b, activation, code_activation,
                                                            output_activation, weight, scale, seed):
