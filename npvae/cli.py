@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend
+from . import backend, memory
 
 MODEL_CHOICES = ("vae", "ae", "dae", "poor", "cvae", "sparse-ae", "contractive-ae", "conv-vae", "conv-dae", "conv-ae",
                  "conv-doc-dae")
@@ -249,13 +249,21 @@ def cmd_train(args) -> int:
         config.validate()
         dataset = _load_data(args, seed=args.seed)
     print(f"data: {dataset.description}")
+    asked = f"{out / 'checkpoint.npz'}" if run is not None else f"--config {args.config}" if args.config else None
+    if asked is not None:  # flags are checked above; these settings came from a file
+        memory.check_samples(config.k, config.batch_size, MAX_SAMPLES_PER_PASS, asked)
     if args.epochs is None and run is None:  # the demo set is 13x smaller than MNIST: more passes for the same steps
         config.epochs = 50 if dataset.is_demo else 10
     if run is None:
         out = Path(args.out or f"runs/{args.model}-{dataset.name}")
-        model = build_model_from_args(args, dataset.train_x.shape[1:], dataset.num_classes)
+        with memory.asked_by(memory.flags_text({_flag(d): getattr(args, d) for d in
+                                                ["model", *sorted(getattr(args, "explicit", set()) & _MODEL_FLAGS.keys())]})):
+            model = build_model_from_args(args, dataset.train_x.shape[1:], dataset.num_classes)
     else:
         model, _ = load_model(out / "checkpoint.npz")
+    memory.check_batch(model, min(config.batch_size, len(dataset.train_x)), f"training {model.kind} with batch size "
+                       f"{min(config.batch_size, len(dataset.train_x))}", "lower --batch-size (or train on tiles of "
+                       "the images)", k=config.k, training=True, source=asked or "--batch-size / --k")
     print(f"model: {model!r}")
     if not config.training_objective().is_default:
         print(f"objective: {config.training_objective().describe()}")
@@ -285,7 +293,8 @@ def _load_model(path):
     from .models import load_model
     from .train import check_run_meta
 
-    model, meta = load_model(path)
+    with memory.asked_by(f"checkpoint {path}"):
+        model, meta = load_model(path)
     return model, check_run_meta(meta, path, training=False)
 
 
@@ -487,6 +496,8 @@ def cmd_evaluate(args) -> int:
     if target is not None and args.iw_samples is not None:
         raise CLIError(f"--iw-samples estimates log p(x) of the inputs; {args.checkpoint}'s run was paired "
                        "(input -> target), so its ELBO is of the targets: evaluate without --iw-samples")
+    memory.check_batch(model, min(len(x), 1000), f"evaluating {len(x):,} images", "lower --n",
+                       source=f"evaluate {args.checkpoint}")
     rng = np.random.default_rng(args.seed)
     labels = model.check_labels(labels, len(x))
     terms = model.evaluate(x, labels, rng=rng, target=target)
@@ -572,6 +583,8 @@ def cmd_sample(args) -> int:
             model.check_labels(np.array([args.label]))
         except ValueError as exc:
             raise CLIError(f"--label {args.label}: {exc}") from None
+    memory.check_batch(model, args.n, f"decoding {args.n} samples", "lower --n", images=args.n,
+                       source=f"--n {args.n} with {args.checkpoint}")
     path = figures.samples(model, args.out, rng, n=args.n, label=args.label)
     print(f"wrote {path}")
     return 0
@@ -705,6 +718,8 @@ def cmd_plot(args) -> int:
     if images > MAX_PICTURE_IMAGES:
         raise CLIError(f"{what} with --n {n} would draw {images:,} images; one picture holds at most "
                        f"{MAX_PICTURE_IMAGES:,}")
+    memory.check_batch(model, max(images, 1), f"drawing {what} ({images:,} images)", "lower --n", images=images,
+                       source=f"plot {what} with {args.checkpoint}")
     rng = np.random.default_rng(args.seed)
     if what == "samples":
         path = figures.samples(model, out, rng, n=n, label=args.label)
@@ -778,6 +793,9 @@ def cmd_grads(args) -> int:
         raise CLIError(f"--k up to {max(args.k)} on --examples {args.examples} images decodes "
                        f"{args.examples * max(args.k):,} samples per draw, more than {MAX_SAMPLES_PER_PASS:,}; "
                        "lower --k or --examples")
+    if args.k is not None:
+        memory.check_batch(model, args.examples, f"the --k study on {args.examples} images", "lower --k or --examples",
+                           k=max(args.k), training=True, source=f"--k {max(args.k)} --examples {args.examples}")
     dataset, x, y, _ = _split_data(args, model, meta, args.n)
     labels = model.check_labels(None if y is None else y.astype(np.int64), len(x))
     examples = min(args.examples, len(x))
