@@ -211,7 +211,7 @@ def _resume_dir(args) -> Path:
 
 
 def cmd_train(args) -> int:
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, npvae_member
     from .models import load_model
     from .models import MODELS
     from .objectives import Objective
@@ -235,7 +235,7 @@ def cmd_train(args) -> int:
         out = _resume_dir(args)
         if not (out / "checkpoint.npz").exists():
             raise CLIError(f"--resume: no checkpoint at {out / 'checkpoint.npz'}")
-        _, run = load_checkpoint(out / "checkpoint.npz")
+        _, run = load_checkpoint(out / "checkpoint.npz", npvae_member)
         check_run_meta(run, out / "checkpoint.npz")
         settings, changed = _resume_settings(args, run, getattr(args, "explicit", set()))
         try:

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from . import backend, data as datasets
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, npvae_member, save_checkpoint
 from .models import GaussianLatent, Model
 from .models.saving import model_meta, model_state, save_model
 from .objectives import Objective
@@ -346,7 +346,7 @@ class Trainer:
 
     def restore(self, path) -> None:
         """Continue from a training checkpoint: parameters, optimizer, position and noise state."""
-        arrays, meta = load_checkpoint(path)
+        arrays, meta = load_checkpoint(path, npvae_member)
         check_run_meta(meta, path)
         ours = json.loads(json.dumps(model_meta(self.model)))
         same = (meta.get("model_spec") == ours["model_spec"] if "model_spec" in meta
