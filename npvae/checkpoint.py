@@ -235,7 +235,7 @@ def open_regular(path, error: type[Exception] = ValueError, what: str = "file", 
     except FileNotFoundError:
         if not missing_as_error:
             raise
-        raise error(f"{what} {path}: no such file") from None
+        raise error(f"{what} {path}: No such file or directory") from None
     except OSError as exc:
         raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     try:
@@ -277,6 +277,23 @@ def parse_json(text: str, error: type[Exception] = ValueError, what: str = "file
         raise error(f"{what}: not valid JSON ({exc})") from None
     except RecursionError:
         raise error(f"{what}: JSON nested too deeply to read") from None
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character (an ANSI escape's ESC, a carriage return, ...) written as its
+    escape sequence: strings from a file are shown, never obeyed by the terminal."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinity (which JSON cannot hold) replaced by null, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 # ----------------------------------------------------------------------------- loading
@@ -334,12 +351,11 @@ def read_npy(stream, size: int, name: str, compressed_size: int | None = None) -
     return out.reshape(shape, order="F" if fortran_order else "C")
 
 
-def npz_names(zf: zipfile.ZipFile, wanted: Callable[[str], bool] | None = None,
-              compressed: bool = True) -> list[zipfile.ZipInfo]:
+def npz_names(zf: zipfile.ZipFile, wanted: Callable[[str], bool] | None = None) -> list[zipfile.ZipInfo]:
     """The members of an ``.npz``, checked from the zip directory alone, before any is read.
 
     Each must be a ``.npy`` that ``wanted`` (when given) accepts, neither encrypted nor compressed
-    other than by deflate (nor at all unless ``compressed``): a member nobody reads is never inflated.
+    other than by deflate: a member nobody reads is never inflated.
     """
     infos = zf.infolist()
     for info in infos:
@@ -350,20 +366,17 @@ def npz_names(zf: zipfile.ZipFile, wanted: Callable[[str], bool] | None = None,
             raise CheckpointError(f"unexpected member {name!r}: not an array this file should hold")
         if info.flag_bits & 0x1:
             raise CheckpointError(f"member {name!r} is encrypted; npvae reads plain .npz files")
-        allowed = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) if compressed else (zipfile.ZIP_STORED,)
-        if info.compress_type not in allowed:
-            how = "stored" + (" or deflated" if compressed else "")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise CheckpointError(f"member {name!r} uses zip compression method {info.compress_type}; expected "
-                                  f"{how} members (save with np.savez{'_compressed' * compressed})")
+                                  "stored or deflated members (save with np.savez or np.savez_compressed)")
     return infos
 
 
-def read_npz_members(f, wanted: Callable[[str], bool] | None = None,
-                     compressed: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+def read_npz_members(f, wanted: Callable[[str], bool] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """``(name, array)`` for each ``.npy`` member of an ``.npz`` (zip) file, each read by :func:`read_npy`
     after all were checked by :func:`npz_names`."""
     with zipfile.ZipFile(f) as zf:
-        for info in npz_names(zf, wanted, compressed):
+        for info in npz_names(zf, wanted):
             name = info.filename[: -len(".npy")]
             with zf.open(info) as member:
                 compressed = None if info.compress_type == zipfile.ZIP_STORED else info.compress_size
@@ -372,8 +385,7 @@ def read_npz_members(f, wanted: Callable[[str], bool] | None = None,
 
 def _read_npz(f, wanted) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
-    # npvae writes stored members only: a deflated one could inflate a thousandfold
-    for name, array in read_npz_members(f, wanted, compressed=False):
+    for name, array in read_npz_members(f, wanted):
         if name in arrays:
             raise CheckpointError(f"array {name!r} appears twice")
         arrays[name] = array
@@ -431,7 +443,7 @@ def load_checkpoint(path: str | os.PathLike,
     ------
     CheckpointError
         When the file is missing, unreadable or not a regular file, not a zip/npz, holds a member
-        ``wanted`` refuses, an encrypted or compressed member, truncated or corrupt (CRC or header
+        ``wanted`` refuses, an encrypted member or one compressed other than by deflate, truncated or corrupt (CRC or header
         mismatch), lacks ``"__meta__"``, holds bad JSON, an unknown ``format_version``, or an
         object (pickled) array.
     """

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import backend, memory
+from .rundir import picture_path
 
 MODEL_CHOICES = ("vae", "ae", "dae", "poor", "cvae", "sparse-ae", "contractive-ae", "conv-vae", "conv-dae", "conv-ae",
                  "conv-doc-dae")
@@ -327,12 +328,9 @@ def read_train_settings(path) -> dict:
     Unknown names and wrong types are one-line errors."""
     from .train import TrainConfig
 
-    try:
-        settings = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise CLIError(f"--config {path}: {exc.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CLIError(f"--config {path}: not valid JSON ({exc})") from None
+    from .checkpoint import parse_json, read_text
+
+    settings = parse_json(read_text(path, CLIError, "--config"), CLIError, f"--config {path}")
     if isinstance(settings, dict) and isinstance(settings.get("train_config"), dict):
         settings = settings["train_config"]
     if not isinstance(settings, dict):
@@ -574,6 +572,7 @@ def cmd_sample(args) -> int:
     from .models import Conditional
     from .viz import figures
 
+    out = picture_path(args.out, "samples.png")
     model, meta = _load_model(args.checkpoint)
     rng = np.random.default_rng(args.seed)
     if args.label is not None:
@@ -585,7 +584,7 @@ def cmd_sample(args) -> int:
             raise CLIError(f"--label {args.label}: {exc}") from None
     memory.check_batch(model, args.n, f"decoding {args.n} samples", "lower --n", images=args.n,
                        source=f"--n {args.n} with {args.checkpoint}")
-    path = figures.samples(model, args.out, rng, n=args.n, label=args.label)
+    path = figures.samples(model, out, rng, n=args.n, label=args.label)
     print(f"wrote {path}")
     return 0
 
@@ -599,7 +598,8 @@ def cmd_reconstruct(args) -> int:
     x = _prepare(dataset.test_x[: args.n], model, tc.get("binarize", "none"), tc.get("seed", 0))
     labels = None if dataset.test_y is None else dataset.test_y[: args.n]
     target = _split_target(dataset, "test", model, meta, args.n)
-    path = figures.reconstructions(model, x, args.out, model.check_labels(labels, len(x)), n=args.n, target=target)
+    path = figures.reconstructions(model, x, picture_path(args.out, "reconstructions.png"), model.check_labels(labels, len(x)),
+                                   n=args.n, target=target)
     print(f"wrote {path}")
     return 0
 
@@ -638,25 +638,31 @@ def checkpoint_info(path) -> dict:
 
 
 def cmd_info(args) -> int:
+    from .checkpoint import finite_json, printable
+
     info = checkpoint_info(args.checkpoint)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(finite_json(info), indent=2, allow_nan=False))
         return 0
+
+    def say(line: str) -> None:  # the file's strings are shown, never obeyed as terminal codes
+        print(printable(line))
+
     kind = ("a training checkpoint (resumable with --resume)" if info["resumable"] else
             "the best parameters of a run" if info["best_epoch"] is not None else "a saved model")
-    print(f"{info['path']}: {kind}")
-    print(f"model: {info['description']}")
-    print(f"data: {info['data']}")
+    say(f"{info['path']}: {kind}")
+    say(f"model: {info['description']}")
+    say(f"data: {info['data']}")
     tc = info["train_config"]
-    print("training: " + ("not recorded (saved with npvae.save_model)" if tc is None else
-                          " ".join(f"{k}={v}" for k, v in tc.items())))
+    say("training: " + ("not recorded (saved with npvae.save_model)" if tc is None else
+                        " ".join(f"{k}={v}" for k, v in tc.items())))
     if info["epoch"] is not None:
         of = f" of {info['epochs']}" if info["epochs"] is not None else ""
         step = f" (step {info['step']})" if info["step"] is not None else ""
-        print(f"epochs: {info['epoch']}{of} done{step}" if info["resumable"] else f"epoch: saved after epoch {info['epoch']}")
+        say(f"epochs: {info['epoch']}{of} done{step}" if info["resumable"] else f"epoch: saved after epoch {info['epoch']}")
     if info["best_val_loss"] is not None:
         at = f" (epoch {info['best_epoch']})" if info["best_epoch"] is not None else ""
-        print(f"best validation loss: {info['best_val_loss']:.4f}{at}")
+        say(f"best validation loss: {info['best_val_loss']:.4f}{at}")
     return 0
 
 
@@ -698,7 +704,7 @@ def cmd_plot(args) -> int:
     from .viz import figures
 
     what = args.what
-    out = Path(args.out or f"{what}.png")
+    out = picture_path(args.out or f"{what}.png", f"{what}.png")
     if what == "curves":
         names = load_model(args.checkpoint)[0].loss_names
         print(f"wrote {figures.training_curves(_run_log(args.checkpoint), out, names)}")

@@ -18,7 +18,7 @@ import socket
 import sys
 from pathlib import Path
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, read_bytes, read_text
 
 LOCK = ".npvae.lock"
 
@@ -182,6 +182,40 @@ def append_log(path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+class LogError(ValueError):
+    """A run's ``log.jsonl`` cannot be read: the message names the file and the line."""
+
+
+def _parse_line(line: str):
+    """One log line as JSON, or None when it is no JSON a log could hold (too deeply nested included)."""
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+
+
+def read_log(path) -> list[dict]:
+    """The records of a run's ``log.jsonl``: a regular file, read no further than its size.
+
+    Raises
+    ------
+    LogError
+        One line naming the file and the first line that is not a JSON object (or the file, when it is a
+        FIFO, a device or a folder).
+    """
+    rows = []
+    for lineno, line in enumerate(read_text(path, LogError, "log").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = _parse_line(line)
+        if not isinstance(row, dict):
+            raise LogError(f"{path}, line {lineno}: not valid JSON (or nested too deeply to read)"
+                           if row is None else f"{path}, line {lineno}: expected a JSON object, got "
+                           f"{type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
 def reconcile_log(path, history: list[dict], step: int) -> int:
     """Make ``log.jsonl`` agree with a checkpoint before a resumed run appends to it.
 
@@ -197,17 +231,17 @@ def reconcile_log(path, history: list[dict], step: int) -> int:
         How many lines were dropped or restored (0 when the log already agreed).
     """
     path = Path(path)
-    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    exists = path.exists() or path.is_symlink()
+    lines = read_bytes(path, LogError, "log").decode("utf-8", "replace").splitlines() if exists else []
     epochs = {int(r["epoch"]) for r in history if isinstance(r, dict) and "epoch" in r}
     last_epoch = max(epochs, default=0)
     kept, seen, changes = [], set(), 0
     for line in lines:
-        try:
-            record = json.loads(line)
-            event = record.get("event")
-        except (ValueError, AttributeError):
+        record = _parse_line(line)
+        if not isinstance(record, dict):
             changes += 1
             continue
+        event = record.get("event")
         if event == "epoch":
             ok = record.get("epoch") in epochs and record.get("epoch") not in seen
             if ok:
@@ -230,3 +264,10 @@ def reconcile_log(path, history: list[dict], step: int) -> int:
         text = "".join(json.dumps(r) + "\n" for r in kept).encode()
         atomic_write(path, lambda f: f.write(text))
     return changes
+
+
+def picture_path(out, name: str) -> Path:
+    """Where a picture asked for with ``--out OUT`` goes: ``OUT/name`` when OUT is a folder (never a
+    ``OUT.png`` beside it), else OUT itself."""
+    out = Path(out)
+    return out / name if out.is_dir() else out

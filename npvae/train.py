@@ -116,7 +116,7 @@ class TrainConfig:
         check("seed", integer(0), "an integer >= 0")
         check("lr", number(lambda v: v > 0), "a positive finite number")
         check("weight_decay", number(lambda v: v >= 0), "a finite number >= 0")
-        check("momentum", number(lambda v: v >= 0), "a finite number >= 0")
+        check("momentum", number(lambda v: 0 <= v < 1), "a finite number in [0, 1)")
         check("kl_warmup_epochs", number(lambda v: v >= 0), "a finite number >= 0")
         if self.optimizer not in ("sgd", "rmsprop", "adam", "adamw"):
             raise ValueError(f"expected optimizer sgd, rmsprop, adam or adamw, got {self.optimizer!r}")
@@ -169,6 +169,10 @@ def _restore_rng(state: dict) -> np.random.Generator:
     return rng
 
 
+_EPOCH_NUMBERS = {"epoch", "step", "train_loss", "train_recon", "train_kl", "val_loss", "val_recon", "val_kl",
+                  "kl_weight", "seconds", "images_per_second"}
+
+
 def check_run_meta(meta: dict, path, training: bool = True) -> dict:
     """Check the types of a run's metadata before anything reads it; return ``meta``.
 
@@ -216,6 +220,11 @@ def check_run_meta(meta: dict, path, training: bool = True) -> dict:
     history = meta.get("history", [])
     if not (isinstance(history, list) and all(isinstance(r, dict) for r in history)):
         bad("history", "a list of objects")
+    for i, record in enumerate(history):  # the fields reports format as numbers
+        for key in _EPOCH_NUMBERS.intersection(record):
+            if record[key] is not None and not is_number(record[key]):
+                raise CheckpointError(f"{path}: metadata 'history' record {i}: {key!r} should be a number, got "
+                                      f"{record[key]!r:.80}")
     if not training:
         return meta
     for key in ("epoch", "batch", "step"):
@@ -493,7 +502,7 @@ class Trainer:
         perm = datasets.epoch_permutation(cfg.seed, self.epoch, self.n)
         bar = self._progress_bar()
         start = time.perf_counter()
-        start_batch = self.batch
+        start_seen = self.seen
         try:
             while self.batch < self.steps_per_epoch:
                 if self._interrupted:
@@ -526,7 +535,7 @@ class Trainer:
             "val_kl": val["kl"],
             "kl_weight": self._kl_weight(),
             "seconds": seconds,
-            "images_per_second": (self.batch - start_batch) * cfg.batch_size / max(seconds, 1e-9),
+            "images_per_second": (self.seen - start_seen) / max(seconds, 1e-9),  # a short last batch counts short
         }
         return record
 
@@ -720,4 +729,6 @@ def fit(model: Model, x, y=None, *, target=None, x_val=None, y_val=None, target_
         trainer = Trainer(model, dataset, config, scratch if out_dir is None else out_dir, progress=progress,
                           echo=echo or (lambda line: None))
         result = trainer.run()
+    if result.stopped == "interrupted":  # the trainer saved and stopped; a caller's Ctrl-C still stops the caller
+        raise KeyboardInterrupt if result.signal == signal.SIGINT else Terminated(result.signal)
     return result if out_dir is not None else dataclasses.replace(result, out_dir=None)
