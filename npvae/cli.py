@@ -223,6 +223,8 @@ def cmd_train(args) -> int:
         raise CLIError(f"--k {args.k} with --batch-size {args.batch_size or 128} decodes "
                        f"{args.k * (args.batch_size or 128):,} samples per step, more than {MAX_SAMPLES_PER_PASS:,} "
                        "(memory grows with it); lower --k or --batch-size")
+    if args.overwrite and args.resume:
+        raise CLIError("--overwrite removes another run's outputs to start afresh; --resume continues that run")
     if args.config and args.resume:
         raise CLIError("--config sets up a new run; --resume continues a run with the settings it saved")
     extra = _apply_config(args) if args.config else {}
@@ -273,6 +275,7 @@ def cmd_train(args) -> int:
         print("resuming with " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
     trainer = Trainer(model, dataset, config, out, progress=not args.no_progress)
     trainer.resumed_changes = changed
+    trainer.overwrite = getattr(args, "overwrite", False)
     result = trainer.run(resume=run is not None)
     if result.stopped == "interrupted":
         return 128 + int(result.signal or 2)
@@ -1009,6 +1012,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "numba", "numpy"), default=None,
                    help="kernels: numba (compiled) or numpy (default: $NPVAE_BACKEND, else numba when installed)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/MODEL-DATASET)")
+    p.add_argument("--overwrite", action="store_true", help="remove another run's outputs from --out (the default refuses)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-pictures", action="store_true", help="no pictures each epoch")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -54,6 +55,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the one at ``path``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino)
+
+
 class RunLock:
     """Exclusive ownership of a run directory for one process.
 
@@ -91,17 +102,23 @@ class RunLock:
         return self
 
     def _acquire_flock(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    os.close(fd)
+                    raise
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
                 os.close(fd)
-                raise
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+                raise RunLocked(f"{self.path.parent} is in use by {_describe_holder(holder)}: wait for that run "
+                                "to finish or stop it, or choose another --out") from None
+            if _same_file(fd, self.path):
+                break
+            # The holder unlinked the file between our open and our flock (it releases by unlinking): we
+            # locked a dead inode another process can no longer see. Open the path again.
             os.close(fd)
-            raise RunLocked(f"{self.path.parent} is in use by {_describe_holder(holder)}: wait for that run to "
-                            "finish or stop it, or choose another --out") from None
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, self._identity().encode(), 0)
@@ -271,3 +288,65 @@ def picture_path(out, name: str) -> Path:
     ``OUT.png`` beside it), else OUT itself."""
     out = Path(out)
     return out / name if out.is_dir() else out
+
+
+# ----------------------------------------------------------------------------- whose folder
+
+
+# What a training run writes into its --out: the files, the latest pictures, and pictures/NAME_eNNN.png.
+RUN_FILES = ("checkpoint.npz", "best.npz", "log.jsonl")
+LATEST_PICTURES = ("reconstructions.png", "samples.png", "classes.png")
+_EPOCH_PICTURE = re.compile(r"[a-z_]+_e\d{3,}\.png")
+
+
+def run_outputs(directory) -> list[Path]:
+    """The files in ``directory`` that a training run wrote (none for a new or an unrelated folder)."""
+    directory = Path(directory)
+    found = [directory / name for name in (*RUN_FILES, *LATEST_PICTURES)
+             if os.path.lexists(directory / name)]
+    pictures = directory / "pictures"
+    if pictures.is_dir():
+        found += sorted(p for p in pictures.iterdir() if _EPOCH_PICTURE.fullmatch(p.name))
+    return found
+
+
+def _listing(paths: list[Path], directory: Path) -> str:
+    names = [str(p.relative_to(directory)) for p in paths]
+    return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+
+def claim_outputs(directory, overwrite: bool = False) -> list[Path]:
+    """Make sure a new run does not mix its files with another run's in ``directory``.
+
+    Parameters
+    ----------
+    directory : path
+        The new run's ``--out``.
+    overwrite : bool
+        Remove the other run's outputs instead of refusing.
+
+    Returns
+    -------
+    list of Path
+        What was removed (empty unless ``overwrite``).
+
+    Raises
+    ------
+    FileExistsError
+        Naming the outputs found: continue that run with ``--resume``, remove them with ``--overwrite``,
+        or choose another ``--out``.
+    """
+    directory = Path(directory)
+    found = run_outputs(directory)
+    if found and not overwrite:
+        raise FileExistsError(f"{directory} holds another run's outputs ({_listing(found, directory)}): pass "
+                              "--resume to continue that run, --overwrite to remove them, or choose another --out")
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
+
+
+def describe_removed(removed: list[Path], directory) -> str:
+    """The line ``--overwrite`` prints: what it removed."""
+    return f"--overwrite: removed {len(removed)} file{'s' * (len(removed) != 1)} of an earlier run from " \
+           f"{directory}: {_listing(removed, Path(directory))}"

@@ -31,7 +31,7 @@ from .models import GaussianLatent, Model
 from .models.saving import model_meta, model_state, save_model
 from .objectives import Objective
 from .optim import clip_grad_norm, make_optimizer
-from .rundir import OutputError, RunLock, append_log, check_writable, reconcile_log
+from .rundir import OutputError, RunLock, append_log, check_writable, claim_outputs, describe_removed, reconcile_log
 
 CHECKPOINT = "checkpoint.npz"
 BEST = "best.npz"
@@ -143,7 +143,7 @@ class TrainResult:
 # ----------------------------------------------------------------------------- data preparation
 
 
-def prepare_split(images: np.ndarray, model: Model, binarize: str, seed: int) -> np.ndarray:
+def prepare_split(images: np.ndarray, model: Model, binarize: str, seed: int, name: str = "x") -> np.ndarray:
     """Images (N, ...) -> floats in the model's value range; binarized once unless 'none'.
 
     uint8 images are scaled from [0, 255]; floats must already lie in the model's range. Validation
@@ -151,9 +151,9 @@ def prepare_split(images: np.ndarray, model: Model, binarize: str, seed: int) ->
     the usual protocol for dynamically binarized MNIST (binarizing needs a model of data in [0, 1]).
     """
     if binarize != "none":
-        x = datasets.to_model_range(images, (0.0, 1.0), model.dtype)
+        x = datasets.to_model_range(images, (0.0, 1.0), model.dtype, name=name)
         return datasets.binarize_static(x, np.random.default_rng([seed, 7]))
-    return datasets.to_model_range(images, model.value_range, model.dtype)
+    return datasets.to_model_range(images, model.value_range, model.dtype, name=name)
 
 
 # ----------------------------------------------------------------------------- saving and loading
@@ -305,6 +305,7 @@ class Trainer:
         self._interrupted: int | None = None  # the signal that asked training to stop
         self._saved_epoch = 0
         self.resumed_changes: dict = {}  # settings a resumed run changed ({name: [old, new]}), logged
+        self.overwrite = False  # a new run may remove another run's outputs from out_dir (else it refuses)
         self._warned_pictures = False
         self.pictures_written: list[Path] = []  # the pictures of the last epoch that drew them
         self._batch_buf: dict[tuple, np.ndarray] = {}
@@ -313,7 +314,8 @@ class Trainer:
         """Paired training's targets in the model's range (None when the model reconstructs its input)."""
         if target is None:
             return None
-        return prepare_split(target, self.model, "none" if self.config.binarize == "dynamic" else self.config.binarize, seed)
+        return prepare_split(target, self.model, "none" if self.config.binarize == "dynamic" else self.config.binarize, seed,
+                             name="target")
 
     # -- checkpoints
 
@@ -583,8 +585,8 @@ class Trainer:
             if self.resumed_changes:
                 self._log({"event": "resume", "step": self.step, "epoch": self.epoch, "changed": self.resumed_changes})
             self.echo(f"resumed from {ckpt} at epoch {self.epoch + 1}, batch {self.batch} (step {self.step})")
-        elif ckpt.exists():
-            raise FileExistsError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
+        elif removed := claim_outputs(self.out_dir, self.overwrite):  # refuses another run's folder unless overwrite
+            self.echo(describe_removed(removed, self.out_dir))
         stopped = "completed"
         restore_handlers = self._trap_stop_signals()
         # Overflow in the NumPy backend shows up as inf/nan, which _check_finite reports with the
