@@ -264,9 +264,9 @@ def cmd_train(args) -> int:
             model = build_model_from_args(args, dataset.train_x.shape[1:], dataset.num_classes)
     else:
         model, _ = load_model(out / "checkpoint.npz")
-    memory.check_batch(model, min(config.batch_size, len(dataset.train_x)), f"training {model.kind} with batch size "
-                       f"{min(config.batch_size, len(dataset.train_x))}", "lower --batch-size (or train on tiles of "
-                       "the images)", k=config.k, training=True, source=asked or "--batch-size / --k")
+    batch = max(min(config.batch_size, len(dataset.train_x)), min(config.eval_batch_size, len(dataset.val_x)))
+    memory.check_batch(model, batch, f"training {model.kind} on batches of {batch}", "lower --batch-size (or train "
+                       "on tiles of the images)", k=config.k, training=True, source=asked or "--batch-size / --k")
     print(f"model: {model!r}")
     if not config.training_objective().is_default:
         print(f"objective: {config.training_objective().describe()}")

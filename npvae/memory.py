@@ -25,8 +25,8 @@ import math
 import os
 import re
 
-__all__ = ["MemoryRefused", "memory_limit", "human_bytes", "asked_by", "check", "parameter_bytes",
-           "activation_values", "check_parameters", "check_batch"]
+__all__ = ["MemoryRefused", "memory_limit", "human_bytes", "asked_by", "check", "parameter_bytes", "check_parameters",
+           "activation_values", "model_inputs", "per_example_bytes", "check_batch", "check_samples", "flags_text"]
 
 ENV_LIMIT = "NPVAE_MEMORY_LIMIT"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -193,10 +193,8 @@ def activation_values(parts, inputs) -> int:
 def model_inputs(model) -> list[tuple[int, ...]]:
     """The shapes a model's parts read: its input, encoder input, code and code with labels."""
     shapes = [tuple(model.input_shape)]
-    for name in ("encoder_input_shape",):
-        shape = getattr(model, name, None)
-        if shape is not None:
-            shapes.append(tuple(shape))
+    if getattr(model, "encoder_input_shape", None) is not None:  # a conditional model's input and labels
+        shapes.append(tuple(model.encoder_input_shape))
     config = getattr(model, "config", None)
     for dim in (getattr(model, "decoder_input_dim", None), getattr(config, "latent_dim", None),
                 getattr(model, "num_classes", None)):

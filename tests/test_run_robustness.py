@@ -243,9 +243,11 @@ def test_killed_between_writes_the_files_agree_and_resume_matches(tmp_path, monk
             assert max(logged, default=0) <= meta["epoch"]
         assert main(["train", *SMALL, "--epochs", "3", "--patience", "0", "--no-pictures", "--out", str(out),
                      "--resume"]) == 0
-    else:
+    else:  # killed before the first checkpoint: nothing to resume, and a best.npz a new run must not take silently
         (out / "log.jsonl").unlink(missing_ok=True)
-        assert train("--epochs", "3", "--patience", "0", out=out) == 0
+        if (out / "best.npz").exists():
+            assert train("--epochs", "3", "--patience", "0", out=out) == 2
+        assert train("--epochs", "3", "--patience", "0", "--overwrite", out=out) == 0
     # and the finished run is the uninterrupted one, files and log alike
     for name in ("checkpoint.npz", "best.npz"):
         a, ma = load_checkpoint(out / name)
