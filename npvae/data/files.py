@@ -157,6 +157,8 @@ def _load_npy(path: Path) -> np.ndarray:
         with open_regular(path, DataFileError, "data file") as f:
             _check_magic(f, path, (_NPY_MAGIC,), ".npy")
             return read_npy(f, os.fstat(f.fileno()).st_size, "x")
+    except DataFileError:
+        raise
     except CheckpointError as exc:
         raise DataFileError(f"{path}: cannot read this .npy file: {exc}") from None
     except (ValueError, OSError, EOFError) as exc:
