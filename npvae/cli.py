@@ -596,6 +596,8 @@ def cmd_reconstruct(args) -> int:
     from .viz import figures
 
     model, meta = _load_model(args.checkpoint)
+    memory.check_batch(model, args.n, f"reconstructing {args.n} images", "lower --n", images=3 * args.n,
+                       source=f"--n {args.n} with {args.checkpoint}")
     dataset = _dataset_for(args, meta)
     tc = meta.get("train_config", {})
     x = _prepare(dataset.test_x[: args.n], model, tc.get("binarize", "none"), tc.get("seed", 0))

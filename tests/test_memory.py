@@ -124,6 +124,8 @@ def test_a_small_checkpoint_with_a_huge_upsampling_is_refused_on_sample(tmp_path
     err = error_line(capsys)
     assert "decoding 1 samples" in err and str(path) in err and "lower --n" in err
     assert not (tmp_path / "s.png").exists()
+    assert main(["plot", str(path), "samples", "--n", "1", "--out", str(tmp_path / "p.png")]) == 2
+    assert "drawing samples (1 images)" in error_line(capsys)
 
 
 def test_the_estimate_is_near_what_a_conv_training_step_allocates():
