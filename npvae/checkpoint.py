@@ -212,7 +212,8 @@ def kind_of(mode: int) -> str:
     return "not a regular file"
 
 
-def open_regular(path, error: type[Exception] = ValueError, what: str = "file", missing_as_error: bool = True) -> BinaryIO:
+def open_regular(path, error: type[Exception] = ValueError, what: str = "file",
+                 missing_as_error: bool = True) -> BinaryIO:
     """``path`` opened for binary reading, refused (as ``error``, one line) unless it is a regular file.
 
     Parameters
@@ -443,7 +444,8 @@ def load_checkpoint(path: str | os.PathLike,
     ------
     CheckpointError
         When the file is missing, unreadable or not a regular file, not a zip/npz, holds a member
-        ``wanted`` refuses, an encrypted member or one compressed other than by deflate, truncated or corrupt (CRC or header
+        ``wanted`` refuses, an encrypted member or one compressed other than by deflate, truncated
+        or corrupt (CRC or header
         mismatch), lacks ``"__meta__"``, holds bad JSON, an unknown ``format_version``, or an
         object (pickled) array.
     """

@@ -259,8 +259,8 @@ def cmd_train(args) -> int:
         config.epochs = 50 if dataset.is_demo else 10
     if run is None:
         out = Path(args.out or f"runs/{args.model}-{dataset.name}")
-        with memory.asked_by(memory.flags_text({_flag(d): getattr(args, d) for d in
-                                                ["model", *sorted(getattr(args, "explicit", set()) & _MODEL_FLAGS.keys())]})):
+        model_flags = ["model", *sorted(getattr(args, "explicit", set()) & _MODEL_FLAGS.keys())]
+        with memory.asked_by(memory.flags_text({_flag(d): getattr(args, d) for d in model_flags})):
             model = build_model_from_args(args, dataset.train_x.shape[1:], dataset.num_classes)
     else:
         model, _ = load_model(out / "checkpoint.npz")
@@ -603,8 +603,8 @@ def cmd_reconstruct(args) -> int:
     x = _prepare(dataset.test_x[: args.n], model, tc.get("binarize", "none"), tc.get("seed", 0))
     labels = None if dataset.test_y is None else dataset.test_y[: args.n]
     target = _split_target(dataset, "test", model, meta, args.n)
-    path = figures.reconstructions(model, x, picture_path(args.out, "reconstructions.png"), model.check_labels(labels, len(x)),
-                                   n=args.n, target=target)
+    path = figures.reconstructions(model, x, picture_path(args.out, "reconstructions.png"),
+                                   model.check_labels(labels, len(x)), n=args.n, target=target)
     print(f"wrote {path}")
     return 0
 
@@ -664,7 +664,8 @@ def cmd_info(args) -> int:
     if info["epoch"] is not None:
         of = f" of {info['epochs']}" if info["epochs"] is not None else ""
         step = f" (step {info['step']})" if info["step"] is not None else ""
-        say(f"epochs: {info['epoch']}{of} done{step}" if info["resumable"] else f"epoch: saved after epoch {info['epoch']}")
+        say(f"epochs: {info['epoch']}{of} done{step}" if info["resumable"] else
+            f"epoch: saved after epoch {info['epoch']}")
     if info["best_val_loss"] is not None:
         at = f" (epoch {info['best_epoch']})" if info["best_epoch"] is not None else ""
         say(f"best validation loss: {info['best_val_loss']:.4f}{at}")
@@ -1014,7 +1015,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "numba", "numpy"), default=None,
                    help="kernels: numba (compiled) or numpy (default: $NPVAE_BACKEND, else numba when installed)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/MODEL-DATASET)")
-    p.add_argument("--overwrite", action="store_true", help="remove another run's outputs from --out (the default refuses)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="remove another run's outputs from --out (the default refuses)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-pictures", action="store_true", help="no pictures each epoch")

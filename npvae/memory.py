@@ -231,4 +231,5 @@ def check_samples(k: int, batch: int, most: int, source: str | None) -> None:
 
 def flags_text(flags: dict) -> str:
     """``{"--hidden": [65536, 65536]}`` -> ``--hidden 65536 65536``: what asked, as the user typed it."""
-    return " ".join(f"{flag} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for flag, v in flags.items())
+    return " ".join(f"{flag} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                    for flag, v in flags.items())

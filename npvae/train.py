@@ -314,8 +314,8 @@ class Trainer:
         """Paired training's targets in the model's range (None when the model reconstructs its input)."""
         if target is None:
             return None
-        return prepare_split(target, self.model, "none" if self.config.binarize == "dynamic" else self.config.binarize, seed,
-                             name="target")
+        binarize = "none" if self.config.binarize == "dynamic" else self.config.binarize
+        return prepare_split(target, self.model, binarize, seed, name="target")
 
     # -- checkpoints
 

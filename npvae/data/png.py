@@ -129,7 +129,8 @@ def _parse_chunks(f, size: int, name: str):
     while True:
         head = f.read(8)
         if len(head) < 8:
-            raise PNGFormatError(f"{name}: truncated PNG: the file ends at byte {pos + len(head)} before its IEND chunk")
+            raise PNGFormatError(f"{name}: truncated PNG: the file ends at byte {pos + len(head)} before its IEND "
+                                 "chunk")
         length, kind = struct.unpack(">I4s", head)
         end = pos + 12 + length
         if not kind.isalpha() or length > 0x7FFFFFFF:
