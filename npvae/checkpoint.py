@@ -23,12 +23,13 @@ import json
 import math
 import os
 import secrets
+import stat
 import struct
 import tokenize
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -192,6 +193,110 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], durable:
     return path
 
 
+# ----------------------------------------------------------------------------- reading what a user names
+#
+# A FIFO blocks its reader until someone writes; /dev/zero never ends; a folder or a socket is no file. So
+# every reader (data files, checkpoints, --config, logs, images) stats the path first and refuses anything
+# but a regular file, opens it without blocking (O_NONBLOCK: a FIFO swapped in after the stat cannot hang
+# the open), checks the open file again with fstat, and reads at most the size fstat reported. JSON's
+# RecursionError (100,000 nested brackets) becomes the same one line as any other bad JSON.
+
+
+def kind_of(mode: int) -> str:
+    """What a non-regular ``st_mode`` is, in words."""
+    for test, words in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
+def open_regular(path, error: type[Exception] = ValueError, what: str = "file",
+                 missing_as_error: bool = True) -> BinaryIO:
+    """``path`` opened for binary reading, refused (as ``error``, one line) unless it is a regular file.
+
+    Parameters
+    ----------
+    path : str or PathLike
+    error : exception class
+        What to raise: the caller's own (``CheckpointError``, ``DataFileError``, ...).
+    what : str
+        Names the file's role in the message (``"checkpoint"``, ``"--config"``).
+    missing_as_error : bool
+        False lets a missing file raise FileNotFoundError as :func:`open` would.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise error(f"cannot read {what} {path}: it is {kind_of(mode)}, not a regular file; pass a file")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+                     | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        if not missing_as_error:
+            raise
+        raise error(f"{what} {path}: No such file or directory") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # replaced between the stat and the open
+            raise error(f"cannot read {what} {path}: it is {kind_of(mode)}, not a regular file; pass a file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bytes(path, error: type[Exception] = ValueError, what: str = "file") -> bytes:
+    """The whole of a regular file, at most the size it had when opened."""
+    with open_regular(path, error, what) as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            return f.read(size)
+        except OSError as exc:
+            raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def read_text(path, error: type[Exception] = ValueError, what: str = "file") -> str:
+    """A regular file as UTF-8 text (bounded as :func:`read_bytes`)."""
+    data = read_bytes(path, error, what)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def parse_json(text: str, error: type[Exception] = ValueError, what: str = "file") -> Any:
+    """``json.loads`` with every way hostile text can fail as one ``error`` line naming ``what``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{what}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise error(f"{what}: JSON nested too deeply to read") from None
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character (an ANSI escape's ESC, a carriage return, ...) written as its
+    escape sequence: strings from a file are shown, never obeyed by the terminal."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinity (which JSON cannot hold) replaced by null, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -247,21 +352,41 @@ def read_npy(stream, size: int, name: str, compressed_size: int | None = None) -
     return out.reshape(shape, order="F" if fortran_order else "C")
 
 
-def read_npz_members(f) -> Iterator[tuple[str, np.ndarray]]:
-    """``(name, array)`` for each ``.npy`` member of an ``.npz`` (zip) file, each read by :func:`read_npy`."""
+def npz_names(zf: zipfile.ZipFile, wanted: Callable[[str], bool] | None = None) -> list[zipfile.ZipInfo]:
+    """The members of an ``.npz``, checked from the zip directory alone, before any is read.
+
+    Each must be a ``.npy`` that ``wanted`` (when given) accepts, neither encrypted nor compressed
+    other than by deflate: a member nobody reads is never inflated.
+    """
+    infos = zf.infolist()
+    for info in infos:
+        if not info.filename.endswith(".npy"):
+            raise CheckpointError(f"unexpected member {info.filename!r}: not an .npz of arrays")
+        name = info.filename[: -len(".npy")]
+        if wanted is not None and name != META_KEY and not wanted(name):
+            raise CheckpointError(f"unexpected member {name!r}: not an array this file should hold")
+        if info.flag_bits & 0x1:
+            raise CheckpointError(f"member {name!r} is encrypted; npvae reads plain .npz files")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise CheckpointError(f"member {name!r} uses zip compression method {info.compress_type}; expected "
+                                  "stored or deflated members (save with np.savez or np.savez_compressed)")
+    return infos
+
+
+def read_npz_members(f, wanted: Callable[[str], bool] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """``(name, array)`` for each ``.npy`` member of an ``.npz`` (zip) file, each read by :func:`read_npy`
+    after all were checked by :func:`npz_names`."""
     with zipfile.ZipFile(f) as zf:
-        for info in zf.infolist():
-            if not info.filename.endswith(".npy"):
-                raise CheckpointError(f"unexpected member {info.filename!r}: not an .npz of arrays")
+        for info in npz_names(zf, wanted):
             name = info.filename[: -len(".npy")]
             with zf.open(info) as member:
                 compressed = None if info.compress_type == zipfile.ZIP_STORED else info.compress_size
                 yield name, read_npy(member, info.file_size, name, compressed)
 
 
-def _read_npz(f) -> dict[str, np.ndarray]:
+def _read_npz(f, wanted) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
-    for name, array in read_npz_members(f):
+    for name, array in read_npz_members(f, wanted):
         if name in arrays:
             raise CheckpointError(f"array {name!r} appears twice")
         arrays[name] = array
@@ -288,13 +413,25 @@ def _parse_meta(raw: np.ndarray) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+def npvae_member(name: str) -> bool:
+    """Whether ``name`` is an array npvae's models and trainer store (``model/...``, ``optim/...``)."""
+    return name.startswith(MEMBER_PREFIXES)
+
+
+MEMBER_PREFIXES = ("model/", "optim/")
+
+
+def load_checkpoint(path: str | os.PathLike,
+                    wanted: Callable[[str], bool] | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
     Parameters
     ----------
     path : str or PathLike
-        The ``.npz`` file.
+        The ``.npz`` file: a regular file (a FIFO or a device is refused before it is opened).
+    wanted : callable, optional
+        Which array names the file may hold (e.g. :func:`npvae_member`); any other member is refused
+        from the zip directory, before it is read. Default: any name.
 
     Returns
     -------
@@ -306,20 +443,18 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     Raises
     ------
     CheckpointError
-        When the file is missing or unreadable, not a zip/npz, truncated or corrupt (CRC or header
+        When the file is missing, unreadable or not a regular file, not a zip/npz, holds a member
+        ``wanted`` refuses, an encrypted member or one compressed other than by deflate, truncated
+        or corrupt (CRC or header
         mismatch), lacks ``"__meta__"``, holds bad JSON, an unknown ``format_version``, or an
         object (pickled) array.
     """
     path = Path(path)
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise CheckpointError(f"no checkpoint at {path}") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
-    with f:
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"no checkpoint at {path}")
+    with open_regular(path, CheckpointError, "checkpoint") as f:
         try:
-            arrays = _read_npz(f)
+            arrays = _read_npz(f, wanted)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
         except _DAMAGE as e:

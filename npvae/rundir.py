@@ -14,11 +14,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
 import sys
 from pathlib import Path
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, read_bytes, read_text
 
 LOCK = ".npvae.lock"
 
@@ -52,6 +53,16 @@ def _pid_alive(pid: int) -> bool:
     except OSError:  # exists, but belongs to someone else
         return True
     return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the one at ``path``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino)
 
 
 class RunLock:
@@ -91,17 +102,23 @@ class RunLock:
         return self
 
     def _acquire_flock(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    os.close(fd)
+                    raise
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
                 os.close(fd)
-                raise
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+                raise RunLocked(f"{self.path.parent} is in use by {_describe_holder(holder)}: wait for that run "
+                                "to finish or stop it, or choose another --out") from None
+            if _same_file(fd, self.path):
+                break
+            # The holder unlinked the file between our open and our flock (it releases by unlinking): we
+            # locked a dead inode another process can no longer see. Open the path again.
             os.close(fd)
-            raise RunLocked(f"{self.path.parent} is in use by {_describe_holder(holder)}: wait for that run to "
-                            "finish or stop it, or choose another --out") from None
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, self._identity().encode(), 0)
@@ -182,6 +199,40 @@ def append_log(path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+class LogError(ValueError):
+    """A run's ``log.jsonl`` cannot be read: the message names the file and the line."""
+
+
+def _parse_line(line: str):
+    """One log line as JSON, or None when it is no JSON a log could hold (too deeply nested included)."""
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+
+
+def read_log(path) -> list[dict]:
+    """The records of a run's ``log.jsonl``: a regular file, read no further than its size.
+
+    Raises
+    ------
+    LogError
+        One line naming the file and the first line that is not a JSON object (or the file, when it is a
+        FIFO, a device or a folder).
+    """
+    rows = []
+    for lineno, line in enumerate(read_text(path, LogError, "log").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = _parse_line(line)
+        if not isinstance(row, dict):
+            raise LogError(f"{path}, line {lineno}: not valid JSON (or nested too deeply to read)"
+                           if row is None else f"{path}, line {lineno}: expected a JSON object, got "
+                           f"{type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
 def reconcile_log(path, history: list[dict], step: int) -> int:
     """Make ``log.jsonl`` agree with a checkpoint before a resumed run appends to it.
 
@@ -197,17 +248,17 @@ def reconcile_log(path, history: list[dict], step: int) -> int:
         How many lines were dropped or restored (0 when the log already agreed).
     """
     path = Path(path)
-    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    exists = path.exists() or path.is_symlink()
+    lines = read_bytes(path, LogError, "log").decode("utf-8", "replace").splitlines() if exists else []
     epochs = {int(r["epoch"]) for r in history if isinstance(r, dict) and "epoch" in r}
     last_epoch = max(epochs, default=0)
     kept, seen, changes = [], set(), 0
     for line in lines:
-        try:
-            record = json.loads(line)
-            event = record.get("event")
-        except (ValueError, AttributeError):
+        record = _parse_line(line)
+        if not isinstance(record, dict):
             changes += 1
             continue
+        event = record.get("event")
         if event == "epoch":
             ok = record.get("epoch") in epochs and record.get("epoch") not in seen
             if ok:
@@ -230,3 +281,72 @@ def reconcile_log(path, history: list[dict], step: int) -> int:
         text = "".join(json.dumps(r) + "\n" for r in kept).encode()
         atomic_write(path, lambda f: f.write(text))
     return changes
+
+
+def picture_path(out, name: str) -> Path:
+    """Where a picture asked for with ``--out OUT`` goes: ``OUT/name`` when OUT is a folder (never a
+    ``OUT.png`` beside it), else OUT itself."""
+    out = Path(out)
+    return out / name if out.is_dir() else out
+
+
+# ----------------------------------------------------------------------------- whose folder
+
+
+# What a training run writes into its --out: the files, the latest pictures, and pictures/NAME_eNNN.png.
+RUN_FILES = ("checkpoint.npz", "best.npz", "log.jsonl")
+LATEST_PICTURES = ("reconstructions.png", "samples.png", "classes.png")
+_EPOCH_PICTURE = re.compile(r"[a-z_]+_e\d{3,}\.png")
+
+
+def run_outputs(directory) -> list[Path]:
+    """The files in ``directory`` that a training run wrote (none for a new or an unrelated folder)."""
+    directory = Path(directory)
+    found = [directory / name for name in (*RUN_FILES, *LATEST_PICTURES)
+             if os.path.lexists(directory / name)]
+    pictures = directory / "pictures"
+    if pictures.is_dir():
+        found += sorted(p for p in pictures.iterdir() if _EPOCH_PICTURE.fullmatch(p.name))
+    return found
+
+
+def _listing(paths: list[Path], directory: Path) -> str:
+    names = [str(p.relative_to(directory)) for p in paths]
+    return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+
+def claim_outputs(directory, overwrite: bool = False) -> list[Path]:
+    """Make sure a new run does not mix its files with another run's in ``directory``.
+
+    Parameters
+    ----------
+    directory : path
+        The new run's ``--out``.
+    overwrite : bool
+        Remove the other run's outputs instead of refusing.
+
+    Returns
+    -------
+    list of Path
+        What was removed (empty unless ``overwrite``).
+
+    Raises
+    ------
+    FileExistsError
+        Naming the outputs found: continue that run with ``--resume``, remove them with ``--overwrite``,
+        or choose another ``--out``.
+    """
+    directory = Path(directory)
+    found = run_outputs(directory)
+    if found and not overwrite:
+        raise FileExistsError(f"{directory} holds another run's outputs ({_listing(found, directory)}): pass "
+                              "--resume to continue that run, --overwrite to remove them, or choose another --out")
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
+
+
+def describe_removed(removed: list[Path], directory) -> str:
+    """The line ``--overwrite`` prints: what it removed."""
+    return f"--overwrite: removed {len(removed)} file{'s' * (len(removed) != 1)} of an earlier run from " \
+           f"{directory}: {_listing(removed, Path(directory))}"

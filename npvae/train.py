@@ -26,13 +26,13 @@ from typing import Callable
 import numpy as np
 
 from . import backend, data as datasets
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, npvae_member, save_checkpoint
 from .models import GaussianLatent, Model
 from .models.saving import model_meta, model_state, save_model
 from .objectives import TRAINING_OBJECTIVES, Objective, estimator_help, trainable
 from .optim import OPTIMIZERS, clip_grad_norm, hyperparameter_names
 from .registry import option
-from .rundir import OutputError, RunLock, append_log, check_writable, reconcile_log
+from .rundir import OutputError, RunLock, append_log, check_writable, claim_outputs, describe_removed, reconcile_log
 
 BINARIZATIONS = ("none", "static", "dynamic")  # none, one fixed Bernoulli draw, a fresh draw per use
 CHECKPOINT = "checkpoint.npz"
@@ -160,7 +160,7 @@ class TrainConfig:
         check("seed", integer(0), "an integer >= 0")
         check("lr", number(lambda v: v > 0), "a positive finite number")
         check("weight_decay", number(lambda v: v >= 0), "a finite number >= 0")
-        check("momentum", number(lambda v: v >= 0), "a finite number >= 0")
+        check("momentum", number(lambda v: 0 <= v < 1), "a finite number in [0, 1)")
         check("kl_warmup_epochs", number(lambda v: v >= 0), "a finite number >= 0")
         try:
             self.optimizer_options()
@@ -189,7 +189,7 @@ class TrainResult:
 # ----------------------------------------------------------------------------- data preparation
 
 
-def prepare_split(images: np.ndarray, model: Model, binarize: str, seed: int) -> np.ndarray:
+def prepare_split(images: np.ndarray, model: Model, binarize: str, seed: int, name: str = "x") -> np.ndarray:
     """Images (N, ...) -> floats in the model's value range; binarized once unless 'none'.
 
     uint8 images are scaled from [0, 255]; floats must already lie in the model's range. Validation
@@ -197,9 +197,9 @@ def prepare_split(images: np.ndarray, model: Model, binarize: str, seed: int) ->
     the usual protocol for dynamically binarized MNIST (binarizing needs a model of data in [0, 1]).
     """
     if binarize != "none":
-        x = datasets.to_model_range(images, (0.0, 1.0), model.dtype)
+        x = datasets.to_model_range(images, (0.0, 1.0), model.dtype, name=name)
         return datasets.binarize_static(x, np.random.default_rng([seed, 7]))
-    return datasets.to_model_range(images, model.value_range, model.dtype)
+    return datasets.to_model_range(images, model.value_range, model.dtype, name=name)
 
 
 # ----------------------------------------------------------------------------- saving and loading
@@ -213,6 +213,10 @@ def _restore_rng(state: dict) -> np.random.Generator:
     rng = np.random.default_rng()
     rng.bit_generator.state = state
     return rng
+
+
+_EPOCH_NUMBERS = {"epoch", "step", "train_loss", "train_recon", "train_kl", "val_loss", "val_recon", "val_kl",
+                  "kl_weight", "seconds", "images_per_second"}
 
 
 def check_run_meta(meta: dict, path, training: bool = True) -> dict:
@@ -262,6 +266,11 @@ def check_run_meta(meta: dict, path, training: bool = True) -> dict:
     history = meta.get("history", [])
     if not (isinstance(history, list) and all(isinstance(r, dict) for r in history)):
         bad("history", "a list of objects")
+    for i, record in enumerate(history):  # the fields reports format as numbers
+        for key in _EPOCH_NUMBERS.intersection(record):
+            if record[key] is not None and not is_number(record[key]):
+                raise CheckpointError(f"{path}: metadata 'history' record {i}: {key!r} should be a number, got "
+                                      f"{record[key]!r:.80}")
     if not training:
         return meta
     for key in ("epoch", "batch", "step"):
@@ -340,6 +349,7 @@ class Trainer:
         self._interrupted: int | None = None  # the signal that asked training to stop
         self._saved_epoch = 0
         self.resumed_changes: dict = {}  # settings a resumed run changed ({name: [old, new]}), logged
+        self.overwrite = False  # a new run may remove another run's outputs from out_dir (else it refuses)
         self._warned_pictures = False
         self.pictures_written: list[Path] = []  # the pictures of the last epoch that drew them
         self._batch_buf: dict[tuple, np.ndarray] = {}
@@ -348,7 +358,8 @@ class Trainer:
         """Paired training's targets in the model's range (None when the model reconstructs its input)."""
         if target is None:
             return None
-        return prepare_split(target, self.model, "none" if self.config.binarize == "dynamic" else self.config.binarize, seed)
+        binarize = "none" if self.config.binarize == "dynamic" else self.config.binarize
+        return prepare_split(target, self.model, binarize, seed, name="target")
 
     # -- checkpoints
 
@@ -390,7 +401,7 @@ class Trainer:
 
     def restore(self, path) -> None:
         """Continue from a training checkpoint: parameters, optimizer, position and noise state."""
-        arrays, meta = load_checkpoint(path)
+        arrays, meta = load_checkpoint(path, npvae_member)
         check_run_meta(meta, path)
         ours = json.loads(json.dumps(model_meta(self.model)))
         same = (meta.get("model_spec") == ours["model_spec"] if "model_spec" in meta
@@ -537,7 +548,7 @@ class Trainer:
         perm = datasets.epoch_permutation(cfg.seed, self.epoch, self.n)
         bar = self._progress_bar()
         start = time.perf_counter()
-        start_batch = self.batch
+        start_seen = self.seen
         try:
             while self.batch < self.steps_per_epoch:
                 if self._interrupted:
@@ -570,7 +581,7 @@ class Trainer:
             "val_kl": val["kl"],
             "kl_weight": self._kl_weight(),
             "seconds": seconds,
-            "images_per_second": (self.batch - start_batch) * cfg.batch_size / max(seconds, 1e-9),
+            "images_per_second": (self.seen - start_seen) / max(seconds, 1e-9),  # a short last batch counts short
         }
         return record
 
@@ -618,8 +629,8 @@ class Trainer:
             if self.resumed_changes:
                 self._log({"event": "resume", "step": self.step, "epoch": self.epoch, "changed": self.resumed_changes})
             self.echo(f"resumed from {ckpt} at epoch {self.epoch + 1}, batch {self.batch} (step {self.step})")
-        elif ckpt.exists():
-            raise FileExistsError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out")
+        elif removed := claim_outputs(self.out_dir, self.overwrite):  # refuses another run's folder unless overwrite
+            self.echo(describe_removed(removed, self.out_dir))
         stopped = "completed"
         restore_handlers = self._trap_stop_signals()
         # Overflow in the NumPy backend shows up as inf/nan, which _check_finite reports with the
@@ -764,4 +775,6 @@ def fit(model: Model, x, y=None, *, target=None, x_val=None, y_val=None, target_
         trainer = Trainer(model, dataset, config, scratch if out_dir is None else out_dir, progress=progress,
                           echo=echo or (lambda line: None))
         result = trainer.run()
+    if result.stopped == "interrupted":  # the trainer saved and stopped; a caller's Ctrl-C still stops the caller
+        raise KeyboardInterrupt if result.signal == signal.SIGINT else Terminated(result.signal)
     return result if out_dir is not None else dataclasses.replace(result, out_dir=None)

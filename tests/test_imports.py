@@ -15,6 +15,8 @@ where their imports and their readers put them:
 - data (datasets: parsing, finding, downloading, preprocessing; PNG files) sits above the models and
   below the study tools: no model, layer or op reads a dataset (checkpoint's formats are the
   foundation's), while the study tools, the pictures, training and the CLI may all load data.
+- memory (the estimate of what a run will allocate) reads the layers' shapes, and the models, data
+  and the CLI ask it before they allocate: the layers' floor.
 - npvae itself (``npvae/__init__.py``) re-exports the public API, so it sits on top, with the CLI.
 
 A new module that is on no floor fails the test with the line to add.
@@ -38,7 +40,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (  # top to bottom
     ("npvae.data",),
     ("npvae.torch",),
     ("npvae.models",),
-    ("npvae.layers",),
+    ("npvae.layers", "npvae.memory"),
     ("npvae.ops", "npvae.conv", "npvae.penalties", "npvae.optim"),
     ("npvae._kernels", "npvae.rundir"),
     ("npvae.registry", "npvae.backend", "npvae.checkpoint", "npvae.gradcheck"),

@@ -243,9 +243,11 @@ def test_killed_between_writes_the_files_agree_and_resume_matches(tmp_path, monk
             assert max(logged, default=0) <= meta["epoch"]
         assert main(["train", *SMALL, "--epochs", "3", "--patience", "0", "--no-pictures", "--out", str(out),
                      "--resume"]) == 0
-    else:
+    else:  # killed before the first checkpoint: nothing to resume, and a best.npz a new run must not take silently
         (out / "log.jsonl").unlink(missing_ok=True)
-        assert train("--epochs", "3", "--patience", "0", out=out) == 0
+        if (out / "best.npz").exists():
+            assert train("--epochs", "3", "--patience", "0", out=out) == 2
+        assert train("--epochs", "3", "--patience", "0", "--overwrite", out=out) == 0
     # and the finished run is the uninterrupted one, files and log alike
     for name in ("checkpoint.npz", "best.npz"):
         a, ma = load_checkpoint(out / name)
@@ -313,7 +315,8 @@ def test_resume_without_out_finds_the_default_run_or_says_where_it_looked(tmp_pa
     (["--lr", "inf"], "argument --lr: expected a finite number"),
     (["--lr", "0"], "lr a positive finite number"),
     (["--weight-decay", "nan"], "--weight-decay: expected a finite number"),
-    (["--momentum", "-0.5"], "momentum a finite number >= 0"),
+    (["--momentum", "-0.5"], "momentum a finite number in [0, 1)"),
+    (["--momentum", "1"], "momentum a finite number in [0, 1)"),
     (["--clip-grad-norm", "-1"], "clip_grad_norm a positive finite number"),
     (["--epochs", "0"], "--epochs: expected a whole number from 1"),
     (["--batch-size", "-3"], "--batch-size: expected a whole number from 1"),

@@ -55,10 +55,12 @@ def int_list(text: str) -> list[int]:
 
 def load_model(path):
     """A saved model and its run's metadata, the metadata's types checked (one CheckpointError if not)."""
+    from .. import memory
     from ..models import load_model as load
     from ..train import check_run_meta
 
-    model, meta = load(path)
+    with memory.asked_by(f"checkpoint {path}"):
+        model, meta = load(path)
     return model, check_run_meta(meta, path, training=False)
 
 

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 
+from .. import memory
 from .common import CLIError, load_model, near_zero
 from .inputs import check_held_out, split_data, split_target
 
@@ -39,6 +40,8 @@ def cmd_evaluate(args) -> int:
     if target is not None and args.iw_samples is not None:
         raise CLIError(f"--iw-samples estimates log p(x) of the inputs; {args.checkpoint}'s run was paired "
                        "(input -> target), so its ELBO is of the targets: evaluate without --iw-samples")
+    memory.check_batch(model, min(len(x), 1000), f"evaluating {len(x):,} images", "lower --n",
+                       source=f"evaluate {args.checkpoint}")
     rng = np.random.default_rng(args.seed)
     labels = model.check_labels(labels, len(x))
     terms = model.evaluate(x, labels, rng=rng, target=target)
@@ -131,25 +134,32 @@ def checkpoint_info(path) -> dict:
 
 
 def cmd_info(args) -> int:
+    from ..checkpoint import finite_json, printable
+
     info = checkpoint_info(args.checkpoint)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(finite_json(info), indent=2, allow_nan=False))
         return 0
+
+    def say(line: str) -> None:  # the file's strings are shown, never obeyed as terminal codes
+        print(printable(line))
+
     kind = ("a training checkpoint (resumable with --resume)" if info["resumable"] else
             "the best parameters of a run" if info["best_epoch"] is not None else "a saved model")
-    print(f"{info['path']}: {kind}")
-    print(f"model: {info['description']}")
-    print(f"data: {info['data']}")
+    say(f"{info['path']}: {kind}")
+    say(f"model: {info['description']}")
+    say(f"data: {info['data']}")
     tc = info["train_config"]
-    print("training: " + ("not recorded (saved with npvae.save_model)" if tc is None else
-                          " ".join(f"{k}={v}" for k, v in tc.items())))
+    say("training: " + ("not recorded (saved with npvae.save_model)" if tc is None else
+                        " ".join(f"{k}={v}" for k, v in tc.items())))
     if info["epoch"] is not None:
         of = f" of {info['epochs']}" if info["epochs"] is not None else ""
         step = f" (step {info['step']})" if info["step"] is not None else ""
-        print(f"epochs: {info['epoch']}{of} done{step}" if info["resumable"] else f"epoch: saved after epoch {info['epoch']}")
+        say(f"epochs: {info['epoch']}{of} done{step}" if info["resumable"] else
+            f"epoch: saved after epoch {info['epoch']}")
     if info["best_val_loss"] is not None:
         at = f" (epoch {info['best_epoch']})" if info["best_epoch"] is not None else ""
-        print(f"best validation loss: {info['best_val_loss']:.4f}{at}")
+        say(f"best validation loss: {info['best_val_loss']:.4f}{at}")
     return 0
 
 

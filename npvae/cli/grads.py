@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import memory
 from .common import MAX_SAMPLES_PER_PASS, CLIError, load_model
 from .inputs import split_data
 
@@ -87,8 +88,8 @@ def _snr_study(args, model, x, names, snr_names, examples, rng):
 
 def cmd_grads(args) -> int:
     from ..models import GaussianLatent
-    from ..study import gradflow
     from ..objectives.estimators import estimators
+    from ..study import gradflow
     from ..viz import figures
     from ..viz.plots import MatplotlibMissing
 
@@ -97,6 +98,9 @@ def cmd_grads(args) -> int:
         raise CLIError(f"grads studies a VAE's gradients; {args.checkpoint} holds a {model.kind}")
     names = None if args.estimators is None else [e.name for e in estimators(args.estimators)]
     snr_names = None if args.k is None else _snr_names(args, model, names)
+    if args.k is not None:
+        memory.check_batch(model, args.examples, f"the --k study on {args.examples} images", "lower --k or --examples",
+                           k=max(args.k), training=True, source=f"--k {max(args.k)} --examples {args.examples}")
     dataset, x, y, _ = split_data(args, model, meta, args.n)
     labels = model.check_labels(None if y is None else y.astype(np.int64), len(x))
     examples = min(args.examples, len(x))

@@ -84,6 +84,8 @@ def _add_train(sub) -> None:
     p.add_argument("--backend", choices=("auto", "numba", "numpy"), default=None,
                    help="kernels: numba (compiled) or numpy (default: $NPVAE_BACKEND, else numba when installed)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/MODEL-DATASET)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="remove another run's outputs from --out (the default refuses)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     from .train import cmd_train
@@ -133,7 +135,7 @@ def _add_pictures(sub) -> None:
     p.add_argument("--label", type=int, default=None, help=f"{conditional}: the class to generate (default: every "
                                                           "class in turn)")
     p.add_argument("--seed", type=count(0, 2**63 - 1), default=0, help="seeds the draws")
-    p.add_argument("--out", default="samples.png", help="picture to write")
+    p.add_argument("--out", default="samples.png", help="picture to write (in a folder: FOLDER/samples.png)")
     p.set_defaults(func=cmd_sample)
 
     p = _command(sub, "reconstruct", "test images above their reconstructions, as a PNG",
@@ -143,7 +145,8 @@ def _add_pictures(sub) -> None:
     p.add_argument("checkpoint", help="a checkpoint.npz or best.npz")
     add_data_args(p)
     p.add_argument("--n", type=count(1, MAX_PICTURE_IMAGES // 2), default=10, help="how many test images")
-    p.add_argument("--out", default="reconstructions.png", help="picture to write")
+    p.add_argument("--out", default="reconstructions.png",
+                   help="picture to write (in a folder: FOLDER/reconstructions.png)")
     p.set_defaults(func=cmd_reconstruct)
 
     rows = [(f.name, f.help + (f" (default --n {f.default_n})" if f.default_n else "")) for f in FIGURES.values()]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import memory
+from ..rundir import picture_path
 from .common import MAX_PICTURE_IMAGES, CLIError, conditional_presets, load_model, near_zero
 from .inputs import dataset_for, prepare, split_data, split_target
 
@@ -26,11 +28,14 @@ def _check_label(model, label, checkpoint) -> None:
 def cmd_sample(args) -> int:
     from ..viz import figures
 
+    out = picture_path(args.out, "samples.png")
     model, _ = load_model(args.checkpoint)
     rng = np.random.default_rng(args.seed)
     if args.label is not None:
         _check_label(model, args.label, args.checkpoint)
-    print(f"wrote {figures.samples(model, args.out, rng, n=args.n, label=args.label)}")
+    memory.check_batch(model, args.n, f"decoding {args.n} samples", "lower --n", images=args.n,
+                       source=f"--n {args.n} with {args.checkpoint}")
+    print(f"wrote {figures.samples(model, out, rng, n=args.n, label=args.label)}")
     return 0
 
 
@@ -38,12 +43,15 @@ def cmd_reconstruct(args) -> int:
     from ..viz import figures
 
     model, meta = load_model(args.checkpoint)
+    memory.check_batch(model, args.n, f"reconstructing {args.n} images", "lower --n", images=3 * args.n,
+                       source=f"--n {args.n} with {args.checkpoint}")
     dataset = dataset_for(args, meta)
     tc = meta.get("train_config", {})
     x = prepare(dataset.test_x[: args.n], model, tc.get("binarize", "none"), tc.get("seed", 0))
     labels = None if dataset.test_y is None else dataset.test_y[: args.n]
     target = split_target(dataset, "test", model, meta, args.n)
-    path = figures.reconstructions(model, x, args.out, model.check_labels(labels, len(x)), n=args.n, target=target)
+    path = figures.reconstructions(model, x, picture_path(args.out, "reconstructions.png"),
+                                   model.check_labels(labels, len(x)), n=args.n, target=target)
     print(f"wrote {path}")
     return 0
 
@@ -76,6 +84,8 @@ def _check_plot(args, figure, model, n) -> None:
     if images > MAX_PICTURE_IMAGES:
         raise CLIError(f"{figure.name} with --n {n} would draw {images:,} images; one picture holds at most "
                        f"{MAX_PICTURE_IMAGES:,}")
+    memory.check_batch(model, max(images, 1), f"drawing {figure.name} ({images:,} images)", "lower --n",
+                       images=images, source=f"plot {figure.name} with {args.checkpoint}")
 
 
 def cmd_plot(args) -> int:
@@ -86,7 +96,7 @@ def cmd_plot(args) -> int:
     model, meta = load_model(args.checkpoint)
     n = args.n if args.n is not None else figure.default_n
     _check_plot(args, figure, model, n)
-    given = {"model": model, "out": Path(args.out or f"{figure.name}.png"), "rng": np.random.default_rng(args.seed),
+    given = {"model": model, "out": picture_path(args.out or f"{figure.name}.png", f"{figure.name}.png"), "rng": np.random.default_rng(args.seed),
              "n": n, "steps": args.steps, "label": args.label, "threshold": args.threshold, "split": args.split,
              "near_zero": near_zero(args), "dataset_name": meta.get("dataset"), "log": log}
     if figure.needs_images:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import backend
+from .. import backend, memory
 from .common import MAX_SAMPLES_PER_PASS, CLIError, and_list
 from .inputs import describe_source, load_data, prepare
 from .options import given, model_knobs, train_knobs
@@ -69,15 +69,11 @@ def read_train_settings(path) -> dict:
     """The training settings in a JSON file: an object of :class:`npvae.TrainConfig` fields (a checkpoint's
     ``train_config``), or an object holding one under ``"train_config"`` (``npvae info --json``'s).
     Unknown names and wrong types are one-line errors."""
+    from ..checkpoint import parse_json, read_text
     from ..optim import OPTIMIZERS
     from ..train import TrainConfig
 
-    try:
-        settings = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise CLIError(f"--config {path}: {exc.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CLIError(f"--config {path}: not valid JSON ({exc})") from None
+    settings = parse_json(read_text(path, CLIError, "--config"), CLIError, f"--config {path}")
     if isinstance(settings, dict) and isinstance(settings.get("train_config"), dict):
         settings = settings["train_config"]
     if not isinstance(settings, dict):
@@ -106,7 +102,9 @@ def new_run_config(args):
     values = {**MODELS[args.model].train_defaults, **settings, **given(args, train_knobs())}
     config = TrainConfig(**values)
     config.validate()
-    batch = config.batch_size
+    batch, flags = config.batch_size, given(args, train_knobs())
+    if args.config and not {"k", "batch_size"} <= flags.keys():  # the file set k or the batch: name it
+        memory.check_samples(config.k, batch, MAX_SAMPLES_PER_PASS, f"--config {args.config}")
     if config.k * batch > MAX_SAMPLES_PER_PASS:
         raise CLIError(f"--k {config.k} with --batch-size {batch} decodes {config.k * batch:,} samples per step, "
                        f"more than {MAX_SAMPLES_PER_PASS:,} (memory grows with it); lower --k or --batch-size")
@@ -206,7 +204,7 @@ def resume_settings(args, run: dict, explicit: set) -> tuple[dict, dict]:
 
 def _resume(args):
     """The run to continue, its checkpoint read and checked once: (out, model, run metadata, config, changed)."""
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint, npvae_member
     from ..models.saving import model_from_checkpoint
     from ..train import TrainConfig, check_run_meta
 
@@ -214,7 +212,7 @@ def _resume(args):
     path = out / "checkpoint.npz"
     if not path.exists():
         raise CLIError(f"--resume: no checkpoint at {path}")
-    arrays, run = load_checkpoint(path)
+    arrays, run = load_checkpoint(path, npvae_member)
     check_run_meta(run, path)
     settings, changed = resume_settings(args, run, getattr(args, "explicit", set()))
     try:
@@ -222,6 +220,7 @@ def _resume(args):
         config.validate()
     except (TypeError, ValueError) as exc:
         raise CLIError(f"{path}: its training settings cannot be used: {exc}") from None
+    memory.check_samples(config.k, config.batch_size, MAX_SAMPLES_PER_PASS, str(path))
     return out, model_from_checkpoint(arrays, run, path), run, config, changed
 
 
@@ -231,6 +230,8 @@ def _resume(args):
 def cmd_train(args) -> int:
     from ..train import Trainer
 
+    if args.overwrite and args.resume:
+        raise CLIError("--overwrite removes another run's outputs to start afresh; --resume continues that run")
     if args.config and args.resume:
         raise CLIError("--config sets up a new run; --resume continues a run with the settings it saved")
     if args.backend:
@@ -243,11 +244,18 @@ def cmd_train(args) -> int:
         run, changed = None, {}
     dataset = load_data(args, seed=config.seed, source=None if run is None else run.get("data_source"))
     print(f"data: {dataset.description}")
+    asked = str(out / "checkpoint.npz") if run is not None else f"--config {args.config}" if args.config else None
     if run is None:
         if dataset.is_demo and not epochs_set:
             config.epochs = _DEMO_EPOCHS
         out = Path(args.out or f"runs/{args.model}-{dataset.name}")
-        model = build_model_from_args(args, dataset.train_x.shape[1:], dataset.num_classes, config.seed)
+        flags = {knob.flag: value for name, value in given(args, model_knobs()).items()
+                 for knob in [model_knobs()[name]]}
+        with memory.asked_by(memory.flags_text({"--model": args.model, **flags})):
+            model = build_model_from_args(args, dataset.train_x.shape[1:], dataset.num_classes, config.seed)
+    batch = max(min(config.batch_size, len(dataset.train_x)), min(config.eval_batch_size, len(dataset.val_x)))
+    memory.check_batch(model, batch, f"training {model.kind} on batches of {batch}", "lower --batch-size (or train "
+                       "on tiles of the images)", k=config.k, training=True, source=asked or "--batch-size / --k")
     print(f"model: {model!r}")
     if not config.training_objective().is_default:
         print(f"objective: {config.training_objective().describe()}")
@@ -256,6 +264,7 @@ def cmd_train(args) -> int:
         print("resuming with " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
     trainer = Trainer(model, dataset, config, out, progress=not args.no_progress)
     trainer.resumed_changes = changed
+    trainer.overwrite = args.overwrite
     result = trainer.run(resume=run is not None)
     if result.stopped == "interrupted":
         return 128 + int(result.signal or 2)

@@ -27,6 +27,21 @@ __all__ = ["Dataset", "DEMO", "DEMO_SIZE", "DEFAULT_DATASET", "builtin_datasets"
 _PARTS = ("train", "val", "test")
 
 
+_MAX_SPARSE_CLASSES = 1024  # up to here, labels may skip values freely (a subset of ImageNet's 1000 classes)
+
+
+def _inferred_classes(needed: int, labels: list[np.ndarray], top: dict) -> int:
+    """The class count of labels 0..C-1: their largest + 1, refused when a label lies far outside the distinct
+    labels present (one label 2**40 among ten would make a conditional model of 2**40 classes)."""
+    distinct = len(np.unique(np.concatenate([y.reshape(-1) for y in labels])))
+    if needed > max(2 * distinct, _MAX_SPARSE_CLASSES):
+        part = max(top, key=top.get)
+        raise ValueError(f"{part}_y holds label {top[part]} but only {distinct} distinct labels: labels must be "
+                         f"0..C-1 for C classes; renumber them (np.unique(y, return_inverse=True)[1]) or pass "
+                         f"num_classes")
+    return needed
+
+
 @dataclass(repr=False)
 class Dataset:
     """Train / validation / test arrays of any data, ready for training.
@@ -98,7 +113,7 @@ class Dataset:
         top = {part: int(y.max()) for part in _PARTS if (y := getattr(self, f"{part}_y")).size}
         needed = max(top.values(), default=-1) + 1
         if num_classes is None:
-            return needed
+            return _inferred_classes(needed, [getattr(self, f"{part}_y") for part in _PARTS], top)
         if num_classes < needed:
             part = max(top, key=top.get)
             raise ValueError(f"{part}_y holds label {top[part]} but num_classes={num_classes}: labels must be "

@@ -22,13 +22,15 @@ a :class:`DataFileError` naming the file.
 from __future__ import annotations
 
 import os
+import stat
 import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import CheckpointError, read_npy, read_npz_members
+from .. import memory
+from ..checkpoint import CheckpointError, kind_of, npz_names, open_regular, read_npy, read_npz_members
 from . import png
 from .datasets import Dataset
 
@@ -140,9 +142,9 @@ def _pixels(images: np.ndarray) -> str:
 # ----------------------------------------------------------------------------- NumPy files
 
 
-def _check_magic(path: Path, magics: tuple[bytes, ...], what: str) -> None:
-    with open(path, "rb") as f:
-        head = f.read(8)
+def _check_magic(f, path: Path, magics: tuple[bytes, ...], what: str) -> None:
+    head = f.read(8)
+    f.seek(0)
     if not head.startswith(magics):
         raise DataFileError(f"{path}: not a NumPy {what} file (it starts with {head.hex(' ') or 'nothing'}); "
                             f"save arrays with np.{'save' if what == '.npy' else 'savez'}")
@@ -151,10 +153,12 @@ def _check_magic(path: Path, magics: tuple[bytes, ...], what: str) -> None:
 def _load_npy(path: Path) -> np.ndarray:
     """The array of a ``.npy`` file, its header checked against the file's size before anything is
     allocated (a crafted header cannot ask for more memory than the file holds)."""
-    _check_magic(path, (_NPY_MAGIC,), ".npy")
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, DataFileError, "data file") as f:
+            _check_magic(f, path, (_NPY_MAGIC,), ".npy")
             return read_npy(f, os.fstat(f.fileno()).st_size, "x")
+    except DataFileError:
+        raise
     except CheckpointError as exc:
         raise DataFileError(f"{path}: cannot read this .npy file: {exc}") from None
     except (ValueError, OSError, EOFError) as exc:
@@ -164,10 +168,21 @@ def _load_npy(path: Path) -> np.ndarray:
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` (x, and optionally y and target), each read by the checkpoint reader:
     sizes checked against headers before allocating, CRCs verified, object arrays refused."""
-    _check_magic(path, _ZIP_MAGICS, ".npz")
     try:
-        with zipfile.ZipFile(path) as zf:
-            names = [info.filename[: -len(".npy")] for info in zf.infolist()]
+        with open_regular(path, DataFileError, "data file") as f:
+            _check_magic(f, path, _ZIP_MAGICS, ".npz")
+            return _read_npz_arrays(f, path)
+    except CheckpointError as exc:
+        raise DataFileError(f"{path}: cannot read this .npz: {exc}") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        if isinstance(exc, DataFileError):
+            raise
+        raise DataFileError(f"{path}: cannot read this .npz file ({exc}); is it corrupt?") from None
+
+
+def _read_npz_arrays(f, path: Path) -> dict[str, np.ndarray]:
+    with zipfile.ZipFile(f) as zf:
+        names = [info.filename[: -len(".npy")] for info in zf.infolist()]
         held = ", ".join(names) or "nothing"
         unexpected = [n for n in names if n not in _NPZ_NAMES]
         if unexpected:
@@ -176,17 +191,13 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         if "x" not in names:
             raise DataFileError(f"{path}: no array 'x' in the .npz (it holds {held}); save with "
                                 f"np.savez(path, x=..., y=..., target=...) (y and target optional)")
-        arrays = {}
-        for name, array in read_npz_members(path):
-            if name in arrays:
-                raise DataFileError(f"{path}: array {name!r} appears twice")
-            arrays[name] = array
-    except CheckpointError as exc:
-        raise DataFileError(f"{path}: cannot read this .npz: {exc}") from None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        if isinstance(exc, DataFileError):
-            raise
-        raise DataFileError(f"{path}: cannot read this .npz file ({exc}); is it corrupt?") from None
+        npz_names(zf)  # encrypted members and unknown compression: refused before any is read
+    f.seek(0)
+    arrays = {}
+    for name, array in read_npz_members(f):
+        if name in arrays:
+            raise DataFileError(f"{path}: array {name!r} appears twice")
+        arrays[name] = array
     return arrays
 
 
@@ -194,8 +205,22 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-                  key=lambda p: p.name)
+    """The image files of ``folder``, sorted by name; a broken link or a FIFO, device or socket named like an
+    image is refused (sub-folders are skipped, as documented)."""
+    files = []
+    for p in folder.iterdir():
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        try:
+            mode = p.stat().st_mode
+        except FileNotFoundError:
+            raise DataFileError(f"{p}: a broken symbolic link (to {os.readlink(p)}); remove it or restore "
+                                "its target") from None
+        if stat.S_ISREG(mode):
+            files.append(p)
+        elif not stat.S_ISDIR(mode):
+            raise DataFileError(f"{p} is {kind_of(mode)}, not an image file; remove it from the folder")
+    return sorted(files, key=lambda p: p.name)
 
 
 def _read_folder(folder: Path) -> tuple[np.ndarray, list[str]]:
@@ -231,6 +256,10 @@ def _read_images(files: list[Path]) -> np.ndarray:
     images = []
     for f in files:
         img = _read_image(f, image_module)
+        if not images:  # every image of this size, and the stack of them
+            memory.check(2 * len(files) * img.nbytes * (3 if img.ndim == 2 else 1),
+                         f"reading {len(files):,} images of {_hw(img.shape)}", "use fewer or smaller images (or "
+                         "tiles of them)", source=str(f.parent))
         if images and img.shape[:2] != images[0].shape[:2]:
             raise DataFileError(f"images differ in size: {files[0]} is {_hw(images[0].shape)} but {f} is "
                                 f"{_hw(img.shape)} (height x width); resize them to one size")
@@ -259,7 +288,8 @@ def _read_image(path: Path, image_module) -> np.ndarray:
         except png.PNGFormatError as exc:
             raise DataFileError(str(exc)) from None
     try:
-        with image_module.open(path) as img:
+        # by content, but only as PNG or JPEG: an EPS named .png must not reach Ghostscript
+        with open_regular(path, DataFileError, "image") as f, image_module.open(f, formats=["PNG", "JPEG"]) as img:
             img.load()
             pixels = _from_pillow(img, path)
     except (OSError, SyntaxError, ValueError, image_module.DecompressionBombError) as exc:
@@ -273,7 +303,7 @@ def _read_image(path: Path, image_module) -> np.ndarray:
 
 def _png_is_gray(path: Path) -> bool:
     """Whether ``path`` is a PNG of colour type 0 or 4 (gray, gray + alpha), from its IHDR."""
-    with open(path, "rb") as f:
+    with open_regular(path, DataFileError, "image") as f:
         head = f.read(26)
     return len(head) == 26 and head[:8] == png.PNG_SIGNATURE and head[12:16] == b"IHDR" and head[25] in (0, 4)
 

@@ -15,6 +15,8 @@ import zlib
 
 import numpy as np
 
+from ..checkpoint import open_regular
+
 __all__ = ["IDXFormatError", "IDX_DTYPES", "MAX_IDX_BYTES", "read_idx"]
 
 
@@ -75,7 +77,7 @@ def _parse_header(read, name: str, where: str) -> tuple[bytes, np.dtype, tuple[i
 def _read_idx(path, max_bytes: int, md5=None) -> np.ndarray:
     """:func:`read_idx`, feeding the decompressed IDX bytes (header and payload) to ``md5`` if given."""
     name = os.fspath(path)
-    with open(path, "rb") as f:
+    with open_regular(path, IDXFormatError, "IDX file", missing_as_error=False) as f:
         is_gzip = f.read(2) == _GZIP_MAGIC
         f.seek(0)
         if is_gzip:

@@ -16,10 +16,17 @@ The output is always ``uint8``, with what Pillow and libpng's ``strip_16`` give:
 
 Every chunk's CRC is checked, the size in the header is capped and checked against the data
 before anything large is allocated, and decompression stops one byte past the declared size.
+The decoder's work is bounded before it starts, so a decompression bomb costs one line, not minutes
+or gigabytes: the signature is checked before anything else is read; the file is read chunk by
+chunk, never past the image data its header can need (:data:`MAX_ANCILLARY_BYTES` of other chunks);
+the header may declare at most :data:`MAX_PNG_PIXELS` pixels (Pillow's own bomb limit) and no more
+image data than deflate can expand the compressed bytes to; and the decoding buffers must fit
+:func:`npvae.memory.check`.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import zlib
@@ -27,12 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import atomic_write
+from .. import memory
+from ..checkpoint import atomic_write, open_regular
 
 __all__ = ["PNGFormatError", "PNG_SIGNATURE", "MAX_PNG_PIXELS", "read_png", "decode_png", "write_png", "encode_png"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MAX_PNG_PIXELS = 1 << 27  # 134M pixels (Pillow warns from 89M): a larger header is taken as corrupt
+MAX_PNG_PIXELS = 89_478_485  # Pillow's MAX_IMAGE_PIXELS: beyond it Pillow warns of a decompression bomb
+MAX_ANCILLARY_BYTES = 1 << 24  # text, ICC profiles and other chunks the decoder skips, all together
+_MAX_DEFLATE_RATIO = 1032  # deflate cannot expand its input more than this
 
 # colour type -> (samples per pixel, allowed bit depths, name for messages)
 _COLOR_TYPES = {
@@ -68,14 +78,18 @@ def read_png(path) -> np.ndarray:
     OSError
         The file cannot be opened or read.
     """
-    with open(path, "rb") as f:
-        blob = f.read()
-    return decode_png(blob, os.fspath(path))
+    with open_regular(path, PNGFormatError, "image") as f:
+        return _decode(f, os.fstat(f.fileno()).st_size, os.fspath(path))
 
 
 def decode_png(blob: bytes, name: str = "<bytes>") -> np.ndarray:
     """:func:`read_png` on bytes in memory; ``name`` labels the messages."""
-    width, height, depth, color, palette, idat = _parse_chunks(blob, name)
+    return _decode(io.BytesIO(blob), len(blob), name)
+
+
+def _decode(f, size: int, name: str) -> np.ndarray:
+    """Decode the PNG in the binary stream ``f`` of ``size`` bytes."""
+    width, height, depth, color, palette, idat = _parse_chunks(f, size, name)
     channels = _COLOR_TYPES[color][0]
     bpp = max(1, channels * depth // 8)            # bytes per complete pixel: the filters' unit
     stride = (width * channels * depth + 7) // 8   # bytes per row, without the filter-type byte
@@ -103,30 +117,50 @@ def decode_png(blob: bytes, name: str = "<bytes>") -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def _parse_chunks(blob: bytes, name: str):
-    """Check signature, chunk lengths, CRCs and the header. Returns (width, height, depth,
-    colour type, palette (P, 3) uint8 or None, concatenated IDAT payloads)."""
-    if blob[:8] != PNG_SIGNATURE:
+def _parse_chunks(f, size: int, name: str):
+    """Check signature, chunk lengths, CRCs and the header, reading ``f`` chunk by chunk. Returns (width,
+    height, depth, colour type, palette (P, 3) uint8 or None, concatenated IDAT payloads)."""
+    signature = f.read(8)
+    if signature != PNG_SIGNATURE:
         raise PNGFormatError(f"{name}: not a PNG file (a PNG starts with 89 50 4e 47 0d 0a 1a 0a, "
-                             f"got {blob[:8].hex(' ') or 'an empty file'})")
+                             f"got {signature.hex(' ') or 'an empty file'})")
     pos, header, palette, idat = 8, None, None, []
+    idat_bytes, other_bytes, most_idat = 0, 0, None
     while True:
-        if pos + 8 > len(blob):
-            raise PNGFormatError(f"{name}: truncated PNG: the file ends at byte {len(blob)} before its IEND chunk")
-        length, kind = struct.unpack(">I4s", blob[pos:pos + 8])
+        head = f.read(8)
+        if len(head) < 8:
+            raise PNGFormatError(f"{name}: truncated PNG: the file ends at byte {pos + len(head)} before its IEND "
+                                 "chunk")
+        length, kind = struct.unpack(">I4s", head)
         end = pos + 12 + length
         if not kind.isalpha() or length > 0x7FFFFFFF:
             raise PNGFormatError(f"{name}: corrupt PNG: no valid chunk at byte {pos} (type {kind!r}, length {length})")
-        if end > len(blob):
+        if end > size:
             raise PNGFormatError(f"{name}: truncated PNG: chunk {kind.decode()} at byte {pos} declares {length} "
-                                 f"bytes, the file holds {max(len(blob) - pos - 12, 0)}")
-        body = blob[pos + 8:pos + 8 + length]
-        if zlib.crc32(kind + body) != struct.unpack(">I", blob[end - 4:end])[0]:
+                                 f"bytes, the file holds {max(size - pos - 12, 0)}")
+        if kind == b"IDAT" and most_idat is not None:
+            idat_bytes += length
+            if idat_bytes > most_idat:
+                raise PNGFormatError(f"{name}: corrupt PNG: more than {most_idat:,} bytes of image data for "
+                                     f"{header[0]}x{header[1]} pixels")
+        elif kind != b"IDAT":
+            other_bytes += length
+            if other_bytes > MAX_ANCILLARY_BYTES:
+                raise PNGFormatError(f"{name}: more than {MAX_ANCILLARY_BYTES:,} bytes in chunks other than image "
+                                     "data; re-save the image without its metadata")
+        body, crc = f.read(length), f.read(4)
+        if len(body) < length or len(crc) < 4:
+            raise PNGFormatError(f"{name}: truncated PNG: chunk {kind.decode()} at byte {pos} ends early")
+        if zlib.crc32(kind + body) != struct.unpack(">I", crc)[0]:
             raise PNGFormatError(f"{name}: corrupt PNG: CRC mismatch in chunk {kind.decode()} at byte {pos}")
         if header is None and kind != b"IHDR":
             raise PNGFormatError(f"{name}: corrupt PNG: the first chunk is {kind.decode()}, expected IHDR")
         if kind == b"IHDR":
             header = _check_header(body, name)
+            raw = _raw_bytes(*header)
+            # deflate's worst case (stored blocks) adds 5 bytes per 65,535: twice the data is ample
+            most_idat = 2 * raw + 1024
+            _check_work(header, raw, size, name)
         elif kind == b"PLTE":
             if length % 3 or not 3 <= length <= 768:
                 raise PNGFormatError(f"{name}: corrupt PNG: PLTE chunk of {length} bytes, expected 3 to 768 "
@@ -147,6 +181,30 @@ def _parse_chunks(blob: bytes, name: str):
     return width, height, depth, color, palette, b"".join(idat)
 
 
+def _raw_bytes(width: int, height: int, depth: int, color: int) -> int:
+    """Bytes of the inflated image data: each row's filter byte and its samples."""
+    return height * (1 + (width * _COLOR_TYPES[color][0] * depth + 7) // 8)
+
+
+def _check_work(header, raw: int, size: int, name: str) -> None:
+    """Refuse, from the header alone, image data deflate cannot produce from the whole file, and decoding
+    buffers beyond :func:`npvae.memory.check` (the raw bytes, the Average/Paeth wavefront's two int16
+    grids, the pixels)."""
+    width, height, depth, color = header
+    if raw > _MAX_DEFLATE_RATIO * size + 1024:
+        raise PNGFormatError(f"{name}: header declares {width}x{height} pixels ({raw:,} bytes of image data) but "
+                             f"the file holds {size:,} bytes, less than deflate needs for them: a decompression "
+                             "bomb or a corrupt header")
+    channels = _COLOR_TYPES[color][0]
+    pixels = width * height
+    work = 2 * raw + 4 * 2 * pixels * max(1, channels * depth // 8) + 2 * pixels * channels
+    try:
+        memory.check(work, f"decoding {width}x{height} {_COLOR_TYPES[color][2]} pixels", "use a smaller image, or "
+                     "install Pillow (pip install pillow)", source=name)
+    except memory.MemoryRefused as exc:
+        raise PNGFormatError(str(exc)) from None
+
+
 def _check_header(body: bytes, name: str) -> tuple[int, int, int, int]:
     if len(body) != 13:
         raise PNGFormatError(f"{name}: corrupt PNG: IHDR chunk of {len(body)} bytes, expected 13")
@@ -154,8 +212,8 @@ def _check_header(body: bytes, name: str) -> tuple[int, int, int, int]:
     if not (1 <= width <= 0x7FFFFFFF and 1 <= height <= 0x7FFFFFFF):
         raise PNGFormatError(f"{name}: corrupt PNG: header declares {width}x{height} pixels")
     if width * height > MAX_PNG_PIXELS:
-        raise PNGFormatError(f"{name}: header declares {width}x{height} pixels, over the {MAX_PNG_PIXELS}-pixel "
-                             f"limit: the header is probably corrupt")
+        raise PNGFormatError(f"{name}: header declares {width}x{height} pixels, over the {MAX_PNG_PIXELS:,}-pixel "
+                             f"limit (Pillow's): a possible decompression bomb; use smaller images (or tiles)")
     if color not in _COLOR_TYPES:
         raise PNGFormatError(f"{name}: corrupt PNG: unknown colour type {color} (known: 0, 2, 3, 4, 6)")
     if depth not in _COLOR_TYPES[color][1]:

@@ -109,7 +109,8 @@ def to_model_range(x, value_range: tuple[float, float] = (0.0, 1.0), dtype=np.fl
         if np.isnan(amin) or np.isnan(amax):
             raise ValueError(f"expected {name} values in [{lo:g}, {hi:g}] for this model, found NaN")
         if amin < lo or amax > hi:
-            hint = (f" (integer pixels 0..255? pass them as uint8: {name}.astype(np.uint8))"
+            var = name if name.isidentifier() else "x"
+            hint = (f" (integer pixels 0..255? pass them as uint8: {var}.astype(np.uint8))"
                     if a.dtype.kind in "iu" and amax <= 255 and amin >= 0 and amax > hi else "")
             raise ValueError(f"expected {name} values in [{lo:g}, {hi:g}] for this model, got range "
                              f"[{amin:g}, {amax:g}]; scale your data or pick a model with that range{hint}")

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import memory
 from ..layers import Layer, Parameters, Sequential, Workspace, check_dtype, layer_spec
 
 
@@ -134,6 +135,7 @@ class Model:
         if limit is not None and needed > limit:
             raise ValueError(f"the model description needs {needed:,} parameters but the file holds {limit:,}; "
                              "the metadata does not match the stored arrays")
+        memory.check_parameters(needed, self.dtype.itemsize)  # before the buffers exist
         self.params = Parameters(shapes, self.dtype)
         rng = np.random.default_rng(seed)
         exported = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint, npvae_member, save_checkpoint
 from .base import Model, parameter_limit
 from .registry import MODELS, build_model, from_spec
 
@@ -79,7 +79,7 @@ def load_model(path) -> tuple[Model, dict]:
     meta : dict
         The checkpoint's metadata (config, epoch, history, ...).
     """
-    arrays, meta = load_checkpoint(path)
+    arrays, meta = load_checkpoint(path, npvae_member)
     return model_from_checkpoint(arrays, meta, path), meta
 
 

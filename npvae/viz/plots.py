@@ -723,19 +723,9 @@ def _read_records(records: Any, event: str) -> list[dict]:
         path = Path(records)
         if not path.is_file():
             raise FileNotFoundError(f"no log file at {path}")
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}, line {lineno}: expected a JSON object, "
-                                     f"got {type(row).__name__}")
-                rows.append(row)
+        from ..rundir import read_log
+
+        rows = read_log(path)  # regular file, bounded, one line naming the file for any bad line
     else:
         if isinstance(records, Mapping):
             raise TypeError("records must be a list of dicts (one per entry) or a JSONL path, "

@@ -222,7 +222,7 @@ def _with_idat(data: bytes) -> bytes:
     (_with_ihdr(depth=3), "bit depth 3 is not allowed for RGB"),
     (_with_ihdr(color=5), "unknown colour type 5"),
     (_with_ihdr(w=0), "header declares 0x4 pixels"),
-    (_with_ihdr(w=1 << 20, h=1 << 20), "over the 134217728-pixel limit"),
+    (_with_ihdr(w=1 << 20, h=1 << 20), "over the 89,478,485-pixel limit"),
     (_with_ihdr(color=3), "palette image without a PLTE chunk"),
     (_with_ihdr(h=5), "the image data holds 52 bytes, not the 65"),
     (_with_ihdr(h=3), "image data holds more than the 39 bytes"),
