@@ -211,6 +211,18 @@ def _parse_line(line: str):
         return None
 
 
+# Log keys renamed when the loss's second term stopped being called kl (every model has a regulariser;
+# a VAE's is its KL): records written before read under today's names.
+RENAMED_LOG_KEYS = {"train_kl": "train_reg", "val_kl": "val_reg", "kl_weight": "reg_weight"}
+
+
+def upgrade_record(record: dict) -> dict:
+    """A log or history record under today's key names (:data:`RENAMED_LOG_KEYS`); values unchanged."""
+    if not any(key in record for key in RENAMED_LOG_KEYS):
+        return record
+    return {RENAMED_LOG_KEYS.get(key, key): value for key, value in record.items()}
+
+
 def read_log(path) -> list[dict]:
     """The records of a run's ``log.jsonl``: a regular file, read no further than its size.
 
@@ -229,7 +241,7 @@ def read_log(path) -> list[dict]:
             raise LogError(f"{path}, line {lineno}: not valid JSON (or nested too deeply to read)"
                            if row is None else f"{path}, line {lineno}: expected a JSON object, got "
                            f"{type(row).__name__}")
-        rows.append(row)
+        rows.append(upgrade_record(row))
     return rows
 
 

@@ -12,7 +12,7 @@ layers registered under their own names (``mu``, ``logvar``, ``prior_mu``, ``pri
 ``module.state_dict()`` has exactly the keys, order and shapes of ``model.state_dict()``. Its
 ``forward(x, y=None, eps=None, target=None)`` returns the per-example terms ``(recon (B,), reg (B,))``
 of npvae's :meth:`~npvae.models.base.Model.forward` (noise drawn with torch when ``eps`` is not
-given), and ``loss(...)`` their batch means ``(total, recon, reg)``, ``total = recon + kl_weight * reg``,
+given), and ``loss(...)`` their batch means ``(total, recon, reg)``, ``total = recon + reg_weight * reg``,
 which is what :meth:`~npvae.models.base.Model.loss_and_grads` differentiates. ``encode``, ``decode``
 and ``sample`` match npvae's too.
 
@@ -521,9 +521,9 @@ class NpvaeModule(nn.Module):
 
     def loss(self, x: Tensor, y: Tensor | None = None, eps: Tensor | None = None, target: Tensor | None = None,
              **kw) -> tuple[Tensor, Tensor, Tensor]:
-        """Batch means ``(recon + kl_weight * reg, recon, reg)``: what npvae's ``loss_and_grads`` differentiates."""
+        """Batch means ``(recon + reg_weight * reg, recon, reg)``: what npvae's ``loss_and_grads`` differentiates."""
         recon, reg = self(x, y, eps, target, **kw)
-        return recon.mean() + self.kl_weight * reg.mean(), recon.mean(), reg.mean()
+        return recon.mean() + self.reg_weight * reg.mean(), recon.mean(), reg.mean()
 
     def extra_repr(self) -> str:
         return f"npvae {self.spec['class']}, input_shape={self.input_shape}"
@@ -535,7 +535,7 @@ class VAEModule(NpvaeModule):
     def __init__(self, spec, parts):
         super().__init__(spec, parts)
         c = spec["config"]
-        self.latent_dim, self.kl_weight, self.likelihood = int(c["latent_dim"]), float(c["beta"]), c["likelihood"]
+        self.latent_dim, self.reg_weight, self.likelihood = int(c["latent_dim"]), float(c["beta"]), c["likelihood"]
         bounds = c.get("logvar_bounds")
         self.logvar_bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
         # the conv VAE's second head may emit log sigma: logvar = 2 h in the sampler and the KL alike
@@ -628,7 +628,7 @@ class CVAEModule(VAEModule):
 class AutoencoderModule(NpvaeModule):
     """A deterministic autoencoder: ``recon = sum_j (decoder(encoder(x))_j - target_j)^2``, ``reg = 0``."""
 
-    kl_weight = 1.0
+    reg_weight = 1.0
 
     def encode(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """x (B, *input_shape) -> the code (B, Z)."""

@@ -32,7 +32,8 @@ from .models.saving import model_meta, model_state, save_model
 from .objectives import TRAINING_OBJECTIVES, Objective, estimator_help, trainable
 from .optim import OPTIMIZERS, clip_grad_norm, hyperparameter_names
 from .registry import option
-from .rundir import OutputError, RunLock, append_log, check_writable, claim_outputs, describe_removed, reconcile_log
+from .rundir import (OutputError, RunLock, append_log, check_writable, claim_outputs, describe_removed, reconcile_log,
+                     upgrade_record)
 
 BINARIZATIONS = ("none", "static", "dynamic")  # none, one fixed Bernoulli draw, a fresh draw per use
 CHECKPOINT = "checkpoint.npz"
@@ -215,8 +216,8 @@ def _restore_rng(state: dict) -> np.random.Generator:
     return rng
 
 
-_EPOCH_NUMBERS = {"epoch", "step", "train_loss", "train_recon", "train_kl", "val_loss", "val_recon", "val_kl",
-                  "kl_weight", "seconds", "images_per_second"}
+_EPOCH_NUMBERS = {"epoch", "step", "train_loss", "train_recon", "train_reg", "val_loss", "val_recon", "val_reg",
+                  "reg_weight", "seconds", "images_per_second"}
 
 
 def check_run_meta(meta: dict, path, training: bool = True) -> dict:
@@ -266,6 +267,7 @@ def check_run_meta(meta: dict, path, training: bool = True) -> dict:
     history = meta.get("history", [])
     if not (isinstance(history, list) and all(isinstance(r, dict) for r in history)):
         bad("history", "a list of objects")
+    meta["history"] = history = [upgrade_record(r) for r in history]  # records from before the renames
     for i, record in enumerate(history):  # the fields reports format as numbers
         for key in _EPOCH_NUMBERS.intersection(record):
             if record[key] is not None and not is_number(record[key]):
@@ -426,7 +428,7 @@ class Trainer:
             self.rng = _restore_rng(meta["rng_state"])
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise CheckpointError(f"{path}: metadata 'rng_state' is not a NumPy generator state: {exc}") from None
-        self.history = list(meta.get("history", []))
+        self.history = [upgrade_record(r) for r in meta.get("history", [])]
         best = meta.get("best_val_loss")
         self.best_val = math.inf if best is None else float(best)
         self.bad_epochs = int(meta.get("bad_epochs", 0))
@@ -453,7 +455,7 @@ class Trainer:
 
     # -- one step
 
-    def _kl_weight(self) -> float | None:
+    def _reg_weight(self) -> float | None:
         """The KL weight of this step (beta, annealed during warm-up); None for models without a KL."""
         if not isinstance(self.model, GaussianLatent):
             return None
@@ -480,7 +482,7 @@ class Trainer:
 
     def _check_finite(self, terms) -> None:
         bad = None
-        for name in ("recon", "kl"):
+        for name in ("recon", "reg"):
             if not math.isfinite(getattr(terms, name)):
                 bad = f"the {name} loss ({getattr(terms, name)})"
                 break
@@ -514,7 +516,7 @@ class Trainer:
         y = None if self.train_y is None else self.train_y[idx]
         target = None if self.train_target is None else self._gather(self.train_target, idx, "target")
         if isinstance(model, GaussianLatent):
-            model.kl_weight = self._kl_weight()
+            model.reg_weight = self._reg_weight()
         terms, _ = self.objective.loss_and_grads(model, x, y, rng=self.rng, target=target, check=False)
         self._check_finite(terms)
         if self.config.log_grad_norms and self.step % self.config.grad_norm_every == 0:
@@ -531,7 +533,7 @@ class Trainer:
     def evaluate(self, x, y, rng, target=None) -> dict:
         """The model's mean loss over a whole set (labels y and targets as the model reads them)."""
         terms = self.model.evaluate(x, y, rng=rng, target=target, batch_size=self.config.eval_batch_size)
-        return {"loss": terms.total, "recon": terms.recon, "kl": terms.kl}
+        return {"loss": terms.total, "recon": terms.recon, "reg": terms.reg}
 
     def _progress_bar(self):
         if not self.progress:
@@ -557,7 +559,7 @@ class Trainer:
                 terms = self._train_step(idx)
                 self.sums[0] += len(idx) * terms.total
                 self.sums[1] += len(idx) * terms.recon
-                self.sums[2] += len(idx) * terms.kl
+                self.sums[2] += len(idx) * terms.reg
                 self.seen += len(idx)
                 if bar is not None:
                     bar.update(1)
@@ -575,11 +577,11 @@ class Trainer:
             "step": self.step,
             "train_loss": float(train[0]),
             "train_recon": float(train[1]),
-            "train_kl": float(train[2]),
+            "train_reg": float(train[2]),
             "val_loss": val["loss"],
             "val_recon": val["recon"],
-            "val_kl": val["kl"],
-            "kl_weight": self._kl_weight(),
+            "val_reg": val["reg"],
+            "reg_weight": self._reg_weight(),
             "seconds": seconds,
             "images_per_second": (self.seen - start_seen) / max(seconds, 1e-9),  # a short last batch counts short
         }
@@ -720,7 +722,7 @@ def _epoch_line(r: dict, epochs: int, names) -> str:
     model's own names (``names``, a :class:`~npvae.models.LossNames`)."""
     unit = f" ({names.unit})" if names.unit else ""
     return (f"epoch {r['epoch']}/{epochs}  {names.total}{unit}: train {r['train_loss']:.2f}"
-            f"{names.parts(r['train_recon'], r['train_kl'])}  val {r['val_loss']:.2f}{names.parts(r['val_recon'], r['val_kl'])}"
+            f"{names.parts(r['train_recon'], r['train_reg'])}  val {r['val_loss']:.2f}{names.parts(r['val_recon'], r['val_reg'])}"
             f"  {r['seconds']:.1f}s, {r['images_per_second']:,.0f} img/s")
 
 

@@ -76,7 +76,7 @@ def main_script() -> None:
           "activations <= 0.05 | mean ‖∂h/∂x‖_F |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, flags, r in rows:
-        print(f"| {name} | `{flags}` | {r['recon']:.2f} | {r['kl']:.3f} | {r['code_mean_activation']:.3f} | "
+        print(f"| {name} | `{flags}` | {r['recon']:.2f} | {r['reg']:.3f} | {r['code_mean_activation']:.3f} | "
               f"{100 * r['code_near_zero']:.1f}% | {r['mean_jacobian_frobenius']:.3f} |")
 
 

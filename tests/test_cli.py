@@ -56,7 +56,7 @@ def test_evaluate_prints_the_elbo_and_its_parts(vae_run, capsys):
     assert result["dataset"] == "demo" and result["examples"] == 500
     assert result["paired"] is False and "rmse_input_target" not in result  # no targets: scored against x
     assert result["loss_name"] == "negative ELBO" and result["unit"] == "nats"
-    assert result["loss"] == pytest.approx(result["recon"] + result["kl"])
+    assert result["loss"] == pytest.approx(result["recon"] + result["reg"])
     assert 50 < result["loss"] < 400
 
 

@@ -45,11 +45,11 @@ def test_settings_are_stored_and_kept_on_resume(runs):
 def test_evaluate_reports_sparsity_and_contraction(runs, capsys):
     cae = evaluate_json(runs / "cae" / "best.npz", capsys)
     # the penalty is the mean of ||J||_F^2, the report the mean of ||J||_F: Jensen orders them
-    assert 0 < cae["mean_jacobian_frobenius"] ** 2 <= cae["kl"]
-    assert cae["loss"] == pytest.approx(cae["recon"] + 0.3 * cae["kl"])
+    assert 0 < cae["mean_jacobian_frobenius"] ** 2 <= cae["reg"]
+    assert cae["loss"] == pytest.approx(cae["recon"] + 0.3 * cae["reg"])
     sae = evaluate_json(runs / "sae" / "best.npz", capsys, "--near-zero", "0.1")
     assert sae["near_zero_threshold"] == 0.1 and 0 <= sae["code_near_zero"] <= 1
-    assert sae["code_mean_abs"] == pytest.approx(sae["kl"] / 16)  # l1: sum of |h| over 16 units
+    assert sae["code_mean_abs"] == pytest.approx(sae["reg"] / 16)  # l1: sum of |h| over 16 units
     main(["evaluate", str(runs / "sae" / "best.npz")])
     text = capsys.readouterr().out
     assert "sparsity" in text and "near zero (|h| <= 0.05)" in text and "mean ||d code / d x||_F" in text
@@ -68,7 +68,7 @@ def test_plain_autoencoders_are_measured_too_and_errors_are_clear(tmp_path, caps
     ae = save_model(Autoencoder(784, (32, 16), 3, value_range=(0.0, 1.0), output_activation="sigmoid"),
                     tmp_path / "ae.npz", meta)
     result = evaluate_json(ae, capsys, "--n", "50")
-    assert result["mean_jacobian_frobenius"] > 0 and result["kl"] == 0
+    assert result["mean_jacobian_frobenius"] > 0 and result["reg"] == 0
     cvae = save_model(CVAE(784, 10, (16,), 2, prior_hidden=(8,)), tmp_path / "cvae.npz", meta)
     assert main(["plot", str(cvae), "filters", "--out", str(tmp_path / "f.png")]) == 2
     err = capsys.readouterr().err

@@ -79,7 +79,7 @@ def run_torch(module, model, x, y, eps, seed):
         kw["corrupted"] = t(model.corrupt(x, np.random.default_rng(seed)))
     module.zero_grad()
     recon, reg = module(t(x), t(y), t(eps), **kw)
-    total = recon.mean() + module.kl_weight * reg.mean()
+    total = recon.mean() + module.reg_weight * reg.mean()
     total.backward()
     return recon.detach().numpy(), reg.detach().numpy(), gradients(module)
 
@@ -100,7 +100,7 @@ def test_forward_and_gradients_match_npvae(name, b, seed, scale):
     ours = {k: v.copy() for k, v in ours.items()}
     ours_recon, ours_reg = model.forward(x, y, eps=eps, rng=np.random.default_rng(seed))
     assert rel_error(ours_recon, recon, 1.0) < 1e-12 and rel_error(ours_reg, reg, 1.0) < 1e-12
-    assert terms.total == pytest.approx(recon.mean() + module.kl_weight * reg.mean(), rel=1e-12, abs=1e-12)
+    assert terms.total == pytest.approx(recon.mean() + module.reg_weight * reg.mean(), rel=1e-12, abs=1e-12)
     errors = gradient_errors(ours, grads)
     assert max(errors.values()) < 1e-9, errors
 

@@ -48,7 +48,7 @@ def test_training_lowers_the_loss_and_writes_its_files(tiny_dataset, tmp_path):
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
     for r in result.history:
-        assert math.isclose(r["train_loss"], r["train_recon"] + r["train_kl"], rel_tol=1e-9)
+        assert math.isclose(r["train_loss"], r["train_recon"] + r["train_reg"], rel_tol=1e-9)
     epochs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs if e["event"] == "epoch"] == [1, 2, 3]
     assert epochs[-1] == {"event": "end", "stopped": "completed", "step": 15, "epoch": 3}
@@ -93,6 +93,47 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny_dataset, tmp_p
     np.testing.assert_array_equal(resumed.params.data, straight.params.data)
     straight_log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
     assert [r["train_loss"] for r in result.history] == [r["train_loss"] for r in straight_log if r["event"] == "epoch"]
+
+
+def test_a_run_logged_before_the_renames_resumes_and_reads_under_today_s_names(tiny_dataset, tmp_path):
+    """Logs and checkpoints written when the regulariser was called kl (train_kl, val_kl, kl_weight)."""
+    from npvae.checkpoint import save_checkpoint
+    from npvae.rundir import RENAMED_LOG_KEYS, read_log
+    from npvae.viz.plots import _read_records
+
+    straight = tiny_vae()
+    run(straight, tiny_dataset, tmp_path / "straight", epochs=2, kl_warmup_epochs=1.0)
+    out = tmp_path / "old"
+    run(tiny_vae(), tiny_dataset, out, epochs=1, kl_warmup_epochs=1.0)
+    old_names = {new: old for old, new in RENAMED_LOG_KEYS.items()}
+
+    def as_before(record):
+        return {old_names.get(k, k): v for k, v in record.items()}
+
+    arrays, meta = load_checkpoint(out / "checkpoint.npz")
+    meta["history"] = [as_before(r) for r in meta["history"]]
+    meta.pop("format_version")
+    save_checkpoint(out / "checkpoint.npz", arrays, meta)
+    lines = [json.dumps(as_before(json.loads(line))) for line in (out / "log.jsonl").read_text().splitlines()]
+    (out / "log.jsonl").write_text("\n".join(lines) + "\n")
+    assert any("train_kl" in line for line in lines) and not any("train_reg" in line for line in lines)
+
+    resumed = tiny_vae(seed=9)
+    result = Trainer(resumed, tiny_dataset, config(epochs=2, kl_warmup_epochs=1.0), out, progress=False,
+                     echo=quiet).run(resume=True)
+    np.testing.assert_array_equal(resumed.params.data, straight.params.data)
+    assert all("train_reg" in r and "train_kl" not in r for r in result.history)
+    epochs = [r for r in read_log(out / "log.jsonl") if r.get("event") == "epoch"]
+    assert [r["reg_weight"] for r in epochs] == [r["reg_weight"] for r in result.history]
+    assert _read_records([{"event": "epoch", "val_kl": 3.0}], "epoch") == [{"event": "epoch", "val_reg": 3.0}]
+
+
+def test_loss_terms_and_models_keep_their_kl_names_for_code_written_before():
+    model = tiny_vae()
+    terms, _ = model.loss_and_grads(np.full((4, 784), 0.5, np.float32), rng=np.random.default_rng(0))
+    assert terms.kl == terms.reg and terms == LossTerms(terms.total, terms.recon, terms.reg)
+    model.kl_weight = 0.25
+    assert model.reg_weight == 0.25 and model.kl_weight == 0.25
 
 
 def test_refuses_to_overwrite_a_run_without_resume(tiny_dataset, tmp_path):
@@ -144,7 +185,7 @@ def test_early_stopping(tiny_dataset, tmp_path):
     # instead force it: a model whose validation loss is constant never improves after epoch 1.
     model = tiny_vae()
     trainer = Trainer(model, tiny_dataset, config(epochs=10, patience=2), tmp_path, progress=False, echo=quiet)
-    trainer.evaluate = lambda x, y, rng, target=None: {"loss": 1.0, "recon": 1.0, "kl": 0.0}
+    trainer.evaluate = lambda x, y, rng, target=None: {"loss": 1.0, "recon": 1.0, "reg": 0.0}
     result = trainer.run()
     assert result.stopped == "early_stopping" and len(result.history) == 3
 
@@ -152,7 +193,7 @@ def test_early_stopping(tiny_dataset, tmp_path):
 def test_kl_warmup_rises_to_beta(tiny_dataset, tmp_path):
     model = VAE(784, (32,), 4, beta=2.0)
     result = run(model, tiny_dataset, tmp_path, epochs=3, kl_warmup_epochs=2)
-    weights = [r["kl_weight"] for r in result.history]
+    weights = [r["reg_weight"] for r in result.history]
     assert weights[0] == pytest.approx(1.0) and weights[1] == pytest.approx(2.0) and weights[2] == 2.0
 
 
@@ -238,7 +279,7 @@ def test_k_sample_objectives_train_and_resume_exactly(tiny_dataset, tmp_path, ob
     result = run(straight, tiny_dataset, tmp_path / "straight", **kw)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     for r in result.history:
-        assert math.isclose(r["train_loss"], r["train_recon"] + r["train_kl"], rel_tol=1e-9)
+        assert math.isclose(r["train_loss"], r["train_recon"] + r["train_reg"], rel_tol=1e-9)
     _, meta = load_checkpoint(tmp_path / "straight" / "checkpoint.npz")
     assert {key: meta["train_config"][key] for key in ("objective", "k", "estimator")} == \
         {"objective": objective, "k": k, "estimator": estimator}

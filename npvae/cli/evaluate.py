@@ -47,7 +47,8 @@ def cmd_evaluate(args) -> int:
     terms = model.evaluate(x, labels, rng=rng, target=target)
     names = model.loss_names
     result = {"dataset": dataset.name, "split": args.split, "examples": len(x), "loss_name": names.total,
-              "unit": names.unit, "loss": terms.total, "recon": terms.recon, "kl": terms.kl}
+              "unit": names.unit, "loss": terms.total, "recon": terms.recon, "reg": terms.reg,
+              "kl": terms.reg}  # kl: the regulariser under its key from before the rename, for scripts reading it
     print(f"{dataset.description}")
     trained = _trained_objective(meta)
     if trained is not None and not trained.is_default:
@@ -57,7 +58,7 @@ def cmd_evaluate(args) -> int:
         print(f"binarization: {note}")
         result["binarization"] = note
     against = " against the targets" if target is not None else ""
-    print(f"{args.split}: {names.format(terms.total, terms.recon, terms.kl, digits=3)} per image{against}, "
+    print(f"{args.split}: {names.format(terms.total, terms.recon, terms.reg, digits=3)} per image{against}, "
           f"{len(x)} images")
     result["paired"] = target is not None
     if target is not None:

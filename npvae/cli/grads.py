@@ -109,7 +109,7 @@ def cmd_grads(args) -> int:
 
     eps = rng.standard_normal((len(x), model.config.latent_dim), dtype=model.dtype)
     rows = gradflow.decomposition_rows(gradflow.decompose_gradients(model, x, eps, y=labels))
-    print(f"gradient of the negative ELBO (recon + beta KL, beta = {model.kl_weight:g}) on {len(x)} {args.split} "
+    print(f"gradient of the negative ELBO (recon + beta KL, beta = {model.reg_weight:g}) on {len(x)} {args.split} "
           "images, split exactly into its reconstruction and KL parts:")
     print(gradflow.decomposition_text(rows))
     table = _estimator_table(args, model, x, labels, names, examples, rng)

@@ -46,11 +46,21 @@ from ..layers import Layer, Parameters, Sequential, Workspace, check_dtype, laye
 
 @dataclass(frozen=True)
 class LossTerms:
-    """Batch means, per example: ``total = recon + weight * kl`` (weight = beta for VAEs)."""
+    """Batch means, per example: ``total = recon + weight * reg`` (weight = beta for VAEs).
+
+    ``reg`` is the model's regulariser: KL(q(z|x) || p(z)) for VAEs, the code-norm penalty of the poor
+    man's VAE, the sparsity or contraction penalty, 0 for plain autoencoders. It was called ``kl`` when
+    every model here was a VAE; ``terms.kl`` still reads it.
+    """
 
     total: float  # the training objective (negative ELBO for VAEs), per example
     recon: float  # reconstruction term: negative log-likelihood (or squared error), per example
-    kl: float  # KL(q(z|x) || p(z)) for VAEs; the poor man's VAE puts its ||z|| penalty here; 0 for AEs
+    reg: float  # the regulariser (KL for VAEs), unweighted; what LossNames.reg calls it
+
+    @property
+    def kl(self) -> float:
+        """The regulariser under its name from the VAE-only days (:attr:`reg`)."""
+        return self.reg
 
 
 @dataclass(frozen=True)
@@ -61,7 +71,7 @@ class LossNames:
 
     total: str  # the objective, LossTerms.total: "negative ELBO", "squared error", ...
     recon: str  # the reconstruction term, LossTerms.recon
-    reg: str | None = None  # the second term, LossTerms.kl ("KL", "code norm"); None: the model has none (always 0)
+    reg: str | None = None  # the second term, LossTerms.reg ("KL", "code norm"); None: the model has none (always 0)
     unit: str | None = None  # "nats" for negative log-likelihoods; None for errors, which carry no unit
 
     def format(self, total: float, recon: float, reg: float, digits: int = 2) -> str:
@@ -114,7 +124,7 @@ class Model:
     config_class = None  # the dataclass of ``self.config``; its option() fields are the preset's knobs
     value_range = (0.0, 1.0)
     loss_names = LossNames("loss", "recon", "regulariser")  # how reports name the loss, its terms and unit
-    kl_weight = 1.0  # weight of the second term in the training loss
+    reg_weight = 1.0  # weight of the regulariser in the training loss (beta for VAEs, annealed by warm-up)
     eval_weight = 1.0  # weight of the second term in evaluate's total
     needs_noise = False  # True when forward draws noise (eps), so loss_and_grads needs eps or rng
     train_defaults: dict = {}  # a preset's own TrainConfig defaults (batch_size, patience, lr) for the CLI
@@ -330,7 +340,7 @@ class Model:
                 raise ValueError("pass eps (B, Z) or rng (an np.random.Generator) to draw it")
         recon, reg = self.forward(x, y, eps=eps, rng=rng, target=target)
         batch = x.shape[0]
-        weight = self.kl_weight
+        weight = self.reg_weight
         self.backward(self._row_scale(batch, 1.0, "drecon"), self._row_scale(batch, weight, "dreg"))
         r, k = float(recon.mean(dtype=np.float64)), float(reg.mean(dtype=np.float64))
         return LossTerms(r + weight * k, r, k), self.gradients()
@@ -401,6 +411,15 @@ class Model:
     def loss_name(self) -> str:
         return "this loss"
 
+    @property
+    def kl_weight(self) -> float:
+        """:attr:`reg_weight` under its name from the VAE-only days (read and set)."""
+        return self.reg_weight
+
+    @kl_weight.setter
+    def kl_weight(self, value: float) -> None:
+        self.reg_weight = value
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))
         return f"{type(self).__name__}({fields}, dtype={self.dtype.name}, parameters={self.num_parameters:,})"
@@ -409,7 +428,7 @@ class Model:
 class GaussianLatent:
     """A model whose q(z | x) is a diagonal Gaussian N(mu, diag exp(logvar)) and whose regulariser is
     KL(q(z|x) || p(z)): ``encode`` returns ``(mu, logvar)``, ``prior(n, y)`` the prior's parameters,
-    and ``kl_weight`` (beta, annealed by KL warm-up) weights the KL in training."""
+    and ``reg_weight`` (beta, annealed by KL warm-up) weights the KL in training."""
 
 
 class StandardNormalPrior:

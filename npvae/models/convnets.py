@@ -213,7 +213,7 @@ class ConvVAE(VAE):
                                     float(beta), float(alpha), bounds, parameterization)
         self._validate_config()
         self.logvar_scale = 2.0 if parameterization == "log_sigma" else 1.0
-        self.kl_weight = self.config.beta
+        self.reg_weight = self.config.beta
         if encoder is None and decoder is None:
             encoder, decoder = conv_vae_stacks(self.input_shape, self.config.latent_dim, activation,
                                                self.likelihood.output_activation)

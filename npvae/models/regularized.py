@@ -93,7 +93,7 @@ class SparseAutoencoder(Autoencoder):
         self._sparsity = (sparsity_penalty, _nonnegative(sparsity_weight, "sparsity_weight"), target)
         super().__init__(input_dim, hidden, latent_dim, activation, output_activation, value_range, alpha, dtype, seed,
                          code_activation=code_activation, **kwargs)
-        self.kl_weight = self.eval_weight = self.config.sparsity_weight
+        self.reg_weight = self.eval_weight = self.config.sparsity_weight
 
     def _make_config(self, *args):
         base = super()._make_config(*args)
@@ -160,7 +160,7 @@ class ContractiveAutoencoder(Autoencoder):
         super().__init__(input_dim, hidden, latent_dim, activation, output_activation, value_range, alpha, dtype, seed,
                          code_activation=code_activation, **kwargs)
         self._dense = dense_layers(self.encoder)
-        self.kl_weight = self.eval_weight = self.config.contraction_weight
+        self.reg_weight = self.eval_weight = self.config.contraction_weight
 
     def _make_config(self, *args):
         base = super()._make_config(*args)

@@ -98,7 +98,7 @@ class GaussianVAE(Model, GaussianLatent):
         self.config = self._make_config(hidden, latent_dim, activation, likelihood, beta, alpha, logvar_bounds,
                                         custom=encoder is not None or decoder is not None)
         self._validate_config()
-        self.kl_weight = self.config.beta  # the trainer anneals this during KL warm-up
+        self.reg_weight = self.config.beta  # the trainer anneals this during KL warm-up
         encoder, decoder = self._stacks(encoder, decoder)
         self._build(self._parts(encoder, decoder), dtype, seed)
 
@@ -271,19 +271,20 @@ class GaussianVAE(Model, GaussianLatent):
         recon = self.nll_forward(z, x if target is None else target, y)
         return recon, self._kl_forward(mu, logvar, y)
 
-    def backward(self, drecon: np.ndarray, dkl: np.ndarray) -> None:
-        """Fill ``params.grad`` with d/dtheta of sum_i drecon[i] recon_i + dkl[i] kl_i.
+    def backward(self, drecon: np.ndarray, dreg: np.ndarray) -> None:
+        """Fill ``params.grad`` with d/dtheta of sum_i drecon[i] recon_i + dreg[i] kl_i (the regulariser
+        of a VAE is its KL, as :meth:`Model.backward`'s ``dreg`` for every model).
 
         Either part may be zero, which splits a gradient exactly into its reconstruction and KL parts.
 
         Parameters
         ----------
-        drecon, dkl : (B,) arrays
+        drecon, dreg : (B,) arrays
         """
         dz = self.nll_backward(drecon)
         dmu, dlogvar = self.latent_grads(len(drecon))
         ops.reparameterize_backward(dz, self._sampler_cache, dmu, dlogvar)
-        self._kl_backward(dkl, dmu, dlogvar)
+        self._kl_backward(dreg, dmu, dlogvar)
         self.posterior_backward(dmu, dlogvar)
 
     # -- inference

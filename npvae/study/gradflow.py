@@ -57,7 +57,7 @@ def decompose_gradients(model, x, eps, y=None) -> dict[str, tuple[np.ndarray, np
 
     Parameters
     ----------
-    model : VAE or CVAE (beta is ``model.kl_weight``, as in training)
+    model : VAE or CVAE (beta is ``model.reg_weight``, as in training)
     x : (B, D) array in the model's value range
     eps : (B, Z) array, the reparameterization noise
     y : (B,) integer array, for a CVAE
@@ -74,7 +74,7 @@ def decompose_gradients(model, x, eps, y=None) -> dict[str, tuple[np.ndarray, np
     batch = len(x)
     zero = np.zeros(batch, model.dtype)
     recon_scale = np.full(batch, 1.0 / batch, model.dtype)
-    kl_scale = np.full(batch, model.kl_weight / batch, model.dtype)
+    kl_scale = np.full(batch, model.reg_weight / batch, model.dtype)
     passes = []
     for drecon, dkl in ((recon_scale, zero), (zero, kl_scale), (recon_scale, kl_scale)):
         model.backward(drecon, dkl)

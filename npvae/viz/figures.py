@@ -300,7 +300,7 @@ def training_curves(log_path, path, names: LossNames | None = None) -> Path:
         return plots.plot_training_curves(log_path, path)
     panels = [(names.total[0].upper() + names.total[1:], "loss")]
     if names.reg is not None:
-        panels += [("Reconstruction term", "recon"), (f"{names.reg} term", "kl")]
+        panels += [("Reconstruction term", "recon"), (f"{names.reg} term", "reg")]
     per = f"{names.unit} per image" if names.unit else "per image"
     return plots.plot_training_curves(log_path, path, title=f"Training curves ({per})", ylabel=per, panels=panels)
 

@@ -734,6 +734,9 @@ def _read_records(records: Any, event: str) -> list[dict]:
         for i, row in enumerate(rows):
             if not isinstance(row, Mapping):
                 raise TypeError(f"records[{i}] must be a dict, got {type(row).__name__}")
+        from ..rundir import upgrade_record
+
+        rows = [upgrade_record(dict(row)) for row in rows]  # records from before the renames, as in a log
     return [r for r in rows if r.get("event", event) == event]
 
 
@@ -763,7 +766,7 @@ def _series(rows: list[dict], key: str, xkey: str) -> tuple[list[float], list[fl
 _CURVE_PANELS = (
     ("Total loss", "loss"),
     ("Reconstruction term", "recon"),
-    ("Second term (KL for a VAE)", "kl"),
+    ("Second term (KL for a VAE)", "reg"),
 )
 
 
@@ -775,8 +778,8 @@ def plot_training_curves(records: Any, path: PathLike, title: str | None = "Trai
     Parameters
     ----------
     records : list of dict, or str / PathLike of a JSON-lines log
-        One dict per epoch with any of ``epoch``, ``train_loss``, ``train_recon``, ``train_kl``,
-        ``val_loss``, ``val_recon``, ``val_kl``; missing, None or non-finite values are skipped
+        One dict per epoch with any of ``epoch``, ``train_loss``, ``train_recon``, ``train_reg``,
+        ``val_loss``, ``val_recon``, ``val_reg`` (logs from before the rename say ``_kl``); missing, None or non-finite values are skipped
         (``epoch`` defaults to the 1-based position). Entries with an ``event`` key are used
         only when ``event == "epoch"``, so a log that mixes step, config and epoch lines works.
     path : str or PathLike

@@ -308,7 +308,7 @@ def test_inference_shapes():
     assert model.sample(5, rng).shape == (5, 6) and model.sample(2, rng, y=2).shape == (2, 6)
     assert model.class_grid(4, rng).shape == (3, 4, 6)
     terms = model.evaluate(x, y, rng, batch_size=3)
-    assert terms.kl >= 0 and math.isclose(terms.total, terms.recon + terms.kl)
+    assert terms.reg >= 0 and math.isclose(terms.total, terms.recon + terms.reg)
     assert issubclass(CVAE, Conditional) and not issubclass(Model, Conditional) and not issubclass(VAE, Conditional)
 
 
@@ -350,7 +350,7 @@ def test_trained_cvae_generates_the_class_asked_for():
     after = model.evaluate(x, y, np.random.default_rng(1))
     assert after.total < 0.5 * before.total
     mu, _ = model.encode(x, y)
-    assert after.kl > 0.3
+    assert after.reg > 0.3
     for k in range(c):  # within each class the codes carry the style (classes may orient it differently)
         assert max(abs(np.corrcoef(mu[y == k, j], style[y == k])[0, 1]) for j in range(2)) > 0.7
 

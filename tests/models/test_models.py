@@ -92,7 +92,7 @@ def assert_matches_torch(model, x, seed: int) -> None:
     for backend in BACKENDS:
         with use_backend(backend):
             terms, grads = model.loss_and_grads(x, rng=np.random.default_rng(seed))
-        for name, ours, theirs in zip(("total", "recon", "kl"), (terms.total, terms.recon, terms.kl), expected):
+        for name, ours, theirs in zip(("total", "recon", "reg"), (terms.total, terms.recon, terms.reg), expected):
             err = rel_error(ours, theirs, floor=1.0)
             assert err <= LOSS_RTOL, f"[{backend}] {name}: {ours!r} vs torch {theirs!r} (relative error {err:.1e})"
         for key, err in gradient_errors(grads, expected_grads).items():

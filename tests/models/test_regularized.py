@@ -82,11 +82,11 @@ def test_presets_and_settings_survive_specs_and_build_model():
     sparse = build_model("sparse-ae", {"latent_dim": 9, "sparsity_penalty": "l1", "code_activation": "relu"})
     assert sparse.config.sparsity_weight == 0.1 and sparse.kl_weight == 0.1  # l1's default weight
     contractive = build_model("contractive-ae", {"contraction_weight": 0.3})
-    assert (contractive.config.latent_dim, contractive.kl_weight) == (196, 0.3)
+    assert (contractive.config.latent_dim, contractive.reg_weight) == (196, 0.3)
     for model in (sparse, contractive):
         rebuilt = from_spec(model.spec())
         assert type(rebuilt) is type(model) and rebuilt.config == model.config
-        assert rebuilt.kl_weight == model.kl_weight and rebuilt.eval_weight == model.eval_weight
+        assert rebuilt.reg_weight == model.reg_weight and rebuilt.eval_weight == model.eval_weight
 
 
 def test_kl_sparsity_is_the_batch_value_in_every_row():
