@@ -21,8 +21,8 @@ from npvae.cli import main
 from npvae.data import DataFileError, Dataset, load_path
 from npvae.data import png
 from npvae.data.png import PNGFormatError, PNG_SIGNATURE, write_png
+from tests.conftest import DEMO
 
-DEMO = Path(__file__).resolve().parents[1] / "npvae" / "_resources" / "mnist_demo.npz"
 RUN = ["--hidden", "8", "--latent-dim", "2", "--no-progress", "--no-pictures"]
 
 
@@ -42,14 +42,6 @@ def never_hang():
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)
 
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory) -> Path:
-    with np.load(DEMO) as d:
-        x, y = d["images"][::16][:300], d["labels"][::16][:300]
-    path = tmp_path_factory.mktemp("data") / "small.npz"
-    np.savez(path, x=x, y=y)
-    return path
 
 
 @pytest.fixture(scope="module")

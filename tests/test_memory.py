@@ -16,7 +16,6 @@ from npvae.data.png import write_png
 from npvae.layers import Dense, Flatten, MaxPool2d, Reshape, Sequential, Upsample2d
 from npvae.models import VAE, save_model
 
-DEMO = Path(__file__).resolve().parents[1] / "npvae" / "_resources" / "mnist_demo.npz"
 LIMIT = "4G"  # the tests' machine: refusals do not depend on the memory of the one running them
 
 
@@ -24,15 +23,6 @@ LIMIT = "4G"  # the tests' machine: refusals do not depend on the memory of the 
 def four_gib(monkeypatch):
     monkeypatch.setenv(memory.ENV_LIMIT, LIMIT)
 
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory) -> Path:
-    """300 demo digits with their labels, as a user's --data file."""
-    with np.load(DEMO) as d:
-        x, y = d["images"][::16][:300], d["labels"][::16][:300]
-    path = tmp_path_factory.mktemp("data") / "small.npz"
-    np.savez(path, x=x, y=y)
-    return path
 
 
 def error_line(capsys) -> str:

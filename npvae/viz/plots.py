@@ -27,7 +27,6 @@ Design:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path

@@ -683,8 +683,6 @@ def test_evaluate_weights_slices_by_their_size():
 
 
 def test_every_preset_describes_itself():
-    import dataclasses
-
     from npvae.models import MODELS
     from npvae.registry import UnknownName
 
