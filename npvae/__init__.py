@@ -20,7 +20,7 @@ from .models import (CVAE, MODELS, Autoencoder, Conditional, ContractiveAutoenco
                      ConvDenoisingAutoencoder, ConvDocumentDAE, ConvVAE, DenoisingAutoencoder, GaussianLatent, LossTerms,
                      Model, PoorMansVAE, SparseAutoencoder, StandardNormalPrior, VAE, build_model, from_spec, load_model,
                      save_model)
-from .optim import SGD, Adam, AdamW, RMSprop, clip_grad_norm
+from .optim import OPTIMIZERS, SGD, Adam, AdamW, KerasAdam, KerasRMSprop, RMSprop, clip_grad_norm
 from .train import TrainConfig, Trainer, TrainResult, fit
 
 __version__ = "0.1.0"
@@ -32,7 +32,7 @@ __all__ = [
     "ConvVAE", "ConvDenoisingAutoencoder", "ConvAutoencoder", "ConvDocumentDAE",
     "Sequential", "Dense", "Activation", "Flatten", "Reshape", "Conv2d", "ConvTranspose2d", "MaxPool2d", "Upsample2d",
     "Trainer", "TrainConfig", "TrainResult", "fit",
-    "SGD", "RMSprop", "Adam", "AdamW", "clip_grad_norm",
+    "SGD", "RMSprop", "Adam", "AdamW", "KerasRMSprop", "KerasAdam", "OPTIMIZERS", "clip_grad_norm",
     "check_gradients", "check_model", "check_op", "GradCheckReport",
     "get_backend", "set_backend", "use_backend", "numba_available", "ops", "penalties", "conv",
 ]
