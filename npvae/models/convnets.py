@@ -184,7 +184,9 @@ class ConvVAE(VAE):
     likelihood : str
         ``bernoulli`` (the write-up's BCE), ``gaussian`` or ``continuous_bernoulli``.
     beta : float
-        KL weight (the write-up's 5e-4 is ``beta=5e-4``; 1 gives the ELBO).
+        KL weight (1 gives the ELBO). The write-up's ``5e-4 * mean_j(...)`` beside a BCE averaged over
+        784 pixels is ``beta = 784 * 5e-4 * 2 / Z = 0.392`` at Z = 2 in npvae's per-image sums (the
+        derivation is in :mod:`npvae.recipes`, recipe ``keras-conv-vae``), not 5e-4.
     parameterization : {"logvar", "log_sigma"}
         See the module docstring.
     logvar_bounds : (lo, hi) or None
@@ -309,11 +311,13 @@ class ConvDenoisingAutoencoder(_ConvAutoencoderMixin, DenoisingAutoencoder):
 
     def __init__(self, input_dim=784, hidden=None, latent_dim=None, activation="relu", output_activation="sigmoid",
                  value_range=(0.0, 1.0), alpha=0.01, noise="salt_pepper", noise_level=0.2, dtype=np.float32, seed=0, *,
-                 encoder=None, decoder=None, input_shape=None, code_activation="identity"):
+                 encoder=None, decoder=None, input_shape=None, code_activation="identity", noise_draws="fresh",
+                 noise_seed=0):
         shape, code, encoder, decoder = self._preset_stacks(input_dim, input_shape, latent_dim, activation, encoder,
                                                             decoder, hidden, code_activation)
         super().__init__(input_dim, None, code, activation, output_activation, value_range, alpha, dtype, seed,
-                         encoder=encoder, decoder=decoder, input_shape=shape, noise=noise, noise_level=noise_level)
+                         encoder=encoder, decoder=decoder, input_shape=shape, noise=noise, noise_level=noise_level,
+                         noise_draws=noise_draws, noise_seed=noise_seed)
 
 
 CONV_MODELS = (ConvVAE, ConvDenoisingAutoencoder, ConvAutoencoder, ConvDocumentDAE)
