@@ -184,7 +184,7 @@ def batch_l2_norm_forward(z):
     """One Euclidean norm of a whole batch of codes: the poor man's VAE's penalty as its write-up computes
     it (``z.pow(2).sum().sqrt()``), beside :func:`npvae.ops.l2_norm_forward`'s one norm per example.
 
-    .. math:: \Omega = \lVert Z \rVert_F = \sqrt{\textstyle\sum_{i,j} z_{ij}^2}
+    .. math:: \\Omega = \\lVert Z \\rVert_F = \\sqrt{\\textstyle\\sum_{i,j} z_{ij}^2}
 
     One number per batch (a statistic of the batch, like :func:`kl_sparsity_forward`). For codes of
     similar size it is about sqrt(B) times one example's norm, so a batch mean of per-example norms
@@ -207,10 +207,11 @@ def batch_l2_norm_forward(z):
 def batch_l2_norm_backward(dloss, cache, out=None):
     """Backward of :func:`batch_l2_norm_forward`.
 
-    .. math:: dz_{ij} = \frac{dL}{d\Omega} \frac{z_{ij}}{\lVert Z \rVert_F}, \qquad dZ = 0
-              \text{ where } Z = 0
+    .. math:: dz_{ij} = \\frac{dL}{d\\Omega} \\frac{z_{ij}}{\\lVert Z \\rVert_F}, \\qquad dZ = 0
+              \\text{ where } Z = 0
 
-    At Z = 0 the norm has no gradient; 0 is its minimal-norm subgradient (PyTorch returns the same).
+    At Z = 0 the norm has no gradient; 0 is its minimal-norm subgradient (``torch.linalg.vector_norm``
+    returns the same; the write-up's ``z.pow(2).sum().sqrt()`` gives NaN there, which no run should train on).
 
     Parameters
     ----------

@@ -34,8 +34,7 @@ class AutoencoderConfig:
     latent_dim: int = option(3, "code size Z")
     activation: str = option("relu", f"hidden activation: {', '.join(ops.ACTIVATIONS)}")
     output_activation: str = option("tanh", "the decoder's output activation: tanh for data scaled to [-1, 1], "
-                                    "identity for a linear autoencoder (with --activation identity)",
-                                    presets=("ae", "dae"))
+                                    "identity for a linear autoencoder (with --activation identity)")
     value_range: tuple[float, float] = option((-1.0, 1.0), "the data's range (and the DAE's clip range)", cli=False)
     alpha: float = option(0.01, "LeakyReLU slope", cli=False)
     code_activation: str = option("identity", "the code layer's activation (sigmoid codes for the sparse and "
@@ -192,8 +191,8 @@ class DenoisingAutoencoder(Autoencoder, Denoising):
         when every image has its fixed copy (``noise_draws="once"``)."""
         if self.config.noise_draws == "once":
             out = np.empty_like(x)
-            for i, row in enumerate(x):
-                out[i] = self._draw_corruption(row, self._image_generator(row))
+            for i, row in enumerate(x):  # drawn in float64: the copy does not depend on the model's dtype
+                out[i] = self._draw_corruption(row.astype(np.float64), self._image_generator(row))
             return out
         if rng is None:
             raise ValueError("a denoising autoencoder needs rng (an np.random.Generator) to corrupt its input")
@@ -201,7 +200,7 @@ class DenoisingAutoencoder(Autoencoder, Denoising):
 
     def _image_generator(self, image: np.ndarray) -> np.random.Generator:
         """The generator of one image's fixed corruption: seeded by noise_seed and the image's values (as
-        float32, so a float64 model of the same data draws the same copies)."""
+        float32, so a float64 model of the same data draws the same copies, to the dtype's rounding)."""
         values = np.ascontiguousarray(image, dtype=np.float32).tobytes()
         key = int.from_bytes(hashlib.blake2b(values, digest_size=8).digest(), "little")
         return np.random.default_rng([self.config.noise_seed, key])

@@ -143,8 +143,9 @@ def conv_vae_stacks(input_shape, latent_dim: int, activation: str = "relu", outp
 # ----------------------------------------------------------------------------- the VAE
 
 
-# The conv presets' layers are the write-ups': widths do not apply (and the command line says why).
+# The conv presets' layers are the write-ups': widths and the output layer do not apply (the command line says why).
 _NO_WIDTHS = "sets MLP widths; --model {preset} has the write-up's convolutional layers"
+_OWN_OUTPUT = "sets an MLP decoder's output; --model {preset}'s output layer is the write-up's"
 
 
 @dataclass
@@ -160,6 +161,7 @@ class ConvVAEConfig(VAEConfig):
 class ConvAutoencoderConfig(AutoencoderConfig):
     hidden: tuple[int, ...] | None = option(None, "the architecture is the preset's (its layers are in the spec)",
                                             cli=False, refusal=_NO_WIDTHS)
+    output_activation: str = option("sigmoid", "the write-up's output layer", cli=False, refusal=_OWN_OUTPUT)
     latent_dim: int | None = option(None, "code size: the encoder's output (a latent size that differs is refused)")
 
 
@@ -167,6 +169,7 @@ class ConvAutoencoderConfig(AutoencoderConfig):
 class ConvDenoisingAutoencoderConfig(DenoisingAutoencoderConfig):
     hidden: tuple[int, ...] | None = option(None, "the architecture is the preset's (its layers are in the spec)",
                                             cli=False, refusal=_NO_WIDTHS)
+    output_activation: str = option("sigmoid", "the write-up's output layer", cli=False, refusal=_OWN_OUTPUT)
     latent_dim: int | None = option(None, "code size: the encoder's output (a latent size that differs is refused)")
 
 
