@@ -269,3 +269,9 @@ def test_train_keras_conv_vae_recipe_on_small_data_and_info_shows_it(tmp_path, c
     assert main(["info", str(out / "checkpoint.npz")]) == 0
     text = capsys.readouterr().out
     assert "recipe: keras-conv-vae" in text and "rho=0.9 epsilon=1e-07" in text and "beta=0.392" in text
+    assert main(["train", "--resume", "--out", str(out), "--epochs", "2", "--no-progress", "--no-pictures"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out / "checkpoint.npz"), "--json"]) == 0
+    resumed = json.loads(capsys.readouterr().out)["train_config"]
+    assert (resumed["recipe"], resumed["departures"], resumed["loss_scale"]) == (tc["recipe"], tc["departures"],
+                                                                                 1 / 784)

@@ -29,6 +29,8 @@ def add_recipe_arg(parser) -> None:
 
 
 def _flag_value(value) -> str:
+    if value is None:
+        return "none"
     if isinstance(value, (tuple, list)):
         return " ".join(map(str, value)) or "(none)"
     return f"{value:g}" if isinstance(value, float) else str(value)
