@@ -55,10 +55,6 @@ class Recipe:
     derivation: str  # how the write-up's loss and settings become npvae's
     differs: tuple[str, ...] = field(default=())  # what npvae does differently, and why
 
-    @property
-    def help(self) -> str:
-        return f"{self.writeup}, {self.section}"
-
     def train_settings(self) -> dict:
         """The run's TrainConfig fields: the preset's own defaults, then the recipe's."""
         from .models import MODELS
@@ -97,12 +93,11 @@ class Recipe:
     def rows(self) -> list[tuple[str, str]]:
         """What ``npvae recipes NAME`` shows, as (label, text) rows."""
         config = self.train_config()
-        shown = {k: v for k, v in self.model_config.items()}
         return [
-            ("follows", f"{self.writeup}: {self.section}"),
+            ("follows", f"{WRITEUPS}/{self.writeup}: {self.section}"),
             ("network", self.network + (f" ({self.parameters:,} parameters)" if self.parameters else "")),
             ("loss", self.loss),
-            ("model", f"--model {self.model} " + " ".join(f"{k}={_shown(v)}" for k, v in shown.items())),
+            ("model", f"--model {self.model} " + " ".join(f"{k}={_shown(v)}" for k, v in self.model_config.items())),
             ("optimizer", self.optimizer_text()),
             ("batch", str(config.batch_size)),
             ("epochs", f"{config.epochs}" + (f", early stopping after {config.patience} epochs without a better "
@@ -132,7 +127,8 @@ _NPVAE_BATCH = 128  # npvae's default batch, used where a write-up gives none
 _KERAS_TEXT = "autoencoders-keras.txt"
 _TORCH_TEXT = "autoencoders-pytorch.txt"
 _NO_TRAINING = ("the write-up gives no optimizer, learning rate, batch size or epochs; the recipe uses npvae's "
-                "defaults (PyTorch's Adam, lr 1e-3, batch 128, 10 epochs)")
+                "defaults (PyTorch's Adam, lr 1e-3, batch 128, 10 epochs, early stopping after 5 without a better "
+                "validation loss)")
 
 
 RECIPES.register(Recipe(
@@ -319,7 +315,7 @@ RECIPES.register(Recipe(
     loss="nn.MSELoss(reduction='mean') + 1e-5 * (KL(q || p(z|y)) summed over the latent units and the batch) / B",
     model="cvae",
     model_config={"likelihood": "gaussian", "beta": 784 * 1e-5 / 2, "learned_prior": True},
-    train={"loss_scale": 2 / PIXELS, "epochs": 16},
+    train={"loss_scale": 2 / PIXELS, "epochs": 16, "patience": None},
     data="MNIST digits with their labels (x.reshape(-1, 784), ten classes)",
     dataset="mnist", parameters=None,
     derivation="""\
@@ -329,7 +325,8 @@ Per image that is SE_i / D + 1e-5 KL_i = 1e-5 [SE_i / (2 s^2) + KL_i] with s^2 =
 the write-up minimises 1e-5 times the negative ELBO (up to a constant) of a Gaussian decoder of standard
 deviation s = 0.0626. npvae's Gaussian likelihood has unit variance, -log p(x|z) = SE_i / 2 + const, so
 npvae's loss (1/B) sum_i [SE_i / 2 + beta KL_i] equals (D/2) L_w + const when beta = D 1e-5 / 2 =
-0.00392; loss_scale = 2/784 gives the write-up's gradient. The figures run to epoch 15: 16 epochs.""",
+0.00392; loss_scale = 2/784 gives the write-up's gradient. Its loop trains num_epoch epochs with no early
+stopping; its figures run to epoch 15: 16 epochs.""",
     differs=(
         "the write-up elides the encoder, decoder and prior networks and their output activations; the recipe "
         "uses npvae's cvae (400 hidden units, Z = 20, a 64-unit prior network, the Gaussian mean a sigmoid), "
