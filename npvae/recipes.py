@@ -169,6 +169,11 @@ averages over j); the recipe keeps 0.392.""",
         "exp(h/2)), since the write-up's mixed reading is not a KL of the distribution it samples",
         "Keras' binary_crossentropy takes the log of probabilities clipped to [1e-7, 1 - 1e-7]; npvae computes "
         "the same function from logits (equal wherever the clip does not bite)",
+        "the write-up's code is Keras 2's (Adam(lr=...), from keras import backend as K), whose RMSprop adds "
+        "epsilon outside the root, lr g / (sqrt(v) + 1e-7): that rule is --optimizer rmsprop --rho 0.9 "
+        "--epsilon 1e-7 here (PyTorch's rule, Keras' constants). The recipe follows Keras 3's 'rmsprop' "
+        "(epsilon inside the root); the two differ only on weights whose gradient RMS, in the write-up's loss "
+        "units, is below about 3e-4",
     ),
 ))
 

@@ -14,7 +14,8 @@ import pytest
 from npvae import data
 from npvae.cli import build_parser, main
 from npvae.cli.options import model_knobs, train_knobs
-from npvae.cli.recipes import apply_recipe
+from npvae.cli.recipes import apply_recipe, record_recipe
+from npvae.cli.train import new_run_config
 from npvae.models import MODELS, ConvDenoisingAutoencoder, DenoisingAutoencoder
 from npvae.recipes import RECIPES
 from npvae.train import Trainer, TrainConfig
@@ -275,3 +276,9 @@ def test_train_keras_conv_vae_recipe_on_small_data_and_info_shows_it(tmp_path, c
     resumed = json.loads(capsys.readouterr().out)["train_config"]
     assert (resumed["recipe"], resumed["departures"], resumed["loss_scale"]) == (tc["recipe"], tc["departures"],
                                                                                  1 / 784)
+    settings = tmp_path / "settings.json"  # a new run from its settings, without --recipe, follows none
+    settings.write_text(json.dumps({"train_config": resumed}))
+    config, _ = new_run_config(_train_args(["--config", str(settings)]))
+    record_recipe(config, None, [])
+    assert (config.recipe, config.departures, config.optimizer, config.loss_scale) == (None, None, "keras-rmsprop",
+                                                                                       1 / 784)

@@ -102,10 +102,10 @@ def apply_recipe(args):
 
 
 def record_recipe(config, recipe, departures) -> None:
-    """Write the recipe's name and the departures into the run's TrainConfig (saved with every checkpoint)."""
-    if recipe is not None:
-        config.recipe = recipe.name
-        config.departures = "; ".join(departures) or None
+    """Write the recipe's name and the departures into a new run's TrainConfig (saved with every checkpoint);
+    a run without --recipe follows none, even when its --config came from one that did."""
+    config.recipe = None if recipe is None else recipe.name
+    config.departures = "; ".join(departures) or None
 
 
 def _rows_text(rows) -> str:
