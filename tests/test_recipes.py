@@ -282,3 +282,19 @@ def test_train_keras_conv_vae_recipe_on_small_data_and_info_shows_it(tmp_path, c
     record_recipe(config, None, [])
     assert (config.recipe, config.departures, config.optimizer, config.loss_scale) == (None, None, "keras-rmsprop",
                                                                                        1 / 784)
+
+
+def test_the_torch_bridge_computes_the_batch_norm_and_refuses_to_redraw_fixed_copies():
+    torch = pytest.importorskip("torch")
+    from npvae.models import PoorMansVAE
+    from npvae.torch import to_torch
+
+    model = PoorMansVAE(7, (6,), 3, code_penalty="batch", dtype=np.float64, seed=2)
+    rng = np.random.default_rng(0)
+    x, eps = rng.random((5, 7)), rng.standard_normal((5, 3))
+    terms, _ = model.loss_and_grads(x, eps=eps)
+    total, _, reg = to_torch(model).loss(torch.tensor(x), eps=torch.tensor(eps))
+    assert total.item() == pytest.approx(terms.total, rel=1e-12) and reg.item() == pytest.approx(terms.kl, rel=1e-12)
+    dae = to_torch(DenoisingAutoencoder(7, (6,), 3, noise_draws="once", dtype=np.float64))
+    with pytest.raises(ValueError, match="fixed noisy copy"):
+        dae.loss(torch.tensor(x))
