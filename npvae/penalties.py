@@ -7,6 +7,8 @@ Pure forward/backward pairs in the conventions of :mod:`npvae.ops` (``forward ->
   ``activity_regularizer=l1(w)`` without the weight;
 - :func:`kl_sparsity_forward` / :func:`kl_sparsity_backward`: ``sum_j KL(rho || rho_hat_j)`` with
   ``rho_hat`` the batch's mean activation of unit j (Ng's sparse autoencoder notes);
+- :func:`batch_l2_norm_forward` / :func:`batch_l2_norm_backward`: ``||Z||_F``, one norm of a whole batch
+  of codes (the poor man's VAE's write-up);
 - :func:`contractive_penalty_forward` / :func:`contractive_penalty_backward`: ``||dh/dx||_F^2`` per
   example for a stack of dense layers ``h = f_L(W_L f_{L-1}(... f_1(W_1 x + b_1) ...) + b_L)``
   (Rifai et al. 2011), closed form for one layer, exact for any depth; its gradient needs the
@@ -172,6 +174,64 @@ def kl_sparsity_backward(dloss, cache, out=None):
     col[~inside] = 0
     out = _buffer(out, (batch, rho_hat.shape[0]), rho_hat.dtype, "out")
     out[...] = col
+    return out
+
+
+# ----------------------------------------------------------------------------- the batch's code norm
+
+
+def batch_l2_norm_forward(z):
+    """One Euclidean norm of a whole batch of codes: the poor man's VAE's penalty as its write-up computes
+    it (``z.pow(2).sum().sqrt()``), beside :func:`npvae.ops.l2_norm_forward`'s one norm per example.
+
+    .. math:: \\Omega = \\lVert Z \\rVert_F = \\sqrt{\\textstyle\\sum_{i,j} z_{ij}^2}
+
+    One number per batch (a statistic of the batch, like :func:`kl_sparsity_forward`). For codes of
+    similar size it is about sqrt(B) times one example's norm, so a batch mean of per-example norms
+    weighs the codes about sqrt(B) times more than this norm shared out over the batch (Omega / B each).
+
+    Parameters
+    ----------
+    z : (B, Z) array
+
+    Returns
+    -------
+    norm : scalar of z's dtype
+    cache : tuple ``(z, norm)``, the norm accumulated in float64
+    """
+    z = _float_array(z, "z")
+    norm = float(np.sqrt(np.square(z, dtype=np.float64).sum()))
+    return z.dtype.type(norm), (z, norm)
+
+
+def batch_l2_norm_backward(dloss, cache, out=None):
+    """Backward of :func:`batch_l2_norm_forward`.
+
+    .. math:: dz_{ij} = \\frac{dL}{d\\Omega} \\frac{z_{ij}}{\\lVert Z \\rVert_F}, \\qquad dZ = 0
+              \\text{ where } Z = 0
+
+    At Z = 0 the norm has no gradient; 0 is its minimal-norm subgradient (``torch.linalg.vector_norm``
+    returns the same; the write-up's ``z.pow(2).sum().sqrt()`` gives NaN there, which no run should train on).
+
+    Parameters
+    ----------
+    dloss : scalar
+    cache : from :func:`batch_l2_norm_forward`
+    out : (B, Z) array, optional
+
+    Returns
+    -------
+    dz : (B, Z) array
+    """
+    z, norm = cache
+    if np.ndim(dloss) != 0:
+        raise ValueError(f"expected a scalar dloss (the batch's code norm is one number per batch), got shape "
+                         f"{np.shape(dloss)}")
+    out = _buffer(out, z.shape, z.dtype, "out")
+    if norm == 0.0:
+        out.fill(0)
+        return out
+    np.multiply(z, z.dtype.type(float(dloss) / norm), out=out)
     return out
 
 

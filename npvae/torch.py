@@ -661,8 +661,12 @@ class DenoisingAutoencoderModule(AutoencoderModule):
         super().__init__(spec, parts)
         c = spec["config"]
         self.noise, self.noise_level, self.value_range = c["noise"], float(c["noise_level"]), tuple(c["value_range"])
+        self.noise_draws = c.get("noise_draws", "fresh")
 
     def corrupt(self, x: Tensor) -> Tensor:
+        if self.noise_draws == "once":  # npvae's fixed copies are drawn by NumPy from each image: not torch's
+            raise ValueError("this denoiser trains on one fixed noisy copy per image (noise_draws 'once'); pass "
+                             "corrupted=, npvae's model.corrupt(x, None)")
         lo, hi = self.value_range
         if self.noise == "gaussian":
             return torch.clamp(x + torch.randn_like(x) * self.noise_level, lo, hi)
@@ -676,15 +680,19 @@ class DenoisingAutoencoderModule(AutoencoderModule):
 
 
 class PoorMansVAEModule(AutoencoderModule):
-    """The poor man's VAE: ``z = encoder(x) + noise_std * eps``, ``reg = ||z||_2``."""
+    """The poor man's VAE: ``z = encoder(x) + noise_std * eps``, ``reg = ||z||_2`` per example, or with
+    ``code_penalty="batch"`` each example's share ``||Z||_F / B`` of the batch's one norm."""
 
     def __init__(self, spec, parts):
         super().__init__(spec, parts)
         self.noise_std = float(spec["config"]["noise_std"])
+        self.code_penalty = spec["config"].get("code_penalty", "per_image")
 
     def _code(self, x, eps):
         h = self.encode(x)
         z = h + self.noise_std * self._noise(h, eps)
+        if self.code_penalty == "batch":
+            return z, (torch.linalg.vector_norm(z) / z.shape[0]).expand(z.shape[0])
         return z, torch.linalg.vector_norm(z, dim=1)
 
 

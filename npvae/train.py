@@ -98,6 +98,10 @@ class TrainConfig:
     centered: bool = option(False, "RMSprop: divide by the gradient's estimated standard deviation")
     nesterov: bool = option(False, "SGD: Nesterov momentum (needs momentum > 0)")
     dampening: float = option(0.0, "SGD: dampening of the momentum average, in [0, 1]")
+    loss_scale: float = option(1.0, "the optimizer steps on the gradient of LOSS_SCALE x the loss npvae reports (a "
+                               "per-image sum): 1/784 is a Keras or PyTorch loss averaged over 28x28 pixels. Adam and "
+                               "RMSprop change with it only through their epsilon; SGD's step by the factor",
+                               metavar="LOSS_SCALE")
     clip_grad_norm: float | None = option(None, "clip the global gradient norm to MAX (default: no clipping)",
                                           metavar="MAX")
     binarize: str = option("none", "binarize the images: one fixed Bernoulli draw (static) or a fresh one per "
@@ -118,6 +122,10 @@ class TrainConfig:
                             "--k samples", choices=tuple(TRAINING_OBJECTIVES))
     k: int = option(Objective.k, "samples of z per image for --objective", bounds=(1, 10_000))
     estimator: str = option(Objective.estimator, estimator_help(), choices=trainable())
+    # What the run follows (npvae.recipes), recorded for ``npvae info``; set by ``npvae train --recipe``.
+    recipe: str | None = option(None, "the write-up recipe the run follows (npvae recipes)", cli=False)
+    departures: str | None = option(None, "the options given that depart from the recipe, as the run printed them",
+                                    cli=False)
 
     def optimizer_options(self):
         """The hyperparameters of the optimizer these settings name: its defaults, overridden by the fields
@@ -163,6 +171,9 @@ class TrainConfig:
         check("weight_decay", number(lambda v: v >= 0), "a finite number >= 0")
         check("momentum", number(lambda v: 0 <= v < 1), "a finite number in [0, 1)")
         check("kl_warmup_epochs", number(lambda v: v >= 0), "a finite number >= 0")
+        check("loss_scale", number(lambda v: v > 0), "a positive finite number")
+        for name in ("recipe", "departures"):
+            check(name, lambda v: v is None or isinstance(v, str), "a string or None")
         try:
             self.optimizer_options()
         except TypeError as exc:
@@ -519,6 +530,8 @@ class Trainer:
             model.reg_weight = self._reg_weight()
         terms, _ = self.objective.loss_and_grads(model, x, y, rng=self.rng, target=target, check=False)
         self._check_finite(terms)
+        if self.config.loss_scale != 1.0:  # skipped at 1: a run without it stays bit-identical
+            model.params.grad *= model.dtype.type(self.config.loss_scale)
         if self.config.log_grad_norms and self.step % self.config.grad_norm_every == 0:
             self._log(self._grad_norm_record())
         if self.config.clip_grad_norm is not None:

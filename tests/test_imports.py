@@ -17,6 +17,8 @@ where their imports and their readers put them:
   foundation's), while the study tools, the pictures, training and the CLI may all load data.
 - memory (the estimate of what a run will allocate) reads the layers' shapes, and the models, data
   and the CLI ask it before they allocate: the layers' floor.
+- recipes (the write-ups' systems as they train them) build models and TrainConfigs, and the CLI reads
+  them: between the CLI and training.
 - npvae itself (``npvae/__init__.py``) re-exports the public API, so it sits on top, with the CLI.
 
 A new module that is on no floor fails the test with the line to add.
@@ -33,6 +35,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "npvae"
 
 FLOORS: tuple[tuple[str, ...], ...] = (  # top to bottom
     ("npvae", "npvae.cli", "npvae.__main__"),  # "npvae": the package's __init__ only, not a prefix
+    ("npvae.recipes",),
     ("npvae.train",),
     ("npvae.viz",),
     ("npvae.study",),

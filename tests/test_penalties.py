@@ -250,3 +250,41 @@ def test_kl_sparsity_clamps_a_saturated_mean_with_zero_gradient():
     assert np.isfinite(value)
     dh = penalties.kl_sparsity_backward(1.0, cache)
     assert np.all(dh[:, 0] == 0) and np.all(dh[:, 1] != 0)
+
+
+# ----------------------------------------------------------------------------- the batch's code norm
+
+
+@examples
+@given(b=st.integers(1, 8), z=st.integers(1, 6), scale=st.sampled_from([1e-3, 1.0, 30.0]), seed=seeds)
+def test_batch_l2_norm_matches_torch(b, z, scale, seed):
+    """One norm of the whole batch, ``z.pow(2).sum().sqrt()`` as the poor man's VAE's write-up computes it."""
+    rng = np.random.default_rng(seed)
+    codes = scale * rng.standard_normal((b, z))
+    value, cache = penalties.batch_l2_norm_forward(codes)
+    dloss = rng.standard_normal()
+    dz = penalties.batch_l2_norm_backward(dloss, cache)
+    t = torch.tensor(codes, requires_grad=True)
+    expected = t.pow(2).sum().sqrt()
+    (expected * dloss).backward()
+    assert rel_error(value, expected.item()) <= 1e-12
+    assert rel_error(dz, t.grad.numpy()) <= 1e-12
+
+
+def test_batch_l2_norm_finite_differences_and_its_subgradient_at_zero():
+    rng = np.random.default_rng(3)
+    codes = rng.standard_normal((5, 3))
+    value, cache = penalties.batch_l2_norm_forward(codes)
+    assert value == pytest.approx(np.linalg.norm(codes), rel=1e-15)
+    assert value == pytest.approx(np.sqrt(5) * np.linalg.norm(codes, axis=1).mean(), rel=0.5)  # ~sqrt(B) x a row's
+    numeric, noise = numeric_gradient(lambda d: penalties.batch_l2_norm_forward(d["z"])[0], {"z": codes}, "z", 0.7)
+    assert rel_error(penalties.batch_l2_norm_backward(0.7, cache), numeric) <= 1e-8 + noise
+    zero = np.zeros((4, 2))
+    value, cache = penalties.batch_l2_norm_forward(zero)
+    t = torch.zeros((4, 2), dtype=torch.float64, requires_grad=True)
+    torch.linalg.vector_norm(t).backward()  # torch's norm takes 0 there too (the write-up's sqrt of the sum: NaN)
+    assert value == 0 and np.array_equal(penalties.batch_l2_norm_backward(1.0, cache), t.grad.numpy())
+    f32, _ = penalties.batch_l2_norm_forward(codes.astype(np.float32))
+    assert f32.dtype == np.float32 and f32 == pytest.approx(np.linalg.norm(codes), rel=1e-6)
+    with pytest.raises(ValueError, match="scalar dloss"):
+        penalties.batch_l2_norm_backward(np.ones(5), cache)

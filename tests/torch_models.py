@@ -197,14 +197,17 @@ class TorchPoorMansVAE(TorchAutoencoder):
     """Autoencoder with a noisy code ``z = h + noise_std * eps`` and the penalty ``||z||_2`` per example."""
 
     def __init__(self, input_dim=784, hidden=(392,), latent_dim=20, activation="sigmoid", output_activation="sigmoid",
-                 alpha=0.01, noise_std=1.0):
+                 alpha=0.01, noise_std=1.0, code_penalty="per_image"):
         super().__init__(input_dim, hidden, latent_dim, activation, output_activation, alpha)
         self.noise_std = float(noise_std)
+        self.code_penalty = code_penalty
 
     def code(self, x: Tensor, eps: Tensor) -> Tensor:
         return self.encode(x) + self.noise_std * eps
 
     def regulariser(self, z: Tensor) -> Tensor:
+        if self.code_penalty == "batch":  # the write-up's one norm of the batch, each example's share of it
+            return (z.pow(2).sum().sqrt() / z.shape[0]).expand(z.shape[0])
         return torch.linalg.vector_norm(z, dim=1)
 
 
@@ -258,7 +261,7 @@ def reference_for(model: models.Model, dtype=torch.float64) -> nn.Module:
                        c.logvar_bounds)
     elif isinstance(model, models.PoorMansVAE):
         ref = TorchPoorMansVAE(c.input_dim, c.hidden, c.latent_dim, c.activation, c.output_activation, c.alpha,
-                               c.noise_std)
+                               c.noise_std, c.code_penalty)
     elif isinstance(model, models.SparseAutoencoder):
         ref = TorchSparseAutoencoder(c.input_dim, c.hidden, c.latent_dim, c.activation, c.output_activation, c.alpha,
                                      c.code_activation, sparsity_penalty=c.sparsity_penalty,

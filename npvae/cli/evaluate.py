@@ -151,6 +151,9 @@ def cmd_info(args) -> int:
     say(f"model: {info['description']}")
     say(f"data: {info['data']}")
     tc = info["train_config"]
+    if tc is not None and tc.get("recipe"):
+        say(f"recipe: {tc['recipe']} (npvae recipes {tc['recipe']}); departures from the write-up: "
+            f"{tc.get('departures') or 'none'}")
     say("training: " + ("not recorded (saved with npvae.save_model)" if tc is None else
                         " ".join(f"{k}={v}" for k, v in tc.items())))
     if info["epoch"] is not None:

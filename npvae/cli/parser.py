@@ -8,6 +8,7 @@ import argparse
 
 from .common import MAX_PICTURE_IMAGES, conditional_presets, count, int_list, number
 from .options import model_knobs, train_knobs
+from .recipes import add_recipe_arg, add_recipes_command
 
 
 class _Help(argparse.HelpFormatter):
@@ -77,6 +78,7 @@ def _add_train(sub) -> None:
                         "--json prints it), keys as in npvae.TrainConfig; options given here override it")
     p.add_argument("--model", choices=tuple(MODELS), default=DEFAULT_PRESET, metavar="PRESET",
                    help=f"the model: {', '.join(MODELS)} (each described below)")
+    add_recipe_arg(p)
     add_data_args(p)
     for knob in (*model_knobs().values(), *train_knobs().values()):
         knob.add_to(p)
@@ -237,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pictures(sub)
     _add_grads(sub)
     _add_info(sub)
+    add_recipes_command(sub)
     return parser
 
 

@@ -12,6 +12,7 @@ from .. import backend, memory
 from .common import MAX_SAMPLES_PER_PASS, CLIError, and_list
 from .inputs import describe_source, load_data, prepare
 from .options import given, model_knobs, train_knobs
+from .recipes import apply_recipe, record_recipe
 
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
 _DEMO_EPOCHS = 50  # the demo set is 13x smaller than MNIST: more passes for the same number of steps
@@ -236,10 +237,12 @@ def cmd_train(args) -> int:
         raise CLIError("--config sets up a new run; --resume continues a run with the settings it saved")
     if args.backend:
         backend.set_backend(args.backend)
+    recipe, departures = apply_recipe(args)  # fills what the options leave unset; before anything reads them
     if args.resume:
         out, model, run, config, changed = _resume(args)
     else:
         config, epochs_set = new_run_config(args)
+        record_recipe(config, recipe, departures)
         model_kwargs(args, args.model)  # an option the preset does not take fails before any data loads
         run, changed = None, {}
     dataset = load_data(args, seed=config.seed, source=None if run is None else run.get("data_source"))

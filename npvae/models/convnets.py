@@ -143,8 +143,9 @@ def conv_vae_stacks(input_shape, latent_dim: int, activation: str = "relu", outp
 # ----------------------------------------------------------------------------- the VAE
 
 
-# The conv presets' layers are the write-ups': widths do not apply (and the command line says why).
+# The conv presets' layers are the write-ups': widths and the output layer do not apply (the command line says why).
 _NO_WIDTHS = "sets MLP widths; --model {preset} has the write-up's convolutional layers"
+_OWN_OUTPUT = "sets an MLP decoder's output; --model {preset}'s output layer is the write-up's"
 
 
 @dataclass
@@ -160,6 +161,7 @@ class ConvVAEConfig(VAEConfig):
 class ConvAutoencoderConfig(AutoencoderConfig):
     hidden: tuple[int, ...] | None = option(None, "the architecture is the preset's (its layers are in the spec)",
                                             cli=False, refusal=_NO_WIDTHS)
+    output_activation: str = option("sigmoid", "the write-up's output layer", cli=False, refusal=_OWN_OUTPUT)
     latent_dim: int | None = option(None, "code size: the encoder's output (a latent size that differs is refused)")
 
 
@@ -167,6 +169,7 @@ class ConvAutoencoderConfig(AutoencoderConfig):
 class ConvDenoisingAutoencoderConfig(DenoisingAutoencoderConfig):
     hidden: tuple[int, ...] | None = option(None, "the architecture is the preset's (its layers are in the spec)",
                                             cli=False, refusal=_NO_WIDTHS)
+    output_activation: str = option("sigmoid", "the write-up's output layer", cli=False, refusal=_OWN_OUTPUT)
     latent_dim: int | None = option(None, "code size: the encoder's output (a latent size that differs is refused)")
 
 
@@ -184,7 +187,9 @@ class ConvVAE(VAE):
     likelihood : str
         ``bernoulli`` (the write-up's BCE), ``gaussian`` or ``continuous_bernoulli``.
     beta : float
-        KL weight (the write-up's 5e-4 is ``beta=5e-4``; 1 gives the ELBO).
+        KL weight (1 gives the ELBO). The write-up's ``5e-4 * mean_j(...)`` beside a BCE averaged over
+        784 pixels is ``beta = 784 * 5e-4 * 2 / Z = 0.392`` at Z = 2 in npvae's per-image sums (the
+        derivation is in :mod:`npvae.recipes`, recipe ``keras-conv-vae``), not 5e-4.
     parameterization : {"logvar", "log_sigma"}
         See the module docstring.
     logvar_bounds : (lo, hi) or None
@@ -309,11 +314,13 @@ class ConvDenoisingAutoencoder(_ConvAutoencoderMixin, DenoisingAutoencoder):
 
     def __init__(self, input_dim=784, hidden=None, latent_dim=None, activation="relu", output_activation="sigmoid",
                  value_range=(0.0, 1.0), alpha=0.01, noise="salt_pepper", noise_level=0.2, dtype=np.float32, seed=0, *,
-                 encoder=None, decoder=None, input_shape=None, code_activation="identity"):
+                 encoder=None, decoder=None, input_shape=None, code_activation="identity", noise_draws="fresh",
+                 noise_seed=0):
         shape, code, encoder, decoder = self._preset_stacks(input_dim, input_shape, latent_dim, activation, encoder,
                                                             decoder, hidden, code_activation)
         super().__init__(input_dim, None, code, activation, output_activation, value_range, alpha, dtype, seed,
-                         encoder=encoder, decoder=decoder, input_shape=shape, noise=noise, noise_level=noise_level)
+                         encoder=encoder, decoder=decoder, input_shape=shape, noise=noise, noise_level=noise_level,
+                         noise_draws=noise_draws, noise_seed=noise_seed)
 
 
 CONV_MODELS = (ConvVAE, ConvDenoisingAutoencoder, ConvAutoencoder, ConvDocumentDAE)

@@ -4,7 +4,8 @@ Both are :class:`~npvae.models.autoencoders.Autoencoder` s (squared error summed
 second loss term, ``loss = recon + weight * penalty`` per example, mean over the batch; the math of
 each penalty and of its gradient is in :mod:`npvae.penalties`. Default architecture of both: one
 sigmoid code layer 784 -> 196 (a 14 x 14 sheet of filters) and a sigmoid decoder 196 -> 784, data in
-[0, 1] (Ng's sparse autoencoder notes; Rifai et al. 2011 use one sigmoid layer too).
+[0, 1] (Ng's sparse autoencoder notes; Rifai et al. 2011 use one sigmoid layer too). The Keras write-up's
+sparse autoencoder is overcomplete, its code larger than the input: ``--latent-dim 1024`` (recipe ``sparse-ae``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def _nonnegative(value, name: str) -> float:
 
 @dataclass
 class _SigmoidCodeConfig(AutoencoderConfig):
-    """The write-up's 784-196-784 sigmoid autoencoder, the network both penalties regularise."""
+    """The 784-196-784 sigmoid autoencoder of Ng's notes, the network both penalties regularise. No write-up
+    gives this size: the Keras write-up's sparse autoencoder has a code larger than its input (recipe
+    ``sparse-ae``: ``latent_dim=1024``) and its contractive one no size at all."""
 
     hidden: tuple[int, ...] | None = ()
     latent_dim: int = 196  # code units

@@ -113,6 +113,8 @@ def small_models(dtype=np.float64):
         "dae-gaussian": DenoisingAutoencoder(7, (6,), 3, "tanh", "tanh", noise="gaussian", noise_level=0.5,
                                              dtype=dtype, seed=7),
         "poor": PoorMansVAE(7, (6,), 3, "sigmoid", "sigmoid", noise_std=0.8, dtype=dtype, seed=8),
+        "poor-batch-norm": PoorMansVAE(7, (6,), 3, "sigmoid", "sigmoid", noise_std=0.8, code_penalty="batch",
+                                       dtype=dtype, seed=14),
         "sparse-kl": SparseAutoencoder(7, (), 4, sparsity_weight=2.0, sparsity_target=0.1, dtype=dtype, seed=10),
         "sparse-l1": SparseAutoencoder(7, (6,), 3, "tanh", "sigmoid", code_activation="softplus",
                                        sparsity_penalty="l1", sparsity_weight=0.5, dtype=dtype, seed=11),
@@ -168,9 +170,12 @@ def test_denoising_autoencoder_gradients_match_torch(noise, levels, data, d, hid
 @examples
 @given(d=input_dims, hidden=st.lists(widths, max_size=2), z=latent_dims, b=batch_sizes,
        activation=st.sampled_from(list(ops.ACTIVATIONS)), output_activation=st.sampled_from(["identity", "sigmoid", "tanh"]),
-       noise_std=st.sampled_from([0.0, 0.5, 1.0, 2.0]), scale=weight_scales, seed=seeds)
-def test_poor_mans_vae_gradients_match_torch(d, hidden, z, b, activation, output_activation, noise_std, scale, seed):
-    model = PoorMansVAE(d, hidden, z, activation, output_activation, noise_std=noise_std, dtype=np.float64, seed=seed)
+       noise_std=st.sampled_from([0.0, 0.5, 1.0, 2.0]), scale=weight_scales, seed=seeds,
+       code_penalty=st.sampled_from(["per_image", "batch"]))
+def test_poor_mans_vae_gradients_match_torch(d, hidden, z, b, activation, output_activation, noise_std, scale, seed,
+                                             code_penalty):
+    model = PoorMansVAE(d, hidden, z, activation, output_activation, noise_std=noise_std, dtype=np.float64, seed=seed,
+                        code_penalty=code_penalty)
     model.params.data *= scale
     assert_matches_torch(model, data_batch(model, b, np.random.default_rng(seed)), seed)
 
