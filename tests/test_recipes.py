@@ -4,8 +4,6 @@ step only through its epsilon; the fixed noisy copies; ``npvae train --recipe`` 
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from npvae.cli import build_parser, main
 from npvae.cli.options import model_knobs, train_knobs
 from npvae.cli.recipes import apply_recipe, record_recipe
 from npvae.cli.train import new_run_config
-from npvae.models import MODELS, ConvDenoisingAutoencoder, DenoisingAutoencoder
+from npvae.models import ConvDenoisingAutoencoder, DenoisingAutoencoder
 from npvae.recipes import RECIPES
 from npvae.train import Trainer, TrainConfig
 
