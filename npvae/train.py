@@ -323,16 +323,17 @@ class Trainer:
                                                             config.optimizer_options())
         self.train_x = prepare_split(dataset.train_x, model, "none" if config.binarize == "dynamic" else config.binarize, config.seed)
         self.val_x = prepare_split(dataset.val_x, model, config.binarize, config.seed + 1)
-        model.check_input(self.train_x, "the training data")
-        model.check_input(self.val_x, "the validation data")
+        # viewed in the model's shape: (N, 28, 28) images train a (784,) model and (N, 784) rows a (28, 28) one
+        self.train_x = model.check_input(self.train_x, "the training data")
+        self.val_x = model.check_input(self.val_x, "the validation data")
         # the labels the model reads: None for unconditional models, checked labels for conditional ones
         self.train_y = model.check_labels(dataset.train_y, len(self.train_x), "the training labels")
         self.val_y = model.check_labels(dataset.val_y, len(self.val_x), "the validation labels")
         self.val_labels = dataset.val_y  # for pictures
         self.train_target = self._prepare_target(dataset.train_target, config.seed)
         self.val_target = self._prepare_target(dataset.val_target, config.seed + 1)
-        model.check_target(self.train_target, self.train_x)
-        model.check_target(self.val_target, self.val_x)
+        self.train_target = model.check_target(self.train_target, self.train_x)
+        self.val_target = model.check_target(self.val_target, self.val_x)
         self.objective.check(model, paired=self.train_target is not None, kl_warmup=config.kl_warmup_epochs)
         self.n = len(self.train_x)
         self.steps_per_epoch = math.ceil(self.n / config.batch_size)

@@ -11,9 +11,11 @@ from .common import CLIError
 
 
 def prepare(images, model, binarize, seed):
+    """Images as the run prepared its test data, viewed in the model's shape ((N, 28, 28) images for a
+    (784,) model: a command-line user cannot reshape)."""
     from ..train import prepare_split
 
-    return prepare_split(images, model, binarize, seed + 2)
+    return model.check_input(prepare_split(images, model, binarize, seed + 2))
 
 
 def load_data(args, seed: int, source: dict | None = None):
@@ -98,7 +100,8 @@ def split_data(args, model, meta, n: int | None = None, fresh_binarization: bool
     binarize = tc.get("binarize", "none")
     note = None
     if binarize != "none" and fresh_binarization:
-        x = data.binarize_static(data.to_model_range(images, (0.0, 1.0), model.dtype), np.random.default_rng([args.seed, 17]))
+        x = model.check_input(data.binarize_static(data.to_model_range(images, (0.0, 1.0), model.dtype),
+                                                   np.random.default_rng([args.seed, 17])))
         note = (f"the run trained on binarized digits ({binarize}); these images are a fresh Bernoulli draw "
                 f"(pixel intensity = probability of 1) from --seed {args.seed}")
     elif binarize != "none":

@@ -215,17 +215,21 @@ class Model:
         return int(np.prod(self.input_shape))
 
     def check_input(self, x, name: str = "x") -> np.ndarray:
-        """``x`` as a (B, *input_shape) array of the model's dtype, finite and in the model's value range."""
+        """``x`` as a (B, *input_shape) array of the model's dtype, finite and in the model's value range.
+
+        Every method that takes inputs reads them through here, the way :func:`npvae.fit` reads its data:
+
+        - rows whose size is the model's input size are viewed in the model's shape, as PyTorch's
+          ``x.view(B, *shape)`` would be: (B, 28, 28) images feed a (784,) model and (B, 784) rows a
+          (28, 28) one;        """
         x = np.asarray(x)
         shape = tuple(self.input_shape)
+        if x.ndim >= 2 and x.shape[0] >= 1 and x.shape[1:] != shape and math.prod(x.shape[1:]) == self.input_dim:
+            x = x.reshape(x.shape[0], *shape)
         if x.shape[1:] != shape or x.ndim < 2 or x.shape[0] < 1:
             expected = ", ".join(("B", *map(str, shape)))
-            hint = ""
-            if x.ndim >= 2 and np.prod(x.shape[1:]) == np.prod(shape):
-                var = name if name.isidentifier() else "x"  # "the training data" is no variable name
-                hint = (f" (flatten images with {var}.reshape(len({var}), -1))" if len(shape) == 1 else
-                        f" (reshape with {var}.reshape(len({var}), {', '.join(map(str, shape))}))")
-            raise ValueError(f"expected {name} of shape ({expected}) with B >= 1, got {x.shape}{hint}")
+            raise ValueError(f"expected {name} of shape ({expected}) with B >= 1 (or any (B, ...) holding "
+                             f"{self.input_dim:,} values per row), got {x.shape}")
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer) or x.dtype == bool):
             raise TypeError(f"expected {name} with a numeric dtype, got {x.dtype}")
         x = np.asarray(x, dtype=self.dtype)

@@ -159,7 +159,7 @@ def test_preset_shape_errors_name_the_layer_and_the_shapes():
     with pytest.raises(ValueError, match="unknown parameterization 'sigma'"):
         ConvVAE(parameterization="sigma")
     model = ConvVAE()
-    with pytest.raises(ValueError, match=r"expected x of shape \(B, 784\) with B >= 1, got \(2, 1, 32, 32\)"):
+    with pytest.raises(ValueError, match=r"expected x of shape \(B, 784\) with B >= 1.*got \(2, 1, 32, 32\)"):
         model.loss_and_grads(np.zeros((2, 1, 32, 32)), rng=np.random.default_rng(0))
 
 

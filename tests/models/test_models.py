@@ -461,11 +461,11 @@ def default_vae():
 
 
 @pytest.mark.parametrize("shape, message", [
-    ((28, 28), r"expected x of shape \(B, 784\) with B >= 1, got \(28, 28\)"),
-    ((5, 28, 28), r"got \(5, 28, 28\) \(flatten images with x\.reshape\(len\(x\), -1\)\)"),
+    ((28, 28), r"expected x of shape \(B, 784\) with B >= 1.*got \(28, 28\)"),
+    ((5, 27, 28), r"expected x of shape \(B, 784\).*holding 784 values per row\), got \(5, 27, 28\)"),
     ((5, 783), r"expected x of shape \(B, 784\).*got \(5, 783\)"),
     ((784,), r"expected x of shape \(B, 784\).*got \(784,\)"),
-    ((0, 784), r"with B >= 1, got \(0, 784\)"),
+    ((0, 784), r"with B >= 1.*got \(0, 784\)"),
 ])
 @pytest.mark.parametrize("method", ["loss_and_grads", "encode", "reconstruct", "evaluate"])
 def test_wrong_x_shape_is_rejected(default_vae, method, shape, message):
