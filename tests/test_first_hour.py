@@ -65,3 +65,45 @@ def test_cli_evaluates_a_flat_model_on_square_images(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(run / "checkpoint.npz"), "--data", str(tmp_path / "images.npz"), "--split", "all"]) == 0
     assert "negative ELBO" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- 5. uint8 and the default rng
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return npvae.data.load_demo().test_x[:20]  # (20, 784) uint8
+
+
+@pytest.mark.parametrize("method", ["encode", "codes", "reconstruct", "evaluate"])
+def test_every_method_reads_uint8_as_fit_does(pixels, method):
+    from npvae.train import prepare_split
+
+    model = VAE(hidden=(8,), latent_dim=2, seed=0)
+    scaled = prepare_split(pixels, model, "none", 0)  # what fit() and the trainer feed the model
+    got, want = getattr(model, method)(pixels), getattr(model, method)(scaled)
+    for a, b in zip(np.atleast_1d(got), np.atleast_1d(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_decompose_gradients_reads_uint8(pixels):
+    from npvae.study.gradflow import decompose_gradients
+
+    model = VAE(hidden=(8,), latent_dim=2, dtype=np.float64, seed=0)
+    eps = np.random.default_rng(0).standard_normal((len(pixels), 2))
+    got = decompose_gradients(model, pixels, eps)
+    want = decompose_gradients(model, pixels / 255.0, eps)
+    for key in want:
+        np.testing.assert_allclose(got[key][0], want[key][0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("preset", ["vae", "cvae", "ae"])
+def test_sample_and_evaluate_without_an_rng_are_seeded(pixels, preset):
+    from npvae.models import MODELS
+    from npvae.models.base import DEFAULT_SEED
+
+    model = MODELS[preset](seed=0)
+    assert np.array_equal(model.sample(16), model.sample(16))
+    assert np.array_equal(model.sample(16), model.sample(16, np.random.default_rng(DEFAULT_SEED)))
+    y = np.arange(len(pixels)) % 10
+    assert model.evaluate(pixels, y) == model.evaluate(pixels, y, np.random.default_rng(DEFAULT_SEED))

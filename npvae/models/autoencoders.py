@@ -134,7 +134,7 @@ class Autoencoder(Model):
         z = self.check_codes(z)
         return self._batched(lambda zb, yb: self.decoder.forward(zb), z, None, batch_size=batch_size)
 
-    def sample(self, n: int, rng: np.random.Generator, y=None) -> np.ndarray:
+    def sample(self, n: int, rng: np.random.Generator | None = None, y=None) -> np.ndarray:
         """Decode codes drawn from a Gaussian fitted to nothing: N(0, I). AEs have no prior, which
         is exactly why their samples look poor; provided for the side-by-side picture."""
         return super().sample(n, rng, y)

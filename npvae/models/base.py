@@ -95,6 +95,16 @@ def check_generator(rng, what: str = "rng") -> np.random.Generator:
     return rng
 
 
+DEFAULT_SEED = 0  # the seed of the generator that sample() and evaluate() draw from when given no rng
+
+
+def generator_or_default(rng, what: str = "rng") -> np.random.Generator:
+    """``rng`` checked, or a fresh ``np.random.default_rng(DEFAULT_SEED)`` when it is None: inference
+    without an rng is reproducible (the same samples and the same loss on every call), as NumPy's
+    seeded generators are; pass your own generator for fresh draws."""
+    return np.random.default_rng(DEFAULT_SEED) if rng is None else check_generator(rng, what)
+
+
 def _check_count(n) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"expected n, the number of samples, as an integer >= 0, got {n!r}")
@@ -232,6 +242,10 @@ class Model:
                              f"{self.input_dim:,} values per row), got {x.shape}")
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer) or x.dtype == bool):
             raise TypeError(f"expected {name} with a numeric dtype, got {x.dtype}")
+        if x.dtype == np.uint8:
+            from ..data.preprocess import to_model_range  # numpy only: the trainer's own scaling
+
+            return to_model_range(x, self.value_range, self.dtype, name=name)
         x = np.asarray(x, dtype=self.dtype)
         if not np.isfinite(x).all():
             bad = np.argwhere(~np.isfinite(x))[0]
@@ -376,21 +390,28 @@ class Model:
         """The labels of n samples (None for unconditional models)."""
         return None
 
-    def sample(self, n: int, rng: np.random.Generator, y=None) -> np.ndarray:
+    def sample(self, n: int, rng: np.random.Generator | None = None, y=None) -> np.ndarray:
         """Decode n codes drawn from the prior: (n, *input_shape) means of p(x | z).
 
-        ``y`` conditions a conditional model's samples (see :class:`Conditional`); others ignore it.
+        ``rng`` defaults to ``np.random.default_rng(0)`` (:data:`DEFAULT_SEED`): the same samples on
+        every call. ``y`` conditions a conditional model's samples (see :class:`Conditional`); others
+        ignore it.
         """
-        n, rng = _check_count(n), check_generator(rng)
+        n, rng = _check_count(n), generator_or_default(rng)
         y = self.sample_labels(n, y)
         return self.decode(self.prior_codes(n, rng, y), y)
 
     def evaluate(self, x, y=None, rng=None, *, target=None, batch_size: int = 1000) -> LossTerms:
-        """Mean loss (one noise draw per example), reconstruction and regulariser over a whole set."""
+        """Mean loss (one noise draw per example), reconstruction and regulariser over a whole set.
+
+        ``x`` is read as every method reads it (:meth:`check_input`: uint8 pixels scaled, rows of the
+        model's size viewed in its shape); ``rng`` defaults to ``np.random.default_rng(0)``
+        (:data:`DEFAULT_SEED`), so the same call gives the same number.
+        """
         x = self.check_input(x)
         y = self.check_labels(y, len(x))
         target = self.check_target(target, x)
-        rng = check_generator(rng)
+        rng = generator_or_default(rng)
         recon = reg = 0.0
         for i in range(0, len(x), batch_size):
             rows = slice(i, i + batch_size)

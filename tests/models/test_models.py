@@ -506,7 +506,9 @@ def test_integer_and_boolean_pixels_are_accepted():
     eps = np.random.default_rng(1).standard_normal((3, 2))
     expected = model.loss_and_grads(pixels.astype(np.float64), eps=eps)[0]
     assert model.loss_and_grads(pixels, eps=eps)[0] == expected
-    assert model.loss_and_grads(pixels.astype(np.uint8), eps=eps)[0] == expected
+    assert model.loss_and_grads(pixels.astype(np.int64), eps=eps)[0] == expected
+    # uint8 is pixels 0..255, read as npvae.fit reads it (issue 25): 255 is 1.0
+    assert model.loss_and_grads(pixels.astype(np.uint8) * np.uint8(255), eps=eps)[0] == expected
 
 
 @pytest.mark.parametrize("x", [np.array([["a"] * 784]), np.zeros((2, 784), dtype=complex)], ids=["str", "complex"])
