@@ -107,6 +107,8 @@ class TrainConfig:
                                   "validation loss (never: 0 on the command line, None in a config)",
                                   bounds=(0, 1_000_000), none_as=0, resumable=True)
     seed: int = option(0, "seeds the initialisation, the split, the batches and the noise", bounds=(0, 2**63 - 1))
+    limit: int | None = option(None, "train on the first N training examples only, for a quick try (validation "
+                               "and test sets unchanged; default: all)", bounds=(1, 10**9), metavar="N")
     pictures: bool = option(True, "no pictures each epoch (they need matplotlib)", flag="--no-pictures", const=False,
                             resumable=True)
     log_grad_norms: bool = option(False, "log per-layer gradient norms to log.jsonl (every grad_norm_every steps)",
@@ -158,6 +160,8 @@ class TrainConfig:
         check("eval_batch_size", integer(1), "an integer >= 1")
         check("grad_norm_every", integer(1), "an integer >= 1")
         check("seed", integer(0), "an integer >= 0")
+        if self.limit is not None:
+            check("limit", integer(1), "an integer >= 1 or None")
         check("lr", number(lambda v: v > 0), "a positive finite number")
         check("weight_decay", number(lambda v: v >= 0), "a finite number >= 0")
         check("momentum", number(lambda v: 0 <= v < 1), "a finite number in [0, 1)")
@@ -321,6 +325,13 @@ class Trainer:
                              f"{model.kind} models data in {list(model.value_range)}")
         self.optimizer = OPTIMIZERS[config.optimizer].build(model.params.data, model.params.grad, config.lr,
                                                             config.optimizer_options())
+        if config.limit is not None and config.limit < len(dataset.train_x):  # the split is shuffled: a fair subset
+            n = config.limit
+            dataset = dataclasses.replace(
+                dataset, train_x=dataset.train_x[:n], train_y=None if dataset.train_y is None else dataset.train_y[:n],
+                train_target=None if dataset.train_target is None else dataset.train_target[:n],
+                description=f"{dataset.description}; training on its first {n:,} examples (limit)")
+            self.dataset = dataset
         self.train_x = prepare_split(dataset.train_x, model, "none" if config.binarize == "dynamic" else config.binarize, config.seed)
         self.val_x = prepare_split(dataset.val_x, model, config.binarize, config.seed + 1)
         # viewed in the model's shape: (N, 28, 28) images train a (784,) model and (N, 784) rows a (28, 28) one
@@ -352,6 +363,7 @@ class Trainer:
         self.resumed_changes: dict = {}  # settings a resumed run changed ({name: [old, new]}), logged
         self.overwrite = False  # a new run may remove another run's outputs from out_dir (else it refuses)
         self._warned_pictures = False
+        self._hinted_tqdm = False
         self.pictures_written: list[Path] = []  # the pictures of the last epoch that drew them
         self._batch_buf: dict[tuple, np.ndarray] = {}
 
@@ -539,7 +551,10 @@ class Trainer:
             return None
         try:
             from tqdm import tqdm
-        except ImportError:
+        except ImportError:  # the minimal install: one line per epoch, and once, how to get a bar
+            if not self._hinted_tqdm:
+                self.echo("(pip install tqdm for a progress bar within each epoch)")
+                self._hinted_tqdm = True
             return None
         return tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                     unit="batch", leave=True, dynamic_ncols=True, file=sys.stderr)

@@ -320,13 +320,16 @@ def part_likelihood(args, out: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("toy", "snr", "landing", "likelihood", "all"))
-    p.add_argument("--out", default="docs/estimators")
-    p.add_argument("--snr-epochs", type=int, default=10)
-    p.add_argument("--snr-k", type=lambda s: [int(v) for v in s.split(",")], default=[1, 10, 100, 1000])
-    p.add_argument("--snr-draws", type=int, default=200)
-    p.add_argument("--snr-examples", type=int, default=1)
+    from npvae.cli.parser import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("part", choices=("toy", "snr", "landing", "likelihood", "all"), help="which study to run")
+    p.add_argument("--out", default="docs/estimators", help="folder for the pictures and tables")
+    p.add_argument("--snr-epochs", type=int, default=10, help="snr: training epochs of the model studied")
+    p.add_argument("--snr-k", type=lambda s: [int(v) for v in s.split(",")], default=[1, 10, 100, 1000],
+                   help="snr: the k of the k-sample bound, comma-separated")
+    p.add_argument("--snr-draws", type=int, default=200, help="snr: draws per estimator and k")
+    p.add_argument("--snr-examples", type=int, default=1, help="snr: images studied")
     p.add_argument("--snr-latent", type=int, default=20, help="snr: latent dimensions of the model")
     p.add_argument("--signal", default="best", type=lambda s: None if s == "own" else s,
                    help="toy, snr: whose mean is the signal of every unbiased estimator: best (per parameter, the one "
@@ -334,17 +337,18 @@ def main() -> None:
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     p.add_argument("--toy-perturbations", type=lambda s: [float(v) for v in s.split(",")], default=[0.01, 0.1, 0.3],
                    help="toy: std of the noise on q's mean map, one panel each")
-    p.add_argument("--toy-k", type=ints, default=[1, 3, 10, 30, 100, 300, 1000])
-    p.add_argument("--toy-draws", type=int, default=2000)
+    p.add_argument("--toy-k", type=ints, default=[1, 3, 10, 30, 100, 300, 1000], help="toy: the k, comma-separated")
+    p.add_argument("--toy-draws", type=int, default=2000, help="toy: draws per estimator and k")
     p.add_argument("--toy-dim", type=int, default=20, help="toy: D = Z")
-    p.add_argument("--landing-draws", type=int, default=2000)
-    p.add_argument("--landing-examples", type=int, default=8)
+    p.add_argument("--landing-draws", type=int, default=2000, help="landing: draws per estimator")
+    p.add_argument("--landing-examples", type=int, default=8, help="landing: images studied")
     p.add_argument("--epochs", type=int, default=5, help="likelihood: training epochs of every model")
     p.add_argument("--train-images", type=int, default=4500, help="likelihood: training images per data set")
     p.add_argument("--eval-k", type=int, default=5000, help="likelihood: importance samples per test image")
-    p.add_argument("--test-images", type=int, default=100)
-    p.add_argument("--mnist-dir", default="../shared/data/mnist")
-    p.add_argument("--fashion-dir", default="../shared/data/fashion-mnist")
+    p.add_argument("--test-images", type=int, default=100, help="likelihood: test images scored per data set")
+    p.add_argument("--mnist-dir", default="../shared/data/mnist", help="likelihood: folder of MNIST's IDX files")
+    p.add_argument("--fashion-dir", default="../shared/data/fashion-mnist",
+                   help="likelihood: folder of Fashion-MNIST's IDX files")
     args = p.parse_args()
     for flag in ("toy_k", "snr_k"):
         ks = sorted(set(getattr(args, flag)))

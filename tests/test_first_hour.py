@@ -107,3 +107,97 @@ def test_sample_and_evaluate_without_an_rng_are_seeded(pixels, preset):
     assert np.array_equal(model.sample(16), model.sample(16, np.random.default_rng(DEFAULT_SEED)))
     y = np.arange(len(pixels)) % 10
     assert model.evaluate(pixels, y) == model.evaluate(pixels, y, np.random.default_rng(DEFAULT_SEED))
+
+
+# ----------------------------------------------------------------------------- 14. the command line's polish
+
+
+def test_bare_npvae_prints_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: npvae") and "train" in out and "evaluate" in out
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["train", "--model", "x"], "npvae train: error: argument --model: invalid choice: 'x' (choose from 'vae', "),
+    (["evaluate"], "npvae evaluate: error: the following arguments are required: checkpoint"),
+    (["frob"], "npvae: error: argument COMMAND: invalid choice: 'frob'"),
+])
+def test_a_usage_error_is_one_line_and_where_to_look(capsys, argv, line):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith(line)
+    assert err[1] == f"run '{' '.join(['npvae', *argv[:1]] if argv[0] != 'frob' else ['npvae'])} --help' for its options"
+
+
+def test_asking_for_numba_without_numba_follows_the_environment_variables_rule(monkeypatch):
+    from npvae import backend
+
+    monkeypatch.setattr(backend, "_active", backend.get_backend())  # restored when the test ends
+    monkeypatch.setattr(backend, "_numba_available", False)
+    with pytest.warns(RuntimeWarning, match=r"--backend numba, but Numba is not installed: npvae runs its "
+                                            r"NumPy kernels"):
+        assert backend.request_backend("numba", "--backend numba") == "numpy"
+
+
+def _train_quietly(tmp_path, *extra):
+    return main(["train", "--dataset", "demo", "--hidden", "8", "--latent-dim", "2", "--epochs", "1", "--no-progress",
+                 "--no-pictures", "--out", str(tmp_path / "run"), *extra])
+
+
+def test_train_limit_trains_on_the_first_n_examples(tmp_path, capsys):
+    import json
+
+    assert _train_quietly(tmp_path, "--limit", "100", "--batch-size", "50") == 0
+    assert "training on its first 100 examples" in capsys.readouterr().out
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in epochs if r["event"] == "epoch"] == [2]
+
+
+def test_the_minimal_install_hears_once_that_tqdm_gives_a_progress_bar(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    lines = []
+    x = npvae.data.load_demo().train_x[:64]
+    npvae.fit(VAE(hidden=(8,), latent_dim=2), x, epochs=2, batch_size=32, progress=True, echo=lines.append)
+    assert [line for line in lines if "tqdm" in line] == ["(pip install tqdm for a progress bar within each epoch)"]
+
+
+def _script_parsers():
+    """Every script's argument parser, caught as its main() asks it to parse."""
+    import argparse
+    import runpy
+    import sys
+    from pathlib import Path
+    from unittest import mock
+
+    class Caught(Exception):
+        pass
+
+    def catch(self, args=None, namespace=None):
+        raise Caught(self)
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "scripts").glob("*.py")):
+        with mock.patch.object(argparse.ArgumentParser, "parse_args", catch), \
+                mock.patch.object(sys, "argv", [str(path)]):
+            try:
+                runpy.run_path(str(path), run_name="__main__")
+            except Caught as exc:
+                yield path.name, exc.args[0]
+
+
+def test_every_script_flag_has_help_and_shows_its_default():
+    import argparse
+
+    checked = 0
+    for name, parser in _script_parsers():
+        for action in parser._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"scripts/{name}: {action.option_strings or action.dest} has no help"
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                shown = parser.formatter_class(parser.prog)._get_help_string(action)
+                assert "default" in shown, f"scripts/{name}: {action.option_strings[0]} does not show its default"
+        checked += 1
+    assert checked >= 10

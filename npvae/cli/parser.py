@@ -26,6 +26,18 @@ class _RawHelp(_Help, argparse.RawDescriptionHelpFormatter):
     """:class:`_Help`, with the description and epilog printed as written (tables)."""
 
 
+HelpFormatter = _RawHelp  # the scripts' parsers: every flag's default shown once, their docstrings as written
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line and where to look, not the whole usage first:
+    ``npvae train: error: argument --model: invalid choice: 'x' (choose from ...)``, then
+    ``run 'npvae train --help' for its options``. (Subcommands' parsers are of this class too.)"""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\nrun '{self.prog} --help' for its options\n")
+
+
 def _command(sub, name: str, summary: str, description: str, **kw) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=summary, description=description, formatter_class=kw.pop("formatter_class", _Help),
                           **kw)
@@ -228,7 +240,7 @@ def _add_info(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="npvae", description="Variational autoencoders in NumPy, trained on your "
+    parser = _Parser(prog="npvae", description="Variational autoencoders in NumPy, trained on your "
                                      "CPU. Run 'npvae COMMAND --help' for a command's options.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

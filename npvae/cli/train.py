@@ -234,8 +234,8 @@ def cmd_train(args) -> int:
         raise CLIError("--overwrite removes another run's outputs to start afresh; --resume continues that run")
     if args.config and args.resume:
         raise CLIError("--config sets up a new run; --resume continues a run with the settings it saved")
-    if args.backend:
-        backend.set_backend(args.backend)
+    if args.backend:  # the rule of NPVAE_BACKEND: numba without Numba warns and runs the NumPy kernels
+        backend.request_backend(args.backend, f"--backend {args.backend}")
     if args.resume:
         out, model, run, config, changed = _resume(args)
     else:
@@ -243,7 +243,8 @@ def cmd_train(args) -> int:
         model_kwargs(args, args.model)  # an option the preset does not take fails before any data loads
         run, changed = None, {}
     dataset = load_data(args, seed=config.seed, source=None if run is None else run.get("data_source"))
-    print(f"data: {dataset.description}")
+    limit = f"; training on its first {config.limit:,} examples (--limit)" if config.limit else ""
+    print(f"data: {dataset.description}{limit}")
     asked = str(out / "checkpoint.npz") if run is not None else f"--config {args.config}" if args.config else None
     if run is None:
         if dataset.is_demo and not epochs_set:
