@@ -296,6 +296,9 @@ def check_run_meta(meta: dict, path, training: bool = True) -> dict:
 # ----------------------------------------------------------------------------- the trainer
 
 
+COMPILE_NOTICE_S = 3.0  # kernels not ready after this long are compiling (a cache load takes about 0.5 s)
+
+
 class Trainer:
     """Trains any npvae model on a :class:`npvae.data.Dataset`.
 
@@ -559,6 +562,50 @@ class Trainer:
         return tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                     unit="batch", leave=True, dynamic_ncols=True, file=sys.stderr)
 
+    def _warm_up_kernels(self) -> None:
+        """Numba compiles each kernel on its first call: tens of seconds on a first run, about a second
+        once its on-disk cache (``cache=True``) holds them. Call the kernels of a training step, an
+        optimizer step and an evaluation here, before any epoch's clock starts, so that compiling counts
+        in neither the progress bar's ETA nor the epoch's images per second; say so when it takes long.
+
+        The run's numbers do not change: the step draws from its own generator, its gradients are
+        overwritten by the first real step, and the optimizer that steps is a throwaway over copies.
+        """
+        if backend.get_backend() != "numba":
+            return
+        import threading
+
+        cfg, model = self.config, self.model
+        said = threading.Event()
+
+        def say():
+            said.set()
+            self.echo("compiling kernels (once per install, ~30 s) ...")
+
+        timer = threading.Timer(COMPILE_NOTICE_S, say)
+        timer.daemon = True
+        start = time.perf_counter()
+        timer.start()
+        try:
+            rows = slice(0, 2)
+            rng = np.random.default_rng(0)
+            y = None if self.train_y is None else self.train_y[rows]
+            target = None if self.train_target is None else self.train_target[rows]
+            x = np.ascontiguousarray(self.train_x[rows])
+            if isinstance(model, GaussianLatent):
+                model.kl_weight = self._kl_weight()
+            self.objective.loss_and_grads(model, x, y, rng=rng, target=target, check=False)
+            grad = model.params.grad.copy()
+            if cfg.clip_grad_norm is not None:
+                clip_grad_norm(grad, cfg.clip_grad_norm)
+            OPTIMIZERS[cfg.optimizer].build(model.params.data.copy(), grad, cfg.lr, cfg.optimizer_options()).step()
+            model.evaluate(self.val_x[rows], None if self.val_y is None else self.val_y[rows], rng=rng,
+                           target=None if self.val_target is None else self.val_target[rows])
+        finally:
+            timer.cancel()
+        if said.is_set():
+            self.echo(f"kernels compiled in {time.perf_counter() - start:.0f} s (cached: later runs skip this)")
+
     def _run_epoch(self) -> dict:
         cfg = self.config
         perm = datasets.epoch_permutation(cfg.seed, self.epoch, self.n)
@@ -654,6 +701,7 @@ class Trainer:
         errstate = np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore")
         errstate.__enter__()
         try:
+            self._warm_up_kernels()
             while self.epoch < cfg.epochs:
                 if self.batch == 0:
                     self.rng = np.random.default_rng([cfg.seed, self.epoch, 1])

@@ -201,3 +201,50 @@ def test_every_script_flag_has_help_and_shows_its_default():
                 assert "default" in shown, f"scripts/{name}: {action.option_strings[0]} does not show its default"
         checked += 1
     assert checked >= 10
+
+
+# ----------------------------------------------------------------------------- 2. the first run's compile
+
+
+needs_numba = pytest.mark.skipif(not npvae.backend.numba_available(), reason="numba not installed")
+
+
+@needs_numba
+def test_warming_the_kernels_up_leaves_training_bit_identical(monkeypatch):
+    from npvae import train
+
+    x = npvae.data.load_demo().train_x[:96]
+
+    def trained():
+        model = VAE(hidden=(16,), latent_dim=2, seed=0)
+        npvae.fit(model, x, epochs=2, batch_size=32, clip_grad_norm=5.0)
+        return model.params.data.copy()
+
+    with npvae.use_backend("numba"):
+        warmed = trained()
+        monkeypatch.setattr(train.Trainer, "_warm_up_kernels", lambda self: None)
+        cold = trained()
+    np.testing.assert_array_equal(warmed, cold)
+
+
+@needs_numba
+def test_a_slow_warm_up_says_it_compiles_once_before_the_first_epoch(monkeypatch):
+    import time
+
+    from npvae import train
+
+    monkeypatch.setattr(train, "COMPILE_NOTICE_S", 0.0)
+    slow_evaluate = VAE.evaluate
+
+    def evaluate(self, *args, **kwargs):
+        time.sleep(0.3)  # as a compile would
+        return slow_evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(VAE, "evaluate", evaluate)
+    lines = []
+    with npvae.use_backend("numba"):
+        npvae.fit(VAE(hidden=(8,), latent_dim=2), npvae.data.load_demo().train_x[:64], epochs=2, batch_size=32,
+                  echo=lines.append)
+    assert lines[0] == "compiling kernels (once per install, ~30 s) ..."
+    assert lines[1].startswith("kernels compiled in ") and lines[2].startswith("epoch 1/2")
+    assert sum("compiling" in line for line in lines) == 1
