@@ -3,6 +3,8 @@ API and the minimal install, each the way it once went wrong."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -248,3 +250,20 @@ def test_a_slow_warm_up_says_it_compiles_once_before_the_first_epoch(monkeypatch
     assert lines[0] == "compiling kernels (once per install, ~30 s) ..."
     assert lines[1].startswith("kernels compiled in ") and lines[2].startswith("epoch 1/2")
     assert sum("compiling" in line for line in lines) == 1
+
+
+# ----------------------------------------------------------------------------- 10. the test split alone
+
+SHARED_MNIST = Path("/work/shared/data/mnist")
+
+
+@pytest.mark.skipif(not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file(), reason="no MNIST t10k files")
+@pytest.mark.parametrize("command", [["evaluate", "--n", "200"], ["reconstruct", "--n", "4"]])
+def test_a_model_is_scored_on_mnist_with_only_the_t10k_files(square_vae, tmp_path, monkeypatch, capsys, command):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no other copy of MNIST found
+    monkeypatch.delenv("NPVAE_DATA_DIR", raising=False)
+    argv = [command[0], str(square_vae), "--dataset", "mnist", "--data-dir", str(SHARED_MNIST.parent), *command[1:]]
+    if command[0] == "reconstruct":
+        argv += ["--out", str(tmp_path / "r.png")]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert not (tmp_path / "cache" / "npvae").exists()  # nothing downloaded

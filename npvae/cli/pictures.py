@@ -45,7 +45,7 @@ def cmd_reconstruct(args) -> int:
     model, meta = load_model(args.checkpoint)
     memory.check_batch(model, args.n, f"reconstructing {args.n} images", "lower --n", images=3 * args.n,
                        source=f"--n {args.n} with {args.checkpoint}")
-    dataset = dataset_for(args, meta)
+    dataset = dataset_for(args, meta, "test")
     tc = meta.get("train_config", {})
     x = prepare(dataset.test_x[: args.n], model, tc.get("binarize", "none"), tc.get("seed", 0))
     labels = None if dataset.test_y is None else dataset.test_y[: args.n]

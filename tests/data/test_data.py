@@ -537,6 +537,16 @@ def test_load_dataset_full_split(tmp_path, synth):
         load_dataset("fashion-mnist", data_dir=tmp_path, val_size=20, download=False)
 
 
+def test_load_dataset_test_split_alone_needs_only_the_t10k_files(tmp_path, synth):
+    s = synth["mnist"]
+    s.write(tmp_path / "mnist", roles=["test-images", "test-labels"])
+    ds = load_dataset("mnist", data_dir=tmp_path, download=False, splits="test")
+    np.testing.assert_array_equal(ds.test_x, s.arrays["test-images"].reshape(10, 784))
+    assert len(ds.train_x) == len(ds.val_x) == 0 and "test split (10 images)" in ds.description
+    with pytest.raises(FileNotFoundError, match="MNIST train files"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+
+
 # ----------------------------------------------------------------------------- demo digits
 
 
