@@ -267,3 +267,31 @@ def test_a_model_is_scored_on_mnist_with_only_the_t10k_files(square_vae, tmp_pat
         argv += ["--out", str(tmp_path / "r.png")]
     assert main(argv) == 0, capsys.readouterr().err
     assert not (tmp_path / "cache" / "npvae").exists()  # nothing downloaded
+
+
+# ----------------------------------------------------------------------------- 13. outputs beside the run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    assert main(["train", "--dataset", "demo", "--hidden", "16", "--latent-dim", "2", "--epochs", "1",
+                 "--no-progress", "--no-pictures", "--out", str(run)]) == 0
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv, written", [
+    (["sample", "--n", "4"], "best_samples.png"),
+    (["reconstruct", "--n", "2"], "best_reconstructions.png"),
+    (["plot", "manifold", "--n", "3"], "best_manifold.png"),
+    (["grads", "--n", "4", "--draws", "4", "--dims", "1", "--examples", "1"], "best_grads/decomposition.png"),
+])
+def test_outputs_land_beside_the_checkpoint_unless_out_says_otherwise(tiny_run, tmp_path, monkeypatch, argv, written):
+    monkeypatch.chdir(tmp_path)
+    command = [argv[0], str(tiny_run / "best.npz"), *argv[1:]]
+    assert main(command) == 0
+    assert (tiny_run / written).is_file() and list(tmp_path.iterdir()) == []
+    mine = tmp_path / ("mine" if argv[0] == "grads" else "mine.png")  # --out as before
+    assert main([*command, "--out", str(mine)]) == 0
+    assert mine.exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import memory
-from .common import MAX_SAMPLES_PER_PASS, CLIError, load_model
+from .common import MAX_SAMPLES_PER_PASS, CLIError, load_model, output_path
 from .inputs import split_data
 
 
@@ -105,7 +105,7 @@ def cmd_grads(args) -> int:
     labels = model.check_labels(None if y is None else y.astype(np.int64), len(x))
     examples = min(args.examples, len(x))
     rng = np.random.default_rng(args.seed)
-    out = Path(args.out)
+    out = Path(args.out) if args.out is not None else output_path(args, "grads")
 
     eps = rng.standard_normal((len(x), model.config.latent_dim), dtype=model.dtype)
     rows = gradflow.decomposition_rows(gradflow.decompose_gradients(model, x, eps, y=labels))

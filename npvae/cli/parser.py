@@ -147,7 +147,8 @@ def _add_pictures(sub) -> None:
     p.add_argument("--label", type=int, default=None, help=f"{conditional}: the class to generate (default: every "
                                                           "class in turn)")
     p.add_argument("--seed", type=count(0, 2**63 - 1), default=0, help="seeds the draws")
-    p.add_argument("--out", default="samples.png", help="picture to write (in a folder: FOLDER/samples.png)")
+    p.add_argument("--out", help="picture to write (in a folder: FOLDER/samples.png; default: beside the "
+                                 "checkpoint, named after it: RUN/best_samples.png for RUN/best.npz)")
     p.set_defaults(func=cmd_sample)
 
     p = _command(sub, "reconstruct", "test images above their reconstructions, as a PNG",
@@ -157,8 +158,8 @@ def _add_pictures(sub) -> None:
     p.add_argument("checkpoint", help="a checkpoint.npz or best.npz")
     add_data_args(p)
     p.add_argument("--n", type=count(1, MAX_PICTURE_IMAGES // 2), default=10, help="how many test images")
-    p.add_argument("--out", default="reconstructions.png",
-                   help="picture to write (in a folder: FOLDER/reconstructions.png)")
+    p.add_argument("--out", help="picture to write (in a folder: FOLDER/reconstructions.png; default: beside the "
+                                 "checkpoint, named after it: RUN/best_reconstructions.png for RUN/best.npz)")
     p.set_defaults(func=cmd_reconstruct)
 
     rows = [(f.name, f.help + (f" (default --n {f.default_n})" if f.default_n else "")) for f in FIGURES.values()]
@@ -167,7 +168,8 @@ def _add_pictures(sub) -> None:
                  epilog=_table("what to draw", rows), formatter_class=_RawHelp)
     p.add_argument("checkpoint", help="a checkpoint.npz or best.npz")
     p.add_argument("what", choices=tuple(FIGURES), metavar="WHAT", help="one of: " + ", ".join(FIGURES) + " (see below)")
-    p.add_argument("--out", help="picture to write (default: WHAT.png)")
+    p.add_argument("--out", help="picture to write (in a folder: FOLDER/WHAT.png; default: beside the checkpoint, "
+                                 "named after it: RUN/best_WHAT.png for RUN/best.npz)")
     add_data_args(p)
     p.add_argument("--split", choices=("test", "val"), default="test", help="images for the test-set pictures")
     p.add_argument("--n", type=count(1, MAX_PICTURE_IMAGES), default=None, help="how many (default: see below)")
@@ -221,7 +223,8 @@ def _add_grads(sub) -> None:
                    help="the --k study's signal: own (each estimator's mean), best (per parameter, the mean of the "
                         "unbiased estimator varying least: the same gradient, more precisely) or an estimator's name")
     p.add_argument("--seed", type=count(0, 2**63 - 1), default=0, help="seeds the draws")
-    p.add_argument("--out", default="grads", help="folder for decomposition.png, estimators.png and snr.png")
+    p.add_argument("--out", help="folder for decomposition.png, estimators.png and snr.png (default: beside the "
+                                 "checkpoint, named after it: RUN/best_grads/ for RUN/best.npz)")
     p.set_defaults(func=cmd_grads)
 
 
