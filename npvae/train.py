@@ -27,7 +27,7 @@ import numpy as np
 
 from . import backend, data as datasets
 from .checkpoint import CheckpointError, load_checkpoint, npvae_member, save_checkpoint
-from .models import GaussianLatent, Model
+from .models import GaussianLatent, LossNames, Model
 from .models.saving import model_meta, model_state, save_model
 from .objectives import TRAINING_OBJECTIVES, Objective, estimator_help, trainable
 from .optim import OPTIMIZERS, clip_grad_norm, hyperparameter_names
@@ -547,7 +547,7 @@ class Trainer:
     def evaluate(self, x, y, rng, target=None) -> dict:
         """The model's mean loss over a whole set (labels y and targets as the model reads them)."""
         terms = self.model.evaluate(x, y, rng=rng, target=target, batch_size=self.config.eval_batch_size)
-        return {"loss": terms.total, "recon": terms.recon, "kl": terms.kl}
+        return {"loss": terms.total, "recon": terms.recon, "kl": terms.kl, "se": terms.se}
 
     def _progress_bar(self):
         if not self.progress:
@@ -725,7 +725,7 @@ class Trainer:
                     }, what=BEST)
                 self._save_checkpoint()
                 self._log(record)  # after the checkpoint: the log never runs ahead of it
-                self.echo(_epoch_line(record, cfg.epochs, self.model.loss_names))
+                self.echo(_epoch_line(record, cfg.epochs, self.model.loss_names, self.objective))
                 if cfg.pictures:
                     self._pictures(self.epoch)
                 if cfg.patience is not None and self.bad_epochs >= cfg.patience:
@@ -779,13 +779,22 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _epoch_line(r: dict, epochs: int, names) -> str:
+def _epoch_line(r: dict, epochs: int, names, objective: Objective | None = None) -> str:
     """E.g. ``epoch 3/10  negative ELBO (nats): train 250.12 (recon 230.00, KL 20.12)  val ...``, in the
-    model's own names (``names``, a :class:`~npvae.models.LossNames`)."""
+    model's own names (``names``, a :class:`~npvae.models.LossNames`). A k-sample objective trains on
+    another bound than validation scores (the model's own loss): then each column says what it is."""
+    seconds = f"  {r['seconds']:.1f}s, {r['images_per_second']:,.0f} img/s"
+    if objective is not None and not objective.is_default:
+        from .objectives import BOUNDS
+
+        bound = LossNames(f"negative {BOUNDS[objective.name]} (k = {objective.k})", "weighted recon", "rest",
+                          names.unit)
+        return (f"epoch {r['epoch']}/{epochs}  train {bound.format(r['train_loss'], r['train_recon'], r['train_kl'])}"
+                f"  val {names.format(r['val_loss'], r['val_recon'], r['val_kl'])}{seconds}")
     unit = f" ({names.unit})" if names.unit else ""
     return (f"epoch {r['epoch']}/{epochs}  {names.total}{unit}: train {r['train_loss']:.2f}"
             f"{names.parts(r['train_recon'], r['train_kl'])}  val {r['val_loss']:.2f}{names.parts(r['val_recon'], r['val_kl'])}"
-            f"  {r['seconds']:.1f}s, {r['images_per_second']:,.0f} img/s")
+            f"{seconds}")
 
 
 # ----------------------------------------------------------------------------- one call for arrays

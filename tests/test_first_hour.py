@@ -295,3 +295,51 @@ def test_outputs_land_beside_the_checkpoint_unless_out_says_otherwise(tiny_run, 
     mine = tmp_path / ("mine" if argv[0] == "grads" else "mine.png")  # --out as before
     assert main([*command, "--out", str(mine)]) == 0
     assert mine.exists()
+
+
+# ----------------------------------------------------------------------------- 11. lines that say what they are
+
+
+def test_iwae_training_names_its_bound_and_validation_its_elbo():
+    lines = []
+    npvae.fit(VAE(hidden=(8,), latent_dim=2), npvae.data.load_demo().train_x[:64], epochs=1, batch_size=32,
+              objective="iwae", k=3, echo=lines.append)
+    assert "train negative IWAE bound (k = 3) " in lines[-1] and "(weighted recon " in lines[-1]
+    assert "val negative ELBO " in lines[-1] and ", KL " in lines[-1]
+
+
+def test_a_sparse_autoencoders_line_adds_up():
+    import re
+
+    from npvae.models import MODELS
+
+    lines = []
+    model = MODELS["sparse-ae"](latent_dim=16)
+    npvae.fit(model, npvae.data.load_demo().train_x[:64], epochs=1, batch_size=32, echo=lines.append)
+    line = lines[-1]
+    assert line.split(": train")[0].endswith("squared error + 3 x sparsity")
+    total, error, sparsity = map(float, re.search(r"train ([\d.]+) \(squared error ([\d.]+), sparsity ([\d.]+)\)",
+                                                  line).groups())
+    assert total == pytest.approx(error + 3 * sparsity, abs=0.02)
+
+
+@pytest.mark.slow
+def test_plot_grad_norms_on_a_run_without_them_says_how_to_get_them(tiny_run, capsys):
+    assert main(["plot", str(tiny_run / "best.npz"), "grad-norms"]) == 2
+    err = capsys.readouterr().err
+    assert "this run did not log gradient norms" in err and "train with --log-grad-norms" in err
+    assert "enc.fc1" not in err
+
+
+@pytest.mark.slow
+def test_evaluate_gives_its_estimates_with_their_standard_error_at_one_precision(tiny_run, capsys):
+    import json
+    import re
+
+    assert main(["evaluate", str(tiny_run / "best.npz"), "--iw-samples", "5", "--n", "100", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"test: negative ELBO \d+\.\d\d ± \d+\.\d\d nats", out)
+    assert re.search(r"k = 5: \d+\.\d\d ± \d+\.\d\d per image", out)
+    assert not re.search(r"\d\.\d{3}\b", out.split("{")[0])  # no third decimal anywhere in the text
+    result = json.loads(out.strip().splitlines()[-1])
+    assert 0 < result["loss_se"] < result["loss"]

@@ -284,6 +284,7 @@ def _final_report(trainer, model, dataset, config, out: Path) -> None:
         None if target is None else prepare(target, model, config.binarize, config.seed))
     split = ("validation (this data has no separate test split)" if dataset.is_demo or dataset.test_x is dataset.val_x
              else "test")
-    print(f"{split}: {model.loss_names.format(test['loss'], test['recon'], test['kl'])} per image")
+    print(f"{split}: {model.loss_names.format(test['loss'], test['recon'], test['kl'], se=test['se'])} per image "
+          f"(± its standard error over the {len(dataset.test_x):,} images)")
     written = [name for name in (CHECKPOINT, BEST, LOG) if (out / name).exists()]
     print(f"wrote {out}/" + ", ".join(written + [p.name for p in trainer.pictures_written]))

@@ -51,6 +51,7 @@ class LossTerms:
     total: float  # the training objective (negative ELBO for VAEs), per example
     recon: float  # reconstruction term: negative log-likelihood (or squared error), per example
     kl: float  # KL(q(z|x) || p(z)) for VAEs; the poor man's VAE puts its ||z|| penalty here; 0 for AEs
+    se: float | None = None  # evaluate(): the standard error of total's mean over the examples (NaN for one)
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,12 @@ class LossNames:
     reg: str | None = None  # the second term, LossTerms.kl ("KL", "code norm"); None: the model has none (always 0)
     unit: str | None = None  # "nats" for negative log-likelihoods; None for errors, which carry no unit
 
-    def format(self, total: float, recon: float, reg: float, digits: int = 2) -> str:
-        """E.g. ``negative ELBO 248.20 nats (recon 230.10, KL 18.10)``, or ``squared error 41.30``."""
+    def format(self, total: float, recon: float, reg: float, digits: int = 2, se: float | None = None) -> str:
+        """E.g. ``negative ELBO 248.20 nats (recon 230.10, KL 18.10)``, or ``squared error 41.30``; with
+        ``se`` (an estimate's standard error) ``negative ELBO 248.20 ± 0.41 nats ...``."""
         unit = f" {self.unit}" if self.unit else ""
-        return f"{self.total} {total:.{digits}f}{unit}" + self.parts(recon, reg, digits)
+        error = f" ± {se:.{digits}f}" if se is not None else ""
+        return f"{self.total} {total:.{digits}f}{error}{unit}" + self.parts(recon, reg, digits)
 
     def parts(self, recon: float, reg: float, digits: int = 2) -> str:
         """`` (recon 230.10, KL 18.10)``; empty for a model whose loss is its reconstruction term alone."""
@@ -413,14 +416,17 @@ class Model:
         target = self.check_target(target, x)
         rng = generator_or_default(rng)
         recon = reg = 0.0
+        totals = np.empty(len(x))  # per example, for the standard error
         for i in range(0, len(x), batch_size):
             rows = slice(i, i + batch_size)
             r, k = self.forward(x[rows], None if y is None else y[rows], rng=rng,
                                 target=None if target is None else target[rows])
             recon += float(r.sum(dtype=np.float64))
             reg += float(k.sum(dtype=np.float64))
+            totals[rows] = r.astype(np.float64) + self.eval_weight * k.astype(np.float64)
         recon, reg = recon / len(x), reg / len(x)
-        return LossTerms(recon + self.eval_weight * reg, recon, reg)
+        se = float(totals.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
+        return LossTerms(recon + self.eval_weight * reg, recon, reg, se)
 
     @property
     def loss_name(self) -> str:

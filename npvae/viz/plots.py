@@ -1011,7 +1011,7 @@ def plot_grad_norms(records: Any, path: PathLike,
                 layers.setdefault(str(key))
     if not layers:
         raise ValueError(f"no layer norms found in {len(rows)} records; expected dicts like "
-                         '{"step": 10, "enc.fc1.W": 0.3, ...}')
+                         '{"step": 10, "encoder.0": 0.3, ...}')
     fig, ax = _new_figure((8.5, 4.5))
     many = len(layers) > 10
     for i, name in enumerate(layers):
