@@ -343,3 +343,27 @@ def test_evaluate_gives_its_estimates_with_their_standard_error_at_one_precision
     assert not re.search(r"\d\.\d{3}\b", out.split("{")[0])  # no third decimal anywhere in the text
     result = json.loads(out.strip().splitlines()[-1])
     assert 0 < result["loss_se"] < result["loss"]
+
+
+# ----------------------------------------------------------------------------- 6. two trainings in a row
+
+
+@pytest.mark.slow
+def test_two_trainings_in_a_row_without_out_do_not_collide_and_resume_finds_the_latest(tmp_path, monkeypatch,
+                                                                                          capsys):
+    monkeypatch.chdir(tmp_path)
+    small = ["--dataset", "demo", "--hidden", "8", "--latent-dim", "2", "--epochs", "1", "--limit", "64",
+             "--no-progress", "--no-pictures"]
+    assert main(["train", *small]) == 0 and main(["train", *small]) == 0
+    assert (tmp_path / "runs/vae-demo/best.npz").is_file() and (tmp_path / "runs/vae-demo-2/best.npz").is_file()
+    assert "writing to runs/vae-demo-2/" in capsys.readouterr().out
+    assert main(["train", "--resume", "--epochs", "2", "--no-progress", "--dataset", "demo"]) == 0
+    assert "resumed from runs/vae-demo-2/checkpoint.npz" in capsys.readouterr().out
+
+
+def test_a_taken_out_says_choose_another_out_first(tmp_path):
+    from npvae.rundir import claim_outputs
+
+    (tmp_path / "checkpoint.npz").write_bytes(b"")
+    with pytest.raises(FileExistsError, match=r"choose another --out for a new run \(or --resume to continue"):
+        claim_outputs(tmp_path, overwrite=False)

@@ -114,17 +114,39 @@ def new_run_config(args):
 # ----------------------------------------------------------------------------- resuming
 
 
+def _numbered(base: Path):
+    """``base``, ``base-2``, ``base-3``, ...: the default run folders of one model and dataset."""
+    yield base
+    n = 2
+    while True:
+        yield base.with_name(f"{base.name}-{n}")
+        n += 1
+
+
+def free_run_dir(base: Path) -> Path:
+    """A new run's default ``--out``: ``base``, else the first of ``base-2``, ``base-3``, ... that holds no
+    other run (as Lightning's ``version_N`` or YOLO's ``exp2``): two trainings in a row never collide."""
+    from ..rundir import run_outputs
+
+    return next(out for out in _numbered(base) if not run_outputs(out))
+
+
 def _resume_dir(args) -> Path:
-    """The run directory --resume continues: --out, else the default one that holds a checkpoint."""
+    """The run directory --resume continues: --out, else the latest default one that holds a checkpoint."""
     from .. import data
 
     if args.out:
         return Path(args.out)
     names = [args.dataset] if args.dataset else [data.DEFAULT_DATASET, data.DEMO]
     candidates = [Path(f"runs/{args.model}-{name}") for name in names]
-    for out in candidates:
-        if (out / "checkpoint.npz").exists():
-            return out
+    for base in candidates:
+        latest = None
+        for out in _numbered(base):
+            if not out.exists():
+                break
+            latest = out if (out / "checkpoint.npz").exists() else latest
+        if latest is not None:
+            return latest
     raise CLIError("--resume: no checkpoint in " + " or ".join(str(c) for c in candidates)
                    + "; pass --out DIR, the run directory to continue")
 
@@ -249,7 +271,7 @@ def cmd_train(args) -> int:
     if run is None:
         if dataset.is_demo and not epochs_set:
             config.epochs = _DEMO_EPOCHS
-        out = Path(args.out or f"runs/{args.model}-{dataset.name}")
+        out = Path(args.out) if args.out else free_run_dir(Path(f"runs/{args.model}-{dataset.name}"))
         flags = {knob.flag: value for name, value in given(args, model_knobs()).items()
                  for knob in [model_knobs()[name]]}
         with memory.asked_by(memory.flags_text({"--model": args.model, **flags})):
