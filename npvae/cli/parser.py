@@ -95,7 +95,8 @@ def _add_train(sub) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="parameter dtype")
     p.add_argument("--backend", choices=("auto", "numba", "numpy"), default=None,
                    help="kernels: numba (compiled) or numpy (default: $NPVAE_BACKEND, else numba when installed)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: runs/MODEL-DATASET, or runs/MODEL-DATASET-2, -3, ... when it holds another run; --resume continues the latest)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: runs/MODEL-DATASET, or runs/MODEL-DATASET-2, "
+                                                "-3, ... when it holds another run; --resume continues the latest)")
     p.add_argument("--overwrite", action="store_true",
                    help="remove another run's outputs from --out (the default refuses)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
