@@ -42,6 +42,7 @@ import numpy as np
 
 from .. import memory
 from ..layers import Layer, Parameters, Sequential, Workspace, check_dtype, layer_spec
+from ..ops import pixels_to_range
 
 
 @dataclass(frozen=True)
@@ -245,10 +246,8 @@ class Model:
                              f"{self.input_dim:,} values per row), got {x.shape}")
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer) or x.dtype == bool):
             raise TypeError(f"expected {name} with a numeric dtype, got {x.dtype}")
-        if x.dtype == np.uint8:
-            from ..data.preprocess import to_model_range  # numpy only: the trainer's own scaling
-
-            return to_model_range(x, self.value_range, self.dtype, name=name)
+        if x.dtype == np.uint8:  # pixels, scaled as the trainer scales them
+            return pixels_to_range(x, *map(float, self.value_range), self.dtype)
         x = np.asarray(x, dtype=self.dtype)
         if not np.isfinite(x).all():
             bad = np.argwhere(~np.isfinite(x))[0]
