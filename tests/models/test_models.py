@@ -583,9 +583,9 @@ def test_float32_model_agrees_with_float64_model(name, monkeypatch):
         monkeypatch.setattr(m64, "corrupt_input", lambda x, rng: x_in.astype(np.float64))
     terms32, grads32 = m32.loss_and_grads(x, eps=eps, rng=np.random.default_rng(4))
     terms64, grads64 = m64.loss_and_grads(x, eps=eps, rng=np.random.default_rng(4))
-    for ours, exact in zip(astuple(terms32), astuple(terms64)):
+    for ours, exact in zip(astuple(terms32)[:3], astuple(terms64)[:3]):  # total, recon, kl (se: evaluate's)
         assert rel_error(ours, exact) <= 1e-5
-    assert all(type(t) is float for t in astuple(terms32))
+    assert all(type(t) is float for t in astuple(terms32)[:3])
     assert m32.params.data.dtype == m32.params.grad.dtype == np.float32
     assert all(grad.dtype == np.float32 for grad in grads32.values())
     for key, err in gradient_errors(grads32, grads64).items():
@@ -672,7 +672,7 @@ def test_evaluate_equals_the_training_loss_on_one_batch(name):
     x = data_batch(model, 6, np.random.default_rng(0))
     expected = model.loss_and_grads(x, rng=np.random.default_rng(3))[0]
     terms = model.evaluate(x, rng=np.random.default_rng(3))
-    for ours, theirs in zip(astuple(terms), astuple(expected)):
+    for ours, theirs in zip(astuple(terms)[:3], astuple(expected)[:3]):  # the means (evaluate adds se)
         assert rel_error(ours, theirs) <= 1e-13
 
 
@@ -680,7 +680,8 @@ def test_evaluate_weights_slices_by_their_size():
     model = small_models()["ae"]
     x = data_batch(model, 7, np.random.default_rng(0))
     expected = model.loss_and_grads(x)[0]
-    for ours, theirs in zip(astuple(model.evaluate(x, rng=np.random.default_rng(0), batch_size=3)), astuple(expected)):
+    for ours, theirs in zip(astuple(model.evaluate(x, rng=np.random.default_rng(0), batch_size=3))[:3],
+                            astuple(expected)[:3]):
         assert rel_error(ours, theirs) <= 1e-13
 
 
