@@ -65,7 +65,8 @@ def test_cli_evaluates_a_flat_model_on_square_images(tmp_path, capsys):
     images = npvae.data.load_demo().test_x[:50].reshape(-1, 28, 28)  # (N, 28, 28) uint8: a user's PNGs
     np.savez(tmp_path / "images.npz", x=images)
     capsys.readouterr()
-    assert main(["evaluate", str(run / "checkpoint.npz"), "--data", str(tmp_path / "images.npz"), "--split", "all"]) == 0
+    argv = ["evaluate", str(run / "checkpoint.npz"), "--data", str(tmp_path / "images.npz"), "--split", "all"]
+    assert main(argv) == 0
     assert "negative ELBO" in capsys.readouterr().out
 
 
@@ -129,7 +130,8 @@ def test_a_usage_error_is_one_line_and_where_to_look(capsys, argv, line):
     assert main(argv) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and err[0].startswith(line)
-    assert err[1] == f"run '{' '.join(['npvae', *argv[:1]] if argv[0] != 'frob' else ['npvae'])} --help' for its options"
+    prog = "npvae" if argv[0] == "frob" else f"npvae {argv[0]}"
+    assert err[1] == f"run '{prog} --help' for its options"
 
 
 def test_asking_for_numba_without_numba_follows_the_environment_variables_rule(monkeypatch):
@@ -367,3 +369,20 @@ def test_a_taken_out_says_choose_another_out_first(tmp_path):
     (tmp_path / "checkpoint.npz").write_bytes(b"")
     with pytest.raises(FileExistsError, match=r"choose another --out for a new run \(or --resume to continue"):
         claim_outputs(tmp_path, overwrite=False)
+
+
+# ----------------------------------------------------------------------------- 12. README snippets as written
+
+
+def test_npvae_torch_after_import_npvae_alone():
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    code = ("import sys, npvae; assert 'torch' not in sys.modules; "
+            "print(type(npvae.torch.to_torch(npvae.VAE(hidden=(8,), latent_dim=2))).__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert result.returncode == 0, result.stderr
+    with pytest.raises(AttributeError, match="has no attribute 'nonsense'"):
+        npvae.nonsense  # noqa: B018
