@@ -386,3 +386,33 @@ def test_npvae_torch_after_import_npvae_alone():
     assert result.returncode == 0, result.stderr
     with pytest.raises(AttributeError, match="has no attribute 'nonsense'"):
         npvae.nonsense  # noqa: B018
+
+
+# ----------------------------------------------------------------------------- 8. no prior, no "samples"
+
+
+@pytest.mark.parametrize("preset, has_prior", [("vae", True), ("cvae", True), ("poor", True), ("ae", False),
+                                               ("sparse-ae", False), ("conv-dae", False), ("conv-doc-dae", False)])
+def test_training_draws_samples_only_for_models_with_a_prior(preset, has_prior, tmp_path):
+    from npvae.models import MODELS
+    from npvae.viz import figures
+
+    model = MODELS[preset](**({"num_classes": 10} if preset == "cvae" else {}))
+    shape = model.input_shape
+    x = np.random.default_rng(0).random((4, *shape)).astype(model.dtype)
+    lo, hi = model.value_range
+    x = lo + (hi - lo) * x
+    y = np.arange(4) % 10 if preset == "cvae" else None
+    written = [p.name for p in figures.epoch_pictures(model, x, y, tmp_path, 1)]
+    assert ("samples.png" in written) == has_prior
+
+
+@pytest.mark.slow
+def test_sampling_a_model_without_a_prior_says_what_it_draws(tmp_path, capsys):
+    run = tmp_path / "ae"
+    assert main(["train", "--model", "sparse-ae", "--dataset", "demo", "--epochs", "1", "--limit", "64",
+                 "--no-progress", "--out", str(run)]) == 0
+    assert not (run / "samples.png").exists()
+    capsys.readouterr()
+    assert main(["sample", str(run / "best.npz"), "--n", "4"]) == 0
+    assert "sparse-ae has no prior: these are decoded N(0, I) codes, not samples of the data" in capsys.readouterr().out

@@ -34,6 +34,8 @@ def cmd_sample(args) -> int:
         _check_label(model, args.label, args.checkpoint)
     memory.check_batch(model, args.n, f"decoding {args.n} samples", "lower --n", images=args.n,
                        source=f"--n {args.n} with {args.checkpoint}")
+    if model.prior_name is None:
+        print(f"{model.kind} has no prior: these are decoded N(0, I) codes, not samples of the data")
     print(f"wrote {figures.samples(model, out, rng, n=args.n, label=args.label)}")
     return 0
 

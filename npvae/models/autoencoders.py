@@ -207,6 +207,7 @@ class PoorMansVAE(Autoencoder):
     config_class = PoorMansVAEConfig
     needs_noise = True
     loss_names = LossNames("squared error + code norm", "squared error", "code norm")
+    prior_name = "N(0, I)"  # where its unit noise and the norm penalty pull the codes
 
     def __init__(self, input_dim=784, hidden=(392,), latent_dim=20, activation="sigmoid", output_activation="sigmoid",
                  value_range=(0.0, 1.0), alpha=0.01, noise_std=1.0, dtype=np.float32, seed=0, **kwargs):

@@ -131,6 +131,10 @@ class Model:
     kl_weight = 1.0  # weight of the second term in the training loss
     eval_weight = 1.0  # weight of the second term in evaluate's total
     needs_noise = False  # True when forward draws noise (eps), so loss_and_grads needs eps or rng
+    # What sample() draws codes from, when the model was trained to make it a distribution of codes ("the
+    # prior N(0, I)"); None for autoencoders, whose sample() decodes N(0, I) codes that no loss shaped:
+    # no samples of the data, so training draws no samples.png for them and sample() says what they are.
+    prior_name: str | None = None
     train_defaults: dict = {}  # a preset's own TrainConfig defaults (batch_size, patience, lr) for the CLI
 
     # -- construction
