@@ -416,3 +416,23 @@ def test_sampling_a_model_without_a_prior_says_what_it_draws(tmp_path, capsys):
     capsys.readouterr()
     assert main(["sample", str(run / "best.npz"), "--n", "4"]) == 0
     assert "sparse-ae has no prior: these are decoded N(0, I) codes, not samples of the data" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- 9. no long silences
+
+
+def test_the_k_study_says_each_k_as_it_finishes_and_measures_what_one_call_measures(capsys):
+    from npvae.cli.grads import _snr_study
+    from npvae.study import gradflow
+
+    model = VAE(hidden=(8,), latent_dim=2, dtype=np.float64, seed=0)
+    x = npvae.data.load_demo().test_x[:2] / 255.0
+
+    class Args:
+        k, snr_draws, objective, snr_signal, split = [1, 3], 4, "iwae", "own", "test"
+
+    rows = _snr_study(Args, model, x, None, None, 2, np.random.default_rng(5))
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("measuring the --k study") and err[1].startswith("  k = 1 done (1/2, ")
+    assert err[2].startswith("  k = 3 done (2/2, ")
+    assert rows == gradflow.estimator_snr(model, x, [1, 3], 4, np.random.default_rng(5), objective="iwae")
