@@ -207,8 +207,11 @@ def ensure_data(dataset: str, data_dir) -> None:
         return
     if data.find_dataset_dir(dataset, data_dir, verify=False) is None:
         print(f"{dataset} not found on disk: downloading it", file=sys.stderr)
-        for split in data.SPLITS:
-            data.load_mnist_like(dataset, split, data_dir=data_dir, download=True)
+        try:
+            for split in data.SPLITS:
+                data.load_mnist_like(dataset, split, data_dir=data_dir, download=True)
+        except (FileNotFoundError, data.DownloadError) as exc:  # the data's own one-line hint, no traceback
+            sys.exit(f"bench.py: {exc}")
 
 
 # ----------------------------------------------------------------------------- what each process runs with

@@ -58,7 +58,8 @@ def main_script() -> None:
     parser.add_argument("--epochs", type=int, default=20, help="epochs per model")
     parser.add_argument("--seed", type=int, default=0, help="seeds every run")
     parser.add_argument("--out", default="runs/compare", help="folder of the runs (one subfolder per model)")
-    parser.add_argument("--pictures", default="docs/autoencoders", help="folder for the comparison's pictures")
+    parser.add_argument("--pictures", default="runs/compare/pictures",
+                        help="folder for the comparison's pictures (docs/autoencoders for the committed ones)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="more flags for every npvae train (e.g. --latent-dim 100)")
     args = parser.parse_args()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -134,7 +135,10 @@ def main() -> None:
     except ImportError:
         torch = None
         print("torch is not installed: npvae only")
-    train_x, test_x = load(args)
+    try:
+        train_x, test_x = load(args)
+    except (FileNotFoundError, data.DownloadError) as exc:  # the data's own one-line hint, no traceback
+        sys.exit(f"parity.py: {exc}")
     train_x = train_x[: args.limit]
     print(f"{args.dataset}, {args.model}: {len(train_x):,} train / {len(test_x):,} test, {args.epochs} epochs, "
           f"backend {npvae.get_backend()}")

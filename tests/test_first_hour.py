@@ -436,3 +436,30 @@ def test_the_k_study_says_each_k_as_it_finishes_and_measures_what_one_call_measu
     assert err[0].startswith("measuring the --k study") and err[1].startswith("  k = 1 done (1/2, ")
     assert err[2].startswith("  k = 3 done (2/2, ")
     assert rows == gradflow.estimator_snr(model, x, [1, 3], 4, np.random.default_rng(5), objective="iwae")
+
+
+# ----------------------------------------------------------------------------- 4. scripts run from anywhere
+
+
+def test_no_script_default_points_into_this_repositorys_layout_or_overwrites_docs():
+    for name, parser in _script_parsers():
+        for action in parser._actions:
+            if isinstance(action.default, str):
+                assert "shared/data" not in action.default, f"scripts/{name}: {action.option_strings}"
+                assert not action.default.startswith("docs"), f"scripts/{name}: {action.option_strings} writes docs/"
+
+
+@pytest.mark.parametrize("script, argv", [("parity.py", []), ("estimator_study.py", ["likelihood"])])
+def test_a_script_without_its_data_says_so_in_one_line(script, argv, monkeypatch, tmp_path):
+    import runpy
+    import sys
+
+    def missing(name, split, **kwargs):
+        raise npvae.data.DownloadError(f"could not download {name} {split}: offline. Pass --data-dir DIR")
+
+    monkeypatch.setattr(npvae.data, "load_mnist_like", missing)
+    monkeypatch.setattr(sys, "argv", [script, *argv, *(["--out", str(tmp_path)] if argv else [])])
+    monkeypatch.setitem(sys.modules, "torch", None)  # parity: npvae alone
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / script), run_name="__main__")
+    assert str(exc.value.code).startswith(f"{script.split()[0]}{' ' + argv[0] if argv else ''}: could not download")
