@@ -939,10 +939,10 @@ def targets_of(peers: dict, table=TARGETS) -> tuple[dict, list[dict]]:
             ratio = a / b if a is not None and b is not None else None
             row[f"ratio{suffix}"] = ratio
             row[f"result{suffix}"] = "n/a" if ratio is None else ("PASS" if ratio <= threshold else "FAIL")
-        if row["ratio_quiet"] is None and row["ratio"] is not None:  # every epoch shared the CPU: no fair timing
-            row["result_quiet"] = "no verdict"
             if ratio is not None:
                 ratios[f"{num}/{den}{suffix}"] = ratio
+        if row["ratio_quiet"] is None and row["ratio"] is not None:  # every epoch shared the CPU: no fair timing
+            row["result_quiet"] = "no verdict"
         targets.append(row)
     return ratios, targets
 
