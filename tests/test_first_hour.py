@@ -463,3 +463,25 @@ def test_a_script_without_its_data_says_so_in_one_line(script, argv, monkeypatch
     with pytest.raises(SystemExit) as exc:
         runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / script), run_name="__main__")
     assert str(exc.value.code).startswith(f"{script.split()[0]}{' ' + argv[0] if argv else ''}: could not download")
+
+
+# ----------------------------------------------------------------------------- 7. pictures that show nothing
+
+
+@pytest.mark.slow
+def test_a_run_too_short_to_learn_says_so(tmp_path, capsys):
+    assert main(["train", "--dataset", "demo", "--epochs", "1", "--limit", "64", "--batch-size", "64", "--no-progress",
+                 "--no-pictures", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "note: the reconstructions barely differ from one image to the next" in out
+    assert "after 1 steps this usually means too few" in out or "after 1 step" in out
+
+
+def test_a_collapsed_posterior_is_named():
+    from npvae.cli.train import _blank_model_notes
+
+    model = VAE(hidden=(8,), latent_dim=2, seed=0)
+    x = npvae.data.load_demo().test_x[:50] / np.float32(255)
+    notes = _blank_model_notes(model, x, None, {"kl": 0.14}, 3)
+    assert any("the KL is 0.14 nats per image" in n and "posterior collapse" in n for n in notes)
+    assert not any("KL" in n for n in _blank_model_notes(model, x, None, {"kl": 20.0}, 3000))

@@ -300,13 +300,38 @@ def _final_report(trainer, model, dataset, config, out: Path) -> None:
     from ..train import BEST, CHECKPOINT, LOG
 
     target = dataset.test_target
-    test = trainer.evaluate(
-        prepare(dataset.test_x, model, config.binarize, config.seed),
-        model.check_labels(dataset.test_y, len(dataset.test_x)), np.random.default_rng([config.seed, 3]),
-        None if target is None else prepare(target, model, config.binarize, config.seed))
+    x, y = prepare(dataset.test_x, model, config.binarize, config.seed), model.check_labels(dataset.test_y,
+                                                                                           len(dataset.test_x))
+    test = trainer.evaluate(x, y, np.random.default_rng([config.seed, 3]),
+                            None if target is None else prepare(target, model, config.binarize, config.seed))
     split = ("validation (this data has no separate test split)" if dataset.is_demo or dataset.test_x is dataset.val_x
              else "test")
     print(f"{split}: {model.loss_names.format(test['loss'], test['recon'], test['kl'], se=test['se'])} per image "
           f"(± its standard error over the {len(dataset.test_x):,} images)")
+    for line in _blank_model_notes(model, x, y, test, trainer.step):
+        print(line)
     written = [name for name in (CHECKPOINT, BEST, LOG) if (out / name).exists()]
     print(f"wrote {out}/" + ", ".join(written + [p.name for p in trainer.pictures_written]))
+
+
+COLLAPSED_KL = 0.5  # nats per image: below it the codes carry next to nothing about the image
+UNIFORM_OUTPUTS = 0.1  # outputs' spread across images, as a share of the data's: below it the pictures look uniform
+
+
+def _blank_model_notes(model, x, y, test: dict, steps: int) -> list[str]:
+    """What a newcomer would otherwise only see in a grey picture: a KL near zero (the posterior collapsed
+    onto the prior) or reconstructions that barely differ from one image to the next (too few steps)."""
+    from ..models import GaussianLatent
+
+    notes, advice = [], (f"after {steps:,} steps this usually means too few: train longer (more --epochs) or "
+                         "with a smaller --batch-size")
+    if isinstance(model, GaussianLatent) and test["kl"] < COLLAPSED_KL:
+        notes.append(f"note: the KL is {test['kl']:.2f} nats per image: the codes carry almost nothing about the "
+                     f"images (posterior collapse), so samples and the manifold will look alike; {advice}")
+    rows = slice(0, 256)
+    outputs = model.reconstruct(x[rows], None if y is None else y[rows])
+    spread, data_spread = float(outputs.std(axis=0).mean()), float(x[rows].std(axis=0).mean())
+    if data_spread > 0 and spread < UNIFORM_OUTPUTS * data_spread:
+        notes.append(f"note: the reconstructions barely differ from one image to the next ({spread / data_spread:.0%} "
+                     f"of the images' own spread): the pictures will look uniform; {advice}")
+    return notes
