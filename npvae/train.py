@@ -599,8 +599,9 @@ class Trainer:
             if cfg.clip_grad_norm is not None:
                 clip_grad_norm(grad, cfg.clip_grad_norm)
             OPTIMIZERS[cfg.optimizer].build(model.params.data.copy(), grad, cfg.lr, cfg.optimizer_options()).step()
-            model.evaluate(self.val_x[rows], None if self.val_y is None else self.val_y[rows], rng=rng,
-                           target=None if self.val_target is None else self.val_target[rows])
+            if len(self.val_x):
+                model.evaluate(self.val_x[rows], None if self.val_y is None else self.val_y[rows], rng=rng,
+                               target=None if self.val_target is None else self.val_target[rows])
         finally:
             timer.cancel()
         if said.is_set():
