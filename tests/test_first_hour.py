@@ -485,3 +485,26 @@ def test_a_collapsed_posterior_is_named():
     notes = _blank_model_notes(model, x, None, {"kl": 0.14}, 3)
     assert any("the KL is 0.14 nats per image" in n and "posterior collapse" in n for n in notes)
     assert not any("KL" in n for n in _blank_model_notes(model, x, None, {"kl": 20.0}, 3000))
+
+
+# ----------------------------------------------------------------------------- 15. plot polish
+
+
+def test_kl_legend_names_only_the_bars_drawn_and_short_runs_tick_whole_epochs(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from npvae.viz import plots
+
+    saved, save = [], plots._save
+
+    def keep(fig, path):  # what the picture shows, read before saving closes the figure
+        ax = fig.axes[0]
+        legend = ax.get_legend()
+        saved.append(([t.get_text() for t in legend.get_texts()] if legend else [], list(ax.get_xticks())))
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.plot_kl_per_dim(np.array([2.0, 0.5]), tmp_path / "kl.png")
+    assert "active" in saved[-1][0] and "inactive" not in saved[-1][0]  # none is inactive
+    records = [{"event": "epoch", "epoch": e, "train_loss": 3.0 - e, "val_loss": 3.1 - e} for e in (1, 2)]
+    plots.plot_training_curves(records, tmp_path / "curves.png")
+    assert saved[-1][1] and all(float(t).is_integer() for t in saved[-1][1])
