@@ -25,6 +25,18 @@ from .train import TrainConfig, Trainer, TrainResult, fit
 
 __version__ = "0.1.0"
 
+_LAZY = ("torch", "study", "viz", "cli", "data")  # submodules with optional dependencies, imported on first use
+
+
+def __getattr__(name: str):
+    """``npvae.torch.to_torch(model)`` after ``import npvae`` alone: the submodule (and PyTorch) is imported
+    on first use, so that the core still imports NumPy only."""
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'npvae' has no attribute {name!r}")
+
 __all__ = [
     "MODELS", "VAE", "CVAE", "Autoencoder", "DenoisingAutoencoder", "PoorMansVAE", "SparseAutoencoder",
     "ContractiveAutoencoder", "LossTerms", "build_model",

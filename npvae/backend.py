@@ -129,14 +129,24 @@ def kernel(twin: Callable) -> Callable[[Callable], Kernel]:
     return wrap
 
 
-_env = os.environ.get("NPVAE_BACKEND", "auto").strip().lower() or "auto"
-if _env not in _CHOICES:
-    raise ValueError(f"NPVAE_BACKEND={_env!r} is not a backend: expected one of {', '.join(_CHOICES)}")
-if _env == "numba" and not numba_available():
-    import warnings
+def request_backend(name: str, asked_by: str) -> str:
+    """Select the backend a user asked for by ``asked_by`` (``NPVAE_BACKEND=numba``, ``--backend numba``).
 
-    warnings.warn("NPVAE_BACKEND=numba, but Numba is not installed: npvae runs its NumPy kernels (slower). "
-                  "pip install 'npvae[fast]' for the compiled ones, or set NPVAE_BACKEND=numpy to silence this.",
-                  RuntimeWarning, stacklevel=2)
-    _env = "numpy"
-set_backend(_env)
+    One rule for every such request: ``numba`` without Numba installed warns (a RuntimeWarning naming
+    ``asked_by``) and runs the NumPy twins, which compute the same numbers, only slower. An unknown
+    name is a ValueError. :func:`set_backend` itself, the Python API, still raises ImportError.
+    """
+    if name not in _CHOICES:
+        raise ValueError(f"{asked_by} is not a backend: expected one of {', '.join(_CHOICES)}")
+    if name == "numba" and not numba_available():
+        import warnings
+
+        warnings.warn(f"{asked_by}, but Numba is not installed: npvae runs its NumPy kernels (same numbers, "
+                      "slower). pip install 'npvae[fast]' for the compiled ones, or ask for numpy to silence this.",
+                      RuntimeWarning, stacklevel=3)
+        name = "numpy"
+    return set_backend(name)
+
+
+_env = os.environ.get("NPVAE_BACKEND", "auto").strip().lower() or "auto"
+request_backend(_env, f"NPVAE_BACKEND={_env}" if _env in _CHOICES else f"NPVAE_BACKEND={_env!r}")

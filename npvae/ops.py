@@ -1050,3 +1050,23 @@ def clamp_backward(dy, cache, out=None):
     out = _buffer(out, dy.shape, dy.dtype, "out")
     np.multiply(dy, mask, out=out)
     return out
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def pixels_to_range(x: np.ndarray, lo: float, hi: float, dtype) -> np.ndarray:
+    """uint8 pixels 0..255 (any shape) -> a new ``dtype`` array in [lo, hi], as the trainer reads them.
+
+    .. math:: x = lo + (hi - lo) \\cdot \\text{pixel} / 255
+
+    First to [0, 1] in ``dtype`` (0 -> 0.0, 255 -> 1.0 exactly), then ``x * (hi - lo) + lo`` when the
+    range is not (0, 1). Shared by :func:`npvae.data.to_model_range` and every model's input check, so
+    that ``fit`` and ``model.evaluate`` read uint8 alike.
+    """
+    dtype = np.dtype(dtype)
+    out = x.astype(dtype)
+    out /= 255
+    if (lo, hi) != (0.0, 1.0):
+        out = out * dtype.type(hi - lo) + dtype.type(lo)
+    return out

@@ -351,8 +351,9 @@ def claim_outputs(directory, overwrite: bool = False) -> list[Path]:
     directory = Path(directory)
     found = run_outputs(directory)
     if found and not overwrite:
-        raise FileExistsError(f"{directory} holds another run's outputs ({_listing(found, directory)}): pass "
-                              "--resume to continue that run, --overwrite to remove them, or choose another --out")
+        raise FileExistsError(f"{directory} holds another run's outputs ({_listing(found, directory)}): choose "
+                              "another --out for a new run (or --resume to continue that one, --overwrite to "
+                              "remove it)")
     for path in found:
         path.unlink(missing_ok=True)
     return found

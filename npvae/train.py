@@ -27,7 +27,7 @@ import numpy as np
 
 from . import backend, data as datasets
 from .checkpoint import CheckpointError, load_checkpoint, npvae_member, save_checkpoint
-from .models import GaussianLatent, Model
+from .models import GaussianLatent, LossNames, Model
 from .models.saving import model_meta, model_state, save_model
 from .objectives import TRAINING_OBJECTIVES, Objective, estimator_help, trainable
 from .optim import OPTIMIZERS, clip_grad_norm, hyperparameter_names
@@ -112,6 +112,8 @@ class TrainConfig:
                                   "validation loss (never: 0 on the command line, None in a config)",
                                   bounds=(0, 1_000_000), none_as=0, resumable=True)
     seed: int = option(0, "seeds the initialisation, the split, the batches and the noise", bounds=(0, 2**63 - 1))
+    limit: int | None = option(None, "train on the first N training examples only, for a quick try (validation "
+                               "and test sets unchanged; default: all)", bounds=(1, 10**9), metavar="N")
     pictures: bool = option(True, "no pictures each epoch (they need matplotlib)", flag="--no-pictures", const=False,
                             resumable=True)
     log_grad_norms: bool = option(False, "log per-layer gradient norms to log.jsonl (every grad_norm_every steps)",
@@ -167,6 +169,8 @@ class TrainConfig:
         check("eval_batch_size", integer(1), "an integer >= 1")
         check("grad_norm_every", integer(1), "an integer >= 1")
         check("seed", integer(0), "an integer >= 0")
+        if self.limit is not None:
+            check("limit", integer(1), "an integer >= 1 or None")
         check("lr", number(lambda v: v > 0), "a positive finite number")
         check("weight_decay", number(lambda v: v >= 0), "a finite number >= 0")
         check("momentum", number(lambda v: 0 <= v < 1), "a finite number in [0, 1)")
@@ -305,6 +309,9 @@ def check_run_meta(meta: dict, path, training: bool = True) -> dict:
 # ----------------------------------------------------------------------------- the trainer
 
 
+COMPILE_NOTICE_S = 3.0  # kernels not ready after this long are compiling (a cache load takes about 0.5 s)
+
+
 class Trainer:
     """Trains any npvae model on a :class:`npvae.data.Dataset`.
 
@@ -334,18 +341,26 @@ class Trainer:
                              f"{model.kind} models data in {list(model.value_range)}")
         self.optimizer = OPTIMIZERS[config.optimizer].build(model.params.data, model.params.grad, config.lr,
                                                             config.optimizer_options())
+        if config.limit is not None and config.limit < len(dataset.train_x):  # the split is shuffled: a fair subset
+            n = config.limit
+            dataset = dataclasses.replace(
+                dataset, train_x=dataset.train_x[:n], train_y=None if dataset.train_y is None else dataset.train_y[:n],
+                train_target=None if dataset.train_target is None else dataset.train_target[:n],
+                description=f"{dataset.description}; training on its first {n:,} examples (limit)")
+            self.dataset = dataset
         self.train_x = prepare_split(dataset.train_x, model, "none" if config.binarize == "dynamic" else config.binarize, config.seed)
         self.val_x = prepare_split(dataset.val_x, model, config.binarize, config.seed + 1)
-        model.check_input(self.train_x, "the training data")
-        model.check_input(self.val_x, "the validation data")
+        # viewed in the model's shape: (N, 28, 28) images train a (784,) model and (N, 784) rows a (28, 28) one
+        self.train_x = model.check_input(self.train_x, "the training data")
+        self.val_x = model.check_input(self.val_x, "the validation data")
         # the labels the model reads: None for unconditional models, checked labels for conditional ones
         self.train_y = model.check_labels(dataset.train_y, len(self.train_x), "the training labels")
         self.val_y = model.check_labels(dataset.val_y, len(self.val_x), "the validation labels")
         self.val_labels = dataset.val_y  # for pictures
         self.train_target = self._prepare_target(dataset.train_target, config.seed)
         self.val_target = self._prepare_target(dataset.val_target, config.seed + 1)
-        model.check_target(self.train_target, self.train_x)
-        model.check_target(self.val_target, self.val_x)
+        self.train_target = model.check_target(self.train_target, self.train_x)
+        self.val_target = model.check_target(self.val_target, self.val_x)
         self.objective.check(model, paired=self.train_target is not None, kl_warmup=config.kl_warmup_epochs)
         self.n = len(self.train_x)
         self.steps_per_epoch = math.ceil(self.n / config.batch_size)
@@ -364,6 +379,7 @@ class Trainer:
         self.resumed_changes: dict = {}  # settings a resumed run changed ({name: [old, new]}), logged
         self.overwrite = False  # a new run may remove another run's outputs from out_dir (else it refuses)
         self._warned_pictures = False
+        self._hinted_tqdm = False
         self.pictures_written: list[Path] = []  # the pictures of the last epoch that drew them
         self._batch_buf: dict[tuple, np.ndarray] = {}
 
@@ -546,17 +562,65 @@ class Trainer:
     def evaluate(self, x, y, rng, target=None) -> dict:
         """The model's mean loss over a whole set (labels y and targets as the model reads them)."""
         terms = self.model.evaluate(x, y, rng=rng, target=target, batch_size=self.config.eval_batch_size)
-        return {"loss": terms.total, "recon": terms.recon, "reg": terms.reg}
+        return {"loss": terms.total, "recon": terms.recon, "reg": terms.reg, "se": terms.se}
 
     def _progress_bar(self):
         if not self.progress:
             return None
         try:
             from tqdm import tqdm
-        except ImportError:
+        except ImportError:  # the minimal install: one line per epoch, and once, how to get a bar
+            if not self._hinted_tqdm:
+                self.echo("(pip install tqdm for a progress bar within each epoch)")
+                self._hinted_tqdm = True
             return None
         return tqdm(total=self.steps_per_epoch, initial=self.batch, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                     unit="batch", leave=True, dynamic_ncols=True, file=sys.stderr)
+
+    def _warm_up_kernels(self) -> None:
+        """Numba compiles each kernel on its first call: tens of seconds on a first run, about a second
+        once its on-disk cache (``cache=True``) holds them. Call the kernels of a training step, an
+        optimizer step and an evaluation here, before any epoch's clock starts, so that compiling counts
+        in neither the progress bar's ETA nor the epoch's images per second; say so when it takes long.
+
+        The run's numbers do not change: the step draws from its own generator, its gradients are
+        overwritten by the first real step, and the optimizer that steps is a throwaway over copies.
+        """
+        if backend.get_backend() != "numba":
+            return
+        import threading
+
+        cfg, model = self.config, self.model
+        said = threading.Event()
+
+        def say():
+            said.set()
+            self.echo("compiling kernels (once per install, ~30 s) ...")
+
+        timer = threading.Timer(COMPILE_NOTICE_S, say)
+        timer.daemon = True
+        start = time.perf_counter()
+        timer.start()
+        try:
+            rows = slice(0, 2)
+            rng = np.random.default_rng(0)
+            y = None if self.train_y is None else self.train_y[rows]
+            target = None if self.train_target is None else self.train_target[rows]
+            x = np.ascontiguousarray(self.train_x[rows])
+            if isinstance(model, GaussianLatent):
+                model.reg_weight = self._reg_weight()
+            self.objective.loss_and_grads(model, x, y, rng=rng, target=target, check=False)
+            grad = model.params.grad.copy()
+            if cfg.clip_grad_norm is not None:
+                clip_grad_norm(grad, cfg.clip_grad_norm)
+            OPTIMIZERS[cfg.optimizer].build(model.params.data.copy(), grad, cfg.lr, cfg.optimizer_options()).step()
+            if len(self.val_x):
+                model.evaluate(self.val_x[rows], None if self.val_y is None else self.val_y[rows], rng=rng,
+                               target=None if self.val_target is None else self.val_target[rows])
+        finally:
+            timer.cancel()
+        if said.is_set():
+            self.echo(f"kernels compiled in {time.perf_counter() - start:.0f} s (cached: later runs skip this)")
 
     def _run_epoch(self) -> dict:
         cfg = self.config
@@ -653,6 +717,7 @@ class Trainer:
         errstate = np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore")
         errstate.__enter__()
         try:
+            self._warm_up_kernels()
             while self.epoch < cfg.epochs:
                 if self.batch == 0:
                     self.rng = np.random.default_rng([cfg.seed, self.epoch, 1])
@@ -676,7 +741,7 @@ class Trainer:
                     }, what=BEST)
                 self._save_checkpoint()
                 self._log(record)  # after the checkpoint: the log never runs ahead of it
-                self.echo(_epoch_line(record, cfg.epochs, self.model.loss_names))
+                self.echo(_epoch_line(record, cfg.epochs, self.model.loss_names, self.objective))
                 if cfg.pictures:
                     self._pictures(self.epoch)
                 if cfg.patience is not None and self.bad_epochs >= cfg.patience:
@@ -730,13 +795,22 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _epoch_line(r: dict, epochs: int, names) -> str:
+def _epoch_line(r: dict, epochs: int, names, objective: Objective | None = None) -> str:
     """E.g. ``epoch 3/10  negative ELBO (nats): train 250.12 (recon 230.00, KL 20.12)  val ...``, in the
-    model's own names (``names``, a :class:`~npvae.models.LossNames`)."""
+    model's own names (``names``, a :class:`~npvae.models.LossNames`). A k-sample objective trains on
+    another bound than validation scores (the model's own loss): then each column says what it is."""
+    seconds = f"  {r['seconds']:.1f}s, {r['images_per_second']:,.0f} img/s"
+    if objective is not None and not objective.is_default:
+        from .objectives import BOUNDS
+
+        bound = LossNames(f"negative {BOUNDS[objective.name]} (k = {objective.k})", "weighted recon", "rest",
+                          names.unit)
+        return (f"epoch {r['epoch']}/{epochs}  train {bound.format(r['train_loss'], r['train_recon'], r['train_reg'])}"
+                f"  val {names.format(r['val_loss'], r['val_recon'], r['val_reg'])}{seconds}")
     unit = f" ({names.unit})" if names.unit else ""
     return (f"epoch {r['epoch']}/{epochs}  {names.total}{unit}: train {r['train_loss']:.2f}"
             f"{names.parts(r['train_recon'], r['train_reg'])}  val {r['val_loss']:.2f}{names.parts(r['val_recon'], r['val_reg'])}"
-            f"  {r['seconds']:.1f}s, {r['images_per_second']:,.0f} img/s")
+            f"{seconds}")
 
 
 # ----------------------------------------------------------------------------- one call for arrays

@@ -56,8 +56,11 @@ def blank_bands(pixels: np.ndarray) -> dict[str, int]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Count the uniform rows and columns at the edges of PNG pictures.")
-    p.add_argument("png", nargs="+", type=Path)
+    from npvae.cli.parser import HelpFormatter
+
+    p = argparse.ArgumentParser(description="Count the uniform rows and columns at the edges of PNG pictures.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("png", nargs="+", type=Path, help="the pictures to check")
     p.add_argument("--max", type=int, default=MAX_BAND, help="widest band allowed, pixels (exit 1 beyond it)")
     args = p.parse_args(argv)
     worst = 0

@@ -48,13 +48,18 @@ def run(argv: list[str]) -> str:
 
 
 def main_script() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="demo", choices=("demo", "mnist", "fashion-mnist"))
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/compare")
-    parser.add_argument("--pictures", default="docs/autoencoders")
+    from npvae.cli.parser import HelpFormatter
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--dataset", default="demo", choices=("demo", "mnist", "fashion-mnist"),
+                        help="the data every model trains on")
+    parser.add_argument("--data-dir", default=None, help="folder holding the dataset's IDX files (default: "
+                        "npvae's usual places: $NPVAE_DATA_DIR, the cache, then download)")
+    parser.add_argument("--epochs", type=int, default=20, help="epochs per model")
+    parser.add_argument("--seed", type=int, default=0, help="seeds every run")
+    parser.add_argument("--out", default="runs/compare", help="folder of the runs (one subfolder per model)")
+    parser.add_argument("--pictures", default="runs/compare/pictures",
+                        help="folder for the comparison's pictures (docs/autoencoders for the committed ones)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="more flags for every npvae train (e.g. --latent-dim 100)")
     args = parser.parse_args()

@@ -100,9 +100,11 @@ def errors(op, case, rng):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from npvae.cli.parser import HelpFormatter
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--cases", type=int, default=300, help="random cases per op and backend")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random cases")
     args = parser.parse_args()
     backends = ["numpy"] + (["numba"] if numba_available() else [])
     print("| op | backend | forward | dx | dw | db |")

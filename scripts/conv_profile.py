@@ -136,9 +136,11 @@ def torch_step_seconds(batch: int, latent: int, steps: int) -> float | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--latent-dim", type=int, default=20)
+    from npvae.cli.parser import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--batch-size", type=int, default=128, help="images per profiled step")
+    p.add_argument("--latent-dim", type=int, default=20, help="the conv VAE's latent size")
     p.add_argument("--steps", type=int, default=20, help="measured steps (after 3 warm-up steps)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference step")
     args = p.parse_args(argv)

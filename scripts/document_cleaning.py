@@ -42,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--work", required=True, help="folder for the pages, the tiles and the run (created)")
-    p.add_argument("--out", default="docs/document_cleaning.png", help="the picture to write")
+    p.add_argument("--out", default="runs/document_cleaning.png",
+                   help="the picture to write (docs/document_cleaning.png for the committed one)")
     p.add_argument("--pages", type=int, default=144, help="training pages (the write-up's 144 scans)")
     p.add_argument("--held", type=int, default=48, help="held-out pages (another seed)")
     p.add_argument("--height", type=int, default=130, help="page height in pixels (the write-up's: 258)")

@@ -25,8 +25,9 @@ landing     A linear Gaussian model p(z) = N(0, I), p(x|z) = N(Wz + b, I) with o
 likelihood  Trains the same architecture with each objective for the same epochs, then estimates
             -log p(x) on test images by importance sampling (npvae.study.likelihood.iwae_log_likelihood).
             MNIST: trained on the 4,500 demo digits (MNIST training images shipped with npvae), tested
-            on the official t10k images in --mnist-dir; Fashion-MNIST: the first 4,500 training
-            images of --fashion-dir, tested on its t10k images.
+            on the official t10k images; Fashion-MNIST: the first 4,500 training images, tested on
+            its t10k images. The files are found as npvae finds them (--data-dir, $NPVAE_DATA_DIR,
+            the cache) or downloaded.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -286,9 +288,9 @@ RUNS = (("VAE", dict()), ("IWAE k=5", dict(objective="iwae", k=5)), ("IWAE k=50"
 
 def part_likelihood(args, out: Path) -> None:
     n = args.train_images
-    sets = {"MNIST": (data.load_demo().train_x[:n], data.load_mnist_like("mnist", "test", data_dir=args.mnist_dir)[0]),
-            "Fashion-MNIST": (data.load_mnist_like("fashion-mnist", "train", data_dir=args.fashion_dir)[0][:n],
-                              data.load_mnist_like("fashion-mnist", "test", data_dir=args.fashion_dir)[0])}
+    sets = {"MNIST": (data.load_demo().train_x[:n], data.load_mnist_like("mnist", "test", data_dir=args.data_dir)[0]),
+            "Fashion-MNIST": (data.load_mnist_like("fashion-mnist", "train", data_dir=args.data_dir)[0][:n],
+                              data.load_mnist_like("fashion-mnist", "test", data_dir=args.data_dir)[0])}
     results = []
     for name, (train_x, test_x) in sets.items():
         test = binarized(test_x.reshape(len(test_x), -1)[: args.test_images], 3)
@@ -320,13 +322,17 @@ def part_likelihood(args, out: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=("toy", "snr", "landing", "likelihood", "all"))
-    p.add_argument("--out", default="docs/estimators")
-    p.add_argument("--snr-epochs", type=int, default=10)
-    p.add_argument("--snr-k", type=lambda s: [int(v) for v in s.split(",")], default=[1, 10, 100, 1000])
-    p.add_argument("--snr-draws", type=int, default=200)
-    p.add_argument("--snr-examples", type=int, default=1)
+    from npvae.cli.parser import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("part", choices=("toy", "snr", "landing", "likelihood", "all"), help="which study to run")
+    p.add_argument("--out", default="runs/estimators",
+                   help="folder for the pictures and tables (docs/estimators for the committed ones)")
+    p.add_argument("--snr-epochs", type=int, default=10, help="snr: training epochs of the model studied")
+    p.add_argument("--snr-k", type=lambda s: [int(v) for v in s.split(",")], default=[1, 10, 100, 1000],
+                   help="snr: the k of the k-sample bound, comma-separated")
+    p.add_argument("--snr-draws", type=int, default=200, help="snr: draws per estimator and k")
+    p.add_argument("--snr-examples", type=int, default=1, help="snr: images studied")
     p.add_argument("--snr-latent", type=int, default=20, help="snr: latent dimensions of the model")
     p.add_argument("--signal", default="best", type=lambda s: None if s == "own" else s,
                    help="toy, snr: whose mean is the signal of every unbiased estimator: best (per parameter, the one "
@@ -334,17 +340,17 @@ def main() -> None:
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     p.add_argument("--toy-perturbations", type=lambda s: [float(v) for v in s.split(",")], default=[0.01, 0.1, 0.3],
                    help="toy: std of the noise on q's mean map, one panel each")
-    p.add_argument("--toy-k", type=ints, default=[1, 3, 10, 30, 100, 300, 1000])
-    p.add_argument("--toy-draws", type=int, default=2000)
+    p.add_argument("--toy-k", type=ints, default=[1, 3, 10, 30, 100, 300, 1000], help="toy: the k, comma-separated")
+    p.add_argument("--toy-draws", type=int, default=2000, help="toy: draws per estimator and k")
     p.add_argument("--toy-dim", type=int, default=20, help="toy: D = Z")
-    p.add_argument("--landing-draws", type=int, default=2000)
-    p.add_argument("--landing-examples", type=int, default=8)
+    p.add_argument("--landing-draws", type=int, default=2000, help="landing: draws per estimator")
+    p.add_argument("--landing-examples", type=int, default=8, help="landing: images studied")
     p.add_argument("--epochs", type=int, default=5, help="likelihood: training epochs of every model")
     p.add_argument("--train-images", type=int, default=4500, help="likelihood: training images per data set")
     p.add_argument("--eval-k", type=int, default=5000, help="likelihood: importance samples per test image")
-    p.add_argument("--test-images", type=int, default=100)
-    p.add_argument("--mnist-dir", default="../shared/data/mnist")
-    p.add_argument("--fashion-dir", default="../shared/data/fashion-mnist")
+    p.add_argument("--test-images", type=int, default=100, help="likelihood: test images scored per data set")
+    p.add_argument("--data-dir", default=None, help="likelihood: folder holding mnist/ and fashion-mnist/ (or "
+                   "their files) (default: npvae's usual places: $NPVAE_DATA_DIR, the cache, then download)")
     args = p.parse_args()
     for flag in ("toy_k", "snr_k"):
         ks = sorted(set(getattr(args, flag)))
@@ -355,7 +361,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for part, run in (("toy", part_toy), ("snr", part_snr), ("landing", part_landing), ("likelihood", part_likelihood)):
         if args.part in (part, "all"):
-            run(args, out)
+            try:
+                run(args, out)
+            except (FileNotFoundError, data.DownloadError) as exc:  # the data's own one-line hint, no traceback
+                sys.exit(f"estimator_study.py {part}: {exc}")
 
 
 if __name__ == "__main__":

@@ -39,9 +39,11 @@ def worst_errors(spec, backend: str, cases: int, seed: int, floors: bool) -> tup
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from npvae.cli.parser import HelpFormatter
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--cases", type=int, default=200, help="random cases per op and backend")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random cases")
     parser.add_argument("--raw", action="store_true", help="plain CS231n metric, no cancellation/saturation floors")
     args = parser.parse_args()
 

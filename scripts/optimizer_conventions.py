@@ -51,9 +51,11 @@ def losses(name: str, settings: dict, x: np.ndarray, steps: int, batch_size: int
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from npvae.cli.parser import HelpFormatter
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--steps", type=int, default=40, help="steps in all (default 40: 10 passes of 64 images)")
-    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--images", type=int, default=64, help="training images (the first of Fashion-MNIST)")
     parser.add_argument("--data-dir", type=Path, default=None, help="where Fashion-MNIST's IDX files are")
     args = parser.parse_args(argv)
     images, _ = data.load_mnist_like("fashion-mnist", "train", data_dir=args.data_dir, download=False)

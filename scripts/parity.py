@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -110,16 +111,21 @@ def train_torch(train_x, test_x, seed, epochs, batch_size, lr, init, conv=False)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vae", choices=("vae", "conv-vae"))
+    from npvae.cli.parser import HelpFormatter
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model", default="vae", choices=("vae", "conv-vae"),
+                        help="vae: the 784-400-20 MLP VAE; conv-vae: the conv VAE")
     parser.add_argument("--latent-dim", type=int, default=20, help="conv-vae's latent size (the MLP VAE's is 20)")
     parser.add_argument("--limit", type=int, default=None, help="train on the first N training images only")
-    parser.add_argument("--dataset", default="fashion-mnist", choices=("mnist", "fashion-mnist"))
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--dataset", default="fashion-mnist", choices=("mnist", "fashion-mnist"),
+                        help="the data both frameworks train on")
+    parser.add_argument("--data-dir", default=None, help="folder holding the dataset's IDX files (default: "
+                        "npvae's usual places: $NPVAE_DATA_DIR, the cache, then download)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs per run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one paired run per seed")
+    parser.add_argument("--batch-size", type=int, default=128, help="examples per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     try:
@@ -129,7 +135,10 @@ def main() -> None:
     except ImportError:
         torch = None
         print("torch is not installed: npvae only")
-    train_x, test_x = load(args)
+    try:
+        train_x, test_x = load(args)
+    except (FileNotFoundError, data.DownloadError) as exc:  # the data's own one-line hint, no traceback
+        sys.exit(f"parity.py: {exc}")
     train_x = train_x[: args.limit]
     print(f"{args.dataset}, {args.model}: {len(train_x):,} train / {len(test_x):,} test, {args.epochs} epochs, "
           f"backend {npvae.get_backend()}")

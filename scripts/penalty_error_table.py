@@ -97,9 +97,11 @@ def model_case(rng, kind: str) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
+    from npvae.cli.parser import HelpFormatter
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--cases", type=int, default=300, help="random cases per penalty and backend")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random cases")
     args = parser.parse_args()
     torch.set_num_threads(1)
     checks = {"contractive penalty (depth 1-4) vs double backward": contractive_case,

@@ -69,7 +69,8 @@ def test_every_subcommand_finds_the_run_data_without_data_dir(fm_run, command, i
     captured = capsys.readouterr()
     assert captured.err == "" or "error" not in captured.err
     if command == "evaluate":
-        assert f"Fashion-MNIST (55,000 train / 5,000 validation / 10,000 test) from {folder.resolve()}" in captured.out
+        # evaluate reads the test split alone (issue 25: t10k files suffice)
+        assert f"Fashion-MNIST test split (10,000 images) from {folder.resolve()}" in captured.out
 
 
 def test_a_moved_folder_is_one_line_naming_where_npvae_looked(fm_run, isolated, tmp_path, capsys):

@@ -24,6 +24,9 @@ __all__ = ["main", "build_parser", "CLIError", "checkpoint_info", "build_model_f
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # a first try: the commands, not an error
+        build_parser().print_help()
+        return 0
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error argparse has printed

@@ -4,6 +4,7 @@ checkpoint's model read with its run's metadata checked."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
@@ -62,6 +63,19 @@ def load_model(path):
     with memory.asked_by(f"checkpoint {path}"):
         model, meta = load(path)
     return model, check_run_meta(meta, path, training=False)
+
+
+def output_path(args, name: str) -> Path:
+    """Where a command's picture (or folder) goes: ``--out`` when given (a folder: FOLDER/name), else
+    beside the checkpoint it read, named after it (``runs/fm/best.npz`` -> ``runs/fm/best_samples.png``),
+    as a PyTorch or scikit-learn run keeps its outputs in its run folder: never the working directory,
+    never over the pictures training writes there."""
+    from ..rundir import picture_path
+
+    if args.out is not None:
+        return picture_path(args.out, name)
+    checkpoint = Path(args.checkpoint)
+    return checkpoint.parent / f"{checkpoint.stem}_{name}"
 
 
 def and_list(names) -> str:

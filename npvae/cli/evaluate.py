@@ -47,7 +47,7 @@ def cmd_evaluate(args) -> int:
     terms = model.evaluate(x, labels, rng=rng, target=target)
     names = model.loss_names
     result = {"dataset": dataset.name, "split": args.split, "examples": len(x), "loss_name": names.total,
-              "unit": names.unit, "loss": terms.total, "recon": terms.recon, "reg": terms.reg,
+              "unit": names.unit, "loss": terms.total, "loss_se": terms.se, "recon": terms.recon, "reg": terms.reg,
               "kl": terms.reg}  # kl: the regulariser under its key from before the rename, for scripts reading it
     print(f"{dataset.description}")
     trained = _trained_objective(meta)
@@ -58,8 +58,8 @@ def cmd_evaluate(args) -> int:
         print(f"binarization: {note}")
         result["binarization"] = note
     against = " against the targets" if target is not None else ""
-    print(f"{args.split}: {names.format(terms.total, terms.recon, terms.reg, digits=3)} per image{against}, "
-          f"{len(x)} images")
+    print(f"{args.split}: {names.format(terms.total, terms.recon, terms.reg, se=terms.se)} per image{against} "
+          f"(± its standard error over the {len(x):,} images)")
     result["paired"] = target is not None
     if target is not None:
         from ..study.cleaning import cleaning_rmse
@@ -75,8 +75,8 @@ def cmd_evaluate(args) -> int:
 
         log_px = iwae_log_likelihood(model, x, args.iw_samples, np.random.default_rng([args.seed, 1]))
         nll, se = float(-log_px.mean()), float(log_px.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
-        print(f"{args.split}: IWAE estimate of -log p(x), k = {args.iw_samples}: {nll:.3f} per image "
-              f"(standard error {se:.3f} over the images), {terms.total - nll:.3f} below the negative ELBO")
+        print(f"{args.split}: IWAE estimate of -log p(x), k = {args.iw_samples}: {nll:.2f} ± {se:.2f} per image "
+              f"(± its standard error over the images), {terms.total - nll:.2f} below the negative ELBO")
         result.update({"iw_samples": args.iw_samples, "iwae_nll": nll, "iwae_nll_se": se})
     if args.json:
         print(json.dumps(result))

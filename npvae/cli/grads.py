@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 from .. import memory
-from .common import MAX_SAMPLES_PER_PASS, CLIError, load_model
+from .common import MAX_SAMPLES_PER_PASS, CLIError, load_model, output_path
 from .inputs import split_data
 
 
@@ -73,8 +74,15 @@ def _snr_study(args, model, x, names, snr_names, examples, rng):
     """Print and return the signal-to-noise rows of the --k study."""
     from ..study import gradflow
 
-    rows = gradflow.estimator_snr(model, x[:examples], args.k, args.snr_draws, rng, names=snr_names,
-                                  objective=args.objective, signal=None if args.snr_signal == "own" else args.snr_signal)
+    # One k at a time, each said when done (the study can take minutes): the same rows and draws as one
+    # call, since the study measures each k in turn from the same generator and carries nothing across k.
+    rows, start = [], time.perf_counter()
+    print(f"measuring the --k study: {args.snr_draws} draws for each k ...", file=sys.stderr, flush=True)
+    for i, k in enumerate(args.k, 1):
+        rows += gradflow.estimator_snr(model, x[:examples], [k], args.snr_draws, rng, names=snr_names,
+                                       objective=args.objective,
+                                       signal=None if args.snr_signal == "own" else args.snr_signal)
+        print(f"  k = {k} done ({i}/{len(args.k)}, {time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     print()
     dropped = [] if names is None else [n for n in names if n not in snr_names]
     if dropped:
@@ -105,7 +113,7 @@ def cmd_grads(args) -> int:
     labels = model.check_labels(None if y is None else y.astype(np.int64), len(x))
     examples = min(args.examples, len(x))
     rng = np.random.default_rng(args.seed)
-    out = Path(args.out)
+    out = Path(args.out) if args.out is not None else output_path(args, "grads")
 
     eps = rng.standard_normal((len(x), model.config.latent_dim), dtype=model.dtype)
     rows = gradflow.decomposition_rows(gradflow.decompose_gradients(model, x, eps, y=labels))

@@ -11,14 +11,17 @@ from .common import CLIError
 
 
 def prepare(images, model, binarize, seed):
+    """Images as the run prepared its test data, viewed in the model's shape ((N, 28, 28) images for a
+    (784,) model: a command-line user cannot reshape)."""
     from ..train import prepare_split
 
-    return prepare_split(images, model, binarize, seed + 2)
+    return model.check_input(prepare_split(images, model, binarize, seed + 2))
 
 
-def load_data(args, seed: int, source: dict | None = None):
+def load_data(args, seed: int, source: dict | None = None, splits=("train", "test")):
     """The dataset of ``--data`` (a user's file or folder, with ``--target``), else a built-in one; a run's
-    remembered ``source`` when neither is given."""
+    remembered ``source`` when neither is given. ``splits="test"``: of a built-in dataset only its test
+    split is read (and needed on disk)."""
     from .. import data
 
     path, target = getattr(args, "data", None), getattr(args, "target", None)
@@ -36,15 +39,19 @@ def load_data(args, seed: int, source: dict | None = None):
     data_dir = args.data_dir or (remembered.get("data_dir") if name == remembered.get("name") else None)
     if data_dir is not None and not args.data_dir and name in data.DATASETS:
         # The run's folder, remembered: when it has moved, say where npvae looked rather than download.
-        if data.find_dataset_dir(name, data_dir) is None:
+        if data.find_dataset_dir(name, data_dir, splits) is None:
             raise CLIError(f"the run's {data.dataset_title(name)} files are no longer in {data_dir} (nor in "
                            f"$NPVAE_DATA_DIR or {data.cache_dir()}); pass --data-dir DIR to point to where they are now")
+    if name in data.DATASETS:
+        return data.load_dataset(name, data_dir=data_dir, seed=seed, splits=splits)
     return data.load_dataset(name, data_dir=data_dir, seed=seed)
 
 
-def dataset_for(args, meta):
+def dataset_for(args, meta, splits=("train", "test")):
+    """The run's data (or the data the flags name); ``splits="test"`` for a command that reads only the
+    test split: with only MNIST's t10k files on disk, a model can still be scored on the official test set."""
     source = meta.get("data_source") or {"kind": "builtin", "name": meta.get("dataset")}
-    return load_data(args, meta.get("train_config", {}).get("seed", 0), source)
+    return load_data(args, meta.get("train_config", {}).get("seed", 0), source, splits)
 
 
 def split_arrays(dataset, split: str):
@@ -90,7 +97,7 @@ def split_data(args, model, meta, n: int | None = None, fresh_binarization: bool
     """
     from .. import data
 
-    dataset = dataset_for(args, meta)
+    dataset = dataset_for(args, meta, "test" if args.split == "test" else ("train", "test"))
     tc = meta.get("train_config", {})
     images, labels, _ = split_arrays(dataset, args.split)
     if n is not None:
@@ -98,7 +105,8 @@ def split_data(args, model, meta, n: int | None = None, fresh_binarization: bool
     binarize = tc.get("binarize", "none")
     note = None
     if binarize != "none" and fresh_binarization:
-        x = data.binarize_static(data.to_model_range(images, (0.0, 1.0), model.dtype), np.random.default_rng([args.seed, 17]))
+        x = model.check_input(data.binarize_static(data.to_model_range(images, (0.0, 1.0), model.dtype),
+                                                   np.random.default_rng([args.seed, 17])))
         note = (f"the run trained on binarized digits ({binarize}); these images are a fresh Bernoulli draw "
                 f"(pixel intensity = probability of 1) from --seed {args.seed}")
     elif binarize != "none":

@@ -27,6 +27,18 @@ class _RawHelp(_Help, argparse.RawDescriptionHelpFormatter):
     """:class:`_Help`, with the description and epilog printed as written (tables)."""
 
 
+HelpFormatter = _RawHelp  # the scripts' parsers: every flag's default shown once, their docstrings as written
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line and where to look, not the whole usage first:
+    ``npvae train: error: argument --model: invalid choice: 'x' (choose from ...)``, then
+    ``run 'npvae train --help' for its options``. (Subcommands' parsers are of this class too.)"""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\nrun '{self.prog} --help' for its options\n")
+
+
 def _command(sub, name: str, summary: str, description: str, **kw) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=summary, description=description, formatter_class=kw.pop("formatter_class", _Help),
                           **kw)
@@ -85,7 +97,8 @@ def _add_train(sub) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="parameter dtype")
     p.add_argument("--backend", choices=("auto", "numba", "numpy"), default=None,
                    help="kernels: numba (compiled) or numpy (default: $NPVAE_BACKEND, else numba when installed)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: runs/MODEL-DATASET)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: runs/MODEL-DATASET, or runs/MODEL-DATASET-2, "
+                                                "-3, ... when it holds another run; --resume continues the latest)")
     p.add_argument("--overwrite", action="store_true",
                    help="remove another run's outputs from --out (the default refuses)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -137,7 +150,8 @@ def _add_pictures(sub) -> None:
     p.add_argument("--label", type=int, default=None, help=f"{conditional}: the class to generate (default: every "
                                                           "class in turn)")
     p.add_argument("--seed", type=count(0, 2**63 - 1), default=0, help="seeds the draws")
-    p.add_argument("--out", default="samples.png", help="picture to write (in a folder: FOLDER/samples.png)")
+    p.add_argument("--out", help="picture to write (in a folder: FOLDER/samples.png; default: beside the "
+                                 "checkpoint, named after it: RUN/best_samples.png for RUN/best.npz)")
     p.set_defaults(func=cmd_sample)
 
     p = _command(sub, "reconstruct", "test images above their reconstructions, as a PNG",
@@ -147,8 +161,8 @@ def _add_pictures(sub) -> None:
     p.add_argument("checkpoint", help="a checkpoint.npz or best.npz")
     add_data_args(p)
     p.add_argument("--n", type=count(1, MAX_PICTURE_IMAGES // 2), default=10, help="how many test images")
-    p.add_argument("--out", default="reconstructions.png",
-                   help="picture to write (in a folder: FOLDER/reconstructions.png)")
+    p.add_argument("--out", help="picture to write (in a folder: FOLDER/reconstructions.png; default: beside the "
+                                 "checkpoint, named after it: RUN/best_reconstructions.png for RUN/best.npz)")
     p.set_defaults(func=cmd_reconstruct)
 
     rows = [(f.name, f.help + (f" (default --n {f.default_n})" if f.default_n else "")) for f in FIGURES.values()]
@@ -157,7 +171,8 @@ def _add_pictures(sub) -> None:
                  epilog=_table("what to draw", rows), formatter_class=_RawHelp)
     p.add_argument("checkpoint", help="a checkpoint.npz or best.npz")
     p.add_argument("what", choices=tuple(FIGURES), metavar="WHAT", help="one of: " + ", ".join(FIGURES) + " (see below)")
-    p.add_argument("--out", help="picture to write (default: WHAT.png)")
+    p.add_argument("--out", help="picture to write (in a folder: FOLDER/WHAT.png; default: beside the checkpoint, "
+                                 "named after it: RUN/best_WHAT.png for RUN/best.npz)")
     add_data_args(p)
     p.add_argument("--split", choices=("test", "val"), default="test", help="images for the test-set pictures")
     p.add_argument("--n", type=count(1, MAX_PICTURE_IMAGES), default=None, help="how many (default: see below)")
@@ -211,7 +226,8 @@ def _add_grads(sub) -> None:
                    help="the --k study's signal: own (each estimator's mean), best (per parameter, the mean of the "
                         "unbiased estimator varying least: the same gradient, more precisely) or an estimator's name")
     p.add_argument("--seed", type=count(0, 2**63 - 1), default=0, help="seeds the draws")
-    p.add_argument("--out", default="grads", help="folder for decomposition.png, estimators.png and snr.png")
+    p.add_argument("--out", help="folder for decomposition.png, estimators.png and snr.png (default: beside the "
+                                 "checkpoint, named after it: RUN/best_grads/ for RUN/best.npz)")
     p.set_defaults(func=cmd_grads)
 
 
@@ -230,7 +246,7 @@ def _add_info(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="npvae", description="Variational autoencoders in NumPy, trained on your "
+    parser = _Parser(prog="npvae", description="Variational autoencoders in NumPy, trained on your "
                                      "CPU. Run 'npvae COMMAND --help' for a command's options.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

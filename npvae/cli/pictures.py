@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import memory
-from ..rundir import picture_path
-from .common import MAX_PICTURE_IMAGES, CLIError, conditional_presets, load_model, near_zero
+from .common import MAX_PICTURE_IMAGES, CLIError, conditional_presets, load_model, near_zero, output_path
 from .inputs import dataset_for, prepare, split_data, split_target
 
 
@@ -28,13 +27,15 @@ def _check_label(model, label, checkpoint) -> None:
 def cmd_sample(args) -> int:
     from ..viz import figures
 
-    out = picture_path(args.out, "samples.png")
+    out = output_path(args, "samples.png")
     model, _ = load_model(args.checkpoint)
     rng = np.random.default_rng(args.seed)
     if args.label is not None:
         _check_label(model, args.label, args.checkpoint)
     memory.check_batch(model, args.n, f"decoding {args.n} samples", "lower --n", images=args.n,
                        source=f"--n {args.n} with {args.checkpoint}")
+    if model.prior_name is None:
+        print(f"{model.kind} has no prior: these are decoded N(0, I) codes, not samples of the data")
     print(f"wrote {figures.samples(model, out, rng, n=args.n, label=args.label)}")
     return 0
 
@@ -45,12 +46,12 @@ def cmd_reconstruct(args) -> int:
     model, meta = load_model(args.checkpoint)
     memory.check_batch(model, args.n, f"reconstructing {args.n} images", "lower --n", images=3 * args.n,
                        source=f"--n {args.n} with {args.checkpoint}")
-    dataset = dataset_for(args, meta)
+    dataset = dataset_for(args, meta, "test")
     tc = meta.get("train_config", {})
     x = prepare(dataset.test_x[: args.n], model, tc.get("binarize", "none"), tc.get("seed", 0))
     labels = None if dataset.test_y is None else dataset.test_y[: args.n]
     target = split_target(dataset, "test", model, meta, args.n)
-    path = figures.reconstructions(model, x, picture_path(args.out, "reconstructions.png"),
+    path = figures.reconstructions(model, x, output_path(args, "reconstructions.png"),
                                    model.check_labels(labels, len(x)), n=args.n, target=target)
     print(f"wrote {path}")
     return 0
@@ -96,7 +97,7 @@ def cmd_plot(args) -> int:
     model, meta = load_model(args.checkpoint)
     n = args.n if args.n is not None else figure.default_n
     _check_plot(args, figure, model, n)
-    given = {"model": model, "out": picture_path(args.out or f"{figure.name}.png", f"{figure.name}.png"), "rng": np.random.default_rng(args.seed),
+    given = {"model": model, "out": output_path(args, f"{figure.name}.png"), "rng": np.random.default_rng(args.seed),
              "n": n, "steps": args.steps, "label": args.label, "threshold": args.threshold, "split": args.split,
              "near_zero": near_zero(args), "dataset_name": meta.get("dataset"), "log": log}
     if figure.needs_images:

@@ -115,17 +115,39 @@ def new_run_config(args):
 # ----------------------------------------------------------------------------- resuming
 
 
+def _numbered(base: Path):
+    """``base``, ``base-2``, ``base-3``, ...: the default run folders of one model and dataset."""
+    yield base
+    n = 2
+    while True:
+        yield base.with_name(f"{base.name}-{n}")
+        n += 1
+
+
+def free_run_dir(base: Path) -> Path:
+    """A new run's default ``--out``: ``base``, else the first of ``base-2``, ``base-3``, ... that holds no
+    other run (as Lightning's ``version_N`` or YOLO's ``exp2``): two trainings in a row never collide."""
+    from ..rundir import run_outputs
+
+    return next(out for out in _numbered(base) if not run_outputs(out))
+
+
 def _resume_dir(args) -> Path:
-    """The run directory --resume continues: --out, else the default one that holds a checkpoint."""
+    """The run directory --resume continues: --out, else the latest default one that holds a checkpoint."""
     from .. import data
 
     if args.out:
         return Path(args.out)
     names = [args.dataset] if args.dataset else [data.DEFAULT_DATASET, data.DEMO]
     candidates = [Path(f"runs/{args.model}-{name}") for name in names]
-    for out in candidates:
-        if (out / "checkpoint.npz").exists():
-            return out
+    for base in candidates:
+        latest = None
+        for out in _numbered(base):
+            if not out.exists():
+                break
+            latest = out if (out / "checkpoint.npz").exists() else latest
+        if latest is not None:
+            return latest
     raise CLIError("--resume: no checkpoint in " + " or ".join(str(c) for c in candidates)
                    + "; pass --out DIR, the run directory to continue")
 
@@ -235,8 +257,8 @@ def cmd_train(args) -> int:
         raise CLIError("--overwrite removes another run's outputs to start afresh; --resume continues that run")
     if args.config and args.resume:
         raise CLIError("--config sets up a new run; --resume continues a run with the settings it saved")
-    if args.backend:
-        backend.set_backend(args.backend)
+    if args.backend:  # the rule of NPVAE_BACKEND: numba without Numba warns and runs the NumPy kernels
+        backend.request_backend(args.backend, f"--backend {args.backend}")
     recipe, departures = apply_recipe(args)  # fills what the options leave unset; before anything reads them
     if args.resume:
         out, model, run, config, changed = _resume(args)
@@ -246,12 +268,13 @@ def cmd_train(args) -> int:
         model_kwargs(args, args.model)  # an option the preset does not take fails before any data loads
         run, changed = None, {}
     dataset = load_data(args, seed=config.seed, source=None if run is None else run.get("data_source"))
-    print(f"data: {dataset.description}")
+    limit = f"; training on its first {config.limit:,} examples (--limit)" if config.limit else ""
+    print(f"data: {dataset.description}{limit}")
     asked = str(out / "checkpoint.npz") if run is not None else f"--config {args.config}" if args.config else None
     if run is None:
         if dataset.is_demo and not epochs_set:
             config.epochs = _DEMO_EPOCHS
-        out = Path(args.out or f"runs/{args.model}-{dataset.name}")
+        out = Path(args.out) if args.out else free_run_dir(Path(f"runs/{args.model}-{dataset.name}"))
         flags = {knob.flag: value for name, value in given(args, model_knobs()).items()
                  for knob in [model_knobs()[name]]}
         with memory.asked_by(memory.flags_text({"--model": args.model, **flags})):
@@ -280,12 +303,38 @@ def _final_report(trainer, model, dataset, config, out: Path) -> None:
     from ..train import BEST, CHECKPOINT, LOG
 
     target = dataset.test_target
-    test = trainer.evaluate(
-        prepare(dataset.test_x, model, config.binarize, config.seed),
-        model.check_labels(dataset.test_y, len(dataset.test_x)), np.random.default_rng([config.seed, 3]),
-        None if target is None else prepare(target, model, config.binarize, config.seed))
+    x, y = prepare(dataset.test_x, model, config.binarize, config.seed), model.check_labels(dataset.test_y,
+                                                                                           len(dataset.test_x))
+    test = trainer.evaluate(x, y, np.random.default_rng([config.seed, 3]),
+                            None if target is None else prepare(target, model, config.binarize, config.seed))
     split = ("validation (this data has no separate test split)" if dataset.is_demo or dataset.test_x is dataset.val_x
              else "test")
-    print(f"{split}: {model.loss_names.format(test['loss'], test['recon'], test['reg'])} per image")
+    print(f"{split}: {model.loss_names.format(test['loss'], test['recon'], test['reg'], se=test['se'])} per image "
+          f"(± its standard error over the {len(dataset.test_x):,} images)")
+    for line in _blank_model_notes(model, x, y, test, trainer.step):
+        print(line)
     written = [name for name in (CHECKPOINT, BEST, LOG) if (out / name).exists()]
     print(f"wrote {out}/" + ", ".join(written + [p.name for p in trainer.pictures_written]))
+
+
+COLLAPSED_KL = 0.5  # nats per image: below it the codes carry next to nothing about the image
+UNIFORM_OUTPUTS = 0.1  # outputs' spread across images, as a share of the data's: below it the pictures look uniform
+
+
+def _blank_model_notes(model, x, y, test: dict, steps: int) -> list[str]:
+    """What a newcomer would otherwise only see in a grey picture: a KL near zero (the posterior collapsed
+    onto the prior) or reconstructions that barely differ from one image to the next (too few steps)."""
+    from ..models import GaussianLatent
+
+    notes, advice = [], (f"after {steps:,} steps this usually means too few: train longer (more --epochs) or "
+                         "with a smaller --batch-size")
+    if isinstance(model, GaussianLatent) and test["reg"] < COLLAPSED_KL:
+        notes.append(f"note: the KL is {test['reg']:.2f} nats per image: the codes carry almost nothing about the "
+                     f"images (posterior collapse), so samples and the manifold will look alike; {advice}")
+    rows = slice(0, 256)
+    outputs = model.reconstruct(x[rows], None if y is None else y[rows])
+    spread, data_spread = float(outputs.std(axis=0).mean()), float(x[rows].std(axis=0).mean())
+    if data_spread > 0 and spread < UNIFORM_OUTPUTS * data_spread:
+        notes.append(f"note: the reconstructions barely differ from one image to the next ({spread / data_spread:.0%} "
+                     f"of the images' own spread): the pictures will look uniform; {advice}")
+    return notes

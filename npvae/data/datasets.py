@@ -389,7 +389,7 @@ def load_demo(val_fraction: float = 0.1, seed: int = 0) -> Dataset:
 
 
 def load_dataset(name: str | None = None, data_dir=None, val_size: int | None = None, seed: int = 0,
-                 download: bool = True) -> Dataset:
+                 download: bool = True, splits: str | tuple[str, ...] = ("train", "test")) -> Dataset:
     """The single entry point for training data.
 
     Parameters
@@ -410,6 +410,10 @@ def load_dataset(name: str | None = None, data_dir=None, val_size: int | None = 
         Seeds the validation split.
     download : bool
         Allow downloading missing files.
+    splits : "test" or ("train", "test")
+        ``"test"``: only the official test split of MNIST or Fashion-MNIST is read (and needed on
+        disk); the training and validation parts are empty. To score a model on the test set with
+        only the t10k files at hand. The demo and ``name=None`` always load everything.
 
     Returns
     -------
@@ -425,8 +429,16 @@ def load_dataset(name: str | None = None, data_dir=None, val_size: int | None = 
             return load_demo(seed=seed)
         return load_demo(val_fraction=_check_val_size(val_size, DEMO_SIZE) / DEMO_SIZE, seed=seed)
     spec = sources._spec(key)
-    train_x, train_y, train_dir = sources._load_split(spec, "train", data_dir, download, verify=True)
+    splits = (splits,) if isinstance(splits, str) else tuple(splits)
+    if set(splits) not in ({"test"}, {"train", "test"}):
+        raise ValueError(f"expected splits 'test' or ('train', 'test'), got {splits!r}")
     test_x, test_y, test_dir = sources._load_split(spec, "test", data_dir, download, verify=True)
+    if "train" not in splits:
+        empty_x, empty_y = test_x[:0], test_y[:0]
+        return Dataset(spec.name, empty_x, empty_y, empty_x, empty_y, test_x, test_y, num_classes=10,
+                       description=f"{spec.title} test split ({test_x.shape[0]:,} images) from {test_dir}",
+                       source={"kind": "builtin", "name": spec.name, "data_dir": str(test_dir.resolve())})
+    train_x, train_y, train_dir = sources._load_split(spec, "train", data_dir, download, verify=True)
     n_val = _check_val_size(5000 if val_size is None else val_size, train_x.shape[0])
     perm = np.random.default_rng(seed).permutation(train_x.shape[0])
     val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])

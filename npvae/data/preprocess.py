@@ -14,6 +14,8 @@ from typing import Iterator
 
 import numpy as np
 
+from ..ops import pixels_to_range
+
 __all__ = [
     "to_model_range", "to_float", "binarize_static", "binarize_dynamic", "epoch_permutation",
     "batch_indices",
@@ -46,13 +48,6 @@ def _check_value_range(value_range) -> tuple[float, float]:
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise ValueError(f"expected value_range (lo, hi) with finite lo < hi, got {value_range}")
     return lo, hi
-
-
-def _unit_pixels(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """uint8 pixels -> a new ``dtype`` array in [0, 1] (0 -> 0.0, 255 -> 1.0 exactly)."""
-    out = x.astype(dtype)
-    out /= 255
-    return out
 
 
 def to_model_range(x, value_range: tuple[float, float] = (0.0, 1.0), dtype=np.float32, *,
@@ -95,10 +90,7 @@ def to_model_range(x, value_range: tuple[float, float] = (0.0, 1.0), dtype=np.fl
     dtype = _check_float_dtype(dtype)
     lo, hi = _check_value_range(value_range)
     if a.dtype == np.uint8:
-        out = _unit_pixels(a, dtype)
-        if (lo, hi) != (0.0, 1.0):
-            out = out * dtype.type(hi - lo) + dtype.type(lo)
-        return out
+        return pixels_to_range(a, lo, hi, dtype)
     if a.dtype.kind not in "biuf":
         raise TypeError(f"expected {name} of a numeric dtype (uint8 pixels, or floats / integers / bools "
                         f"already in the model's range), got {a.dtype}")
@@ -141,7 +133,7 @@ def to_float(images, value_range: tuple[float, float] = (0.0, 1.0), dtype=np.flo
     dtype = _check_float_dtype(dtype)
     lo, hi = _check_value_range(value_range)
     if x.dtype == np.uint8:
-        out = _unit_pixels(x, dtype)
+        out = pixels_to_range(x, 0.0, 1.0, dtype)
     elif x.dtype == np.bool_:
         out = x.astype(dtype)
     elif x.dtype.kind == "f":

@@ -396,7 +396,7 @@ def download(name: str, dest_dir, mirrors: Sequence[str] | None = None, retries:
         raise ValueError("expected at least one mirror URL, got none")
     roles = _roles(splits)
     dest = Path(dest_dir)
-    created = not dest.exists()
+    created = [folder for folder in (dest, *dest.parents) if not folder.exists()]  # deepest first
     dest.mkdir(parents=True, exist_ok=True)
     paths = []
     try:
@@ -406,11 +406,19 @@ def download(name: str, dest_dir, mirrors: Sequence[str] | None = None, retries:
             if not (target.is_file() and (_md5_file(target) == spec_file.md5 or _contents_match(target, spec_file))):
                 _download_file(spec, spec_file, target, mirrors, retries, timeout, backoff, max_bytes, deadline)
             paths.append(target)
-    except DownloadError:
-        if created and not any(dest.iterdir()):
-            dest.rmdir()
+    except BaseException:  # a failure, Ctrl-C or SIGTERM: the folders made for nothing go too (--data-dir ~/data)
+        _remove_empty(created)
         raise
     return paths
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove each folder (deepest first) that is still empty; stop at the first that is not."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # refuses a folder that is not empty
+        except OSError:
+            return
 
 
 def _download_file(spec: DatasetSpec, spec_file: IDXFile, target: Path, mirrors, retries: int,

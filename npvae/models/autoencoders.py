@@ -138,7 +138,7 @@ class Autoencoder(Model):
         z = self.check_codes(z)
         return self._batched(lambda zb, yb: self.decoder.forward(zb), z, None, batch_size=batch_size)
 
-    def sample(self, n: int, rng: np.random.Generator, y=None) -> np.ndarray:
+    def sample(self, n: int, rng: np.random.Generator | None = None, y=None) -> np.ndarray:
         """Decode codes drawn from a Gaussian fitted to nothing: N(0, I). AEs have no prior, which
         is exactly why their samples look poor; provided for the side-by-side picture."""
         return super().sample(n, rng, y)
@@ -249,6 +249,7 @@ class PoorMansVAE(Autoencoder):
     config_class = PoorMansVAEConfig
     needs_noise = True
     loss_names = LossNames("squared error + code norm", "squared error", "code norm")
+    prior_name = "N(0, I)"  # where its unit noise and the norm penalty pull the codes
 
     def __init__(self, input_dim=784, hidden=(392,), latent_dim=20, activation="sigmoid", output_activation="sigmoid",
                  value_range=(0.0, 1.0), alpha=0.01, noise_std=1.0, dtype=np.float32, seed=0, *,

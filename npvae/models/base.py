@@ -42,6 +42,7 @@ import numpy as np
 
 from .. import memory
 from ..layers import Layer, Parameters, Sequential, Workspace, check_dtype, layer_spec
+from ..ops import pixels_to_range
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class LossTerms:
     total: float  # the training objective (negative ELBO for VAEs), per example
     recon: float  # reconstruction term: negative log-likelihood (or squared error), per example
     reg: float  # the regulariser (KL for VAEs), unweighted; what LossNames.reg calls it
+    se: float | None = None  # evaluate(): the standard error of total's mean over the examples (NaN for one)
 
     @property
     def kl(self) -> float:
@@ -74,10 +76,12 @@ class LossNames:
     reg: str | None = None  # the second term, LossTerms.reg ("KL", "code norm"); None: the model has none (always 0)
     unit: str | None = None  # "nats" for negative log-likelihoods; None for errors, which carry no unit
 
-    def format(self, total: float, recon: float, reg: float, digits: int = 2) -> str:
-        """E.g. ``negative ELBO 248.20 nats (recon 230.10, KL 18.10)``, or ``squared error 41.30``."""
+    def format(self, total: float, recon: float, reg: float, digits: int = 2, se: float | None = None) -> str:
+        """E.g. ``negative ELBO 248.20 nats (recon 230.10, KL 18.10)``, or ``squared error 41.30``; with
+        ``se`` (an estimate's standard error) ``negative ELBO 248.20 ± 0.41 nats ...``."""
         unit = f" {self.unit}" if self.unit else ""
-        return f"{self.total} {total:.{digits}f}{unit}" + self.parts(recon, reg, digits)
+        error = f" ± {se:.{digits}f}" if se is not None else ""
+        return f"{self.total} {total:.{digits}f}{error}{unit}" + self.parts(recon, reg, digits)
 
     def parts(self, recon: float, reg: float, digits: int = 2) -> str:
         """`` (recon 230.10, KL 18.10)``; empty for a model whose loss is its reconstruction term alone."""
@@ -105,6 +109,16 @@ def check_generator(rng, what: str = "rng") -> np.random.Generator:
     return rng
 
 
+DEFAULT_SEED = 0  # the seed of the generator that sample() and evaluate() draw from when given no rng
+
+
+def generator_or_default(rng, what: str = "rng") -> np.random.Generator:
+    """``rng`` checked, or a fresh ``np.random.default_rng(DEFAULT_SEED)`` when it is None: inference
+    without an rng is reproducible (the same samples and the same loss on every call), as NumPy's
+    seeded generators are; pass your own generator for fresh draws."""
+    return np.random.default_rng(DEFAULT_SEED) if rng is None else check_generator(rng, what)
+
+
 def _check_count(n) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"expected n, the number of samples, as an integer >= 0, got {n!r}")
@@ -127,6 +141,10 @@ class Model:
     reg_weight = 1.0  # weight of the regulariser in the training loss (beta for VAEs, annealed by warm-up)
     eval_weight = 1.0  # weight of the second term in evaluate's total
     needs_noise = False  # True when forward draws noise (eps), so loss_and_grads needs eps or rng
+    # What sample() draws codes from, when the model was trained to make it a distribution of codes ("the
+    # prior N(0, I)"); None for autoencoders, whose sample() decodes N(0, I) codes that no loss shaped:
+    # no samples of the data, so training draws no samples.png for them and sample() says what they are.
+    prior_name: str | None = None
     train_defaults: dict = {}  # a preset's own TrainConfig defaults (batch_size, patience, lr) for the CLI
 
     # -- construction
@@ -225,19 +243,25 @@ class Model:
         return int(np.prod(self.input_shape))
 
     def check_input(self, x, name: str = "x") -> np.ndarray:
-        """``x`` as a (B, *input_shape) array of the model's dtype, finite and in the model's value range."""
+        """``x`` as a (B, *input_shape) array of the model's dtype, finite and in the model's value range.
+
+        Every method that takes inputs reads them through here, the way :func:`npvae.fit` reads its data:
+
+        - rows whose size is the model's input size are viewed in the model's shape, as PyTorch's
+          ``x.view(B, *shape)`` would be: (B, 28, 28) images feed a (784,) model and (B, 784) rows a
+          (28, 28) one;        """
         x = np.asarray(x)
         shape = tuple(self.input_shape)
+        if x.ndim >= 2 and x.shape[0] >= 1 and x.shape[1:] != shape and math.prod(x.shape[1:]) == self.input_dim:
+            x = x.reshape(x.shape[0], *shape)
         if x.shape[1:] != shape or x.ndim < 2 or x.shape[0] < 1:
             expected = ", ".join(("B", *map(str, shape)))
-            hint = ""
-            if x.ndim >= 2 and np.prod(x.shape[1:]) == np.prod(shape):
-                var = name if name.isidentifier() else "x"  # "the training data" is no variable name
-                hint = (f" (flatten images with {var}.reshape(len({var}), -1))" if len(shape) == 1 else
-                        f" (reshape with {var}.reshape(len({var}), {', '.join(map(str, shape))}))")
-            raise ValueError(f"expected {name} of shape ({expected}) with B >= 1, got {x.shape}{hint}")
+            raise ValueError(f"expected {name} of shape ({expected}) with B >= 1 (or any (B, ...) holding "
+                             f"{self.input_dim:,} values per row), got {x.shape}")
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer) or x.dtype == bool):
             raise TypeError(f"expected {name} with a numeric dtype, got {x.dtype}")
+        if x.dtype == np.uint8:  # pixels, scaled as the trainer scales them
+            return pixels_to_range(x, *map(float, self.value_range), self.dtype)
         x = np.asarray(x, dtype=self.dtype)
         if not np.isfinite(x).all():
             bad = np.argwhere(~np.isfinite(x))[0]
@@ -382,30 +406,40 @@ class Model:
         """The labels of n samples (None for unconditional models)."""
         return None
 
-    def sample(self, n: int, rng: np.random.Generator, y=None) -> np.ndarray:
+    def sample(self, n: int, rng: np.random.Generator | None = None, y=None) -> np.ndarray:
         """Decode n codes drawn from the prior: (n, *input_shape) means of p(x | z).
 
-        ``y`` conditions a conditional model's samples (see :class:`Conditional`); others ignore it.
+        ``rng`` defaults to ``np.random.default_rng(0)`` (:data:`DEFAULT_SEED`): the same samples on
+        every call. ``y`` conditions a conditional model's samples (see :class:`Conditional`); others
+        ignore it.
         """
-        n, rng = _check_count(n), check_generator(rng)
+        n, rng = _check_count(n), generator_or_default(rng)
         y = self.sample_labels(n, y)
         return self.decode(self.prior_codes(n, rng, y), y)
 
     def evaluate(self, x, y=None, rng=None, *, target=None, batch_size: int = 1000) -> LossTerms:
-        """Mean loss (one noise draw per example), reconstruction and regulariser over a whole set."""
+        """Mean loss (one noise draw per example), reconstruction and regulariser over a whole set.
+
+        ``x`` is read as every method reads it (:meth:`check_input`: uint8 pixels scaled, rows of the
+        model's size viewed in its shape); ``rng`` defaults to ``np.random.default_rng(0)``
+        (:data:`DEFAULT_SEED`), so the same call gives the same number.
+        """
         x = self.check_input(x)
         y = self.check_labels(y, len(x))
         target = self.check_target(target, x)
-        rng = check_generator(rng)
+        rng = generator_or_default(rng)
         recon = reg = 0.0
+        totals = np.empty(len(x))  # per example, for the standard error
         for i in range(0, len(x), batch_size):
             rows = slice(i, i + batch_size)
             r, k = self.forward(x[rows], None if y is None else y[rows], rng=rng,
                                 target=None if target is None else target[rows])
             recon += float(r.sum(dtype=np.float64))
             reg += float(k.sum(dtype=np.float64))
+            totals[rows] = r.astype(np.float64) + self.eval_weight * k.astype(np.float64)
         recon, reg = recon / len(x), reg / len(x)
-        return LossTerms(recon + self.eval_weight * reg, recon, reg)
+        se = float(totals.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
+        return LossTerms(recon + self.eval_weight * reg, recon, reg, se)
 
     @property
     def loss_name(self) -> str:

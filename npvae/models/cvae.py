@@ -13,7 +13,7 @@ import numpy as np
 from .. import ops
 from ..layers import GaussianHeads, Sequential, mlp
 from ..registry import option
-from .base import Conditional, _check_count, check_generator
+from .base import Conditional, _check_count, generator_or_default
 from .likelihoods import LIKELIHOODS
 from .vae import GaussianVAE, _positive, _sizes
 
@@ -229,19 +229,19 @@ class CVAE(GaussianVAE, Conditional):
             return np.full(n, int(y))
         return self.check_labels(y, n)
 
-    def sample(self, n: int, rng: np.random.Generator, y=None) -> np.ndarray:
+    def sample(self, n: int, rng: np.random.Generator | None = None, y=None) -> np.ndarray:
         """Decode n draws from the prior p(z | y): (n, *input_shape) means of p(x | z, y) (labels
-        as :meth:`sample_labels` reads ``y``)."""
+        as :meth:`sample_labels` reads ``y``; ``rng`` as in :meth:`Model.sample`)."""
         n = _check_count(n)
         if n < 1:
             raise ValueError(f"expected n >= 1 samples, got {n}")
-        return super().sample(n, check_generator(rng), y)
+        return super().sample(n, generator_or_default(rng), y)
 
-    def class_grid(self, n_per_class: int, rng: np.random.Generator) -> np.ndarray:
+    def class_grid(self, n_per_class: int, rng: np.random.Generator | None = None) -> np.ndarray:
         """``n_per_class`` samples of every class, (C, n, *input_shape): row c holds draws conditioned
         on y = c (for :func:`npvae.viz.plots.plot_class_grid`)."""
         n, c = int(n_per_class), self.num_classes
         if n < 1:
             raise ValueError(f"expected n_per_class >= 1, got {n}")
-        images = self.sample(c * n, check_generator(rng), np.repeat(np.arange(c), n))
+        images = self.sample(c * n, generator_or_default(rng), np.repeat(np.arange(c), n))
         return images.reshape(c, n, *self.input_shape)

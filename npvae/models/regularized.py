@@ -97,6 +97,8 @@ class SparseAutoencoder(Autoencoder):
         super().__init__(input_dim, hidden, latent_dim, activation, output_activation, value_range, alpha, dtype, seed,
                          code_activation=code_activation, **kwargs)
         self.reg_weight = self.eval_weight = self.config.sparsity_weight
+        # the weight in the name, so that a line's parts add up: 207.20 = 123.27 + 3 x 27.98
+        self.loss_names = LossNames(f"squared error + {self.reg_weight:g} x sparsity", "squared error", "sparsity")
 
     def _make_config(self, *args):
         base = super()._make_config(*args)
@@ -164,6 +166,8 @@ class ContractiveAutoencoder(Autoencoder):
                          code_activation=code_activation, **kwargs)
         self._dense = dense_layers(self.encoder)
         self.reg_weight = self.eval_weight = self.config.contraction_weight
+        self.loss_names = LossNames(f"squared error + {self.reg_weight:g} x contraction", "squared error",
+                                    "contraction")
 
     def _make_config(self, *args):
         base = super()._make_config(*args)

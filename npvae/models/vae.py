@@ -79,6 +79,7 @@ def check_stack(stack, in_shape, out_shape, what: str) -> None:
 
 
 class GaussianVAE(Model, GaussianLatent):
+    prior_name = "the prior"
     """What every Gaussian VAE shares: encoder stack, Gaussian heads, sampler, decoder stack, KL.
 
     :class:`VAE` adds the prior N(0, I); :class:`~npvae.models.cvae.CVAE` a learned p(z | y).

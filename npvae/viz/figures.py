@@ -83,10 +83,13 @@ def reconstructions(model, x, path, y=None, n: int = 10, title: str | None = Non
 
 def samples(model, path, rng: np.random.Generator, n: int = 64, label: int | None = None,
             title: str | None = None) -> Path:
-    """A grid of decoded prior samples (for a conditional model, of class ``label``, or all classes in turn)."""
+    """A grid of decoded prior samples (for a conditional model, of class ``label``, or all classes in turn);
+    for a model without a prior (:attr:`~npvae.models.Model.prior_name` None), decoded N(0, I) codes, titled so."""
     if label is not None:
         _check_label(model, label)
         title = title or f"Samples of class {label} from the learned prior"
+    if model.prior_name is None:
+        title = title or "Decoded N(0, I) codes: no prior, not samples of the data"
     images = model.sample(n, rng, y=label)
     return plots.plot_samples(_clip(images, model), path, value_range=_value_range(model),
                               **({"title": title} if title else {}))
@@ -114,7 +117,7 @@ def epoch_pictures(model, val_x, val_y, out_dir, epoch: int, seed: int = 0, data
             reconstructions(model, val_x, path, val_y, title=f"Validation {shows}, epoch {epoch}", target=val_target,
                             rng=np.random.default_rng([seed, 98]))  # the same corruption every epoch
         elif name == "samples":
-            samples(model, path, rng, title=f"Samples from the prior, epoch {epoch}")
+            samples(model, path, rng, title=f"Samples from {model.prior_name}, epoch {epoch}")
         else:
             class_grid(model, path, rng, names=class_names(dataset_name, model.num_classes))
         latest = out_dir / f"{name}.png"
@@ -125,7 +128,7 @@ def epoch_pictures(model, val_x, val_y, out_dir, epoch: int, seed: int = 0, data
 
 
 def _names(model) -> list[str]:
-    names = ["reconstructions", "samples"]
+    names = ["reconstructions"] + (["samples"] if model.prior_name is not None else [])  # an AE has no prior
     if isinstance(model, Conditional):
         names.append("classes")
     return names
@@ -307,6 +310,19 @@ def training_curves(log_path, path, names: LossNames | None = None) -> Path:
 
 def grad_norms(log_path, path) -> Path:
     """Per-layer gradient norms over training, from a run's ``log.jsonl`` (``--log-grad-norms``)."""
+    import json
+
+    def is_norms(line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a crash: the plot reports it, if it matters
+            return False
+        return isinstance(record, dict) and record.get("event") == "grad_norms"
+
+    with open(log_path, encoding="utf-8") as f:
+        logged = any(is_norms(line) for line in f)
+    if not logged:
+        raise ValueError(f"this run did not log gradient norms ({log_path} has none): train with --log-grad-norms")
     try:
         return plots.plot_grad_norms(log_path, path, title="Gradient norm of each layer's weights during training")
     except ValueError as exc:

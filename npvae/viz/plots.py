@@ -818,6 +818,9 @@ def plot_training_curves(records: Any, path: PathLike, title: str | None = "Trai
                         label="train" if split == "train" else "validation")
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("epoch")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.5 on a two-epoch run
         ax.grid(alpha=0.3, linewidth=0.5)
         if ax.lines:
             if logy:
@@ -908,9 +911,10 @@ def plot_kl_per_dim(kl_per_dim: Any, path: PathLike, threshold: float = 0.01,
     ax.grid(axis="y", alpha=0.3, linewidth=0.5)
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color="C0", label="active"), Patch(color="0.65", label="inactive"),
-                       ax.lines[0]], fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-              borderpad=0.0)  # beside the bars, never over them
+    kinds = [Patch(color="C0", label="active")] * bool(active.any()) + \
+        [Patch(color="0.65", label="inactive")] * bool((~active).any())  # only the kinds of bar drawn
+    ax.legend(handles=[*kinds, ax.lines[0]], fontsize=8, frameon=False, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), borderpad=0.0)  # beside the bars, never over them
     summary = f"{k} of {zdim} units active"
     title = _check_title(title)
     ax.set_title(f"{title}\n{summary}" if title else f"KL per latent unit: {summary}",
@@ -1013,7 +1017,7 @@ def plot_grad_norms(records: Any, path: PathLike,
                 layers.setdefault(str(key))
     if not layers:
         raise ValueError(f"no layer norms found in {len(rows)} records; expected dicts like "
-                         '{"step": 10, "enc.fc1.W": 0.3, ...}')
+                         '{"step": 10, "encoder.0": 0.3, ...}')
     fig, ax = _new_figure((8.5, 4.5))
     many = len(layers) > 10
     for i, name in enumerate(layers):

@@ -218,7 +218,14 @@ def test_reader_never_fails_unexpectedly(tmp_path_factory, blob):
 # ----------------------------------------------------------------------------- real files
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"no shared data folder at {SHARED_DATA}")
+def shared_has(name: str, *roles: str) -> bool:
+    """Whether shared/data holds these files of ``name`` (a skip guard checks the files, not the folder:
+    an empty folder left by a failed download once made these tests fail)."""
+    return all((SHARED_DATA / name / DATASETS[name].files[role].filename).is_file() for role in roles)
+
+
+@pytest.mark.skipif(not shared_has("fashion-mnist", "test-images", "test-labels"),
+                    reason=f"no Fashion-MNIST test files in {SHARED_DATA}")
 def test_real_fashion_mnist_test_split():
     x, y = load_mnist_like("fashion-mnist", "test", data_dir=SHARED_DATA, download=False)
     assert x.shape == (10000, 784) and x.dtype == np.uint8
@@ -232,7 +239,8 @@ def test_real_fashion_mnist_test_split():
         assert md5(gzip.decompress((folder / spec_file.filename).read_bytes())) == spec_file.raw_md5
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"no shared data folder at {SHARED_DATA}")
+@pytest.mark.skipif(not shared_has("mnist", "test-images", "test-labels") or shared_has("mnist", "train-images"),
+                    reason=f"{SHARED_DATA}/mnist is not the partial copy (test files, no training images)")
 def test_real_files_raw_md5s_and_partial_mnist():
     for name in ("mnist", "fashion-mnist"):
         for spec_file in DATASETS[name].files.values():
@@ -441,7 +449,20 @@ def test_failed_download_removes_the_folder_it_created(tmp_path, server):
     base, _ = server
     with pytest.raises(DownloadError):
         download("mnist", tmp_path / "new" / "mnist", mirrors=[f"{base}/corrupt/"], timeout=5, backoff=0)
-    assert list((tmp_path / "new").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # new/ too: --data-dir ~/data leaves no empty ~/data (issue 25)
+
+
+def test_an_interrupted_download_removes_the_folders_it_created_and_keeps_the_users(tmp_path, monkeypatch):
+    from npvae.data import sources
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sources, "_download_file", interrupted)
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        download("mnist", tmp_path / "mine" / "data" / "mnist")
+    assert list(tmp_path.iterdir()) == [tmp_path / "mine"] and list((tmp_path / "mine").iterdir()) == []
 
 
 def test_mirror_fallback(tmp_path, server):
@@ -514,6 +535,16 @@ def test_load_dataset_full_split(tmp_path, synth):
     np.testing.assert_array_equal(again.val_x, ds.val_x)
     with pytest.raises(ValueError, match=r"val_size an integer in \[0, 20\)"):
         load_dataset("fashion-mnist", data_dir=tmp_path, val_size=20, download=False)
+
+
+def test_load_dataset_test_split_alone_needs_only_the_t10k_files(tmp_path, synth):
+    s = synth["mnist"]
+    s.write(tmp_path / "mnist", roles=["test-images", "test-labels"])
+    ds = load_dataset("mnist", data_dir=tmp_path, download=False, splits="test")
+    np.testing.assert_array_equal(ds.test_x, s.arrays["test-images"].reshape(10, 784))
+    assert len(ds.train_x) == len(ds.val_x) == 0 and "test split (10 images)" in ds.description
+    with pytest.raises(FileNotFoundError, match="MNIST train files"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
 
 
 # ----------------------------------------------------------------------------- demo digits

@@ -159,7 +159,7 @@ def test_preset_shape_errors_name_the_layer_and_the_shapes():
     with pytest.raises(ValueError, match="unknown parameterization 'sigma'"):
         ConvVAE(parameterization="sigma")
     model = ConvVAE()
-    with pytest.raises(ValueError, match=r"expected x of shape \(B, 784\) with B >= 1, got \(2, 1, 32, 32\)"):
+    with pytest.raises(ValueError, match=r"expected x of shape \(B, 784\) with B >= 1.*got \(2, 1, 32, 32\)"):
         model.loss_and_grads(np.zeros((2, 1, 32, 32)), rng=np.random.default_rng(0))
 
 
@@ -182,8 +182,9 @@ def test_cli_trains_a_conv_preset_and_draws_its_pictures(preset, tmp_path, capsy
     expected_batch = {"conv-dae": 2048}.get(preset, 128)  # the write-up's default for conv-dae
     assert meta["train_config"]["batch_size"] == expected_batch
     assert meta["train_config"]["patience"] == {"conv-dae": 10}.get(preset, 5)
-    for name in ("best.npz", "log.jsonl", "reconstructions.png", "samples.png"):
+    for name in ("best.npz", "log.jsonl", "reconstructions.png"):
         assert (out / name).exists(), name
+    assert (out / "samples.png").exists() == (preset == "conv-vae")  # an autoencoder has no prior to sample
     assert main(["sample", str(out / "checkpoint.npz"), "--n", "4", "--out", str(tmp_path / "s.png")]) == 0
     assert main(["reconstruct", str(out / "checkpoint.npz"), "--n", "3", "--out", str(tmp_path / "r.png")]) == 0
     if preset == "conv-vae":

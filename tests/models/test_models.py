@@ -466,11 +466,11 @@ def default_vae():
 
 
 @pytest.mark.parametrize("shape, message", [
-    ((28, 28), r"expected x of shape \(B, 784\) with B >= 1, got \(28, 28\)"),
-    ((5, 28, 28), r"got \(5, 28, 28\) \(flatten images with x\.reshape\(len\(x\), -1\)\)"),
+    ((28, 28), r"expected x of shape \(B, 784\) with B >= 1.*got \(28, 28\)"),
+    ((5, 27, 28), r"expected x of shape \(B, 784\).*holding 784 values per row\), got \(5, 27, 28\)"),
     ((5, 783), r"expected x of shape \(B, 784\).*got \(5, 783\)"),
     ((784,), r"expected x of shape \(B, 784\).*got \(784,\)"),
-    ((0, 784), r"with B >= 1, got \(0, 784\)"),
+    ((0, 784), r"with B >= 1.*got \(0, 784\)"),
 ])
 @pytest.mark.parametrize("method", ["loss_and_grads", "encode", "reconstruct", "evaluate"])
 def test_wrong_x_shape_is_rejected(default_vae, method, shape, message):
@@ -511,7 +511,9 @@ def test_integer_and_boolean_pixels_are_accepted():
     eps = np.random.default_rng(1).standard_normal((3, 2))
     expected = model.loss_and_grads(pixels.astype(np.float64), eps=eps)[0]
     assert model.loss_and_grads(pixels, eps=eps)[0] == expected
-    assert model.loss_and_grads(pixels.astype(np.uint8), eps=eps)[0] == expected
+    assert model.loss_and_grads(pixels.astype(np.int64), eps=eps)[0] == expected
+    # uint8 is pixels 0..255, read as npvae.fit reads it (issue 25): 255 is 1.0
+    assert model.loss_and_grads(pixels.astype(np.uint8) * np.uint8(255), eps=eps)[0] == expected
 
 
 @pytest.mark.parametrize("x", [np.array([["a"] * 784]), np.zeros((2, 784), dtype=complex)], ids=["str", "complex"])
@@ -586,9 +588,9 @@ def test_float32_model_agrees_with_float64_model(name, monkeypatch):
         monkeypatch.setattr(m64, "corrupt_input", lambda x, rng: x_in.astype(np.float64))
     terms32, grads32 = m32.loss_and_grads(x, eps=eps, rng=np.random.default_rng(4))
     terms64, grads64 = m64.loss_and_grads(x, eps=eps, rng=np.random.default_rng(4))
-    for ours, exact in zip(astuple(terms32), astuple(terms64)):
+    for ours, exact in zip(astuple(terms32)[:3], astuple(terms64)[:3]):  # total, recon, kl (se: evaluate's)
         assert rel_error(ours, exact) <= 1e-5
-    assert all(type(t) is float for t in astuple(terms32))
+    assert all(type(t) is float for t in astuple(terms32)[:3])
     assert m32.params.data.dtype == m32.params.grad.dtype == np.float32
     assert all(grad.dtype == np.float32 for grad in grads32.values())
     for key, err in gradient_errors(grads32, grads64).items():
@@ -675,7 +677,7 @@ def test_evaluate_equals_the_training_loss_on_one_batch(name):
     x = data_batch(model, 6, np.random.default_rng(0))
     expected = model.loss_and_grads(x, rng=np.random.default_rng(3))[0]
     terms = model.evaluate(x, rng=np.random.default_rng(3))
-    for ours, theirs in zip(astuple(terms), astuple(expected)):
+    for ours, theirs in zip(astuple(terms)[:3], astuple(expected)[:3]):  # the means (evaluate adds se)
         assert rel_error(ours, theirs) <= 1e-13
 
 
@@ -683,7 +685,8 @@ def test_evaluate_weights_slices_by_their_size():
     model = small_models()["ae"]
     x = data_batch(model, 7, np.random.default_rng(0))
     expected = model.loss_and_grads(x)[0]
-    for ours, theirs in zip(astuple(model.evaluate(x, rng=np.random.default_rng(0), batch_size=3)), astuple(expected)):
+    for ours, theirs in zip(astuple(model.evaluate(x, rng=np.random.default_rng(0), batch_size=3))[:3],
+                            astuple(expected)[:3]):
         assert rel_error(ours, theirs) <= 1e-13
 
 

@@ -80,7 +80,7 @@ def test_gradient_splits_exactly_into_recon_and_penalty(model):
 
 def test_presets_and_settings_survive_specs_and_build_model():
     sparse = build_model("sparse-ae", {"latent_dim": 9, "sparsity_penalty": "l1", "code_activation": "relu"})
-    assert sparse.config.sparsity_weight == 0.1 and sparse.kl_weight == 0.1  # l1's default weight
+    assert sparse.config.sparsity_weight == 0.1 and sparse.reg_weight == 0.1  # l1's default weight
     contractive = build_model("contractive-ae", {"contraction_weight": 0.3})
     assert (contractive.config.latent_dim, contractive.reg_weight) == (196, 0.3)
     for model in (sparse, contractive):
