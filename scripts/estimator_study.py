@@ -189,7 +189,8 @@ def toy_figure(runs, path: Path) -> Path:
             if group == "encoder" and name != "stl":
                 ax.plot(k, floor, linestyle=":", color=color, linewidth=1)
             if rate is not None:
-                ax.plot(k[[0, -1]], snr[-1] * (k[[0, -1]] / k[-1]) ** rate, linestyle="--", color="0.55", linewidth=1)
+                ax.plot(k[[0, -1]], snr[-1] * (k[[0, -1]] / k[-1]) ** rate, linestyle="--", color=color, linewidth=1,
+                        alpha=0.7)  # in its curve's colour: each guide says whose rate it is
         k_max = max(r["k"] for r in rows)
         ess = next(r["ess"] for r in rows if r["k"] == k_max)
         ax.set_title(f"s = {run['perturbation']:g}: KL(q || p(z|x)) = {run['kl']:.2g} nats\n"
@@ -199,7 +200,7 @@ def toy_figure(runs, path: Path) -> Path:
         ax.set_xlabel("k (samples)", fontsize=10)
         ax.grid(which="both", alpha=0.3, linewidth=0.5)
     axes[0].set_ylabel("SNR = |E g| / std, mean over parameters", fontsize=10)
-    axes[0].plot([], [], linestyle="--", color="0.55", label="papers' rates, k^(±1/2)")
+    axes[0].plot([], [], linestyle="--", color="0.4", label="papers' rates, k^(±1/2), in each curve's colour")
     axes[0].plot([], [], linestyle=":", color="0.3", label="noise floor of the draws")
     axes[0].legend(fontsize=8, frameon=False)
     fig.suptitle("IWAE gradient SNR on Rainforth et al.'s Gaussian model, q moving away from the posterior "

@@ -1217,12 +1217,13 @@ def plot_snr(rows: Sequence[Mapping[str, Any]], path: PathLike,
                 ax.plot(fk, floor, linestyle=":", color=color, linewidth=1,
                         label="noise floor of the draws" if n == drawn[0][0] else None)
         guides = dict(rates) if group == "encoder" else {None: _DECODER_SNR_RATE}
+        colors = dict(drawn)  # each estimator's guide in its curve's colour, so that two guides differ
         for name, slope in guides.items():
             ks, snr = curves.get(name if name is not None else names[0], ((), ()))
             if len(ks) > 1:
                 ref = np.array([ks[0], ks[-1]], dtype=np.float64)
-                ax.plot(ref, snr[-1] * (ref / ref[-1]) ** slope, linestyle="--", color="0.5", linewidth=1,
-                        label=_rate_label(slope) + ("" if name is None else f" ({name})"))
+                ax.plot(ref, snr[-1] * (ref / ref[-1]) ** slope, linestyle="--", color=colors.get(name, "0.5"),
+                        linewidth=1, alpha=0.8, label=_rate_label(slope) + ("" if name is None else f" ({name})"))
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("k (samples per image)", fontsize=11)
