@@ -1118,7 +1118,8 @@ def plot_estimator_comparison(table: Mapping[str, Any], path: PathLike,
             ax.scatter(x, cols["exact"], marker="x", color="k", s=40, zorder=4, label="exact")
         ax.axhline(0.0, color="0.6", linewidth=0.6)
         ax.set_title(labels[n], fontsize=11, color=color)
-        ax.legend(fontsize=9, frameon=False, loc="best")
+        ax.margins(y=0.3)  # head-room: the legend sits above the points, never on them
+        ax.legend(fontsize=9, frameon=False, loc="upper center", ncols=2)
     axes["mean0"].set_ylabel("mean estimate" + ("" if n_draws is None else f"\n(± 2 s.e., {int(n_draws)} draws)"),
                              fontsize=10)
 
@@ -1131,7 +1132,8 @@ def plot_estimator_comparison(table: Mapping[str, Any], path: PathLike,
         v = np.maximum(cols[f"{n}_var"], floor)
         ax_v.bar(x + dx, v - floor, bottom=floor, width=w, color=color, label=labels[n])
     ax_v.set_yscale("log")
-    ax_v.set_ylim(bottom=floor)
+    top = max(float(variances.max()), floor)
+    ax_v.set_ylim(bottom=floor, top=top * (top / floor) ** 0.3)  # a third of the decades free for the legend
     base = cols[f"{first}_var"]
     ratios = []
     for n in names[1:]:
@@ -1141,7 +1143,7 @@ def plot_estimator_comparison(table: Mapping[str, Any], path: PathLike,
     ax_v.set_title("Variance of one draw's estimate (log scale)"
                    + (f"; median ratios: {', '.join(ratios)}" if ratios else ""), fontsize=11)
     ax_v.set_ylabel("variance", fontsize=10)
-    ax_v.legend(fontsize=9, frameon=False, ncols=min(m, 3))
+    ax_v.legend(fontsize=9, frameon=False, ncols=min(m, 3), loc="upper center")
     rotation = 0 if p <= 6 else 45
     for ax in axes.values():
         ax.set_xticks(x, params, rotation=rotation, ha="center" if rotation == 0 else "right", fontsize=9)
