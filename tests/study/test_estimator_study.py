@@ -65,8 +65,11 @@ def test_snr_and_landing_parts_run_and_write_their_outputs(tmp_path, monkeypatch
     assert {(r["estimator"], r["k"], r["group"]) for r in rows} == {
         (e, k, g) for e in ("reparam", "score", "stl", "dreg") for k in (1, 3) for g in ("encoder", "decoder")}
     assert (tmp_path / "snr_z20.png").stat().st_size > 0 and "SNR" in (tmp_path / "snr_z20.txt").read_text()
+    progress = capsys.readouterr().err  # each k said as it finishes, on stderr (the tables stay on stdout)
+    assert "snr: training" in progress and "k = 1 done (1/2" in progress and "k = 3 done (2/2" in progress
     monkeypatch.setattr(sys, "argv", ["estimator_study.py", "landing", "--out", str(tmp_path), "--landing-draws", "20"])
     study.main()
     table = json.loads((tmp_path / "landing.json").read_text())
     assert table[-1]["t"] == 1.0 and table[-1]["var_stl"] < 1e-20 < 1e-3 < table[-1]["var_reparam"]
     assert (tmp_path / "landing.png").stat().st_size > 0
+    assert "landing: t = 1.0 done" in capsys.readouterr().err
