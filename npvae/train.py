@@ -455,7 +455,7 @@ class Trainer:
             self.rng = _restore_rng(meta["rng_state"])
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise CheckpointError(f"{path}: metadata 'rng_state' is not a NumPy generator state: {exc}") from None
-        self.history = [upgrade_record(r) for r in meta.get("history", [])]
+        self.history = list(meta.get("history", []))  # check_run_meta above read it under today's names
         best = meta.get("best_val_loss")
         self.best_val = math.inf if best is None else float(best)
         self.bad_epochs = int(meta.get("bad_epochs", 0))

@@ -100,15 +100,13 @@ def new_run_config(args):
     from ..train import TrainConfig
 
     settings = read_train_settings(args.config) if args.config else {}
-    values = {**MODELS[args.model].train_defaults, **settings, **given(args, train_knobs())}
+    flags = given(args, train_knobs())
+    values = {**MODELS[args.model].train_defaults, **settings, **flags}
     config = TrainConfig(**values)
     config.validate()
-    batch, flags = config.batch_size, given(args, train_knobs())
-    if args.config and not {"k", "batch_size"} <= flags.keys():  # the file set k or the batch: name it
-        memory.check_samples(config.k, batch, MAX_SAMPLES_PER_PASS, f"--config {args.config}")
-    if config.k * batch > MAX_SAMPLES_PER_PASS:
-        raise CLIError(f"--k {config.k} with --batch-size {batch} decodes {config.k * batch:,} samples per step, "
-                       f"more than {MAX_SAMPLES_PER_PASS:,} (memory grows with it); lower --k or --batch-size")
+    from_file = args.config and not {"k", "batch_size"} <= flags.keys()  # the file set k or the batch: name it
+    memory.check_samples(config.k, config.batch_size, MAX_SAMPLES_PER_PASS, f"--config {args.config}" if from_file
+                         else f"--k {config.k} --batch-size {config.batch_size}")
     return config, "epochs" in values
 
 
@@ -275,8 +273,8 @@ def cmd_train(args) -> int:
         if dataset.is_demo and not epochs_set:
             config.epochs = _DEMO_EPOCHS
         out = Path(args.out) if args.out else free_run_dir(Path(f"runs/{args.model}-{dataset.name}"))
-        flags = {knob.flag: value for name, value in given(args, model_knobs()).items()
-                 for knob in [model_knobs()[name]]}
+        knobs = model_knobs()
+        flags = {knobs[name].flag: value for name, value in given(args, knobs).items()}
         with memory.asked_by(memory.flags_text({"--model": args.model, **flags})):
             model = build_model_from_args(args, dataset.train_x.shape[1:], dataset.num_classes, config.seed)
     batch = max(min(config.batch_size, len(dataset.train_x)), min(config.eval_batch_size, len(dataset.val_x)))
