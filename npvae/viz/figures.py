@@ -310,21 +310,13 @@ def training_curves(log_path, path, names: LossNames | None = None) -> Path:
 
 def grad_norms(log_path, path) -> Path:
     """Per-layer gradient norms over training, from a run's ``log.jsonl`` (``--log-grad-norms``)."""
-    import json
+    from ..rundir import read_log
 
-    def is_norms(line: str) -> bool:
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut short by a crash: the plot reports it, if it matters
-            return False
-        return isinstance(record, dict) and record.get("event") == "grad_norms"
-
-    with open(log_path, encoding="utf-8") as f:
-        logged = any(is_norms(line) for line in f)
-    if not logged:
+    records = read_log(log_path)  # bounded, one line naming the file for a bad line; read once
+    if not any(r.get("event") == "grad_norms" for r in records):
         raise ValueError(f"this run did not log gradient norms ({log_path} has none): train with --log-grad-norms")
     try:
-        return plots.plot_grad_norms(log_path, path, title="Gradient norm of each layer's weights during training")
+        return plots.plot_grad_norms(records, path, title="Gradient norm of each layer's weights during training")
     except ValueError as exc:
         raise ValueError(f"{log_path}: {exc}. Gradient norms are logged by `npvae train --log-grad-norms`") from None
 
